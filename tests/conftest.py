@@ -1,0 +1,37 @@
+"""pytest wiring for the testbed (see DEVELOPERS.md and tests/testbed.py)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import testbed  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--pg", default=None,
+                     help="PostgreSQL major version to test against: 14, 15 (default) or 18; "
+                          "or set PG_ZFS_TEST_PG")
+
+
+@pytest.fixture(scope="session")
+def pg_version(request):
+    return request.config.getoption("--pg") or os.environ.get("PG_ZFS_TEST_PG") or "15"
+
+
+@pytest.fixture(scope="session")
+def tb(pg_version):
+    if os.geteuid() != 0:
+        pytest.fail("the testbed needs root (zfs, mount, nft, runuser)")
+    bed = testbed.Testbed(pg_version)
+    try:
+        yield bed
+    finally:
+        bed.teardown()
+
+
+@pytest.fixture
+def run_script():
+    return testbed.run_script

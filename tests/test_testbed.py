@@ -1,0 +1,116 @@
+"""Smoke tests: each real component of the testbed works and is cleaned up."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from testbed import PY36, PY313, BIN, sh, wait_for
+
+
+def test_write_on_primary_is_visible_on_standby(tb):
+    standby = tb.standby
+    tb.primary.psql("INSERT INTO smoke (note) VALUES ('seen on the standby')")
+    wait_for(lambda: standby.psql("SELECT count(*) FROM smoke WHERE note = 'seen on the standby'")
+             == "1", 30, "the row on the standby")
+    assert standby.psql("SELECT pg_is_in_recovery()") == "t"
+
+
+def test_standby_pgdata_is_on_zfs_and_pg_wal_is_not(tb):
+    standby = tb.standby
+    assert standby.pgdata.startswith(tb.zfs.mountpoint(tb.zfs.name + "/data02"))
+    wal = os.path.realpath(os.path.join(standby.pgdata, "pg_wal"))
+    assert wal == tb.standby_wal and not wal.startswith(tb.zfs.mountroot)
+    links = os.listdir(os.path.join(standby.pgdata, "pg_tblspc"))
+    assert len(links) == 1
+    target = os.readlink(os.path.join(standby.pgdata, "pg_tblspc", links[0]))
+    assert target.startswith(tb.zfs.mountpoint(tb.zfs.name + "/data01"))
+
+
+def test_archived_wal_can_be_copied_by_scp_from_the_first_host(tb, tmp_path):
+    name = tb.switch_wal()
+    host = tb.hosts[0]
+    dest = str(tmp_path / name)
+    proc = sh(["scp", "-q", "-P", str(host.port)] + tb.ssh_options
+              + ["root@%s:%s/%s" % (host.address, host.wal_dir, name), dest], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.getsize(dest) == os.path.getsize(os.path.join(host.wal_dir, name))
+    with open(dest, "rb") as copy, open(os.path.join(host.wal_dir, name), "rb") as original:
+        assert copy.read() == original.read()
+
+
+def test_dead_host_fails_within_2_seconds_and_answers_after_revival(tb):
+    host = tb.hosts[0]
+    with host.dead():
+        started = time.monotonic()
+        proc = host.ssh("true")
+        elapsed = time.monotonic() - started
+        assert proc.returncode == 255
+        assert elapsed < 3.5  # ConnectTimeout=2 plus process start-up
+        ping = sh(["ping", "-c", "1", "-W", "1", host.address], check=False)
+        assert ping.returncode != 0
+    assert host.ssh("true").returncode == 0
+    assert sh(["ping", "-c", "1", "-W", "1", host.address], check=False).returncode == 0
+
+
+def test_zfs_snapshot_and_clone_of_the_standby_dataset_exist_and_are_removed(tb):
+    tb.standby
+    dataset = tb.zfs.name + "/data02"
+    snapshot = dataset + "@smoke"
+    clone = tb.zfs.name + "/smoke_clone"
+    tb.zfs.run("snapshot", snapshot)
+    mountpoint = os.path.join(tb.run_dir, "smoke_clone")
+    tb.zfs.run("clone", "-o", "mountpoint=" + mountpoint, snapshot, clone)
+    try:
+        assert os.path.exists(os.path.join(mountpoint, "pgdata", "global", "pg_control"))
+    finally:
+        tb.zfs.destroy(clone)
+        tb.zfs.destroy(snapshot)
+    assert snapshot not in tb.zfs.snapshots()
+    assert not tb.zfs.exists(clone)
+
+
+def test_btrfs_subvolume_snapshot_is_read_only(tb):
+    subvolume = tb.btrfs.create("smoke")
+    with open(os.path.join(subvolume, "file"), "w") as out:
+        out.write("x")
+    snapdir = os.path.join(tb.btrfs.mountpoint, ".snap")
+    os.makedirs(snapdir, exist_ok=True)
+    snapshot = os.path.join(snapdir, "smoke@one")
+    sh(["btrfs", "subvolume", "snapshot", "-r", subvolume, snapshot])
+    with pytest.raises(OSError):
+        open(os.path.join(snapshot, "file"), "w")
+    sh(["btrfs", "subvolume", "delete", snapshot])
+    sh(["btrfs", "subvolume", "delete", subvolume])
+
+
+@pytest.mark.parametrize("python", [PY36, PY313])
+@pytest.mark.parametrize("script", ["pg_wal_fetch", "pg_zfs_snap", "pg_zfs_restore",
+                                    "setup_guest"])
+def test_each_script_copied_alone_runs_help(tmp_path, python, script):
+    lonely = tmp_path / (script + ".py")
+    lonely.write_bytes(open(os.path.join(BIN, script + ".py"), "rb").read())
+    proc = subprocess.run([python, str(lonely), "--help"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
+                          env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["pg_wal_fetch", "pg_zfs_snap", "pg_zfs_restore",
+                                    "setup_guest"])
+def test_missing_config_file_is_a_one_line_error_with_exit_2(run_script, tmp_path, script):
+    args = {"pg_wal_fetch": ["000000010000000000000001", "pg_wal/x"], "pg_zfs_snap": ["list"],
+            "pg_zfs_restore": ["list"], "setup_guest": ["--check"]}[script]
+    proc = run_script(script, *args, config=tmp_path / "absent.conf")
+    assert proc.returncode == 2
+    assert "absent.conf" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_scripts_use_nothing_newer_than_python_3_6():
+    proc = subprocess.run(["vermin", "--target=3.6-", "--violations", "--no-tips", "-q", BIN],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout

