@@ -1,0 +1,94 @@
+"""The config file all four scripts read, and the helper block they share."""
+
+import os
+import re
+
+import pytest
+
+from testbed import BIN, load_script
+
+SCRIPTS = ["pg_wal_fetch", "pg_zfs_snap", "pg_zfs_restore", "setup_guest"]
+EXAMPLE = os.path.join(os.path.dirname(BIN), "etc", "pg_zfs.conf.example")
+
+
+def shared_block(script):
+    source = open(os.path.join(BIN, script + ".py")).read()
+    start = source.index("# The helpers every pg_zfs script carries")
+    end = source.index("\ndef ", source.index("\ndef run("))
+    return source[start:end]
+
+
+def test_the_shared_helper_block_is_the_same_in_all_four_scripts():
+    blocks = {script: shared_block(script) for script in SCRIPTS}
+    assert len(set(blocks.values())) == 1, "the shared block differs: %s" % sorted(
+        script for script in SCRIPTS if blocks[script] != blocks[SCRIPTS[0]])
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("pg_zfs_snap")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "pg_zfs.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def test_example_config_parses_and_documents_the_required_sections(script):
+    config = script.Config.load(EXAMPLE)
+    for section in ["postgres", "snapshot", "archive", "guest", "host"]:
+        assert config.has_section(section)
+    assert config.list("snapshot", "datasets") == ["zp1/data01", "zp1/data02", "zp1/data03",
+                                                   "zp1/data04"]
+    assert config.str("source host25", "host") == "172.16.18.25"
+    assert config.str("host", "domain") == "centos6_6_x64"
+
+
+def test_missing_file_names_the_file(script, tmp_path):
+    with pytest.raises(script.Failure) as caught:
+        script.Config.load(str(tmp_path / "nope.conf"))
+    assert caught.value.code == 2
+    assert "nope.conf" in str(caught.value)
+
+
+def test_missing_required_key_names_file_section_and_key(script, tmp_path):
+    config = script.Config.load(write(tmp_path, "[postgres]\nuser = postgres\n"))
+    with pytest.raises(script.Failure) as caught:
+        config.str("postgres", "pgdata")
+    assert caught.value.code == 2
+    assert re.search(r"pg_zfs.conf: \[postgres\] pgdata: missing", str(caught.value))
+
+
+def test_bad_number_names_the_key_and_the_value(script, tmp_path):
+    config = script.Config.load(write(tmp_path, "[archive]\ntimeout = soon\n"))
+    with pytest.raises(script.Failure) as caught:
+        config.int("archive", "timeout", 60)
+    assert "[archive] timeout: 'soon' is not a whole number" in str(caught.value)
+
+
+def test_unknown_backend_lists_the_choices(script, tmp_path):
+    config = script.Config.load(write(tmp_path, "[snapshot]\nbackend = lvm\n"))
+    with pytest.raises(script.Failure) as caught:
+        config.choice("snapshot", "backend", ["zfs", "btrfs"], "zfs")
+    assert "[snapshot] backend: 'lvm' is not one of zfs, btrfs" in str(caught.value)
+
+
+def test_defaults_apply_when_a_key_is_absent(script, tmp_path):
+    config = script.Config.load(write(tmp_path, "[archive]\n"))
+    assert config.int("archive", "prefetch", 8) == 8
+    assert config.str("archive", "spool_dir", "/var/lib/pg_zfs/spool") == "/var/lib/pg_zfs/spool"
+
+
+def test_malformed_file_is_one_line(script, tmp_path):
+    with pytest.raises(script.Failure) as caught:
+        script.Config.load(write(tmp_path, "no section header\n"))
+    assert "\n" not in str(caught.value) and caught.value.code == 2
+
+
+def test_config_path_prefers_option_then_environment_then_default(script, monkeypatch):
+    monkeypatch.setenv("PG_ZFS_CONFIG", "/env.conf")
+    assert script.config_path("/opt.conf") == "/opt.conf"
+    assert script.config_path(None) == "/env.conf"
+    monkeypatch.delenv("PG_ZFS_CONFIG")
+    assert script.config_path(None) == "/etc/pg_zfs/pg_zfs.conf"

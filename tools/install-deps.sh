@@ -1,0 +1,20 @@
+#!/bin/sh
+# Install what the tests and the demo need, only when it is missing.
+# Run as root on Debian 12 (apt-get) with pip for the Python test tools.
+set -eu
+PYTHON=${PYTHON:-python3}
+packages="zfs-fuse btrfs-progs openssh-server openssh-client iputils-ping nftables libvirt-clients postgresql"
+missing=""
+for pkg in $packages; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    echo "install-deps: apt-get install$missing"
+    apt-get update -q
+    # Package scripts may try to start services: the tests start their own.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+if ! "$PYTHON" -c "import pytest, pytest_timeout" 2>/dev/null || ! command -v vermin >/dev/null 2>&1; then
+    echo "install-deps: pip install pytest pytest-timeout vermin"
+    "$PYTHON" -m pip install -q pytest pytest-timeout vermin
+fi
