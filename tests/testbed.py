@@ -438,6 +438,12 @@ class Testbed(object):
     def __init__(self, pg_version="15"):
         self.pg_version = pg_version
         self.pg_bindir = pg_bindir(pg_version)
+        if not self.pg_bindir.startswith("/usr/lib/postgresql/"):
+            # The wheels' libpqwalreceiver.so has no rpath: without this it
+            # loads the system's older libpq, which rejects PostgreSQL 18's
+            # primary_conninfo. Every child (runuser, pg_ctl, scripts) inherits it.
+            lib = os.path.normpath(os.path.join(self.pg_bindir, "..", "lib"))
+            os.environ["LD_LIBRARY_PATH"] = lib
         self._net_lock, self.net = self._take_loopback_block()
         self.run_dir = tempfile.mkdtemp(prefix="pgzfs-test-%d-" % self.net, dir="/tmp")
         os.chmod(self.run_dir, 0o755)
