@@ -1,33 +1,448 @@
 #!/usr/bin/env python3
 """Take consistent, self-describing snapshot sets of a PostgreSQL standby.
 
-Wired in as (root's crontab on the guest):
+Wired in as (root's crontab on the guest; no arguments = snapshot, then prune):
 
     1 4 * * * /opt/pg_zfs/bin/pg_zfs_snap.py
+
+and, for monitoring (Nagios/Icinga command line):
+
+    /opt/pg_zfs/bin/pg_zfs_snap.py check
+
+Commands:
+    (none)                     snapshot, then prune (the cron job)
+    snapshot [--label TEXT] [--no-prune]
+                               take one snapshot set, then prune unless --no-prune
+    list [--json]              every set rebuilt from the pool alone
+    prune [--dry-run]          destroy the sets the retention policy lets go
+    check                      Nagios line from the age of the newest complete set
+    oldest-wal                 first WAL file the oldest kept set needs: archived
+                               files before it may go (pg_archivecleanup ARCH NAME)
+    --wait                     wait for the lock instead of leaving quietly
+
+One backup is one snapshot set: DATASET@PREFIX_YYYYmmddTHHMMSSZ (UTC, so a
+daylight saving change cannot make two runs collide) on every configured
+dataset. While PostgreSQL runs (standby or primary) the set is taken in
+non-exclusive backup mode, inside ONE psql session kept open on pipes:
+pg_backup_start(label, true) / pg_backup_stop(false) on 15+,
+pg_start_backup(label, true, false) / pg_stop_backup(false, false) on 9.6-14.
+If this script dies, psql's session ends and PostgreSQL leaves backup mode by
+itself; exclusive backup mode is never used.
+
+Where ZFS allows it, the set is one atomic `zfs snapshot a@n b@n ...` call.
+zfs-fuse and old ZFS take one name per call: then the datasets are snapshotted
+one by one and the dataset that holds global/pg_control goes LAST. The article
+took PGDATA's dataset first; that is right for a crash-consistent copy of a
+primary, but here the snapshots sit inside backup mode and the restore replays
+WAL from the label's start to the stop LSN: on a standby the control file's
+minRecoveryPoint says how far replay must go for the files to be consistent, so
+the control file must be at least as new as every other file of the set.
+
+If PostgreSQL is not running (psql cannot connect AND PGDATA/postmaster.pid is
+absent AND pg_controldata says "shut down"), the set is taken as is and marked
+`shutdown`. If postmaster.pid exists but psql cannot connect, nothing is taken:
+that state is ambiguous.
+
+All or nothing: if any snapshot of a set fails, the ones made are destroyed,
+backup mode is ended, the run exits 1 and does not prune.
+
+Each snapshot carries ZFS user properties pgzfs:* (start/stop LSN, start WAL
+file, timeline, start/stop time, major version, system identifier, PGDATA
+relative to its dataset, backup label and tablespace map in base64, tool
+version, the datasets of the set); DEVELOPERS.md lists them. pgzfs:stop_lsn is
+written last: a set without it on every snapshot is incomplete (a run that died)
+and is never counted as a backup.
+
+Retention (sanoid-like, UTC periods): for each of keep_hourly, keep_daily,
+keep_weekly, keep_monthly = N, keep the newest complete set of each of the N
+most recent hours/days/ISO weeks/months that hold a set (periods with no set do
+not use up N, so an outage never prunes more). A set kept by any rule stays.
+The newest complete set is always kept; sets dated in the future (clock
+change) are kept and left out of the count; incomplete sets older than the
+newest complete set are destroyed; a set whose snapshots have clones (a running
+restore or drill) is skipped with a warning; snapshots with another prefix or
+without pgzfs:set are never touched. All four keys 0 keeps only the newest set.
 
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [postgres] pgdata, bindir, user, host, port, dbname
     [snapshot] backend, datasets, prefix, keep_hourly, keep_daily,
                keep_weekly, keep_monthly, lock_file, warn_age, crit_age
 
-Exit codes:
-    0  done
-    1  a snapshot set or a prune failed (nothing half made is left)
+Exit codes (snapshot, prune, list, oldest-wal, the cron run):
+    0  done (also: another run holds the lock and --wait was not given)
+    1  a snapshot set or a prune failed (nothing half made is left), or there
+       is no complete set (oldest-wal)
     2  bad arguments or bad config
+Exit codes of `check` (Nagios): 0 OK, 1 WARNING (newest set older than
+warn_age), 2 CRITICAL (older than crit_age, or no complete set), 3 UNKNOWN.
+
+For tests only: --now YYYYmmddTHHMMSSZ shifts this run's clock to that UTC
+time (set names, retention, check).
 """
 
 import argparse
+import base64
+import calendar
+import collections
 import configparser
+import datetime
+import errno
+import fcntl
+import glob
+import json
 import logging
+import math
 import os
+import pwd
+import re
+import select
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 
 VERSION = "0.1.0"
 PROG = "pg_zfs_snap"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 
 log = logging.getLogger(PROG)
+
+# ZFS user property names (DEVELOPERS.md). STOP_LSN is written last.
+P = "pgzfs:"
+PROPERTY_KEYS = (
+    "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
+    "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
+    "pg_version", "system_identifier", "backup_label", "tablespace_map",
+)
+# ZFS user property values must stay under 8 KiB (ZAP_MAXVALUELEN).
+MAX_PROPERTY_BYTES = 8191
+NAME_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
+LABEL_TEXT_RE = re.compile(r"^[ -~]{0,200}$")
+SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([BKMGTPEZ]?)$")
+# Retention rules, in the order they are applied, with the period each counts.
+RETENTION_RULES = ("hourly", "daily", "weekly", "monthly")
+RETENTION_DEFAULTS = {"hourly": 0, "daily": 7, "weekly": 4, "monthly": 3}
+
+PSQL_TIMEOUT = 30            # seconds for an ordinary statement
+BACKUP_CALL_TIMEOUT = 600    # pg_backup_start may wait for a restartpoint
+ZFS_TIMEOUT = 120
+ZFS_CANDIDATES = ("/sbin/zfs", "/usr/sbin/zfs", "/usr/local/sbin/zfs")
+# What old ZFS (zfs-fuse) answers, exit code 2, to several names in one call.
+ZFS_ONE_NAME_ONLY = "too many arguments"
+BUSY_RETRIES = 10            # "dataset is busy" right after pg_ctl stop
+
+NAGIOS_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+# ---------------------------------------------------------------------------
+# Pure functions: names, times, parsing, the retention decision. No I/O.
+# ---------------------------------------------------------------------------
+
+SnapshotSet = collections.namedtuple(
+    "SnapshotSet", "name time datasets present properties used complete")
+"""One backup: name, time (UTC epoch from the name), datasets (pgzfs:datasets),
+present (datasets that have the snapshot), properties (pgzfs:* without the
+prefix, from the PGDATA dataset's snapshot), used (bytes, summed), complete."""
+
+Policy = collections.namedtuple("Policy", RETENTION_RULES)
+
+
+def check_prefix(prefix):
+    """Return prefix if it can start a snapshot name, else raise ValueError."""
+    if not PREFIX_RE.match(prefix):
+        raise ValueError("%r is not a snapshot name prefix (letters, digits, _ . : -)" % prefix)
+    return prefix
+
+
+def set_name(prefix, when):
+    """The set name for UTC epoch seconds `when`: PREFIX_YYYYmmddTHHMMSSZ."""
+    return "%s_%s" % (prefix, time.strftime(NAME_TIME_FORMAT, time.gmtime(int(when))))
+
+
+def parse_set_name(name, prefix):
+    """UTC epoch seconds of a set name with this prefix, or None if not ours."""
+    head = prefix + "_"
+    if not name.startswith(head) or len(name) != len(head) + 16:
+        return None
+    stamp = name[len(head):]
+    if not re.match(r"^[0-9]{8}T[0-9]{6}Z$", stamp):
+        return None
+    try:
+        return calendar.timegm(time.strptime(stamp, NAME_TIME_FORMAT))
+    except ValueError:
+        return None
+
+
+def parse_utc(text):
+    """Epoch seconds of YYYYmmddTHHMMSSZ (the --now form); ValueError if not."""
+    if not re.match(r"^[0-9]{8}T[0-9]{6}Z$", text):
+        raise ValueError("%r is not YYYYmmddTHHMMSSZ" % text)
+    return calendar.timegm(time.strptime(text, NAME_TIME_FORMAT))
+
+
+def iso_utc(when):
+    """UTC ISO 8601 to the second: 2026-11-25T04:01:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(when)))
+
+
+def major_version(server_version_num):
+    """'15' for 150004, '9.6' for 90624; ValueError below 9.6."""
+    number = int(server_version_num)
+    if number < 90600:
+        raise ValueError("PostgreSQL %d is older than 9.6" % number)
+    if number >= 100000:
+        return str(number // 10000)
+    return "%d.%d" % (number // 10000, number // 100 % 100)
+
+
+def backup_calls(server_version_num, label):
+    """(start SQL, stop SQL) for this server: the non-exclusive backup functions.
+
+    The stop statement returns one line `lsn|labelfile|spcmapfile`, the two files
+    as base64 of their UTF-8 bytes with the line breaks removed, so they come
+    back byte for byte whatever they contain.
+    """
+    quoted = "'" + label.replace("'", "''") + "'"
+    number = int(server_version_num)
+    if number >= 150000:
+        start = "SELECT pg_backup_start(%s, true)" % quoted
+        stop_call = "pg_backup_stop(false)"
+    elif number >= 100000:
+        start = "SELECT pg_start_backup(%s, true, false)" % quoted
+        stop_call = "pg_stop_backup(false, false)"
+    else:   # 9.6 has no wait_for_archive argument
+        start = "SELECT pg_start_backup(%s, true, false)" % quoted
+        stop_call = "pg_stop_backup(false)"
+    encoded = "translate(encode(convert_to(coalesce(%s, ''), 'UTF8'), 'base64'), E'\\n', '')"
+    stop = "SELECT lsn, %s, %s FROM %s" % (encoded % "labelfile", encoded % "spcmapfile", stop_call)
+    return start, stop
+
+
+def parse_stop_row(line):
+    """(stop_lsn, label bytes, map bytes) from the stop statement's line."""
+    fields = line.strip().split("|")
+    if len(fields) != 3 or not LSN_RE.match(fields[0]):
+        raise ValueError("unexpected answer from the backup stop function: %r" % line[:200])
+    return fields[0], base64.b64decode(fields[1]), base64.b64decode(fields[2])
+
+
+def parse_backup_label(label):
+    """The start LSN, start WAL file, timeline and origin from a backup_label.
+
+    `label` is the text PostgreSQL returned. START TIMELINE is there since 11;
+    before, the timeline is the first 8 digits of the WAL file name.
+    """
+    found = {}
+    for line in label.splitlines():
+        match = re.match(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+) \(file ([0-9A-F]{24})\)$", line)
+        if match:
+            found["start_lsn"], found["start_wal"] = match.group(1), match.group(2)
+        match = re.match(r"^START TIMELINE: ([0-9]+)$", line)
+        if match:
+            found["timeline"] = int(match.group(1))
+        match = re.match(r"^BACKUP FROM: (\w+)$", line)
+        if match:
+            found["backup_from"] = match.group(1)
+    if "start_wal" not in found:
+        raise ValueError("backup label has no START WAL LOCATION line")
+    file_timeline = int(found["start_wal"][:8], 16)
+    if found.setdefault("timeline", file_timeline) != file_timeline:
+        raise ValueError("backup label: START TIMELINE %d but WAL file %s"
+                         % (found["timeline"], found["start_wal"]))
+    return found
+
+
+def parse_controldata(text):
+    """pg_controldata's output (LC_ALL=C) as {field: value}."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def shutdown_facts(controldata):
+    """The set properties of a cleanly stopped cluster, from pg_controldata.
+
+    Raises ValueError unless the cluster state is "shut down" or
+    "shut down in recovery" (a crashed cluster is not consistent as is).
+    """
+    state = controldata.get("Database cluster state", "")
+    if state not in ("shut down", "shut down in recovery"):
+        raise ValueError("cluster state is %r, not shut down" % state)
+    redo = controldata.get("Latest checkpoint's REDO location", "")
+    wal = controldata.get("Latest checkpoint's REDO WAL file", "")
+    timeline = controldata.get("Latest checkpoint's TimeLineID", "")
+    system_identifier = controldata.get("Database system identifier", "")
+    if not (LSN_RE.match(redo) and WAL_NAME_RE.match(wal) and timeline.isdigit()
+            and system_identifier.isdigit()):
+        raise ValueError("pg_controldata output lacks the checkpoint's REDO location, "
+                         "WAL file, timeline or system identifier")
+    return {"start_lsn": redo, "stop_lsn": redo, "start_wal": wal,
+            "timeline": str(int(timeline)), "system_identifier": system_identifier}
+
+
+def dataset_of(path, mountpoints):
+    """(dataset, path relative to its mountpoint) for the dataset holding path.
+
+    mountpoints maps dataset -> absolute mountpoint; the longest mountpoint that
+    contains path wins. Raises ValueError if none does.
+    """
+    best = None
+    for dataset, mountpoint in mountpoints.items():
+        if not mountpoint.startswith("/"):
+            continue
+        if path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/"):
+            if best is None or len(mountpoint) > len(mountpoints[best]):
+                best = dataset
+    if best is None:
+        raise ValueError("%s is on none of the datasets %s" % (path, " ".join(sorted(mountpoints))))
+    return best, os.path.relpath(path, mountpoints[best])
+
+
+def snapshot_order(datasets, pgdata_dataset):
+    """The datasets in the order they are snapshotted: PGDATA's dataset last."""
+    return [d for d in datasets if d != pgdata_dataset] + [pgdata_dataset]
+
+
+def encode_value(raw):
+    """base64 text of bytes, for a property value; ValueError if over 8 KiB."""
+    text = base64.b64encode(raw).decode("ascii")
+    if len(text) > MAX_PROPERTY_BYTES:
+        raise ValueError("%d bytes encoded, over the %d a ZFS property holds"
+                         % (len(text), MAX_PROPERTY_BYTES))
+    return text
+
+
+def parse_size(text):
+    """Bytes of a zfs size column ('1.5M', '512', '-'); 0 when unknown."""
+    match = SIZE_RE.match(text.strip().upper())
+    if not match:
+        return 0
+    power = "BKMGTPEZ".index(match.group(2) or "B")
+    return int(float(match.group(1)) * (1024 ** power))
+
+
+def human_size(count):
+    """1536 -> '1.5K', like zfs prints sizes."""
+    for unit in "BKMGTP":
+        if count < 1024 or unit == "P":
+            return ("%d%s" if unit == "B" else "%.1f%s") % (count, unit)
+        count /= 1024.0
+
+
+def group_sets(rows, prefix):
+    """Every set of this prefix, oldest first, from snapshot rows.
+
+    rows: (dataset, snapshot name, used bytes, {property: value}) with the
+    pgzfs: prefix already removed and unset properties absent. A snapshot is ours
+    only if its name parses with the prefix AND its pgzfs:set equals the name
+    AND its dataset is in its pgzfs:datasets; anything else is never touched.
+    """
+    by_name = collections.OrderedDict()
+    for dataset, snapshot, used, properties in rows:
+        when = parse_set_name(snapshot, prefix)
+        if when is None or properties.get("set") != snapshot:
+            continue
+        if dataset not in properties.get("datasets", "").split():
+            continue
+        by_name.setdefault(snapshot, []).append((dataset, used, properties))
+    sets = []
+    for name, members in by_name.items():
+        present = tuple(dataset for dataset, _, _ in members)
+        main = members[-1][2]
+        for dataset, _, properties in members:
+            if dataset == properties.get("pgdata_dataset"):
+                main = properties
+        datasets = tuple(main.get("datasets", "").split())
+        complete = (set(datasets) <= set(present)
+                    and all(properties.get("stop_lsn") for _, _, properties in members))
+        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present,
+                                dict(main), sum(used for _, used, _ in members), complete))
+    sets.sort(key=lambda one: (one.time, one.name))
+    return sets
+
+
+def period_key(rule, when):
+    """The UTC hour, day, ISO week or month that epoch seconds `when` falls in."""
+    moment = datetime.datetime.utcfromtimestamp(when)
+    if rule == "hourly":
+        return moment.strftime("%Y-%m-%dT%H")
+    if rule == "daily":
+        return moment.strftime("%Y-%m-%d")
+    if rule == "weekly":
+        year, week, _ = moment.isocalendar()
+        return "%04d-W%02d" % (year, week)
+    if rule == "monthly":
+        return moment.strftime("%Y-%m")
+    raise ValueError("unknown retention rule %r" % rule)
+
+
+def prune_decision(sets, policy, now):
+    """Names of the sets to destroy, oldest first. Pure: no clock, no zfs.
+
+    sets: SnapshotSets of one prefix (group_sets); policy: Policy of counts;
+    now: UTC epoch seconds. Like sanoid, N of a rule never means fewer than N
+    sets: the N most recent periods that hold a set keep their newest one.
+    Keeps the newest complete set, every set dated after `now` (a clock that
+    went back), and every set a rule keeps. Incomplete sets older than the
+    newest complete set go; newer incomplete ones stay.
+    """
+    past = [one for one in sets if one.time is not None and one.time <= now]
+    complete = sorted((one for one in past if one.complete),
+                      key=lambda one: (one.time, one.name), reverse=True)
+    if not complete:
+        return []
+    keep = set([complete[0].name])
+    for rule in RETENTION_RULES:
+        periods = []
+        for one in complete:
+            key = period_key(rule, one.time)
+            if key in periods:
+                continue
+            if len(periods) >= getattr(policy, rule):
+                break
+            periods.append(key)
+            keep.add(one.name)
+    newest = complete[0].time
+    doomed = [one for one in past
+              if (one.complete and one.name not in keep)
+              or (not one.complete and one.time < newest)]
+    doomed.sort(key=lambda one: (one.time, one.name))
+    return [one.name for one in doomed]
+
+
+def future_sets(sets, now):
+    """Names of sets dated after now (kept; worth a warning: the clock?)."""
+    return [one.name for one in sets if one.time is not None and one.time > now]
+
+
+def oldest_needed_wal(sets):
+    """The start WAL file of the oldest complete set, or None."""
+    for one in sets:
+        if one.complete and WAL_NAME_RE.match(one.properties.get("start_wal", "")):
+            return one.properties["start_wal"]
+    return None
+
+
+def check_state(sets, now, warn_age, crit_age):
+    """(Nagios state index 0-2, text, perfdata) from the newest complete set."""
+    complete = [one for one in sets if one.complete]
+    if not complete:
+        return 2, "no complete snapshot set", "sets=0"
+    newest = complete[-1]
+    age = int(now - newest.time)
+    perf = "age=%ds sets=%d" % (max(age, 0), len(complete))
+    if age < 0:
+        return 1, "newest set %s is dated %ds in the future (clock?)" % (newest.name, -age), perf
+    state = 2 if age >= crit_age else 1 if age >= warn_age else 0
+    return state, "newest set %s is %ds old, %d complete sets" % (newest.name, age, len(complete)), perf
 
 
 # ---------------------------------------------------------------------------
@@ -154,18 +569,650 @@ def parse_args(argv):
     parser.add_argument("-c", "--config", help="config file (default: $PG_ZFS_CONFIG or %s)" % DEFAULT_CONFIG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
-    return parser.parse_args(argv)
+    parser.add_argument("--wait", action="store_true", help="wait for the lock held by another run")
+    parser.add_argument("--now", help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    snapshot = commands.add_parser("snapshot", help="take one snapshot set (then prune)")
+    snapshot.add_argument("--label", default="", help="text added to the backup label")
+    snapshot.add_argument("--no-prune", action="store_true", help="do not prune afterwards")
+    listing = commands.add_parser("list", help="list the snapshot sets")
+    listing.add_argument("--json", action="store_true", help="JSON with every property")
+    prune = commands.add_parser("prune", help="destroy sets the retention policy lets go")
+    prune.add_argument("--dry-run", action="store_true", help="only print what would go")
+    commands.add_parser("check", help="Nagios check of the newest set's age")
+    commands.add_parser("oldest-wal", help="print the first WAL file the oldest set needs")
+    args = parser.parse_args(argv)
+    if args.now:
+        try:
+            parse_utc(args.now)
+        except ValueError as error:
+            parser.error("--now: %s" % error)
+    if getattr(args, "label", "") and not LABEL_TEXT_RE.match(args.label):
+        parser.error("--label: printable ASCII, at most 200 characters")
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Adapters: zfs, psql, pg_controldata, the lock. Each in one place.
+# ---------------------------------------------------------------------------
+
+class SnapshotError(Failure):
+    """A snapshot call failed; `made` lists the snapshots it did make."""
+
+    def __init__(self, message, made):
+        Failure.__init__(self, message, 1)
+        self.made = made
+
+
+class ZfsBackend(object):
+    """The zfs commands pg_zfs_snap needs. A btrfs backend offers the same methods."""
+
+    def __init__(self):
+        self.zfs = shutil.which("zfs") or next((p for p in ZFS_CANDIDATES if os.access(p, os.X_OK)), "zfs")
+
+    def _run(self, *args, **kwargs):
+        return run([self.zfs] + list(args), timeout=ZFS_TIMEOUT, **kwargs)
+
+    def mountpoints(self, datasets):
+        """{dataset: mountpoint}; a Failure(2) if a dataset does not exist."""
+        code, out, err = self._run("get", "-H", "-o", "name,value", "mountpoint", *datasets, check=False)
+        if code != 0:
+            raise Failure("zfs get mountpoint %s: %s" % (" ".join(datasets), err.strip()), 2)
+        result = {}
+        for line in out.splitlines():
+            name, _, value = line.partition("\t")
+            result[name] = value
+        return result
+
+    def snapshot(self, datasets, name, properties):
+        """Snapshot every dataset as DATASET@name with properties; return them.
+
+        One atomic call where zfs takes several names; else one call per dataset
+        in the order given. On failure raises SnapshotError listing those made.
+        """
+        options = []
+        for key in sorted(properties):
+            options += ["-o", "%s%s=%s" % (P, key, properties[key])]
+        targets = ["%s@%s" % (dataset, name) for dataset in datasets]
+        if len(targets) > 1:
+            code, _, err = self._run("snapshot", *(options + targets), check=False)
+            if code == 0:
+                return targets
+            if not (code == 2 and err.strip().splitlines()[:1] == [ZFS_ONE_NAME_ONLY]):
+                raise SnapshotError("zfs snapshot %s: %s" % (" ".join(targets), err.strip()), [])
+            log.debug("zfs takes one snapshot per call here: one by one, %s last", datasets[-1])
+        made = []
+        for target in targets:
+            try:
+                code, _, err = self._run("snapshot", *(options + [target]), check=False)
+            except Failure as failure:      # a timeout, or SIGTERM while waiting
+                raise SnapshotError(str(failure), made)
+            if code != 0:
+                raise SnapshotError("zfs snapshot %s: %s" % (target, err.strip()), made)
+            made.append(target)
+        return made
+
+    def set_properties(self, snapshots, properties, order):
+        """Set properties on every snapshot, one property per call, in `order`.
+
+        One per call because old zfs takes one; values must not be empty.
+        """
+        for key in order:
+            self._run("set", "%s%s=%s" % (P, key, properties[key]), *snapshots)
+
+    def list_snapshots(self, datasets):
+        """Rows (dataset, snapshot, used bytes, {key: value}) under the pools of datasets."""
+        pools = sorted(set(dataset.split("/")[0] for dataset in datasets))
+        columns = ["name", "used"] + [P + key for key in PROPERTY_KEYS]
+        _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", ",".join(columns), "-r", *pools)
+        rows = []
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if len(fields) != len(columns) or "@" not in fields[0]:
+                continue
+            dataset, _, snapshot = fields[0].partition("@")
+            properties = dict((key, value) for key, value in zip(PROPERTY_KEYS, fields[2:])
+                              if value != "-")
+            rows.append((dataset, snapshot, parse_size(fields[1]), properties))
+        return rows
+
+    def clones(self):
+        """{origin snapshot: [clones]} for every file system that is a clone."""
+        _, out, _ = self._run("list", "-H", "-o", "name,origin", "-t", "filesystem")
+        result = {}
+        for line in out.splitlines():
+            name, _, origin = line.partition("\t")
+            if origin and origin != "-":
+                result.setdefault(origin, []).append(name)
+        return result
+
+    def destroy(self, snapshot):
+        """Destroy one snapshot, retrying briefly while it is busy."""
+        for attempt in range(BUSY_RETRIES):
+            code, _, err = self._run("destroy", snapshot, check=False)
+            if code == 0:
+                return
+            if "busy" not in err or attempt == BUSY_RETRIES - 1:
+                raise Failure("zfs destroy %s: %s" % (snapshot, err.strip()), 1)
+            time.sleep(0.5)
+
+
+def make_backend(config):
+    """The snapshot backend named by [snapshot] backend."""
+    name = config.choice("snapshot", "backend", ("zfs", "btrfs"), "zfs")
+    if name == "btrfs":
+        raise config.error("snapshot", "backend", "btrfs is not supported yet by pg_zfs_snap")
+    return ZfsBackend()
+
+
+def find_program(name, bindir, major=None):
+    """Path of a PostgreSQL program: bindir, else (for `major` first) the usual places."""
+    if bindir:
+        path = os.path.join(bindir, name)
+        if not os.access(path, os.X_OK):
+            raise Failure("%s not found in [postgres] bindir %s" % (name, bindir), 2)
+        return path
+    places = []
+    if major:
+        places += ["/usr/pgsql-%s/bin" % major, "/usr/lib/postgresql/%s/bin" % major]
+    if shutil.which(name):
+        places.append(os.path.dirname(shutil.which(name)))
+    installed = glob.glob("/usr/pgsql-*/bin") + glob.glob("/usr/lib/postgresql/*/bin")
+    places += sorted(installed, reverse=True,
+                     key=lambda path: [int(n) for n in re.findall(r"[0-9]+", path)])
+    for directory in places:
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise Failure("%s not found: set [postgres] bindir" % name, 2)
+
+
+def as_user(user):
+    """(preexec_fn, env) that run a child as `user` when we are root, else as us."""
+    env = dict(os.environ, LC_ALL="C", PGAPPNAME=PROG, PGCONNECT_TIMEOUT="10")
+    if os.geteuid() != 0 or user in ("", "root"):
+        return None, env
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise Failure("[postgres] user %s: no such user" % user, 2)
+    env.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
+
+    def demote():
+        os.initgroups(user, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    return demote, env
+
+
+class PsqlSession(object):
+    """ONE psql process on pipes; query() sends a statement and reads its answer.
+
+    After each statement we send `\\echo TAG`: the answer ends at the line TAG.
+    Reads wait with select() against a deadline, so nothing hangs. With
+    ON_ERROR_STOP psql exits at the first error: that is a Failure carrying its
+    last stderr line. Closing stdin ends the session, and with it backup mode.
+    """
+
+    def __init__(self, psql, host, port, dbname, user):
+        preexec, env = as_user(user)
+        argv = [psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                "-h", host, "-p", str(port), "-d", dbname]
+        log.debug("psql session: %s", " ".join(argv))
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=env, preexec_fn=preexec,
+                                         close_fds=True, cwd="/")
+        except OSError as error:
+            raise Failure("cannot run %s: %s" % (psql, error.strerror or error), 1)
+        self.out = b""
+        self.err = b""
+
+    def last_error(self):
+        lines = self.err.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else "psql exited with code %s" % self.proc.poll()
+
+    def query(self, sql, timeout=PSQL_TIMEOUT):
+        """The answer lines of one statement; Failure if psql fails or is silent."""
+        tag = "PGZFS_END_" + uuid.uuid4().hex
+        try:
+            self.proc.stdin.write(("%s;\n\\echo %s\n" % (sql.rstrip().rstrip(";"), tag)).encode("utf-8"))
+            self.proc.stdin.flush()
+        except (IOError, OSError):
+            self._drain(time.time() + 2)
+            raise Failure("psql: %s" % self.last_error(), 1)
+        deadline = time.time() + timeout
+        marker = ("\n%s\n" % tag).encode("ascii")
+        while True:
+            text = b"\n" + self.out
+            if marker in text:
+                answer, _, rest = text.partition(marker)
+                self.out = rest
+                return answer.decode("utf-8").splitlines()[1:]
+            if not self._read(deadline):
+                if self.proc.poll() is None and time.time() >= deadline:
+                    raise Failure("psql: no answer within %d s to %s" % (timeout, sql.split("(")[0]), 1)
+                self._drain(time.time() + 2)
+                raise Failure("psql: %s" % self.last_error(), 1)
+
+    def _read(self, deadline):
+        """Read what is there on stdout/stderr; False at EOF of stdout or deadline."""
+        streams = [self.proc.stdout, self.proc.stderr]
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select(streams, [], [], remaining)
+            got_out = False
+            for stream in ready:
+                chunk = os.read(stream.fileno(), 65536)
+                if stream is self.proc.stdout:
+                    if not chunk:
+                        return False
+                    self.out += chunk
+                    got_out = True
+                else:
+                    if not chunk:
+                        streams.remove(stream)
+                    self.err += chunk
+            if got_out:
+                return True
+
+    def _drain(self, deadline):
+        """Collect stderr of a psql that is exiting, for its error message."""
+        while self.proc.poll() is None and time.time() < deadline:
+            if not self._read(deadline):
+                break
+        try:
+            while True:
+                ready, _, _ = select.select([self.proc.stderr], [], [], 0)
+                chunk = os.read(self.proc.stderr.fileno(), 65536) if ready else b""
+                if not chunk:
+                    break
+                self.err += chunk
+        except (OSError, ValueError):
+            pass
+
+    def close(self):
+        """End the session (PostgreSQL aborts a backup still in progress)."""
+        try:
+            self.proc.stdin.close()
+        except (IOError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def read_controldata(pg_controldata, pgdata, user):
+    """pg_controldata's fields for PGDATA, in the C locale."""
+    preexec, env = as_user(user)
+    try:
+        proc = subprocess.Popen([pg_controldata, "-D", pgdata], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                preexec_fn=preexec, universal_newlines=True, cwd="/")
+        out, err = proc.communicate(timeout=60)
+    except OSError as error:
+        raise Failure("cannot run %s: %s" % (pg_controldata, error.strerror or error), 1)
+    if proc.returncode != 0:
+        raise Failure("pg_controldata -D %s: %s" % (pgdata, err.strip()), 1)
+    return parse_controldata(out)
+
+
+class Lock(object):
+    """flock() on lock_file: one pg_zfs_snap at a time."""
+
+    def __init__(self, path):
+        self.path = path
+        self.handle = None
+
+    def acquire(self, wait):
+        """True when held; False if another run holds it and wait is false."""
+        try:
+            self.handle = open(self.path, "a")
+        except (OSError, IOError) as error:
+            raise Failure("lock file %s: %s" % (self.path, error.strerror or error), 1)
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except (OSError, IOError) as error:
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                self.handle.close()
+                self.handle = None
+                return False
+            raise
+        return True
+
+    def release(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+class Clock(object):
+    """Wall clock in UTC epoch seconds, shifted for tests by --now."""
+
+    def __init__(self, now_text=None):
+        self.offset = parse_utc(now_text) - time.time() if now_text else 0.0
+
+    def now(self):
+        return time.time() + self.offset
+
+
+# ---------------------------------------------------------------------------
+# The commands.
+# ---------------------------------------------------------------------------
+
+class Job(object):
+    """What every command reads from the config, checked once."""
+
+    def __init__(self, config, clock):
+        self.config = config
+        self.clock = clock
+        self.datasets = config.list("snapshot", "datasets")
+        if not self.datasets or len(set(self.datasets)) != len(self.datasets):
+            raise config.error("snapshot", "datasets", "needs one or more distinct datasets")
+        try:
+            self.prefix = check_prefix(config.str("snapshot", "prefix", "pgzfs"))
+        except ValueError as error:
+            raise config.error("snapshot", "prefix", str(error))
+        self.policy = Policy(*[config.int("snapshot", "keep_" + rule, RETENTION_DEFAULTS[rule])
+                               for rule in RETENTION_RULES])
+        self.lock_file = config.str("snapshot", "lock_file", "/run/pg_zfs_snap.lock")
+        self.warn_age = config.int("snapshot", "warn_age", 93600)
+        self.crit_age = config.int("snapshot", "crit_age", 180000)
+        self.pgdata = config.str("postgres", "pgdata")
+        if not os.path.isabs(self.pgdata):
+            raise config.error("postgres", "pgdata", "%r is not an absolute path" % self.pgdata)
+        self.backend = make_backend(config)
+
+    def sets(self):
+        return group_sets(self.backend.list_snapshots(self.datasets), self.prefix)
+
+
+def take_backup_mode_set(job, session, version_num, name, label, base_properties, order):
+    """Snapshot the set inside backup mode: (snapshots, stop LSN, label, map bytes).
+
+    On any failure the snapshots made are destroyed and backup mode is ended
+    (by the stop call, or by closing the session) before the Failure goes up.
+    """
+    start_sql, stop_sql = backup_calls(version_num, label)
+    started = job.clock.now()
+    start_lsn = session.query(start_sql, timeout=BACKUP_CALL_TIMEOUT)[0].strip()
+    # Label and map are written empty now (zfs set refuses an empty value) and
+    # set after the stop when PostgreSQL returned something.
+    properties = dict(base_properties, start_lsn=start_lsn, start_time=iso_utc(started),
+                      backup_label="", tablespace_map="")
+    try:
+        made = job.backend.snapshot(order, name, properties)
+    except SnapshotError as error:
+        destroy_made(job, error.made)
+        try:
+            session.query(stop_sql, timeout=BACKUP_CALL_TIMEOUT)
+        except Failure as stop_failure:
+            log.error("ending backup mode: %s (closing the session ends it)", stop_failure)
+        raise Failure("set %s not taken: %s" % (name, error), 1)
+    try:
+        stop_line = session.query(stop_sql, timeout=BACKUP_CALL_TIMEOUT)[0]
+        return (made,) + parse_stop_row(stop_line)
+    except (Failure, ValueError, IndexError) as error:
+        destroy_made(job, made)
+        raise Failure("set %s not taken: ending backup mode: %s" % (name, error), 1)
+
+
+def destroy_made(job, made):
+    """Destroy snapshots this run made (newest first); log, never raise."""
+    for snapshot in reversed(made):
+        try:
+            job.backend.destroy(snapshot)
+            log.info("destroyed %s (its set failed)", snapshot)
+        except Failure as failure:
+            log.error("could not destroy %s: %s", snapshot, failure)
+
+
+def cluster_facts(job, session):
+    """Version, system identifier and checks of a running cluster."""
+    version_num = int(session.query("SHOW server_version_num")[0])
+    try:
+        pg_version = major_version(version_num)
+    except ValueError as error:
+        raise Failure(str(error), 1)
+    data_directory = session.query("SHOW data_directory")[0]
+    if os.path.realpath(data_directory) != os.path.realpath(job.pgdata):
+        raise Failure("the server's data_directory is %s, not [postgres] pgdata %s"
+                      % (data_directory, job.pgdata), 2)
+    system_identifier = session.query("SELECT system_identifier FROM pg_control_system()")[0]
+    locations = session.query("SELECT pg_tablespace_location(oid) FROM pg_tablespace "
+                              "WHERE pg_tablespace_location(oid) <> ''")
+    return version_num, pg_version, system_identifier, [l for l in locations if l]
+
+
+def tablespaces_on_disk(pgdata):
+    """Targets of PGDATA/pg_tblspc/* (a stopped cluster's tablespaces)."""
+    directory = os.path.join(pgdata, "pg_tblspc")
+    try:
+        return [os.path.realpath(os.path.join(directory, e)) for e in os.listdir(directory)]
+    except OSError:
+        return []
+
+
+def open_session(job):
+    """A connected PsqlSession, or None when PostgreSQL is certainly stopped."""
+    config = job.config
+    psql = find_program("psql", config.str("postgres", "bindir", ""))
+    session = PsqlSession(psql, config.str("postgres", "host", "/tmp"),
+                          config.int("postgres", "port", 5432),
+                          config.str("postgres", "dbname", "postgres"),
+                          config.str("postgres", "user", "postgres"))
+    try:
+        session.query("SELECT 1")
+        return session
+    except Failure as failure:
+        session.close()
+        pid_file = os.path.join(job.pgdata, "postmaster.pid")
+        if os.path.exists(pid_file):
+            raise Failure("%s exists but psql cannot connect (%s): is PostgreSQL starting, "
+                          "stopping or on another port? No snapshot taken" % (pid_file, failure), 1)
+        log.info("PostgreSQL is not running (%s absent; psql: %s)", pid_file, failure)
+        return None
+
+
+def cmd_snapshot(job, label_text):
+    """Take one snapshot set; return its name. All or nothing."""
+    mountpoints = job.backend.mountpoints(job.datasets)
+    try:
+        pgdata_dataset, pgdata_rel = dataset_of(os.path.realpath(job.pgdata), mountpoints)
+    except ValueError as error:
+        raise Failure("[postgres] pgdata: %s" % error, 2)
+    order = snapshot_order(job.datasets, pgdata_dataset)
+    existing = set(one.name for one in job.sets())
+    name = set_name(job.prefix, job.clock.now())
+    while name in existing:
+        time.sleep(1)
+        name = set_name(job.prefix, job.clock.now())
+    base = {"version": VERSION, "set": name, "datasets": " ".join(order),
+            "pgdata_dataset": pgdata_dataset, "pgdata_rel": pgdata_rel}
+    session = open_session(job)
+    if session is None:
+        return take_shutdown_set(job, name, base, order, mountpoints)
+    try:
+        version_num, pg_version, system_identifier, tablespaces = cluster_facts(job, session)
+        check_tablespaces(tablespaces, mountpoints, job.datasets)
+        base.update(mode="backup", pg_version=pg_version, system_identifier=system_identifier)
+        label = "%s %s%s" % (PROG, name, (" " + label_text) if label_text else "")
+        made, stop_lsn, label_bytes, map_bytes = take_backup_mode_set(
+            job, session, version_num, name, label, base, order)
+    finally:
+        session.close()
+    try:
+        facts = parse_backup_label(label_bytes.decode("utf-8"))
+        final = {"start_wal": facts["start_wal"], "timeline": str(facts["timeline"]),
+                 "stop_time": iso_utc(math.ceil(job.clock.now())),
+                 "backup_label": encode_value(label_bytes),
+                 "tablespace_map": encode_value(map_bytes), "stop_lsn": stop_lsn}
+        # stop_lsn goes last: it is what makes the set complete.
+        order = [key for key in ("start_wal", "timeline", "stop_time", "backup_label",
+                                 "tablespace_map", "stop_lsn") if final[key]]
+        job.backend.set_properties(made, final, order)
+    except (ValueError, Failure) as error:
+        destroy_made(job, made)
+        raise Failure("set %s: %s" % (name, error), 1)
+    log.info("took set %s (backup from %s, start %s %s, stop %s, %d datasets)", name,
+             facts.get("backup_from", "primary"), facts["start_lsn"], facts["start_wal"],
+             stop_lsn, len(made))
+    return name
+
+
+def check_tablespaces(locations, mountpoints, datasets):
+    """Every tablespace must be on a dataset of the set, or the set is not a backup."""
+    for location in locations:
+        try:
+            dataset_of(os.path.realpath(location), mountpoints)
+        except ValueError:
+            raise Failure("tablespace %s is on none of [snapshot] datasets %s"
+                          % (location, " ".join(datasets)), 2)
+
+
+def take_shutdown_set(job, name, base, order, mountpoints):
+    """Snapshot a cleanly stopped cluster as is, marked `shutdown`."""
+    config = job.config
+    version_file = os.path.join(job.pgdata, "PG_VERSION")
+    try:
+        with open(version_file) as handle:
+            pg_version = handle.read().strip()
+    except (OSError, IOError) as error:
+        raise Failure("%s: %s" % (version_file, error.strerror or error), 1)
+    pg_controldata = find_program("pg_controldata", config.str("postgres", "bindir", ""), pg_version)
+    try:
+        facts = shutdown_facts(read_controldata(pg_controldata, job.pgdata,
+                                                config.str("postgres", "user", "postgres")))
+    except ValueError as error:
+        raise Failure("PostgreSQL is not running and %s: no snapshot taken" % error, 1)
+    check_tablespaces(tablespaces_on_disk(job.pgdata), mountpoints, job.datasets)
+    stamp = iso_utc(job.clock.now())
+    properties = dict(base, mode="shutdown", pg_version=pg_version, start_time=stamp,
+                      stop_time=stamp, backup_label="", tablespace_map="", **facts)
+    try:
+        made = job.backend.snapshot(order, name, properties)
+    except SnapshotError as error:
+        destroy_made(job, error.made)
+        raise Failure("set %s: %s" % (name, error), 1)
+    if os.path.exists(os.path.join(job.pgdata, "postmaster.pid")):
+        destroy_made(job, made)
+        raise Failure("PostgreSQL started while set %s was taken: destroyed it" % name, 1)
+    log.info("took set %s (cluster shut down, redo %s %s, %d datasets)", name,
+             facts["start_lsn"], facts["start_wal"], len(made))
+    return name
+
+
+def cmd_prune(job, dry_run):
+    """Destroy the sets the policy lets go; return the number that failed."""
+    sets = job.sets()
+    now = job.clock.now()
+    for name in future_sets(sets, now):
+        log.warning("set %s is dated in the future (clock change?): kept", name)
+    doomed = prune_decision(sets, job.policy, now)
+    clones = job.backend.clones()
+    by_name = dict((one.name, one) for one in sets)
+    failed = 0
+    for name in doomed:
+        one = by_name[name]
+        snapshots = ["%s@%s" % (dataset, name) for dataset in one.present]
+        dependants = sorted(c for s in snapshots for c in clones.get(s, []))
+        if dependants:
+            log.warning("set %s has clones (%s): not pruned", name, " ".join(dependants))
+            continue
+        if dry_run:
+            print("would destroy %s" % name)
+            continue
+        try:
+            for snapshot in snapshots:
+                job.backend.destroy(snapshot)
+            log.info("pruned set %s%s", name, "" if one.complete else " (incomplete)")
+        except Failure as failure:
+            log.error("could not prune set %s: %s", name, failure)
+            failed += 1
+    return failed
+
+
+def cmd_list(job, as_json):
+    """Print every set: name, time, mode, LSNs, timeline, space used."""
+    sets = job.sets()
+    clones = job.backend.clones()
+    if as_json:
+        out = []
+        for one in sets:
+            entry = {"name": one.name, "time": iso_utc(one.time), "complete": one.complete,
+                     "datasets": list(one.datasets), "present": list(one.present),
+                     "used_bytes": one.used,
+                     "clones": sorted(c for d in one.present for c in clones.get("%s@%s" % (d, one.name), []))}
+            entry.update(one.properties)
+            out.append(entry)
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return
+    print("\t".join(["set", "time", "mode", "start_lsn", "stop_lsn", "timeline", "used", "state"]))
+    for one in sets:
+        props = one.properties
+        print("\t".join([one.name, iso_utc(one.time), props.get("mode", "-"),
+                         props.get("start_lsn", "-"), props.get("stop_lsn", "-"),
+                         props.get("timeline", "-"), human_size(one.used),
+                         "complete" if one.complete else "INCOMPLETE"]))
+
+
+def run_check(args):
+    """The Nagios check: one line, exit 0/1/2/3, UNKNOWN on any error."""
+    try:
+        job = Job(Config.load(config_path(args.config)), Clock(args.now))
+        state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age)
+    except Failure as failure:
+        state, text, perf = 3, str(failure), "sets=0"
+    print("PG_ZFS_SNAP %s - %s | %s" % (NAGIOS_STATES[state], text, perf))
+    return state
+
+
+def on_signal(signum, frame):
+    raise Failure("stopped by signal %d" % signum, 1)
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.verbose)
+    command = args.command or "cron"
+    setup_logging(args.verbose, use_syslog=command in ("cron", "snapshot", "prune"))
+    if command == "check":
+        return run_check(args)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    lock = None
     try:
-        Config.load(config_path(args.config))
+        job = Job(Config.load(config_path(args.config)), Clock(args.now))
+        if command == "list":
+            cmd_list(job, args.json)
+            return 0
+        if command == "oldest-wal":
+            wal_name = oldest_needed_wal(job.sets())
+            if wal_name is None:
+                raise Failure("no complete snapshot set: keep every archived WAL file", 1)
+            print(wal_name)
+            return 0
+        lock = Lock(job.lock_file)
+        if not lock.acquire(args.wait):
+            log.info("another %s run holds %s: nothing done", PROG, job.lock_file)
+            return 0
+        if command in ("cron", "snapshot"):
+            cmd_snapshot(job, getattr(args, "label", ""))
+            if getattr(args, "no_prune", False):
+                return 0
+        failed = cmd_prune(job, getattr(args, "dry_run", False))
+        if failed:
+            raise Failure("%d set(s) could not be pruned" % failed, 1)
+        return 0
     except Failure as failure:
         log.error("%s", failure)
         return failure.code
-    return 0
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,389 @@
+"""Unit tests of pg_zfs_snap.py's pure functions: names, labels, retention, check.
+
+No database, no zfs: the script is imported by path.
+"""
+
+import base64
+import calendar
+import time
+
+import pytest
+
+from testbed import load_script
+
+snap = load_script("pg_zfs_snap")
+
+DATASETS = ("pool/data01", "pool/data03", "pool/data04", "pool/data02")
+
+
+def utc(text):
+    """Epoch seconds of 'YYYY-mm-dd HH:MM:SS' UTC."""
+    return calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
+
+
+def rows_for(name, datasets=DATASETS, present=None, stop_lsn="0/3000100", **extra):
+    """Snapshot rows of one set as ZfsBackend.list_snapshots returns them."""
+    properties = {"set": name, "datasets": " ".join(datasets), "pgdata_dataset": datasets[-1],
+                  "start_wal": "000000010000000000000003", "mode": "backup"}
+    if stop_lsn:
+        properties["stop_lsn"] = stop_lsn
+    properties.update(extra)
+    return [(dataset, name, 1024, dict(properties))
+            for dataset in (datasets if present is None else present)]
+
+
+def sets_at(*times, **kwargs):
+    """Complete sets (prefix pgzfs) at the given 'YYYY-mm-dd HH:MM:SS' UTC times."""
+    rows = []
+    for text in times:
+        rows += rows_for(snap.set_name("pgzfs", utc(text)), **kwargs)
+    return snap.group_sets(rows, "pgzfs")
+
+
+def names(*times):
+    return [snap.set_name("pgzfs", utc(text)) for text in times]
+
+
+def policy(hourly=0, daily=0, weekly=0, monthly=0):
+    return snap.Policy(hourly, daily, weekly, monthly)
+
+
+# -- names ------------------------------------------------------------------
+
+def test_set_name_is_utc_to_the_second_and_parses_back():
+    when = utc("2026-11-25 04:01:07")
+    assert snap.set_name("pgzfs", when) == "pgzfs_20261125T040107Z"
+    assert snap.parse_set_name("pgzfs_20261125T040107Z", "pgzfs") == when
+
+
+@pytest.mark.parametrize("name", [
+    "other_20261125T040107Z",        # another prefix
+    "pgzfs_x_20261125T040107Z",      # a longer prefix that starts like ours
+    "pgzfs_20261125T0401Z",          # not to the second
+    "pgzfs_20261325T040107Z",        # month 13
+    "pgzfs_20261125",                # the article's daily name
+    "autosnap_2026-11-25_04:01:07_daily",
+])
+def test_names_of_other_tools_or_shapes_are_not_ours(name):
+    assert snap.parse_set_name(name, "pgzfs") is None
+
+
+@pytest.mark.parametrize("prefix", ["", "a/b", "a@b", "a b", "_x", "x" * 65])
+def test_bad_prefixes_are_refused(prefix):
+    with pytest.raises(ValueError):
+        snap.check_prefix(prefix)
+
+
+def test_now_option_format():
+    assert snap.parse_utc("20260101T000000Z") == utc("2026-01-01 00:00:00")
+    with pytest.raises(ValueError):
+        snap.parse_utc("2026-01-01")
+
+
+# -- versions and backup calls ------------------------------------------------
+
+@pytest.mark.parametrize("number, major", [(180001, "18"), (150004, "15"), (140001, "14"),
+                                           (100023, "10"), (90624, "9.6")])
+def test_major_version(number, major):
+    assert snap.major_version(number) == major
+
+
+def test_versions_before_9_6_are_refused():
+    with pytest.raises(ValueError):
+        snap.major_version(90522)
+
+
+def test_15_and_later_use_pg_backup_start_and_stop():
+    start, stop = snap.backup_calls(150004, "pg_zfs_snap it's")
+    assert start == "SELECT pg_backup_start('pg_zfs_snap it''s', true)"
+    assert "FROM pg_backup_stop(false)" in stop
+
+
+def test_10_to_14_use_non_exclusive_pg_start_backup():
+    start, stop = snap.backup_calls(140001, "x")
+    assert start == "SELECT pg_start_backup('x', true, false)"
+    assert stop.endswith("FROM pg_stop_backup(false, false)")
+
+
+def test_9_6_stop_has_no_wait_for_archive_argument():
+    assert snap.backup_calls(90624, "x")[1].endswith("FROM pg_stop_backup(false)")
+
+
+def test_stop_answer_gives_label_and_map_byte_for_byte():
+    label = "START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\nLABEL: \xe9t\xe9\n"
+    tablespace_map = "16384 /mnt/data01/ts1\n"
+    line = "0/3000100|%s|%s" % (base64.b64encode(label.encode("utf-8")).decode(),
+                                base64.b64encode(tablespace_map.encode()).decode())
+    lsn, label_bytes, map_bytes = snap.parse_stop_row(line)
+    assert lsn == "0/3000100"
+    assert label_bytes == label.encode("utf-8")
+    assert map_bytes == tablespace_map.encode()
+
+
+def test_stop_answer_with_empty_map():
+    assert snap.parse_stop_row("0/3000100|QUJD|")[2] == b""
+
+
+@pytest.mark.parametrize("line", ["", "0/1|a", "garbage|QUJD|", "0/1|QUJD||x"])
+def test_unexpected_stop_answers_are_refused(line):
+    with pytest.raises(ValueError):
+        snap.parse_stop_row(line)
+
+
+# -- backup label -------------------------------------------------------------
+
+LABEL_15 = """START WAL LOCATION: 0/5000028 (file 000000020000000000000005)
+CHECKPOINT LOCATION: 0/5000060
+BACKUP METHOD: streamed
+BACKUP FROM: standby
+START TIME: 2026-11-25 04:01:00 UTC
+LABEL: pg_zfs_snap pgzfs_20261125T040100Z
+START TIMELINE: 2
+"""
+
+LABEL_10 = """START WAL LOCATION: 0/2000028 (file 000000010000000000000002)
+CHECKPOINT LOCATION: 0/2000060
+BACKUP METHOD: streamed
+BACKUP FROM: master
+START TIME: 2026-11-25 04:01:00 UTC
+LABEL: x
+"""
+
+
+def test_label_gives_start_wal_lsn_timeline_and_origin():
+    facts = snap.parse_backup_label(LABEL_15)
+    assert facts == {"start_lsn": "0/5000028", "start_wal": "000000020000000000000005",
+                     "timeline": 2, "backup_from": "standby"}
+
+
+def test_label_without_start_timeline_takes_it_from_the_wal_name():
+    assert snap.parse_backup_label(LABEL_10)["timeline"] == 1
+
+
+def test_label_whose_timeline_contradicts_its_wal_name_is_refused():
+    with pytest.raises(ValueError):
+        snap.parse_backup_label(LABEL_15.replace("START TIMELINE: 2", "START TIMELINE: 3"))
+
+
+def test_label_without_start_location_is_refused():
+    with pytest.raises(ValueError):
+        snap.parse_backup_label("LABEL: x\n")
+
+
+# -- a stopped cluster ----------------------------------------------------------
+
+CONTROLDATA = """pg_control version number:            1300
+Database system identifier:           7441234567890123456
+Database cluster state:               shut down in recovery
+Latest checkpoint location:           0/6000060
+Latest checkpoint's REDO location:    0/6000028
+Latest checkpoint's REDO WAL file:    000000010000000000000006
+Latest checkpoint's TimeLineID:       1
+"""
+
+
+def test_stopped_standby_facts_come_from_its_last_restartpoint():
+    facts = snap.shutdown_facts(snap.parse_controldata(CONTROLDATA))
+    assert facts == {"start_lsn": "0/6000028", "stop_lsn": "0/6000028",
+                     "start_wal": "000000010000000000000006", "timeline": "1",
+                     "system_identifier": "7441234567890123456"}
+
+
+@pytest.mark.parametrize("state", ["in production", "in archive recovery", "shutting down"])
+def test_a_cluster_that_did_not_shut_down_cleanly_is_refused(state):
+    text = CONTROLDATA.replace("shut down in recovery", state)
+    with pytest.raises(ValueError):
+        snap.shutdown_facts(snap.parse_controldata(text))
+
+
+# -- datasets -----------------------------------------------------------------
+
+MOUNTS = {"pool": "/pool", "pool/data01": "/pool/data01", "pool/data02": "/pool/data02",
+          "pool/legacy": "legacy"}
+
+
+def test_pgdata_dataset_is_the_longest_mountpoint_holding_it():
+    assert snap.dataset_of("/pool/data02/pgdata", MOUNTS) == ("pool/data02", "pgdata")
+    assert snap.dataset_of("/pool/data02", MOUNTS) == ("pool/data02", ".")
+    assert snap.dataset_of("/pool/data021/x", MOUNTS) == ("pool", "data021/x")
+
+
+def test_a_path_on_no_configured_dataset_is_refused():
+    with pytest.raises(ValueError):
+        snap.dataset_of("/srv/pgdata", {"pool/data02": "/pool/data02", "pool/x": "none"})
+
+
+def test_the_dataset_holding_pg_control_is_snapshotted_last():
+    order = snap.snapshot_order(["pool/data02", "pool/data01", "pool/data03"], "pool/data02")
+    assert order == ["pool/data01", "pool/data03", "pool/data02"]
+
+
+def test_property_values_stay_under_8_kib():
+    assert snap.encode_value(b"x" * 6000)
+    with pytest.raises(ValueError):
+        snap.encode_value(b"x" * 6200)
+
+
+@pytest.mark.parametrize("text, count", [("0", 0), ("512", 512), ("1.5K", 1536),
+                                         ("2M", 2 << 20), ("-", 0)])
+def test_zfs_sizes(text, count):
+    assert snap.parse_size(text) == count
+
+
+# -- sets from the pool ---------------------------------------------------------
+
+def test_sets_are_rebuilt_from_snapshot_rows():
+    sets = snap.group_sets(rows_for("pgzfs_20261125T040100Z"), "pgzfs")
+    assert [(s.name, s.complete, s.present, s.used) for s in sets] == [
+        ("pgzfs_20261125T040100Z", True, DATASETS, 4096)]
+    assert sets[0].properties["start_wal"] == "000000010000000000000003"
+
+
+def test_other_tools_snapshots_are_not_sets():
+    rows = (rows_for("other_20261125T040100Z")
+            + [("pool/data02", "pgzfs_20261124T040100Z", 0, {})]          # no pgzfs:set
+            + rows_for("pgzfs_20261123T040100Z", set="pgzfs_x")            # set differs
+            + [("pool/data05", "pgzfs_20261122T040100Z", 0,                # not in its set
+                {"set": "pgzfs_20261122T040100Z", "datasets": "pool/data02"})])
+    assert snap.group_sets(rows, "pgzfs") == []
+
+
+def test_a_set_missing_a_dataset_is_incomplete():
+    rows = rows_for("pgzfs_20261125T040100Z", present=DATASETS[:3])
+    assert not snap.group_sets(rows, "pgzfs")[0].complete
+
+
+def test_a_set_without_stop_lsn_is_incomplete():
+    assert not snap.group_sets(rows_for("pgzfs_20261125T040100Z", stop_lsn=""), "pgzfs")[0].complete
+
+
+# -- retention ------------------------------------------------------------------
+
+NOW = utc("2026-11-25 12:00:00")
+
+
+def test_prune_nothing_when_there_are_no_sets():
+    assert snap.prune_decision([], policy(daily=7), NOW) == []
+
+
+def test_the_only_set_is_kept_even_with_a_zero_policy():
+    assert snap.prune_decision(sets_at("2025-01-01 04:01:00"), policy(), NOW) == []
+
+
+def test_zero_policy_keeps_only_the_newest_set():
+    sets = sets_at("2026-11-23 04:01:00", "2026-11-24 04:01:00", "2026-11-25 04:01:00")
+    assert snap.prune_decision(sets, policy(), NOW) == names("2026-11-23 04:01:00",
+                                                             "2026-11-24 04:01:00")
+
+
+def test_daily_keeps_the_newest_set_of_each_of_the_last_n_days():
+    days = ["2026-11-%02d 04:01:00" % day for day in range(15, 26)]     # 11 daily sets
+    sets = sets_at(*days)
+    assert snap.prune_decision(sets, policy(daily=7), NOW) == names(*days[:4])
+
+
+def test_within_one_day_only_the_newest_set_is_kept_by_daily():
+    sets = sets_at("2026-11-24 01:00:00", "2026-11-24 04:01:00", "2026-11-24 23:59:59",
+                   "2026-11-25 04:01:00")
+    assert snap.prune_decision(sets, policy(daily=2), NOW) == names("2026-11-24 01:00:00",
+                                                                    "2026-11-24 04:01:00")
+
+
+def test_an_outage_does_not_prune_more_days_with_no_set_do_not_count():
+    # Sets stopped 30 days ago: daily=3 still keeps three of them (sanoid's floor).
+    sets = sets_at("2026-10-20 04:01:00", "2026-10-21 04:01:00", "2026-10-22 04:01:00",
+                   "2026-10-23 04:01:00", "2026-10-24 04:01:00")
+    assert snap.prune_decision(sets, policy(daily=3), NOW) == names("2026-10-20 04:01:00",
+                                                                    "2026-10-21 04:01:00")
+
+
+def test_a_set_kept_by_any_rule_stays():
+    # Hourly keeps the last 2 hours' sets; daily=1 keeps today's newest; monthly=2
+    # keeps October's newest, weekly=2 keeps last week's newest (Sunday 22nd).
+    sets = sets_at("2026-10-30 04:01:00", "2026-10-31 04:01:00", "2026-11-21 04:01:00",
+                   "2026-11-22 04:01:00", "2026-11-25 10:00:00", "2026-11-25 11:00:00",
+                   "2026-11-25 11:30:00")
+    doomed = snap.prune_decision(sets, policy(hourly=2, daily=1, weekly=2, monthly=2), NOW)
+    assert doomed == names("2026-10-30 04:01:00", "2026-11-21 04:01:00", "2026-11-25 11:00:00")
+
+
+def test_weeks_are_iso_weeks_in_utc():
+    # 2026-11-22 is a Sunday, 2026-11-23 the Monday of the next ISO week.
+    sets = sets_at("2026-11-21 04:01:00", "2026-11-22 23:59:59", "2026-11-23 00:00:00")
+    assert snap.prune_decision(sets, policy(weekly=2), NOW) == names("2026-11-21 04:01:00")
+
+
+def test_months_keep_the_newest_set_of_each():
+    sets = sets_at("2026-09-01 04:01:00", "2026-09-30 04:01:00", "2026-10-01 04:01:00",
+                   "2026-10-31 04:01:00", "2026-11-25 04:01:00")
+    assert snap.prune_decision(sets, policy(monthly=2), NOW) == names(
+        "2026-09-01 04:01:00", "2026-09-30 04:01:00", "2026-10-01 04:01:00")
+
+
+def test_sets_from_the_future_are_kept_and_not_counted():
+    # The clock went back a day: yesterday's run named its set "tomorrow".
+    sets = sets_at("2026-11-23 04:01:00", "2026-11-24 04:01:00", "2026-11-26 04:01:00")
+    assert snap.prune_decision(sets, policy(daily=1), NOW) == names("2026-11-23 04:01:00")
+    assert snap.future_sets(sets, NOW) == names("2026-11-26 04:01:00")
+
+
+def test_only_future_sets_means_nothing_is_pruned():
+    sets = sets_at("2026-11-26 04:01:00", "2026-11-27 04:01:00")
+    assert snap.prune_decision(sets, policy(), NOW) == []
+
+
+def test_a_clock_step_back_within_the_hour_keeps_the_newest_by_name():
+    # Two runs in one UTC hour after the clock was stepped back 40 minutes.
+    sets = sets_at("2026-11-25 10:50:00", "2026-11-25 10:10:00")
+    assert snap.prune_decision(sets, policy(hourly=1), NOW) == names("2026-11-25 10:10:00")
+
+
+def test_the_newest_complete_set_is_never_destroyed():
+    sets = snap.group_sets(rows_for("pgzfs_20261120T040100Z")
+                           + rows_for("pgzfs_20261125T040100Z", stop_lsn=""), "pgzfs")
+    assert snap.prune_decision(sets, policy(), NOW) == []
+
+
+def test_incomplete_sets_older_than_the_newest_complete_go_newer_ones_stay():
+    rows = (rows_for("pgzfs_20261123T040100Z", present=DATASETS[:2])
+            + rows_for("pgzfs_20261124T040100Z")
+            + rows_for("pgzfs_20261125T040100Z", stop_lsn=""))
+    sets = snap.group_sets(rows, "pgzfs")
+    assert snap.prune_decision(sets, policy(daily=7), NOW) == ["pgzfs_20261123T040100Z"]
+
+
+def test_other_prefixes_are_never_pruned():
+    rows = []
+    for day in range(10, 26):
+        rows += rows_for("other_202611%02dT040100Z" % day)
+    rows += rows_for("pgzfs_20261125T040100Z")
+    assert snap.prune_decision(snap.group_sets(rows, "pgzfs"), policy(), NOW) == []
+
+
+# -- check and oldest-wal ---------------------------------------------------------
+
+def test_check_states():
+    sets = sets_at("2026-11-25 04:00:00")
+    age = NOW - utc("2026-11-25 04:00:00")
+    assert snap.check_state(sets, NOW, age + 1, age + 2)[0] == 0
+    assert snap.check_state(sets, NOW, age, age + 1)[0] == 1
+    assert snap.check_state(sets, NOW, age - 1, age)[0] == 2
+    state, text, perf = snap.check_state(sets, NOW, 93600, 180000)
+    assert perf == "age=%ds sets=1" % age
+
+
+def test_check_without_complete_sets_is_critical():
+    sets = snap.group_sets(rows_for("pgzfs_20261125T040100Z", stop_lsn=""), "pgzfs")
+    assert snap.check_state(sets, NOW, 10, 20) == (2, "no complete snapshot set", "sets=0")
+
+
+def test_check_warns_about_a_newest_set_from_the_future():
+    assert snap.check_state(sets_at("2026-11-26 04:00:00"), NOW, 10, 20)[0] == 1
+
+
+def test_oldest_wal_is_the_start_of_the_oldest_complete_set():
+    rows = (rows_for("pgzfs_20261123T040100Z", stop_lsn="", start_wal="000000010000000000000001")
+            + rows_for("pgzfs_20261124T040100Z", start_wal="000000010000000000000007")
+            + rows_for("pgzfs_20261125T040100Z", start_wal="000000010000000000000009"))
+    assert snap.oldest_needed_wal(snap.group_sets(rows, "pgzfs")) == "000000010000000000000007"
+    assert snap.oldest_needed_wal([]) is None
