@@ -114,3 +114,24 @@ def test_scripts_use_nothing_newer_than_python_3_6():
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=120)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_server():
+    import testbed
+    bed = testbed.Testbed(os.environ.get("PG_ZFS_TEST_PG", "15"))
+    try:
+        bed.standby
+        bed.hosts[1].kill()
+        # A server a test forgot: a clone of the standby's dataset, running.
+        clone = bed.zfs.name + "/stray"
+        bed.zfs.run("snapshot", bed.zfs.name + "/data02@stray")
+        bed.zfs.run("clone", "-o", "mountpoint=%s/stray" % bed.run_dir,
+                    bed.zfs.name + "/data02@stray", clone)
+        subprocess.Popen(["sleep", "600"], cwd=bed.run_dir + "/stray")
+    finally:
+        run_dir, pool, table = bed.run_dir, bed.pool_name, bed.nft_table
+        bed.teardown()
+    assert not os.path.exists(run_dir)
+    assert pool not in sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
+    assert sh(["nft", "list", "table", "inet", table], check=False).returncode != 0
+    assert run_dir not in open("/proc/mounts").read()

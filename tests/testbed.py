@@ -649,15 +649,65 @@ class Testbed(object):
             self._nft_handles.clear()
             sh(["nft", "delete", "table", "inet", self.nft_table], check=False)
         # Clusters first (they pin datasets), then hosts, then pools.
-        for step in reversed(self._teardowns):
+        steps = list(reversed(self._teardowns))
+        if self._zfs is not None:
+            # Whatever a test left running in the run directory (a restored
+            # clone's server, a prefetcher) must go before the pool can.
+            steps.insert(steps.index(self._zfs.teardown), self._reap_processes)
+        for step in steps:
             try:
                 step()
             except Exception as error:  # keep tearing down the rest
                 errors.append(error)
+        self._reap_processes()
+        left = self.leftovers()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self._net_lock.close()
         if errors:
             raise errors[0]
+        if left:
+            raise RuntimeError("the testbed left behind: %s" % "; ".join(left))
+
+    def _processes_in_run_dir(self):
+        """PIDs (not ours) whose command line or working directory is in run_dir."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                    args = cmdline.read().decode("utf-8", "replace")
+                cwd = os.readlink("/proc/%s/cwd" % entry)
+            except OSError:
+                continue
+            if self.run_dir in args or cwd.startswith(self.run_dir):
+                found.append(int(entry))
+        return found
+
+    def _reap_processes(self):
+        for signal_number in (15, 15, 9):
+            pids = [pid for pid in self._processes_in_run_dir() if _pid_alive(pid)]
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal_number)
+            deadline = time.time() + 5
+            while time.time() < deadline and any(_pid_alive(pid) for pid in pids):
+                time.sleep(0.1)
+
+    def leftovers(self):
+        """What of this session still exists: processes, mounts, pool, nft table."""
+        left = ["process %d" % pid for pid in self._processes_in_run_dir() if _pid_alive(pid)]
+        with open("/proc/mounts") as mounts:
+            left += ["mount " + line.split()[1] for line in mounts
+                     if line.split()[1].startswith(self.run_dir)]
+        if self._zfs is not None and os.path.exists(ZFS_SOCKET):
+            pools = sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
+            left += ["pool " + self.pool_name] if self.pool_name in pools else []
+        if self._nft_table_exists():
+            left.append("nft table " + self.nft_table)
+        return left
 
     def _nft_table_exists(self):
         return sh(["nft", "list", "table", "inet", self.nft_table], check=False).returncode == 0
