@@ -1,26 +1,121 @@
 #!/usr/bin/env python3
-"""Restore a PostgreSQL snapshot set to a point in time, as a clone.
+"""Restore a PostgreSQL snapshot set to a point in time, as ZFS clones.
 
-Run by hand:
+Run by hand, as root, on the machine that holds the pool (the guest):
 
+    pg_zfs_restore.py list
     pg_zfs_restore.py restore --target-time '2026-11-25 04:30:00+00' --action promote
+    pg_zfs_restore.py cleanup pgzfs_20261125T040100Z
+
+and as a monitoring check (Nagios/Icinga command line, e.g. daily):
+
+    /opt/pg_zfs/bin/pg_zfs_restore.py drill --query 'SELECT count(*) FROM orders'
+
+Commands:
+    list [--json]        the snapshot sets found in the pool (pgzfs:* properties
+                         written by pg_zfs_snap.py), the earliest target time each
+                         can serve (its stop time), and the clones made from each
+    restore TARGET       clone a set, make it a recovery to TARGET, start it on a
+                         new port and wait until the target is reached.
+                         TARGET is exactly one of:
+                           --target-time TS   ISO 8601 WITH a zone: 2026-11-25T04:30:00Z,
+                                              '2026-11-25 06:30:00.25+02:00'. A time
+                                              without a zone is refused (PostgreSQL
+                                              would read it in the server's zone)
+                           --target-lsn X/X   a WAL location
+                           --target-xid N     a transaction id
+                           --target-name NAME a restore point (pg_create_restore_point)
+                           --immediate        the end of the backup (consistency)
+                           --latest           the end of the archive (always opens)
+                         --set NAME           the set to use; else the newest
+                                              complete set whose stop point is at or
+                                              before the target (for --target-xid and
+                                              --target-name, which the pool cannot
+                                              place, the OLDEST complete set)
+                         --to DIR             root of the clones' mountpoints
+                                              (default [restore] mount_root)
+                         --port N             (default: the first free port from
+                                              [restore] port_start)
+                         --action pause|promote|shutdown  at the target (default
+                                              pause, as PostgreSQL)
+                         --timeline latest|current|N  recovery_target_timeline
+                         --exclusive          stop just before the target
+                                              (recovery_target_inclusive = off)
+                         --no-start           prepare the clone, do not start it
+                         --dry-run            print every step, change nothing
+                         --keep-on-failure    leave the clones and the server for
+                                              a post-mortem
+    drill [--query SQL] [--amcheck]
+                         restore the newest complete set with --immediate into
+                         throwaway clones (DATASET_drill_SET) on a free port,
+                         promote, run SELECT 1 and SQL (and pg_amcheck, 14+, on
+                         request), stop, destroy; one Nagios line with the time
+                         of each step
+    cleanup NAME|--all   stop the server running on clones made by this tool and
+                         destroy them (NAME: a set name or one of its clones)
+    rollback --set NAME [--force]
+                         roll the live datasets back to a set IN PLACE (zfs
+                         rollback -r) and write its backup_label into PGDATA, for
+                         when the standby itself must go back. Lists every later
+                         snapshot that is destroyed with it; refuses while
+                         PostgreSQL runs on the datasets, and without --force.
+
+What a restore does, in order (each step is timed and reported):
+  clone    zfs clone -o mountpoint=ROOT/<name> -o pgzfs:clone_of=SET DATASET@SET
+           DATASET_restore_SET for every dataset of the set (the origin keeps
+           pg_zfs_snap.py prune from destroying the set while a clone lives)
+  prepare  in the clone: write backup_label and tablespace_map (byte for byte
+           from the set, mode 0600, owned by the PostgreSQL user; the map's paths
+           and the pg_tblspc links pointed at the cloned datasets); remove
+           postmaster.pid, postmaster.opts, standby.signal and old recovery
+           files; replace the pg_wal symlink (it points at the live standby's WAL)
+           by a fresh directory WAL_ROOT/restore_SET/pg_wal that is not on ZFS;
+           comment out inherited primary_conninfo, primary_slot_name, recovery
+           targets, restore_command, archive and synchronous-standby settings,
+           recovery_min_apply_delay; then write the recovery settings:
+           12+ recovery.signal plus lines appended to postgresql.auto.conf,
+           9.6-11 recovery.conf. restore_command is this directory's
+           pg_wal_fetch.py with the same config file. The copy always gets
+           archive_mode = off (it can never push a new timeline into
+           production's archive), a new port, its socket in
+           WAL_ROOT/restore_SET and logging_collector = off (its log is
+           WAL_ROOT/restore_SET/server.log).
+  start    pg_ctl start -w as the PostgreSQL user (runuser -u USER --)
+  recover  wait (bounded by [restore] timeout) until the target is reached:
+           paused, promoted or shut down, then report the last replayed LSN and
+           transaction time. If the archive ends before the target, say so with
+           the LSN reached, and fail.
+On any failure the server is stopped, the clones destroyed and the WAL directory
+removed, unless --keep-on-failure.
 
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
-    [postgres] pgdata, bindir, user, host, port
-    [snapshot] backend, datasets, prefix
+    [postgres] pgdata, bindir, user, dbname, port
+    [snapshot] backend (zfs), datasets
+    [restore]  mount_root, wal_root, port_start, timeout
+    (pg_wal_fetch.py, run by the restored copy, reads [archive] and [source *])
 
 Exit codes:
-    0  done
-    1  the restore failed (the clones are removed unless --keep-on-failure)
-    2  bad arguments or bad config
+    0  done (drill: OK)
+    1  the restore, cleanup or rollback failed or was refused (the clones are
+       removed unless --keep-on-failure); also: the archive ended before the target
+    2  bad arguments or bad config; drill: CRITICAL (any failure)
 """
 
 import argparse
+import base64
 import configparser
+import contextlib
+import datetime
+import json
 import logging
 import os
+import pwd
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 
 VERSION = "0.1.0"
 PROG = "pg_zfs_restore"
@@ -28,6 +123,54 @@ DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 
 log = logging.getLogger(PROG)
 
+# ZFS user properties (DEVELOPERS.md). The two base64 files are fetched only
+# for the set being restored: they are the long ones.
+P = "pgzfs:"
+LIST_KEYS = (
+    "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
+    "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
+    "pg_version", "system_identifier",
+)
+FILE_KEYS = ("backup_label", "tablespace_map")
+CLONE_OF = P + "clone_of"
+CLONE_KINDS = ("restore", "drill")
+
+DEFAULT_MOUNT_ROOT = "/var/lib/pg_zfs/restore"
+DEFAULT_WAL_ROOT = "/var/lib/pg_zfs/restore-wal"
+DEFAULT_TIMEOUT = 3600          # seconds from pg_ctl start to the target
+PORT_SPAN = 200                 # ports tried from port_start on
+POLL_INTERVAL = 0.5             # seconds between two looks at the recovering server
+BUSY_RETRIES = 40               # zfs destroy right after pg_ctl stop: "dataset is busy"
+BUSY_SLEEP = 0.25
+ZFS_TIMEOUT = 120
+PSQL_TIMEOUT = 30
+STOP_TIMEOUT = 120
+
+# Settings the clone must not inherit from the standby (or from the primary,
+# whose postgresql.conf pg_basebackup copied): they are commented out in
+# postgresql.conf and postgresql.auto.conf before the restore's own are added.
+INHERITED_SETTINGS = (
+    "primary_conninfo", "primary_slot_name", "standby_mode", "trigger_file",
+    "promote_trigger_file", "restore_command", "archive_cleanup_command",
+    "recovery_end_command", "recovery_target", "recovery_target_time",
+    "recovery_target_xid", "recovery_target_lsn", "recovery_target_name",
+    "recovery_target_inclusive", "recovery_target_timeline", "recovery_target_action",
+    "pause_at_recovery_target", "recovery_min_apply_delay",
+    "archive_mode", "archive_command", "archive_library",
+    "synchronous_standby_names", "port", "unix_socket_directories",
+    "hot_standby", "logging_collector",
+)
+COMMENT_MARK = "#pg_zfs_restore: "
+# Files in PGDATA that belong to the standby's life, not to the restored copy.
+STALE_FILES = ("postmaster.pid", "postmaster.opts", "standby.signal", "recovery.signal",
+               "recovery.conf", "recovery.done", "backup_label.old", "tablespace_map.old")
+
+LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+TIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,6}))?)?"
+    r"\s*(Z|UTC|[+-]\d{2}(?::?\d{2})?)?$", re.IGNORECASE)
+SET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+LOG_LSN_RE = re.compile(r"([0-9A-F]{1,8}/[0-9A-F]{1,8})")
 
 # ---------------------------------------------------------------------------
 # The helpers every pg_zfs script carries (config, logging, commands).
@@ -146,6 +289,1481 @@ def run(argv, timeout=None, input_text=None, check=True):
     return proc.returncode, out, err
 
 
+# ---------------------------------------------------------------------------
+# Pure functions: targets, sets, recovery settings, configuration text,
+# ports, the server's log. No I/O, no subprocess.
+# ---------------------------------------------------------------------------
+
+UTC = datetime.timezone.utc
+
+
+def parse_lsn(text):
+    """The integer position of a WAL location 'X/X'; ValueError if it is not one."""
+    match = LSN_RE.match(text.strip())
+    if not match:
+        raise ValueError("%r is not a WAL location (X/X, hexadecimal)" % text)
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+
+
+def format_lsn(position):
+    """'X/X' of an integer WAL position."""
+    return "%X/%X" % (position >> 32, position & 0xFFFFFFFF)
+
+
+def zone_of(text):
+    """A tzinfo for Z, UTC, +HH, +HHMM or +HH:MM; ValueError if out of range."""
+    if text.upper() in ("Z", "UTC"):
+        return UTC
+    digits = text[1:].replace(":", "")
+    hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+    if hours > 15 or minutes > 59:
+        raise ValueError("time zone %s is out of range" % text)
+    offset = datetime.timedelta(hours=hours, minutes=minutes)
+    return datetime.timezone(-offset if text.startswith("-") else offset)
+
+
+def parse_time(text):
+    """An aware datetime in UTC from ISO 8601 with a zone; ValueError (one line) if not.
+
+    A time without a zone is refused: PostgreSQL would read it silently in the
+    server's TimeZone, which on a guest is often not the operator's.
+    """
+    match = TIME_RE.match(text.strip())
+    if not match:
+        raise ValueError("%r is not an ISO 8601 time such as 2026-11-25T04:30:00Z "
+                         "or '2026-11-25 06:30:00.25+02:00'" % text)
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    if zone is None:
+        raise ValueError("%r has no time zone: add one (Z, +00, +02:00); PostgreSQL would "
+                         "read it silently in the server's zone" % text)
+    try:
+        moment = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute),
+                                   int(second or 0), int((fraction or "0").ljust(6, "0")),
+                                   tzinfo=zone_of(zone))
+    except ValueError as error:
+        raise ValueError("%r is not a valid time: %s" % (text, error))
+    return moment.astimezone(UTC)
+
+
+def pg_time(moment):
+    """A timestamptz literal PostgreSQL reads the same in any zone: '... +00'."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+def iso_time(moment):
+    """2026-11-25T04:30:00Z, with the fraction only when there is one."""
+    moment = moment.astimezone(UTC)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += (".%06d" % moment.microsecond).rstrip("0")
+    return text + "Z"
+
+
+def parse_major(text):
+    """(major, minor) of a pgzfs:pg_version or PG_VERSION: '15' -> (15, 0), '9.6' -> (9, 6)."""
+    match = re.match(r"^(\d+)(?:\.(\d+))?$", text.strip())
+    if not match:
+        raise ValueError("%r is not a PostgreSQL major version" % text)
+    major = (int(match.group(1)), int(match.group(2) or 0))
+    if major[0] >= 10:
+        major = (major[0], 0)
+    if major < (9, 6):
+        raise ValueError("PostgreSQL %s is older than 9.6, which pg_zfs does not support" % text)
+    return major
+
+
+def major_text(major):
+    """'15' or '9.6'."""
+    return str(major[0]) if major[0] >= 10 else "%d.%d" % major
+
+
+class Target(object):
+    """Where recovery stops. kind: time, lsn, xid, name, immediate or latest."""
+
+    KINDS = ("time", "lsn", "xid", "name", "immediate", "latest")
+
+    def __init__(self, kind, value=None):
+        self.kind = kind
+        self.value = value
+
+    def __str__(self):
+        if self.kind == "time":
+            return iso_time(self.value)
+        if self.kind == "lsn":
+            return "LSN " + format_lsn(self.value)
+        if self.kind == "xid":
+            return "xid %d" % self.value
+        if self.kind == "name":
+            return "restore point %r" % self.value
+        return {"immediate": "end of backup (immediate)", "latest": "end of archive"}[self.kind]
+
+
+def parse_target(kind, text=None):
+    """The Target of a --target-* option; ValueError (one line) if the text is bad."""
+    if kind == "time":
+        return Target(kind, parse_time(text))
+    if kind == "lsn":
+        return Target(kind, parse_lsn(text))
+    if kind == "xid":
+        if not re.match(r"^[0-9]{1,20}$", text.strip()) or int(text) < 3:
+            raise ValueError("%r is not a transaction id (a whole number of 3 or more)" % text)
+        return Target(kind, int(text))
+    if kind == "name":
+        if not text or len(text.encode("utf-8")) > 63:
+            raise ValueError("%r is not a restore point name (1 to 63 bytes)" % text)
+        return Target(kind, text)
+    if kind in ("immediate", "latest"):
+        return Target(kind)
+    raise ValueError("unknown target kind %r" % kind)
+
+
+def parse_timeline(text):
+    """recovery_target_timeline: 'latest', 'current' or a timeline ID (decimal)."""
+    if text in ("latest", "current"):
+        return text
+    if re.match(r"^[0-9]{1,10}$", text) and 0 < int(text) < 2 ** 32:
+        return str(int(text))
+    raise ValueError("--timeline %r is not latest, current or a timeline ID" % text)
+
+
+class SnapshotSet(object):
+    """One backup: DATASET@NAME on every dataset of pgzfs:datasets.
+
+    properties are pgzfs:* without the prefix, from the snapshot of the PGDATA
+    dataset; present lists the datasets that have the snapshot; complete means
+    every dataset has it and every snapshot carries pgzfs:stop_lsn (written last).
+    """
+
+    def __init__(self, name, properties, present, complete):
+        self.name = name
+        self.properties = properties
+        self.present = present
+        self.complete = complete
+        self.datasets = properties.get("datasets", "").split()
+
+    def get(self, key, default=None):
+        return self.properties.get(key, default)
+
+    def snapshot(self, dataset):
+        return "%s@%s" % (dataset, self.name)
+
+    @property
+    def stop_time(self):
+        try:
+            return parse_time(self.properties.get("stop_time", ""))
+        except ValueError:
+            return None
+
+    @property
+    def stop_lsn(self):
+        try:
+            return parse_lsn(self.properties.get("stop_lsn", ""))
+        except ValueError:
+            return None
+
+    @property
+    def timeline(self):
+        text = self.properties.get("timeline", "")
+        return int(text) if text.isdigit() else None
+
+
+def group_sets(rows):
+    """Every set in the rows, oldest first (by start time, then name).
+
+    rows: (dataset, snapshot name, {property: value}) with the pgzfs: prefix
+    removed and unset properties absent. A snapshot belongs to a set only if
+    its pgzfs:set equals its name and its dataset is in its pgzfs:datasets (the
+    rule pg_zfs_snap.py uses).
+    """
+    members = {}
+    for dataset, name, properties in rows:
+        if properties.get("set") != name or dataset not in properties.get("datasets", "").split():
+            continue
+        members.setdefault(name, []).append((dataset, properties))
+    sets = []
+    for name, found in members.items():
+        main = found[-1][1]
+        for dataset, properties in found:
+            if dataset == properties.get("pgdata_dataset"):
+                main = properties
+        present = [dataset for dataset, _ in found]
+        wanted = main.get("datasets", "").split()
+        complete = (set(wanted) <= set(present)
+                    and all(properties.get("stop_lsn") for _, properties in found))
+        sets.append(SnapshotSet(name, main, present, complete))
+    sets.sort(key=lambda s: (s.get("start_time", ""), s.name))
+    return sets
+
+
+def set_problems(snapshot_set):
+    """What keeps a set from being restored, as short phrases (empty: none)."""
+    problems = []
+    if not snapshot_set.complete:
+        missing = [d for d in snapshot_set.datasets if d not in snapshot_set.present]
+        problems.append("incomplete (%s)" % ("missing on " + " ".join(missing) if missing
+                                             else "pgzfs:stop_lsn not on every snapshot"))
+    for key in ("datasets", "pgdata_dataset", "pgdata_rel", "mode", "start_lsn", "stop_lsn",
+                "timeline", "stop_time", "pg_version"):
+        if not snapshot_set.get(key):
+            problems.append("pgzfs:%s is not set" % key)
+    if snapshot_set.get("mode") not in (None, "backup", "shutdown"):
+        problems.append("pgzfs:mode %r is neither backup nor shutdown" % snapshot_set.get("mode"))
+    if snapshot_set.get("pgdata_dataset") and \
+            snapshot_set.get("pgdata_dataset") not in snapshot_set.datasets:
+        problems.append("pgzfs:pgdata_dataset is not one of pgzfs:datasets")
+    for key in ("start_lsn", "stop_lsn"):
+        if snapshot_set.get(key) and not LSN_RE.match(snapshot_set.get(key)):
+            problems.append("pgzfs:%s %r is not X/X" % (key, snapshot_set.get(key)))
+    if snapshot_set.get("stop_time") and snapshot_set.stop_time is None:
+        problems.append("pgzfs:stop_time %r is not a UTC time" % snapshot_set.get("stop_time"))
+    if snapshot_set.get("timeline") and snapshot_set.timeline is None:
+        problems.append("pgzfs:timeline %r is not a number" % snapshot_set.get("timeline"))
+    try:
+        if snapshot_set.get("pg_version"):
+            parse_major(snapshot_set.get("pg_version"))
+    except ValueError as error:
+        problems.append(str(error))
+    return problems
+
+
+def label_problems(mode, start_lsn, backup_label):
+    """What is wrong with a set's backup_label bytes for its mode (empty: nothing)."""
+    if mode != "backup":
+        return []
+    if not backup_label.strip():
+        return ["taken in backup mode but pgzfs:backup_label is empty: without it recovery "
+                "would start at the wrong checkpoint"]
+    match = re.search(rb"^START WAL LOCATION: ([0-9A-Fa-f]+/[0-9A-Fa-f]+)", backup_label, re.M)
+    if not match:
+        return ["pgzfs:backup_label has no START WAL LOCATION line"]
+    try:
+        if start_lsn and parse_lsn(match.group(1).decode("ascii")) != parse_lsn(start_lsn):
+            return ["backup_label starts at %s but pgzfs:start_lsn is %s"
+                    % (match.group(1).decode("ascii"), start_lsn)]
+    except ValueError as error:
+        return [str(error)]
+    return []
+
+
+def choose_set(sets, target, set_name=None, timeline=None):
+    """The set that serves target: a Failure (exit 1) naming why none does.
+
+    --set wins if given (and must be complete and not stop after the target).
+    Otherwise the newest complete set whose stop point (pgzfs:stop_time, or
+    pgzfs:stop_lsn for an LSN target) is at or before the target; for
+    --immediate and --latest the newest; for an xid or a restore point name,
+    which the pool cannot place in time, the oldest. A numeric timeline keeps
+    only sets taken on that timeline or an earlier one.
+    """
+    if set_name:
+        named = [s for s in sets if s.name == set_name]
+        if not named:
+            raise Failure("no snapshot set named %s in the pool" % set_name, 1)
+        candidates = named
+    else:
+        candidates = [s for s in sets if s.complete]
+        if timeline not in (None, "latest", "current"):
+            candidates = [s for s in candidates if s.timeline is not None and s.timeline <= int(timeline)]
+        if not candidates:
+            raise Failure("no complete snapshot set in the pool%s"
+                          % ("" if timeline in (None, "latest", "current")
+                             else " on timeline %s or earlier" % timeline), 1)
+    if set_name and not candidates[0].complete:
+        raise Failure("set %s is %s" % (set_name, set_problems(candidates[0])[0]), 1)
+    if target.kind in ("time", "lsn"):
+        if target.kind == "time":
+            def stop(s):
+                return s.stop_time
+            show = iso_time
+        else:
+            def stop(s):
+                return s.stop_lsn
+            show = format_lsn
+        known = [s for s in candidates if stop(s) is not None]
+        fits = [s for s in known if stop(s) <= target.value]
+        if not fits:
+            if not known:
+                raise Failure("no set has a usable pgzfs:stop_%s" % target.kind, 1)
+            earliest = min(known, key=lambda s: (stop(s), s.name))
+            raise Failure("target %s is before the stop point of %s: the earliest possible "
+                          "target is %s (set %s)"
+                          % (str(target), "set " + set_name if set_name else "every set",
+                             show(stop(earliest)), earliest.name), 1)
+        return max(fits, key=lambda s: (stop(s), s.name))
+    if target.kind in ("xid", "name") and not set_name:
+        return candidates[0]
+    return candidates[-1]
+
+
+def clone_dataset(dataset, kind, set_name):
+    """DATASET_restore_SET or DATASET_drill_SET (DEVELOPERS.md)."""
+    return "%s_%s_%s" % (dataset, kind, set_name)
+
+
+def clone_mountpoint(root, clone):
+    """ROOT/<clone without its pool, '/' as '_'>: data02_restore_pgzfs_2026...Z."""
+    tail = clone.split("/", 1)[1] if "/" in clone else clone
+    return os.path.join(root, tail.replace("/", "_"))
+
+
+def work_dir_of(wal_root, kind, set_name):
+    """The restore's own directory off ZFS: pg_wal, socket and server log."""
+    return os.path.join(wal_root, "%s_%s" % (kind, set_name))
+
+
+def clone_kind(clone, set_name):
+    """'restore' or 'drill' from a clone's name and its pgzfs:clone_of, else None."""
+    for kind in CLONE_KINDS:
+        if clone.endswith("_%s_%s" % (kind, set_name)):
+            return kind
+    return None
+
+
+def map_path(path, mount_map):
+    """path moved from a source mountpoint to its clone's (longest match), or None."""
+    path = os.path.normpath(path)
+    best = None
+    for source, clone in mount_map.items():
+        source = os.path.normpath(source)
+        if path == source or path.startswith(source.rstrip("/") + "/"):
+            if best is None or len(source) > len(best[0]):
+                best = (source, clone)
+    if best is None:
+        return None
+    rest = path[len(best[0]):].lstrip("/")
+    return os.path.join(best[1], rest) if rest else best[1]
+
+
+def rewrite_tablespace_map(text, mount_map):
+    """tablespace_map text with each 'OID PATH' line's path moved into the clones.
+
+    A tablespace on no dataset of the set is a Failure: the restored copy would
+    write into the live standby's tablespace.
+    """
+    lines = []
+    for line in text.splitlines(True):
+        body = line.rstrip("\r\n")
+        if not body.strip():
+            lines.append(line)
+            continue
+        oid, space, path = body.partition(" ")
+        if not space or not oid.isdigit():
+            raise Failure("tablespace_map line %r is not 'OID PATH'" % body, 1)
+        moved = map_path(path, mount_map)
+        if moved is None:
+            raise Failure("tablespace %s at %s is on no dataset of the set: a restore would "
+                          "share it with the live standby" % (oid, path), 1)
+        lines.append("%s %s%s" % (oid, moved, line[len(body):]))
+    return "".join(lines)
+
+
+def quote_setting(value):
+    """A configuration file string literal: 'it''s'."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def restore_command_for(fetch_script, config_file):
+    """restore_command: pg_wal_fetch.py beside this script, with the same config."""
+    return "%s -c %s %%f %%p" % (shlex.quote(fetch_script), shlex.quote(config_file))
+
+
+def recovery_settings(major, target, action, restore_command, timeline=None, inclusive=True):
+    """[(name, literal)] of the recovery, whichever file they go to.
+
+    recovery_target_action exists from 9.5 on and replaced
+    pause_at_recovery_target; 'pause' pauses only with hot_standby = on (else
+    it acts as 'shutdown'), which server_settings always sets. --latest has no
+    target: recovery runs to the end of the archive and the server opens.
+    """
+    pairs = [("restore_command", quote_setting(restore_command))]
+    if target.kind == "time":
+        pairs.append(("recovery_target_time", quote_setting(pg_time(target.value))))
+    elif target.kind == "lsn":
+        if major < (10, 0):
+            raise Failure("--target-lsn needs PostgreSQL 10 or later; this set is %s"
+                          % major_text(major), 2)
+        pairs.append(("recovery_target_lsn", quote_setting(format_lsn(target.value))))
+    elif target.kind == "xid":
+        pairs.append(("recovery_target_xid", quote_setting(target.value)))
+    elif target.kind == "name":
+        pairs.append(("recovery_target_name", quote_setting(target.value)))
+    elif target.kind == "immediate":
+        pairs.append(("recovery_target", quote_setting("immediate")))
+    if not inclusive:
+        if target.kind not in ("time", "lsn", "xid"):
+            raise Failure("--exclusive applies to --target-time, --target-lsn and --target-xid", 2)
+        pairs.append(("recovery_target_inclusive", "off"))
+    # 12+ defaults to 'latest', 9.6-11 to 'current': say it, so that a restore
+    # follows a failover of production on every version alike.
+    pairs.append(("recovery_target_timeline", quote_setting(timeline or "latest")))
+    if target.kind != "latest":
+        pairs.append(("recovery_target_action", quote_setting(action)))
+    return pairs
+
+
+def server_settings(port, socket_dir):
+    """[(name, literal)] every restored copy gets, on every version."""
+    return [("port", str(port)),
+            ("archive_mode", "off"),
+            ("hot_standby", "on"),
+            ("unix_socket_directories", quote_setting(socket_dir)),
+            ("logging_collector", "off")]
+
+
+def render_settings(pairs, header):
+    """Configuration file lines for pairs, after a comment line."""
+    return "".join(["# %s\n" % header] + ["%s = %s\n" % pair for pair in pairs])
+
+
+def recovery_files(major, recovery_pairs, server_pairs, header):
+    """[(file in PGDATA, 'append' or 'write', text)] that make the clone a recovery.
+
+    12+: recovery.signal and every setting appended to postgresql.auto.conf;
+    9.6-11: recovery.conf (no standby_mode: recovery ends at the target) and the
+    server settings in postgresql.auto.conf.
+    """
+    if major >= (12, 0):
+        return [("postgresql.auto.conf", "append", render_settings(server_pairs + recovery_pairs, header)),
+                ("recovery.signal", "write", "")]
+    return [("postgresql.auto.conf", "append", render_settings(server_pairs, header)),
+            ("recovery.conf", "write", render_settings(recovery_pairs, header))]
+
+
+SETTING_LINE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(?:=|\s|$)")
+
+
+def comment_out_settings(text, names):
+    """(text with every line that sets one of names commented out, names found)."""
+    wanted = set(name.lower() for name in names)
+    lines, found = [], []
+    for line in text.splitlines(True):
+        match = SETTING_LINE_RE.match(line)
+        if match and match.group(1).lower() in wanted:
+            lines.append(COMMENT_MARK + line)
+            found.append(match.group(1).lower())
+        else:
+            lines.append(line)
+    return "".join(lines), found
+
+
+def used_ports(tcp_tables, unix_table):
+    """Ports in use: TCP listeners (/proc/net/tcp, tcp6) and PostgreSQL unix sockets."""
+    ports = set()
+    for table in tcp_tables:
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    for line in unix_table.splitlines()[1:]:
+        match = re.search(r"/\.s\.PGSQL\.(\d+)$", line.strip())
+        if match:
+            ports.add(int(match.group(1)))
+    return ports
+
+
+def choose_port(start, used, span=PORT_SPAN):
+    """The first port from start on that nobody uses."""
+    for port in range(start, min(start + span, 65536)):
+        if port not in used:
+            return port
+    raise Failure("no free port in %d-%d" % (start, min(start + span, 65536) - 1), 1)
+
+
+def mount_of(path, mounts_table):
+    """(source, fstype, mountpoint) of the mount that holds path, from /proc/mounts text."""
+    path = os.path.normpath(path)
+    best = ("", "", "")
+    for line in mounts_table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[2]):
+            best = (fields[0], fields[2], point)
+    return best
+
+
+def log_message(line):
+    """The message of a server log line, without the log_line_prefix."""
+    for level in ("LOG:", "FATAL:", "PANIC:", "ERROR:", "WARNING:", "DETAIL:", "HINT:"):
+        index = line.find(level)
+        if index >= 0:
+            return line[index:].strip()
+    return line.strip()
+
+
+def read_recovery_log(text):
+    """What the server log says about the recovery (English messages), as a dict.
+
+    stopping: the 'recovery stopping ...' message (the target was found);
+    redo_lsn: the LSN of 'redo done at'; last_xact: 'last completed transaction
+    was at log time ...'; ended_early: 13+ said the archive ended before the
+    target; shutdown: 'shutdown at recovery target'; fatal: the last FATAL/PANIC.
+    """
+    events = {"stopping": None, "redo_lsn": None, "last_xact": None, "ended_early": False,
+              "shutdown": False, "fatal": None, "paused": False}
+    for line in text.splitlines():
+        if "recovery stopping" in line:
+            events["stopping"] = log_message(line)
+        elif "redo done at" in line:
+            match = LOG_LSN_RE.search(line.split("redo done at", 1)[1])
+            events["redo_lsn"] = match.group(1) if match else None
+        elif "last completed transaction was at log time" in line:
+            events["last_xact"] = line.split("log time", 1)[1].strip()
+        elif "recovery ended before configured recovery target was reached" in line:
+            events["ended_early"] = True
+        elif "shutdown at recovery target" in line:
+            events["shutdown"] = True
+        elif "pausing at the end of recovery" in line or "recovery has paused" in line:
+            events["paused"] = True
+        if "FATAL:" in line or "PANIC:" in line:
+            events["fatal"] = log_message(line)
+    return events
+
+
+def status_sql(major):
+    """One row: in recovery | paused | last replayed LSN | last replayed commit time."""
+    if major >= (14, 0):
+        paused = "pg_get_wal_replay_pause_state()"
+    elif major >= (10, 0):
+        paused = "pg_is_wal_replay_paused()::text"
+    else:
+        paused = "pg_is_xlog_replay_paused()::text"
+    lsn = "pg_last_wal_replay_lsn()" if major >= (10, 0) else "pg_last_xlog_replay_location()"
+    # The pause functions raise an error outside recovery, hence the CASE.
+    return ("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN %s "
+            "ELSE 'not paused' END, %s, pg_last_xact_replay_timestamp()" % (paused, lsn))
+
+
+def parse_status(line):
+    """(in_recovery, paused, lsn, last transaction time) from status_sql's row."""
+    fields = (line.strip().split("|") + ["", "", "", ""])[:4]
+    return fields[0] == "t", fields[1] in ("paused", "true"), fields[2], fields[3]
+
+
+def recovery_outcome(target_kind, status, events):
+    """Where a recovery stands: waiting, paused, promoted, shut down, ended early, failed.
+
+    status is parse_status's tuple, or None when the server no longer runs.
+    A server out of recovery without a 'recovery stopping' line did not find
+    its target: before 13 PostgreSQL opens at the end of the archive silently.
+    """
+    if events["ended_early"]:
+        return "ended early"
+    if status is None:
+        return "shut down" if events["shutdown"] else "failed"
+    in_recovery, paused = status[0], status[1]
+    if in_recovery:
+        return "paused" if paused and events["stopping"] else "waiting"
+    if target_kind == "latest" or events["stopping"]:
+        return "promoted"
+    return "ended early"
+
+
+def format_timings(timings):
+    """'clone 0.12s, start 1.40s; total 1.52s'."""
+    parts = ["%s %.2fs" % (name, seconds) for name, seconds in timings]
+    return "%s; total %.2fs" % (", ".join(parts) or "no step", sum(s for _, s in timings))
+
+
+def later_snapshots(rows, snapshot):
+    """Snapshots of snapshot's dataset taken after it (rows: (name, createtxg) in order)."""
+    dataset = snapshot.split("@", 1)[0]
+    own = [(txg, name) for name, txg in rows if name.split("@", 1)[0] == dataset]
+    txgs = [txg for txg, name in own if name == snapshot]
+    if not txgs:
+        raise Failure("snapshot %s does not exist" % snapshot, 1)
+    return [name for txg, name in sorted(own) if txg > txgs[0]]
+
+
+def set_summary(snapshot_set, clones):
+    """The dict `list --json` prints for a set (no base64 files)."""
+    summary = dict((key, snapshot_set.get(key)) for key in LIST_KEYS if key != "set")
+    summary.update({"name": snapshot_set.name, "complete": snapshot_set.complete,
+                    "problems": set_problems(snapshot_set),
+                    "earliest_target": snapshot_set.get("stop_time"),
+                    "clones": sorted(clones)})
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Adapters: zfs, PostgreSQL (pg_ctl, psql), files. Each outside call is here.
+# ---------------------------------------------------------------------------
+
+class Zfs(object):
+    """The zfs commands pg_zfs_restore needs (zfs-fuse: no -p, one name per call)."""
+
+    def __init__(self, program="zfs"):
+        self.program = shutil.which(program) or "/sbin/zfs"
+
+    def _run(self, *args, **kwargs):
+        return run([self.program] + list(args), timeout=ZFS_TIMEOUT, **kwargs)
+
+    def snapshot_rows(self, pools):
+        """(dataset, snapshot name, {key: value}) of every snapshot under pools."""
+        columns = ["name"] + [P + key for key in LIST_KEYS]
+        _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", ",".join(columns), "-r", *pools)
+        rows = []
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if len(fields) != len(columns) or "@" not in fields[0]:
+                continue
+            dataset, _, name = fields[0].partition("@")
+            properties = dict((key, value) for key, value in zip(LIST_KEYS, fields[1:]) if value != "-")
+            rows.append((dataset, name, properties))
+        return rows
+
+    def file_property(self, snapshot, key):
+        """The bytes a base64 property holds (b'' when unset or empty)."""
+        _, out, _ = self._run("get", "-H", "-o", "value", P + key, snapshot)
+        text = "".join(out.split())
+        if text in ("", "-"):
+            return b""
+        try:
+            return base64.b64decode(text.encode("ascii"), validate=True)
+        except (ValueError, TypeError):
+            raise Failure("%s: %s%s is not base64" % (snapshot, P, key), 1)
+
+    def filesystems(self, pools):
+        """[{name, origin, clone_of, mountpoint}] of every file system under pools."""
+        _, out, _ = self._run("list", "-H", "-t", "filesystem", "-o",
+                              "name,origin,%s,mountpoint" % CLONE_OF, "-r", *pools)
+        result = []
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if len(fields) == 4:
+                result.append(dict(zip(("name", "origin", "clone_of", "mountpoint"),
+                                       [None if f == "-" else f for f in fields])))
+        return result
+
+    def mountpoints(self, datasets):
+        """{dataset: mountpoint}."""
+        _, out, _ = self._run("get", "-H", "-o", "name,value", "mountpoint", *datasets)
+        return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+    def snapshots_in_order(self, dataset):
+        """[(snapshot, createtxg)] of dataset, oldest first."""
+        _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", "name,createtxg",
+                              "-s", "createtxg", "-r", dataset)
+        rows = []
+        for line in out.splitlines():
+            name, _, txg = line.partition("\t")
+            if txg.strip().isdigit():
+                rows.append((name, int(txg)))
+        return rows
+
+    def clone(self, snapshot, clone, mountpoint, set_name):
+        self._run("clone", "-o", "mountpoint=" + mountpoint, "-o", "%s=%s" % (CLONE_OF, set_name),
+                  snapshot, clone)
+
+    def destroy(self, dataset):
+        """Destroy a clone, retrying while it is busy (right after pg_ctl stop)."""
+        for attempt in range(BUSY_RETRIES):
+            code, _, err = self._run("destroy", dataset, check=False)
+            if code == 0:
+                return
+            if "does not exist" in err:
+                return
+            if "busy" not in err or attempt == BUSY_RETRIES - 1:
+                raise Failure("zfs destroy %s: %s" % (dataset, err.strip()), 1)
+            time.sleep(BUSY_SLEEP)
+
+    def rollback(self, snapshot):
+        self._run("rollback", "-r", snapshot)
+
+
+def find_bindir(configured, major):
+    """The directory of pg_ctl for this major version: [postgres] bindir, else the usual places."""
+    if configured:
+        if not os.access(os.path.join(configured, "pg_ctl"), os.X_OK):
+            raise Failure("pg_ctl not found in [postgres] bindir %s" % configured, 2)
+        return configured
+    text = major_text(major)
+    for place in ("/usr/lib/postgresql/%s/bin" % text, "/usr/pgsql-%s/bin" % text):
+        if os.access(os.path.join(place, "pg_ctl"), os.X_OK):
+            return place
+    for place in os.environ.get("PATH", "").split(os.pathsep):
+        program = os.path.join(place, "pg_ctl")
+        if place and os.access(program, os.X_OK):
+            _, out, _ = run([program, "--version"], timeout=30, check=False)
+            found = re.search(r"\) (\d+)(?:\.(\d+))?", out)
+            if found and parse_major(found.group(1) + "." + (found.group(2) or "0")) == major:
+                return place
+    raise Failure("no pg_ctl of PostgreSQL %s found: set [postgres] bindir" % text, 2)
+
+
+class Server(object):
+    """A PostgreSQL server on a clone, driven as its OS user through runuser."""
+
+    def __init__(self, bindir, user, pgdata, socket_dir=None, port=None, dbname="postgres",
+                 log_file=None):
+        self.bindir = bindir
+        self.user = user
+        self.pgdata = pgdata
+        self.socket_dir = socket_dir
+        self.port = port
+        self.dbname = dbname
+        self.log_file = log_file
+
+    def _as_user(self, program, *args):
+        argv = [os.path.join(self.bindir, program)] + list(args)
+        if pwd.getpwuid(os.geteuid()).pw_name != self.user:
+            argv = ["runuser", "-u", self.user, "--"] + argv
+        return argv
+
+    def start(self, timeout):
+        """pg_ctl start -w; (exit code, last stderr line). A failure is judged by the caller."""
+        code, out, err = run(self._as_user("pg_ctl", "start", "-w", "-t", str(timeout), "-D", self.pgdata,
+                                           "-l", self.log_file), timeout=timeout + 30, check=False)
+        return code, (err.strip().splitlines() or out.strip().splitlines() or [""])[-1]
+
+    def running(self):
+        code, _, _ = run(self._as_user("pg_ctl", "status", "-D", self.pgdata), timeout=30, check=False)
+        return code == 0
+
+    def stop(self):
+        """Stop fast, else immediate; no error if it is not running."""
+        if not self.running():
+            return
+        code, _, err = run(self._as_user("pg_ctl", "stop", "-w", "-m", "fast", "-t", str(STOP_TIMEOUT),
+                                         "-D", self.pgdata), timeout=STOP_TIMEOUT + 30, check=False)
+        if code != 0 and self.running():
+            log.warning("pg_ctl stop -m fast: %s; stopping with -m immediate", err.strip())
+            run(self._as_user("pg_ctl", "stop", "-w", "-m", "immediate", "-D", self.pgdata),
+                timeout=STOP_TIMEOUT, check=False)
+
+    def _psql(self, sql, check):
+        conninfo = "dbname=%s connect_timeout=5" % self.dbname
+        return run(self._as_user("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                                 "-h", self.socket_dir, "-p", str(self.port), "-d", conninfo,
+                                 "-c", sql), timeout=PSQL_TIMEOUT, check=check)
+
+    def status(self, major):
+        """parse_status of the recovery status row, or None if it does not answer yet."""
+        try:
+            code, out, _ = self._psql(status_sql(major), check=False)
+        except Failure:
+            return None
+        return parse_status(out) if code == 0 and out.strip() else None
+
+    def execute(self, sql):
+        """Run SQL; a Failure with the server's error if it fails."""
+        code, out, err = self._psql(sql, check=False)
+        if code != 0:
+            raise Failure("query %r failed: %s" % (sql[:60], (err.strip().splitlines() or ["?"])[-1]), 1)
+        return out.strip()
+
+    def amcheck(self):
+        program = os.path.join(self.bindir, "pg_amcheck")
+        if not os.access(program, os.X_OK):
+            raise Failure("pg_amcheck is not in %s (it comes with PostgreSQL 14+)" % self.bindir, 1)
+        code, out, err = run(self._as_user("pg_amcheck", "-h", self.socket_dir, "-p", str(self.port),
+                                           "--all", "--install-missing"), timeout=3600, check=False)
+        if code != 0:
+            lines = (out + err).strip().splitlines() or ["exit code %d" % code]
+            raise Failure("pg_amcheck found problems: %s" % lines[0], 1)
+
+    def control_value(self, key):
+        """One line of pg_controldata (empty when unavailable)."""
+        code, out, _ = run(self._as_user("pg_controldata", "-D", self.pgdata), timeout=30, check=False)
+        for line in out.splitlines():
+            if line.startswith(key + ":"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+
+def owner_of(user):
+    """(uid, gid) of the PostgreSQL OS user."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise Failure("[postgres] user %s does not exist" % user, 2)
+    return entry.pw_uid, entry.pw_gid
+
+
+def write_file(path, data, mode, owner):
+    """Write bytes to path: temp file in the same directory, fsync, chown, rename."""
+    temp = "%s.pg_zfs_restore.%d" % (path, os.getpid())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, mode)
+        os.chown(temp, owner[0], owner[1])
+        os.rename(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def read_bytes(path):
+    with open(path, "rb") as source:
+        return source.read()
+
+
+def read_text_file(path):
+    """A file's text, or '' if it is not there."""
+    try:
+        with open(path, errors="replace") as source:
+            return source.read()
+    except (OSError, IOError):
+        return ""
+
+
+def make_dir(path, mode, owner=None):
+    os.makedirs(path, mode)
+    os.chmod(path, mode)
+    if owner:
+        os.chown(path, owner[0], owner[1])
+
+
+def postmaster_pid(pgdata):
+    """The pid in PGDATA/postmaster.pid if that process lives, else None."""
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid")) as pidfile:
+            pid = int(pidfile.readline().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, IOError, ValueError):
+        return None
+
+
+def live_postmasters(roots, depth=3):
+    """[(pgdata, pid)] of running servers whose PGDATA is at most depth levels under roots."""
+    found = []
+    for root in roots:
+        for path, dirs, files in os.walk(root):
+            if path[len(root):].count(os.sep) >= depth:
+                dirs[:] = []
+            if "postmaster.pid" in files:
+                pid = postmaster_pid(path)
+                if pid:
+                    found.append((path, pid))
+                dirs[:] = []
+    return found
+
+
+def system_ports():
+    tables = [read_text_file(path) for path in ("/proc/net/tcp", "/proc/net/tcp6")]
+    return used_ports(tables, read_text_file("/proc/net/unix"))
+
+
+def pools_of(config):
+    """The pools of [snapshot] datasets (zfs only)."""
+    if config.str("snapshot", "backend", "zfs") != "zfs":
+        raise config.error("snapshot", "backend", "pg_zfs_restore supports zfs only")
+    datasets = config.list("snapshot", "datasets")
+    if not datasets:
+        raise config.error("snapshot", "datasets", "is empty")
+    return sorted(set(dataset.split("/")[0] for dataset in datasets))
+
+
+def restore_options(config):
+    """The [restore] keys, checked."""
+    options = {}
+    for key, default in (("mount_root", DEFAULT_MOUNT_ROOT), ("wal_root", DEFAULT_WAL_ROOT)):
+        options[key] = config.str("restore", key, default)
+        if not os.path.isabs(options[key]):
+            raise config.error("restore", key, "%r is not an absolute path" % options[key])
+    options["port_start"] = config.int("restore", "port_start",
+                                       config.int("postgres", "port", 5432, minimum=1) + 1, minimum=1)
+    options["timeout"] = config.int("restore", "timeout", DEFAULT_TIMEOUT, minimum=1)
+    return options
+
+
+# ---------------------------------------------------------------------------
+# The restore, step by step
+# ---------------------------------------------------------------------------
+
+class Plan(object):
+    """Everything a restore will do, decided before anything changes."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
+              timeline=None, inclusive=True):
+    """Check the set and work out names, paths, files and settings of the restore."""
+    problems = set_problems(snapshot_set)
+    if problems:
+        raise Failure("set %s cannot be restored: %s" % (snapshot_set.name, "; ".join(problems)), 1)
+    major = parse_major(snapshot_set.get("pg_version"))
+    pgdata_dataset = snapshot_set.get("pgdata_dataset")
+    backup_label = zfs.file_property(snapshot_set.snapshot(pgdata_dataset), "backup_label")
+    tablespace_map = zfs.file_property(snapshot_set.snapshot(pgdata_dataset), "tablespace_map")
+    problems = label_problems(snapshot_set.get("mode"), snapshot_set.get("start_lsn"), backup_label)
+    if problems:
+        raise Failure("set %s is broken: %s" % (snapshot_set.name, "; ".join(problems)), 1)
+    options = restore_options(config)
+    work_dir = work_dir_of(options["wal_root"], kind, snapshot_set.name)
+    source_mounts = zfs.mountpoints(snapshot_set.datasets)
+    clones, mount_map = [], {}
+    for dataset in snapshot_set.datasets:
+        clone = clone_dataset(dataset, kind, snapshot_set.name)
+        mountpoint = clone_mountpoint(mount_root, clone)
+        clones.append((snapshot_set.snapshot(dataset), clone, mountpoint))
+        if source_mounts.get(dataset, "").startswith("/"):
+            mount_map[source_mounts[dataset]] = mountpoint
+    pgdata_clone = [m for s, c, m in clones if s.split("@")[0] == pgdata_dataset][0]
+    pgdata = os.path.normpath(os.path.join(pgdata_clone, snapshot_set.get("pgdata_rel")))
+    fetch_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pg_wal_fetch.py")
+    command = restore_command_for(fetch_script, os.path.abspath(config.path))
+    header = "pg_zfs_restore %s: %s of set %s to %s" % (VERSION, kind, snapshot_set.name, target)
+    files = recovery_files(major, recovery_settings(major, target, action, command, timeline, inclusive),
+                           server_settings(port, work_dir), header)
+    return Plan(kind=kind, snapshot_set=snapshot_set, major=major, target=target, action=action,
+                clones=clones, mount_map=mount_map, pgdata=pgdata, work_dir=work_dir,
+                wal_root=options["wal_root"], wal_dir=os.path.join(work_dir, "pg_wal"),
+                log_file=os.path.join(work_dir, "server.log"), port=port,
+                timeout=options["timeout"], backup_label=backup_label,
+                tablespace_map=tablespace_map, files=files, fetch_script=fetch_script)
+
+
+def check_plan(plan, zfs, pools):
+    """Refuse what would collide: existing clones, mountpoints, work directory, WAL on ZFS."""
+    existing = set(fs["name"] for fs in zfs.filesystems(pools))
+    taken = [clone for _, clone, _ in plan.clones if clone in existing]
+    if taken:
+        raise Failure("%s exists already: remove it with `%s cleanup %s`"
+                      % (taken[0], PROG + ".py", plan.snapshot_set.name), 1)
+    for _, _, mountpoint in plan.clones:
+        if os.path.isdir(mountpoint) and os.listdir(mountpoint):
+            raise Failure("mountpoint %s exists and is not empty" % mountpoint, 1)
+    if os.path.lexists(plan.work_dir):
+        raise Failure("%s exists already (an earlier restore?): `%s cleanup %s`"
+                      % (plan.work_dir, PROG + ".py", plan.snapshot_set.name), 1)
+    existing_root = plan.wal_root
+    while not os.path.exists(existing_root):
+        existing_root = os.path.dirname(existing_root)
+    source, fstype, point = mount_of(os.path.realpath(existing_root), read_text_file("/proc/mounts"))
+    if fstype == "zfs" or source in existing:
+        raise Failure("[restore] wal_root %s is on ZFS (%s): the restored copy's WAL must not be"
+                      % (plan.wal_root, source), 2)
+    if not os.path.exists(plan.fetch_script):
+        raise Failure("%s is missing: the restored copy needs it as restore_command" % plan.fetch_script, 2)
+
+
+class Restorer(object):
+    """Carries out a Plan, one timed step at a time, and can undo what it made."""
+
+    def __init__(self, plan, zfs, server, owner, dry_run=False):
+        self.plan = plan
+        self.zfs = zfs
+        self.server = server
+        self.owner = owner
+        self.dry_run = dry_run
+        self.timings = []
+        self.made_clones = []
+        self.made_work_dir = False
+        self.started = False
+
+    @contextlib.contextmanager
+    def step(self, name):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings.append((name, time.monotonic() - started))
+
+    def act(self, description, func, *args):
+        """Do func(*args), or only print what it would do under --dry-run."""
+        if self.dry_run:
+            print("dry-run: " + description)
+            return None
+        log.debug("%s", description)
+        return func(*args)
+
+    def clone(self):
+        plan = self.plan
+        for snapshot, clone, mountpoint in plan.clones:
+            parent = os.path.dirname(mountpoint)
+            if not os.path.isdir(parent):
+                self.act("mkdir -m 0755 %s" % parent, make_dir, parent, 0o755)
+            self.act("zfs clone -o mountpoint=%s -o %s=%s %s %s"
+                     % (mountpoint, CLONE_OF, plan.snapshot_set.name, snapshot, clone),
+                     self._clone, snapshot, clone, mountpoint)
+        log.info("cloned %d dataset(s) of set %s under %s", len(plan.clones), plan.snapshot_set.name,
+                 os.path.dirname(plan.clones[0][2]))
+
+    def _clone(self, snapshot, clone, mountpoint):
+        self.zfs.clone(snapshot, clone, mountpoint, self.plan.snapshot_set.name)
+        self.made_clones.append(clone)
+
+    def prepare(self):
+        """Make the cloned PGDATA a recovery of its own (see the module docstring)."""
+        plan, pgdata = self.plan, self.plan.pgdata
+        if not self.dry_run and not os.path.isfile(os.path.join(pgdata, "PG_VERSION")):
+            raise Failure("no PG_VERSION in %s: is pgzfs:pgdata_rel right?" % pgdata, 1)
+        if not self.dry_run:
+            found = parse_major(read_text_file(os.path.join(pgdata, "PG_VERSION")))
+            if found != plan.major:
+                raise Failure("%s/PG_VERSION says %s, the set says %s"
+                              % (pgdata, major_text(found), major_text(plan.major)), 1)
+        self.act("remove %s from %s where present" % (", ".join(STALE_FILES), pgdata),
+                 self._remove_stale_files)
+        self.act("mkdir %s (owner %s, 0700) for the server's WAL, socket and log"
+                 % (plan.work_dir, self.server.user), self._make_work_dir)
+        self.act("replace %s/pg_wal (a link to the live standby's WAL) by a link to %s"
+                 % (pgdata, plan.wal_dir), self._replace_pg_wal)
+        self.act("point every link in %s/pg_tblspc into the clones (%s)" % (pgdata, ", ".join(
+            "%s -> %s" % pair for pair in sorted(plan.mount_map.items()))), self._repoint_tablespaces)
+        if plan.backup_label:
+            self.act("write %s/backup_label (%d bytes, 0600, %s)"
+                     % (pgdata, len(plan.backup_label), self.server.user),
+                     write_file, os.path.join(pgdata, "backup_label"), plan.backup_label, 0o600, self.owner)
+        if plan.tablespace_map.strip():
+            moved = rewrite_tablespace_map(plan.tablespace_map.decode("utf-8", "surrogateescape"),
+                                           plan.mount_map).encode("utf-8", "surrogateescape")
+            self.act("write %s/tablespace_map (0600, %s):\n%s"
+                     % (pgdata, self.server.user, moved.decode("utf-8", "replace").rstrip()),
+                     write_file, os.path.join(pgdata, "tablespace_map"), moved, 0o600, self.owner)
+        for name in ("postgresql.conf", "postgresql.auto.conf"):
+            self.act("comment out inherited %s in %s/%s" % (", ".join(INHERITED_SETTINGS), pgdata, name),
+                     self._comment_out, os.path.join(pgdata, name))
+        for name, how, text in plan.files:
+            self.act("%s %s/%s:\n%s" % (how, pgdata, name, text.rstrip() or "(empty)"),
+                     self._write_setting_file, os.path.join(pgdata, name), how, text)
+        log.info("prepared %s: recovery to %s, then %s, on port %d", pgdata, plan.target,
+                 "open" if plan.target.kind == "latest" else plan.action, plan.port)
+
+    def _remove_stale_files(self):
+        for name in STALE_FILES:
+            path = os.path.join(self.plan.pgdata, name)
+            if os.path.lexists(path):
+                os.unlink(path)
+                log.debug("removed %s", path)
+
+    def _make_work_dir(self):
+        if not os.path.isdir(self.plan.wal_root):
+            make_dir(self.plan.wal_root, 0o755)
+        make_dir(self.plan.work_dir, 0o700, self.owner)
+        self.made_work_dir = True
+        make_dir(self.plan.wal_dir, 0o700, self.owner)
+        for sub in ("archive_status",) + (("summaries",) if self.plan.major >= (17, 0) else ()):
+            make_dir(os.path.join(self.plan.wal_dir, sub), 0o700, self.owner)
+
+    def _replace_pg_wal(self):
+        link = os.path.join(self.plan.pgdata, "pg_wal" if self.plan.major >= (10, 0) else "pg_xlog")
+        if os.path.isdir(link) and not os.path.islink(link):
+            # WAL inside PGDATA is part of the snapshot: consistent, and the clone's own.
+            log.info("%s is a directory on the clone, not a link: kept", link)
+            return
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(self.plan.wal_dir, link)
+        os.lchown(link, self.owner[0], self.owner[1])
+
+    def _repoint_tablespaces(self):
+        directory = os.path.join(self.plan.pgdata, "pg_tblspc")
+        if not os.path.isdir(directory):
+            return
+        for oid in sorted(os.listdir(directory)):
+            link = os.path.join(directory, oid)
+            if not os.path.islink(link):
+                continue
+            current = os.readlink(link)
+            moved = map_path(current, self.plan.mount_map)
+            if moved is None:
+                raise Failure("tablespace %s at %s is on no dataset of the set: a restore would share "
+                              "it with the live standby" % (oid, current), 1)
+            temp = link + ".pg_zfs_restore"
+            os.symlink(moved, temp)
+            os.lchown(temp, self.owner[0], self.owner[1])
+            os.rename(temp, link)
+            log.debug("pg_tblspc/%s: %s -> %s", oid, current, moved)
+
+    def _comment_out(self, path):
+        if not os.path.exists(path):
+            return
+        stat = os.stat(path)
+        text, found = comment_out_settings(read_bytes(path).decode("utf-8", "surrogateescape"),
+                                           INHERITED_SETTINGS)
+        if found:
+            write_file(path, text.encode("utf-8", "surrogateescape"), stat.st_mode & 0o777,
+                       (stat.st_uid, stat.st_gid))
+            log.debug("%s: commented out %s", path, ", ".join(found))
+
+    def _write_setting_file(self, path, how, text):
+        data = text.encode("utf-8")
+        if how == "append" and os.path.exists(path):
+            old = read_bytes(path)
+            data = old + (b"" if old.endswith(b"\n") or not old else b"\n") + data
+        write_file(path, data, 0o600, self.owner)
+
+    def start(self):
+        plan = self.plan
+        self.started = True
+        code, message = self.act("pg_ctl start -w -t %d -D %s -l %s as %s"
+                                 % (plan.timeout, plan.pgdata, plan.log_file, self.server.user),
+                                 self.server.start, plan.timeout) or (0, "")
+        if code != 0:
+            # With --action shutdown, or when the archive ends early, the server
+            # may be gone before pg_ctl sees it ready: wait_for_target judges.
+            log.info("pg_ctl start exited %d: %s", code, message)
+
+    def wait_for_target(self):
+        """Poll until the target is reached; the outcome dict, or a Failure saying where it stopped."""
+        plan = self.plan
+        if self.dry_run:
+            self.act("wait up to %d s until the server is %s at %s" % (
+                plan.timeout, "open" if plan.target.kind == "latest" else plan.action, plan.target),
+                lambda: None)
+            return None
+        deadline = time.monotonic() + plan.timeout
+        status = None
+        while True:
+            events = read_recovery_log(read_text_file(plan.log_file))
+            running = self.server.running()
+            status = self.server.status(plan.major) if running else None
+            if running and status is None:
+                outcome = "waiting"   # up, but not answering yet
+            else:
+                outcome = recovery_outcome(plan.target.kind, status, events)
+            if outcome in ("paused", "promoted", "shut down"):
+                return self._report(outcome, status, events)
+            if outcome == "ended early":
+                lsn = (status[2] if status else "") or events["redo_lsn"] or "?"
+                raise Failure("the archive ended before the target %s was reached: replay stopped at "
+                              "LSN %s (last transaction %s)%s"
+                              % (plan.target, lsn, (status[3] if status else "") or events["last_xact"] or "?",
+                                 "; the copy opened there anyway (PostgreSQL %s)" % major_text(plan.major)
+                                 if status else ""), 1)
+            if outcome == "failed":
+                raise Failure("the restored server stopped before the target: %s (log %s)"
+                              % (events["fatal"] or "no FATAL line", plan.log_file), 1)
+            if time.monotonic() > deadline:
+                raise Failure("target %s not reached within %d s: replay at LSN %s ([restore] timeout)"
+                              % (plan.target, plan.timeout, status[2] if status else "?"), 1)
+            time.sleep(POLL_INTERVAL)
+
+    def _report(self, outcome, status, events):
+        if status is not None:
+            lsn, last = status[2], status[3]
+        else:
+            lsn = self.server.control_value("Minimum recovery ending location") or events["redo_lsn"]
+            last = events["last_xact"]
+        return {"outcome": outcome, "lsn": lsn or "?", "last_transaction": last or "?",
+                "stopping": events["stopping"]}
+
+    def stop(self):
+        if self.started and not self.dry_run:
+            self.server.stop()
+        elif self.dry_run:
+            self.act("pg_ctl stop -m fast -D %s" % self.plan.pgdata, lambda: None)
+
+    def destroy(self):
+        """Destroy the clones made and the work directory; log what could not go."""
+        ok = True
+        for clone in reversed(list(self.made_clones)):
+            try:
+                self.zfs.destroy(clone)
+                self.made_clones.remove(clone)
+            except Failure as failure:
+                log.error("%s", failure)
+                ok = False
+        if self.dry_run:
+            for _, clone, _ in reversed(self.plan.clones):
+                self.act("zfs destroy %s" % clone, lambda: None)
+            self.act("rm -r %s" % self.plan.work_dir, lambda: None)
+        elif self.made_work_dir:
+            shutil.rmtree(self.plan.work_dir, ignore_errors=True)
+        return ok
+
+    def undo(self, keep):
+        """After a failure: stop, destroy, remove; or say what was kept."""
+        if keep:
+            log.error("kept for inspection (--keep-on-failure): clones %s, server log %s; remove with "
+                      "`%s.py cleanup %s`", " ".join(self.made_clones) or "none", self.plan.log_file,
+                      PROG, self.plan.snapshot_set.name)
+            return
+        with contextlib.suppress(Failure):
+            self.stop()
+        self.destroy()
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+def load_sets(zfs, pools):
+    return group_sets(zfs.snapshot_rows(pools))
+
+
+def clones_by_set(filesystems):
+    """{set name: [clone names]} from the clones' origin snapshots."""
+    result = {}
+    for fs in filesystems:
+        if fs["origin"] and "@" in fs["origin"]:
+            result.setdefault(fs["origin"].split("@", 1)[1], []).append(fs["name"])
+    return result
+
+
+def cmd_list(config, args):
+    pools = pools_of(config)
+    zfs = Zfs()
+    sets = load_sets(zfs, pools)
+    clones = clones_by_set(zfs.filesystems(pools))
+    summaries = [set_summary(s, clones.get(s.name, [])) for s in sets]
+    if args.json:
+        print(json.dumps(summaries, indent=2, sort_keys=True))
+        return 0
+    print("%-32s %-8s %-21s %-12s %-3s %-4s %-8s %s" % ("SET", "MODE", "EARLIEST TARGET", "STOP LSN",
+                                                        "TL", "PG", "COMPLETE", "CLONES"))
+    for summary in summaries:
+        print("%-32s %-8s %-21s %-12s %-3s %-4s %-8s %s" % (
+            summary["name"], summary["mode"] or "-", summary["earliest_target"] or "-",
+            summary["stop_lsn"] or "-", summary["timeline"] or "-", summary["pg_version"] or "-",
+            "yes" if summary["complete"] and not summary["problems"] else "NO",
+            " ".join(summary["clones"]) or "-"))
+    return 0
+
+
+def target_of(args):
+    """The Target of the restore options (argparse makes sure there is exactly one)."""
+    for kind in ("time", "lsn", "xid", "name"):
+        text = getattr(args, "target_" + kind)
+        if text is not None:
+            try:
+                return parse_target(kind, text)
+            except ValueError as error:
+                raise Failure("--target-%s %s" % (kind, error), 2)
+    return Target("immediate" if args.immediate else "latest")
+
+
+def prepare_restore(config, args, kind, target, action, mount_root, port_option, dry_run):
+    """Choose the set and the port, make and check the plan; return a Restorer."""
+    pools = pools_of(config)
+    zfs = Zfs()
+    timeline = None
+    if getattr(args, "timeline", None):
+        try:
+            timeline = parse_timeline(args.timeline)
+        except ValueError as error:
+            raise Failure(str(error), 2)
+    snapshot_set = choose_set(load_sets(zfs, pools), target, args.set, timeline)
+    log.info("set %s (stop %s, LSN %s) serves target %s", snapshot_set.name,
+             snapshot_set.get("stop_time"), snapshot_set.get("stop_lsn"), target)
+    options = restore_options(config)
+    used = system_ports()
+    if port_option:
+        if port_option in used:
+            raise Failure("port %d is in use" % port_option, 1)
+        port = port_option
+    else:
+        port = choose_port(options["port_start"], used)
+    plan = make_plan(zfs, config, snapshot_set, kind, target, action,
+                     os.path.abspath(mount_root or options["mount_root"]), port, timeline,
+                     not getattr(args, "exclusive", False))
+    check_plan(plan, zfs, pools)
+    user = config.str("postgres", "user", "postgres")
+    server = Server(find_bindir(config.str("postgres", "bindir", ""), plan.major), user, plan.pgdata,
+                    plan.work_dir, port, config.str("postgres", "dbname", "postgres"), plan.log_file)
+    return Restorer(plan, zfs, server, owner_of(user), dry_run)
+
+
+def cmd_restore(config, args):
+    target = target_of(args)
+    restorer = prepare_restore(config, args, "restore", target, args.action, args.to, args.port,
+                               args.dry_run)
+    plan = restorer.plan
+    try:
+        with restorer.step("clone"):
+            restorer.clone()
+        with restorer.step("prepare"):
+            restorer.prepare()
+        if args.no_start:
+            print("prepared set %s for recovery to %s in %s (port %d); start it with:\n"
+                  "  runuser -u %s -- %s start -D %s -l %s\nsteps: %s"
+                  % (plan.snapshot_set.name, plan.target, plan.pgdata, plan.port, restorer.server.user,
+                     os.path.join(restorer.server.bindir, "pg_ctl"), plan.pgdata, plan.log_file,
+                     format_timings(restorer.timings)))
+            return 0
+        with restorer.step("start"):
+            restorer.start()
+        with restorer.step("recover"):
+            outcome = restorer.wait_for_target()
+    except BaseException:
+        log.error("restore of set %s failed after: %s", plan.snapshot_set.name,
+                  format_timings(restorer.timings))
+        if not args.dry_run:
+            restorer.undo(args.keep_on_failure)
+        raise
+    if args.dry_run:
+        print("dry-run: nothing was changed")
+        return 0
+    print("restored set %s to %s: %s" % (plan.snapshot_set.name, plan.target, outcome["outcome"]))
+    if outcome["stopping"]:
+        print("  %s" % outcome["stopping"])
+    print("  last replayed LSN %s, last transaction %s" % (outcome["lsn"], outcome["last_transaction"]))
+    print("  data directory %s, port %d, server log %s" % (plan.pgdata, plan.port, plan.log_file))
+    if outcome["outcome"] != "shut down":
+        print("  connect: psql -h %s -p %d" % (plan.work_dir, plan.port))
+    print("  remove: %s.py cleanup %s" % (PROG, plan.snapshot_set.name))
+    print("  steps: %s" % format_timings(restorer.timings))
+    return 0
+
+
+def cmd_drill(config, args):
+    """Restore the newest set into throwaway clones, query it, remove it: one Nagios line."""
+    restorer = None
+    set_name = args.set or "?"
+    try:
+        restorer = prepare_restore(config, args, "drill", Target("immediate"), "promote", None, None, False)
+        set_name = restorer.plan.snapshot_set.name
+        step = "clone"
+        try:
+            with restorer.step("clone"):
+                restorer.clone()
+            step = "prepare"
+            with restorer.step("prepare"):
+                restorer.prepare()
+            step = "start"
+            with restorer.step("start"):
+                restorer.start()
+            step = "recover"
+            with restorer.step("recover"):
+                restorer.wait_for_target()
+            step = "query"
+            with restorer.step("query"):
+                restorer.server.execute("SELECT 1")
+                if args.query:
+                    restorer.server.execute(args.query)
+            if args.amcheck:
+                step = "amcheck"
+                with restorer.step("amcheck"):
+                    restorer.server.amcheck()
+        except Failure as failure:
+            raise Failure("%s: %s" % (step, failure), 2)
+        finally:
+            with restorer.step("stop"):
+                with contextlib.suppress(Failure):
+                    restorer.stop()
+            with restorer.step("destroy"):
+                destroyed = restorer.destroy()
+        if not destroyed:
+            raise Failure("destroy: clones left behind: %s" % " ".join(restorer.made_clones), 2)
+    except Failure as failure:
+        print("CRITICAL: drill of set %s failed: %s; %s" % (
+            set_name, failure, format_timings(restorer.timings if restorer else [])))
+        return 2
+    print("OK: drill of set %s restored, promoted and queried; %s"
+          % (set_name, format_timings(restorer.timings)))
+    return 0
+
+
+def cmd_cleanup(config, args):
+    """Stop servers on our clones and destroy them, with their work directories."""
+    pools = pools_of(config)
+    zfs = Zfs()
+    ours = [fs for fs in zfs.filesystems(pools) if fs["clone_of"]]
+    if args.all:
+        chosen = ours
+    else:
+        named = [fs for fs in ours if args.name in (fs["name"], fs["clone_of"])]
+        keys = set((fs["clone_of"], clone_kind(fs["name"], fs["clone_of"])) for fs in named)
+        chosen = [fs for fs in ours if (fs["clone_of"], clone_kind(fs["name"], fs["clone_of"])) in keys]
+        if not chosen:
+            raise Failure("no clone made by %s matches %s" % (PROG, args.name), 1)
+    if not chosen:
+        print("no clones made by %s" % PROG)
+        return 0
+    sets = dict((s.name, s) for s in load_sets(zfs, pools))
+    options = restore_options(config)
+    groups = {}
+    for fs in chosen:
+        groups.setdefault((fs["clone_of"], clone_kind(fs["name"], fs["clone_of"])), []).append(fs)
+    failed = []
+    for (set_name, kind), members in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]))):
+        stop_servers_on([fs["mountpoint"] for fs in members if fs["mountpoint"]], config, sets.get(set_name))
+        for fs in sorted(members, key=lambda fs: fs["name"], reverse=True):
+            try:
+                zfs.destroy(fs["name"])
+                print("destroyed %s" % fs["name"])
+            except Failure as failure:
+                log.error("%s", failure)
+                failed.append(fs["name"])
+        if kind:
+            work_dir = work_dir_of(options["wal_root"], kind, set_name)
+            if os.path.isdir(work_dir):
+                shutil.rmtree(work_dir, ignore_errors=True)
+                print("removed %s" % work_dir)
+    if failed:
+        raise Failure("could not destroy %s" % " ".join(failed), 1)
+    return 0
+
+
+def stop_servers_on(mountpoints, config, snapshot_set):
+    """Stop every PostgreSQL whose PGDATA is on these mountpoints."""
+    for pgdata, pid in live_postmasters(mountpoints):
+        major = parse_major(read_text_file(os.path.join(pgdata, "PG_VERSION")) or
+                            (snapshot_set.get("pg_version") if snapshot_set else ""))
+        server = Server(find_bindir(config.str("postgres", "bindir", ""), major),
+                        config.str("postgres", "user", "postgres"), pgdata)
+        log.info("stopping the server on %s (pid %d)", pgdata, pid)
+        server.stop()
+        print("stopped the server on %s" % pgdata)
+
+
+def cmd_rollback(config, args):
+    """Roll the live datasets back to a set in place; only with --force, never under a server."""
+    pools = pools_of(config)
+    zfs = Zfs()
+    named = [s for s in load_sets(zfs, pools) if s.name == args.set]
+    if not named:
+        raise Failure("no snapshot set named %s in the pool" % args.set, 1)
+    snapshot_set = named[0]
+    problems = set_problems(snapshot_set)
+    if problems:
+        raise Failure("set %s cannot be rolled back to: %s" % (args.set, "; ".join(problems)), 1)
+    pgdata_snapshot = snapshot_set.snapshot(snapshot_set.get("pgdata_dataset"))
+    backup_label = zfs.file_property(pgdata_snapshot, "backup_label")
+    tablespace_map = zfs.file_property(pgdata_snapshot, "tablespace_map")
+    problems = label_problems(snapshot_set.get("mode"), snapshot_set.get("start_lsn"), backup_label)
+    if problems:
+        raise Failure("set %s is broken: %s" % (args.set, "; ".join(problems)), 1)
+    later = []
+    for dataset in snapshot_set.datasets:
+        later += later_snapshots(zfs.snapshots_in_order(dataset), snapshot_set.snapshot(dataset))
+    print("rollback to set %s destroys %d later snapshot(s)%s" % (args.set, len(later), ":" if later else ""))
+    for snapshot in later:
+        print("  %s" % snapshot)
+    dependants = [fs["name"] for fs in zfs.filesystems(pools) if fs["origin"] in later]
+    if dependants:
+        raise Failure("later snapshots have clones (%s): remove them first (cleanup)"
+                      % " ".join(dependants), 1)
+    mountpoints = zfs.mountpoints(snapshot_set.datasets)
+    running = live_postmasters([m for m in mountpoints.values() if m.startswith("/")])
+    pgdata = config.str("postgres", "pgdata")
+    if postmaster_pid(pgdata):
+        running.append((pgdata, postmaster_pid(pgdata)))
+    if running:
+        raise Failure("PostgreSQL runs on the datasets (%s, pid %d): stop it first"
+                      % running[0], 1)
+    if not args.force:
+        raise Failure("refusing to roll back without --force", 1)
+    for dataset in snapshot_set.datasets:
+        zfs.rollback(snapshot_set.snapshot(dataset))
+        print("rolled back %s" % snapshot_set.snapshot(dataset))
+    live_pgdata = os.path.normpath(os.path.join(mountpoints[snapshot_set.get("pgdata_dataset")],
+                                                snapshot_set.get("pgdata_rel")))
+    owner = owner_of(config.str("postgres", "user", "postgres"))
+    for name in ("postmaster.pid", "postmaster.opts"):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(live_pgdata, name))
+    if backup_label:
+        write_file(os.path.join(live_pgdata, "backup_label"), backup_label, 0o600, owner)
+    if tablespace_map.strip():
+        write_file(os.path.join(live_pgdata, "tablespace_map"), tablespace_map, 0o600, owner)
+    print("%s is at set %s%s; start it as before (it replays from %s on and follows the primary)"
+          % (live_pgdata, args.set, " with its backup_label" if backup_label else "",
+             snapshot_set.get("start_lsn")))
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
@@ -153,18 +1771,65 @@ def parse_args(argv):
     parser.add_argument("-c", "--config", help="config file (default: $PG_ZFS_CONFIG or %s)" % DEFAULT_CONFIG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
-    return parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    listing = commands.add_parser("list", help="the snapshot sets and their clones")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+    restore = commands.add_parser("restore", help="restore a set to a target, as clones")
+    targets = restore.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--target-time", metavar="TS", help="ISO 8601 time with a zone")
+    targets.add_argument("--target-lsn", metavar="X/X", help="WAL location")
+    targets.add_argument("--target-xid", metavar="XID", help="transaction id")
+    targets.add_argument("--target-name", metavar="NAME", help="restore point name")
+    targets.add_argument("--immediate", action="store_true", help="the end of the backup")
+    targets.add_argument("--latest", action="store_true", help="the end of the archive")
+    restore.add_argument("--set", metavar="NAME", help="the set to restore (default: chosen)")
+    restore.add_argument("--to", metavar="DIR", help="root of the clones' mountpoints")
+    restore.add_argument("--port", type=int, metavar="N", help="port of the restored server")
+    restore.add_argument("--action", choices=("pause", "promote", "shutdown"), default="pause",
+                         help="at the target (default: pause)")
+    restore.add_argument("--timeline", metavar="TL", help="latest (default), current or an ID")
+    restore.add_argument("--exclusive", action="store_true", help="stop just before the target")
+    restore.add_argument("--no-start", action="store_true", help="prepare, do not start")
+    restore.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
+    restore.add_argument("--keep-on-failure", action="store_true", help="leave clones for inspection")
+
+    drill = commands.add_parser("drill", help="restore test of the newest set (Nagios line)")
+    drill.add_argument("--query", metavar="SQL", help="a query that must succeed on the copy")
+    drill.add_argument("--amcheck", action="store_true", help="also run pg_amcheck (14+)")
+    drill.add_argument("--set", metavar="NAME", help="drill this set instead of the newest")
+
+    cleanup = commands.add_parser("cleanup", help="stop and destroy clones made by this tool")
+    which = cleanup.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", metavar="NAME", help="a set name or one of its clones")
+    which.add_argument("--all", action="store_true", help="every clone made by this tool")
+
+    rollback = commands.add_parser("rollback", help="roll the live datasets back to a set")
+    rollback.add_argument("--set", metavar="NAME", required=True)
+    rollback.add_argument("--force", action="store_true", help="really do it")
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.error("a command is required: list, restore, drill, cleanup or rollback")
+    return args
+
+
+COMMANDS = {"list": cmd_list, "restore": cmd_restore, "drill": cmd_drill,
+            "cleanup": cmd_cleanup, "rollback": cmd_rollback}
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
     try:
-        Config.load(config_path(args.config))
+        config = Config.load(config_path(args.config))
+        return COMMANDS[args.command](config, args)
     except Failure as failure:
+        if args.command == "drill":
+            print("CRITICAL: drill failed: %s" % failure)
+            return 2
         log.error("%s", failure)
         return failure.code
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,420 @@
+"""pg_zfs_restore.py's decisions, without a database: targets, the choice of a
+set, recovery settings per version, configuration rewriting, ports, the log."""
+
+import datetime
+import os
+
+import pytest
+
+from testbed import load_script, run_script
+
+restore = load_script("pg_zfs_restore")
+UTC = datetime.timezone.utc
+
+
+def props(name, stop_time, stop_lsn, start_lsn="0/2000028", timeline="1", datasets="p/d1 p/d2",
+          pg_version="15", **extra):
+    values = {"set": name, "datasets": datasets, "pgdata_dataset": "p/d2", "pgdata_rel": "pgdata",
+              "mode": "backup", "start_lsn": start_lsn, "stop_lsn": stop_lsn, "timeline": timeline,
+              "start_time": stop_time, "stop_time": stop_time, "pg_version": pg_version}
+    values.update(extra)
+    return dict((k, v) for k, v in values.items() if v is not None)
+
+
+def rows_of(*set_props, missing=()):
+    rows = []
+    for p in set_props:
+        for dataset in p["datasets"].split():
+            if (p["set"], dataset) not in missing:
+                rows.append((dataset, p["set"], dict(p)))
+    return rows
+
+
+SETS = restore.group_sets(rows_of(
+    props("pgzfs_20261125T040100Z", "2026-11-25T04:01:02Z", "0/5000100"),
+    props("pgzfs_20261125T050100Z", "2026-11-25T05:01:03Z", "0/9000100"),
+    props("pgzfs_20261125T060100Z", "2026-11-25T06:01:01Z", "0/D000100"),
+))
+
+
+def target(kind, text=None):
+    return restore.parse_target(kind, text)
+
+
+# -- target parsing -----------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-11-25T04:30:00Z", datetime.datetime(2026, 11, 25, 4, 30, tzinfo=UTC)),
+    ("2026-11-25 06:30:00+02:00", datetime.datetime(2026, 11, 25, 4, 30, tzinfo=UTC)),
+    ("2026-11-25 06:30:00+02", datetime.datetime(2026, 11, 25, 4, 30, tzinfo=UTC)),
+    ("2026-11-24T23:30:00.25-0500", datetime.datetime(2026, 11, 25, 4, 30, 0, 250000, tzinfo=UTC)),
+    ("2026-11-25 04:30 UTC", datetime.datetime(2026, 11, 25, 4, 30, tzinfo=UTC)),
+])
+def test_target_time_with_a_zone_is_read_in_utc(text, expected):
+    assert restore.parse_time(text) == expected
+
+
+def test_target_time_without_a_zone_is_refused_with_a_clear_reason():
+    with pytest.raises(ValueError) as error:
+        restore.parse_time("2026-11-25 04:30:00")
+    assert "no time zone" in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2026-13-01T00:00:00Z", "2026-11-25T04:30:00+16:00",
+                                  "2026-11-25"])
+def test_malformed_target_time_is_refused(text):
+    with pytest.raises(ValueError):
+        restore.parse_time(text)
+
+
+def test_pg_time_is_utc_with_microseconds_so_the_server_zone_does_not_matter():
+    moment = restore.parse_time("2026-11-25 06:30:00.5+02:00")
+    assert restore.pg_time(moment) == "2026-11-25 04:30:00.500000+00"
+
+
+def test_lsn_parses_and_formats_back():
+    assert restore.parse_lsn("1/2A") == (1 << 32) + 0x2A
+    assert restore.format_lsn(restore.parse_lsn("16/B374D848")) == "16/B374D848"
+    assert restore.parse_lsn("0/5000100") < restore.parse_lsn("1/0")
+    for bad in ("12345", "G/1", "1/123456789", ""):
+        with pytest.raises(ValueError):
+            restore.parse_lsn(bad)
+
+
+def test_xid_and_name_targets_are_checked():
+    assert target("xid", "1234").value == 1234
+    assert target("name", "before_upgrade").value == "before_upgrade"
+    for kind, bad in (("xid", "abc"), ("xid", "1"), ("name", ""), ("name", "x" * 64)):
+        with pytest.raises(ValueError):
+            target(kind, bad)
+
+
+def test_timeline_option():
+    assert restore.parse_timeline("latest") == "latest"
+    assert restore.parse_timeline("3") == "3"
+    with pytest.raises(ValueError):
+        restore.parse_timeline("three")
+
+
+# -- sets and the choice of one ------------------------------------------------
+
+def test_sets_are_grouped_oldest_first_and_incomplete_ones_are_marked():
+    sets = restore.group_sets(rows_of(
+        props("a_20261125T050100Z", "2026-11-25T05:01:00Z", "0/9000100"),
+        props("a_20261125T040100Z", "2026-11-25T04:01:00Z", "0/5000100"),
+        props("a_20261125T060100Z", "2026-11-25T06:01:00Z", "0/D000100"),
+        missing={("a_20261125T060100Z", "p/d1")}))
+    assert [s.name for s in sets] == ["a_20261125T040100Z", "a_20261125T050100Z", "a_20261125T060100Z"]
+    assert [s.complete for s in sets] == [True, True, False]
+    assert "missing on p/d1" in restore.set_problems(sets[2])[0]
+
+
+def test_a_set_whose_stop_lsn_is_not_on_every_snapshot_is_incomplete():
+    rows = rows_of(props("a_1", "2026-11-25T05:01:00Z", "0/9000100"))
+    del rows[0][2]["stop_lsn"]
+    assert not restore.group_sets(rows)[0].complete
+
+
+def test_snapshots_of_other_tools_are_ignored():
+    rows = rows_of(props("a_1", "2026-11-25T05:01:00Z", "0/9000100"))
+    rows.append(("p/d1", "manual", {}))
+    rows.append(("p/other", "a_1", dict(rows[0][2])))     # dataset not in pgzfs:datasets
+    assert [s.present for s in restore.group_sets(rows)] == [["p/d1", "p/d2"]]
+
+
+def test_time_target_takes_the_newest_set_that_stops_at_or_before_it():
+    chosen = restore.choose_set(SETS, target("time", "2026-11-25T05:30:00Z"))
+    assert chosen.name == "pgzfs_20261125T050100Z"
+    chosen = restore.choose_set(SETS, target("time", "2026-11-25T05:01:03Z"))
+    assert chosen.name == "pgzfs_20261125T050100Z"
+    chosen = restore.choose_set(SETS, target("time", "2026-11-25T05:01:02.9Z"))
+    assert chosen.name == "pgzfs_20261125T040100Z"
+
+
+def test_target_before_every_set_is_refused_naming_the_earliest_possible():
+    with pytest.raises(restore.Failure) as error:
+        restore.choose_set(SETS, target("time", "2026-11-25T05:00:00+02:00"))
+    assert "earliest possible target is 2026-11-25T04:01:02Z (set pgzfs_20261125T040100Z)" \
+        in str(error.value)
+    assert error.value.code == 1
+
+
+def test_lsn_target_compares_lsns_not_text():
+    assert restore.choose_set(SETS, target("lsn", "0/C000000")).name == "pgzfs_20261125T050100Z"
+    assert restore.choose_set(SETS, target("lsn", "1/0")).name == "pgzfs_20261125T060100Z"
+    with pytest.raises(restore.Failure) as error:
+        restore.choose_set(SETS, target("lsn", "0/4000000"))
+    assert "0/5000100" in str(error.value)
+
+
+def test_numeric_timeline_keeps_only_sets_of_that_timeline_or_earlier():
+    sets = restore.group_sets(rows_of(
+        props("a_1", "2026-11-25T04:01:00Z", "0/5000100", timeline="1"),
+        props("a_2", "2026-11-25T05:01:00Z", "0/9000100", timeline="2")))
+    assert restore.choose_set(sets, target("lsn", "1/0"), timeline="1").name == "a_1"
+    assert restore.choose_set(sets, target("lsn", "1/0"), timeline="latest").name == "a_2"
+
+
+def test_immediate_and_latest_take_the_newest_complete_set():
+    sets = restore.group_sets(rows_of(
+        props("a_1", "2026-11-25T04:01:00Z", "0/5000100"),
+        props("a_2", "2026-11-25T05:01:00Z", "0/9000100"), missing={("a_2", "p/d1")}))
+    assert restore.choose_set(sets, target("immediate")).name == "a_1"
+    assert restore.choose_set(SETS, target("latest")).name == "pgzfs_20261125T060100Z"
+
+
+def test_xid_and_name_targets_take_the_oldest_set_which_the_pool_cannot_place():
+    assert restore.choose_set(SETS, target("name", "x")).name == "pgzfs_20261125T040100Z"
+    assert restore.choose_set(SETS, target("name", "x"), "pgzfs_20261125T050100Z").name \
+        == "pgzfs_20261125T050100Z"
+
+
+def test_named_set_must_exist_be_complete_and_stop_before_the_target():
+    with pytest.raises(restore.Failure):
+        restore.choose_set(SETS, target("immediate"), "nope")
+    with pytest.raises(restore.Failure) as error:
+        restore.choose_set(SETS, target("time", "2026-11-25T05:00:00Z"), "pgzfs_20261125T050100Z")
+    assert "set pgzfs_20261125T050100Z" in str(error.value)
+
+
+def test_backup_label_must_be_there_and_match_the_start_lsn():
+    label = b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nBACKUP FROM: standby\n"
+    assert restore.label_problems("backup", "0/2000028", label) == []
+    assert restore.label_problems("shutdown", "0/2000028", b"") == []
+    assert "empty" in restore.label_problems("backup", "0/2000028", b"")[0]
+    assert "0/3000000" in restore.label_problems("backup", "0/3000000", label)[0]
+
+
+def test_set_problems_name_missing_and_bad_properties():
+    sets = restore.group_sets(rows_of(props("a_1", "soon", "0/1", mode="odd", pg_version="9.4")))
+    problems = " ".join(restore.set_problems(sets[0]))
+    assert "stop_time" in problems and "mode" in problems and "older than 9.6" in problems
+
+
+# -- recovery settings per version ------------------------------------------------
+
+COMMAND = restore.restore_command_for("/opt/pg zfs/bin/pg_wal_fetch.py", "/etc/pg_zfs/it's.conf")
+
+
+def files(version, tgt, action="pause", **options):
+    major = restore.parse_major(version)
+    pairs = restore.recovery_settings(major, tgt, action, COMMAND, **options)
+    return dict((name, (how, text)) for name, how, text in restore.recovery_files(
+        major, pairs, restore.server_settings(5433, "/var/lib/pg_zfs/restore-wal/restore_x"), "header"))
+
+
+def test_restore_command_calls_pg_wal_fetch_with_the_same_config_shell_quoted():
+    assert COMMAND == "'/opt/pg zfs/bin/pg_wal_fetch.py' -c '/etc/pg_zfs/it'\"'\"'s.conf' %f %p"
+    literal = restore.quote_setting(COMMAND)
+    assert literal.startswith("'''/opt/pg zfs") and literal.count("'") == 2 * COMMAND.count("'") + 2
+
+
+def test_12_and_later_use_recovery_signal_and_postgresql_auto_conf():
+    made = files("15", target("time", "2026-11-25T04:30:00Z"), "promote")
+    assert made["recovery.signal"] == ("write", "")
+    how, text = made["postgresql.auto.conf"]
+    assert how == "append"
+    lines = text.splitlines()
+    assert "recovery_target_time = '2026-11-25 04:30:00.000000+00'" in lines
+    assert "recovery_target_action = 'promote'" in lines
+    assert "archive_mode = off" in lines and "port = 5433" in lines and "hot_standby = on" in lines
+    assert any(line.startswith("restore_command = ") for line in lines)
+    assert "recovery.conf" not in made
+
+
+def test_9_6_to_11_use_recovery_conf_without_standby_mode():
+    for version in ("9.6", "11"):
+        made = files(version, target("xid", "1234"))
+        recovery = made["recovery.conf"][1]
+        assert "recovery_target_xid = '1234'" in recovery
+        assert "recovery_target_action = 'pause'" in recovery
+        assert "standby_mode" not in recovery and "pause_at_recovery_target" not in recovery
+        assert "restore_command" not in made["postgresql.auto.conf"][1]
+        assert "archive_mode = off" in made["postgresql.auto.conf"][1]
+        assert "recovery.signal" not in made
+
+
+def test_lsn_target_needs_10_and_later():
+    assert "recovery_target_lsn = '0/5000100'" in files("10", target("lsn", "0/5000100"))["recovery.conf"][1]
+    with pytest.raises(restore.Failure):
+        files("9.6", target("lsn", "0/5000100"))
+
+
+def test_immediate_latest_exclusive_and_timeline():
+    assert "recovery_target = 'immediate'" in files("14", target("immediate"))["postgresql.auto.conf"][1]
+    latest = files("18", target("latest"))["postgresql.auto.conf"][1]
+    assert "recovery_target_action" not in latest and "recovery_target " not in latest
+    text = files("15", target("lsn", "0/1"), inclusive=False, timeline="2")["postgresql.auto.conf"][1]
+    assert "recovery_target_inclusive = off" in text and "recovery_target_timeline = '2'" in text
+    assert "recovery_target_timeline = 'latest'" in files("11", target("immediate"))["recovery.conf"][1]
+    with pytest.raises(restore.Failure):
+        files("15", target("name", "x"), inclusive=False)
+
+
+def test_inherited_standby_settings_are_commented_out():
+    conf = ("# Do not edit this file manually!\n"
+            "primary_conninfo = 'user=postgres host=/tmp port=5432'\n"
+            "  Primary_Slot_Name='slot'\n"
+            "port = 5432\n"
+            "archive_command = 'cp %p /arch/%f'\n"
+            "recovery_target_time = '2026-01-01'\n"
+            "primary_conninfo_extra = 1\n"
+            "#primary_conninfo = 'already a comment'\n"
+            "shared_buffers = 16MB\n"
+            "synchronous_standby_names 'any 1 (a, b)'\n")
+    text, found = restore.comment_out_settings(conf, restore.INHERITED_SETTINGS)
+    assert found == ["primary_conninfo", "primary_slot_name", "port", "archive_command",
+                     "recovery_target_time", "synchronous_standby_names"]
+    lines = text.splitlines()
+    assert lines[1] == "#pg_zfs_restore: primary_conninfo = 'user=postgres host=/tmp port=5432'"
+    assert "primary_conninfo_extra = 1" in lines and "shared_buffers = 16MB" in lines
+    assert "#primary_conninfo = 'already a comment'" in lines
+    assert restore.comment_out_settings(text, restore.INHERITED_SETTINGS)[1] == []
+
+
+# -- paths, names, ports -------------------------------------------------------------
+
+MOUNTS = {"/tank/data01": "/restore/data01_restore_s", "/tank/data02": "/restore/data02_restore_s",
+          "/tank/data02/sub": "/restore/data02_sub_restore_s"}
+
+
+def test_paths_move_to_the_clone_of_the_longest_matching_mountpoint():
+    assert restore.map_path("/tank/data01/ts1", MOUNTS) == "/restore/data01_restore_s/ts1"
+    assert restore.map_path("/tank/data02/sub/x/", MOUNTS) == "/restore/data02_sub_restore_s/x"
+    assert restore.map_path("/tank/data01", MOUNTS) == "/restore/data01_restore_s"
+    assert restore.map_path("/tank/data011/ts", MOUNTS) is None
+
+
+def test_tablespace_map_paths_are_rewritten_and_a_foreign_tablespace_is_refused():
+    text = "16384 /tank/data01/ts1\n16385 /tank/data02/sub/with space\n"
+    assert restore.rewrite_tablespace_map(text, MOUNTS) == (
+        "16384 /restore/data01_restore_s/ts1\n16385 /restore/data02_sub_restore_s/with space\n")
+    with pytest.raises(restore.Failure) as error:
+        restore.rewrite_tablespace_map("16386 /srv/elsewhere\n", MOUNTS)
+    assert "live standby" in str(error.value)
+
+
+def test_clone_names_and_mountpoints_follow_developers_md():
+    clone = restore.clone_dataset("zp1/data02", "restore", "pgzfs_20261125T040100Z")
+    assert clone == "zp1/data02_restore_pgzfs_20261125T040100Z"
+    assert restore.clone_mountpoint("/r", clone) == "/r/data02_restore_pgzfs_20261125T040100Z"
+    assert restore.clone_mountpoint("/r", "zp1/a/b_drill_s") == "/r/a_b_drill_s"
+    assert restore.clone_kind("zp1/data02_drill_s1", "s1") == "drill"
+    assert restore.clone_kind("zp1/data02_other", "s1") is None
+
+
+def test_used_ports_come_from_tcp_listeners_and_postgres_sockets():
+    tcp = ("  sl  local_address rem_address   st\n"
+           "   0: 0100007F:1538 00000000:0000 0A 00000000:00000000\n"
+           "   1: 0100007F:1539 0100007F:D3C2 01 00000000:00000000\n")
+    unix = ("Num RefCount Protocol Flags Type St Inode Path\n"
+            "0000: 00000002 00000000 00010000 0001 01 1234 /tmp/sock/.s.PGSQL.5434\n")
+    used = restore.used_ports([tcp], unix)
+    assert used == {5432, 5434}
+    assert restore.choose_port(5432, used) == 5433
+    with pytest.raises(restore.Failure):
+        restore.choose_port(5432, set(range(5432, 5500)), span=10)
+
+
+def test_wal_root_on_zfs_is_recognised_from_proc_mounts():
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
+              "tank/data01 /tank/data01 fuse rw 0 0\n"
+              "tank /tank zfs rw 0 0\n")
+    assert restore.mount_of("/var/lib/pg_zfs", mounts)[1] == "ext4"
+    assert restore.mount_of("/tank/data01/wal", mounts)[0] == "tank/data01"
+    assert restore.mount_of("/tank/x", mounts)[1] == "zfs"
+
+
+def test_later_snapshots_are_those_of_the_same_dataset_with_a_higher_txg():
+    rows = [("p/d1@a", 10), ("p/d1@b", 20), ("p/d1/child@c", 25), ("p/d1@c", 30)]
+    assert restore.later_snapshots(rows, "p/d1@b") == ["p/d1@c"]
+    assert restore.later_snapshots(rows, "p/d1@c") == []
+    with pytest.raises(restore.Failure):
+        restore.later_snapshots(rows, "p/d1@zz")
+
+
+# -- the recovering server -----------------------------------------------------------
+
+LOG_REACHED = """\
+2026-11-25 04:40:00.1 UTC [12] LOG:  starting point-in-time recovery to 2026-11-25 04:30:00+00
+2026-11-25 04:40:00.3 UTC [12] LOG:  recovery stopping before commit of transaction 812, time 2026-11-25 04:30:00.2+00
+2026-11-25 04:40:00.3 UTC [12] LOG:  pausing at the end of recovery
+"""
+LOG_ENDED_13 = """\
+2026-11-25 04:40:00.3 UTC [12] LOG:  redo done at 0/9000148 system usage: CPU: user: 0.00 s
+2026-11-25 04:40:00.3 UTC [12] LOG:  last completed transaction was at log time 2026-11-25 04:20:00+00
+2026-11-25 04:40:00.3 UTC [12] FATAL:  recovery ended before configured recovery target was reached
+"""
+
+
+def test_recovery_log_is_read():
+    events = restore.read_recovery_log(LOG_REACHED)
+    assert events["stopping"].startswith("LOG:  recovery stopping before commit of transaction 812")
+    assert events["paused"] and not events["ended_early"]
+    events = restore.read_recovery_log(LOG_ENDED_13)
+    assert events["ended_early"] and events["redo_lsn"] == "0/9000148"
+    assert events["last_xact"] == "2026-11-25 04:20:00+00"
+    assert events["fatal"].startswith("FATAL:  recovery ended")
+
+
+def test_recovery_outcomes():
+    reached = restore.read_recovery_log(LOG_REACHED)
+    quiet = restore.read_recovery_log("")
+    paused = (True, True, "0/9000148", "")
+    replaying = (True, False, "0/8000000", "")
+    opened = (False, False, "0/9000148", "")
+    assert restore.recovery_outcome("time", paused, reached) == "paused"
+    assert restore.recovery_outcome("time", replaying, quiet) == "waiting"
+    assert restore.recovery_outcome("time", paused, quiet) == "waiting"   # someone else's pause
+    assert restore.recovery_outcome("time", opened, reached) == "promoted"
+    assert restore.recovery_outcome("latest", opened, quiet) == "promoted"
+    # Before 13, a server that runs out of archive opens silently: not the target.
+    assert restore.recovery_outcome("time", opened, quiet) == "ended early"
+    assert restore.recovery_outcome("time", None, restore.read_recovery_log(LOG_ENDED_13)) == "ended early"
+    assert restore.recovery_outcome("time", None, restore.read_recovery_log(
+        "LOG:  shutdown at recovery target\n")) == "shut down"
+    assert restore.recovery_outcome("time", None, quiet) == "failed"
+
+
+def test_status_query_uses_each_versions_functions():
+    assert "pg_get_wal_replay_pause_state" in restore.status_sql((14, 0))
+    assert "pg_is_wal_replay_paused" in restore.status_sql((13, 0))
+    assert "pg_last_xlog_replay_location" in restore.status_sql((9, 6))
+    assert restore.parse_status("t|paused|0/9000148|2026-11-25 04:29:59+00") == (
+        True, True, "0/9000148", "2026-11-25 04:29:59+00")
+    assert restore.parse_status("f|not paused||")[:2] == (False, False)
+
+
+def test_timings_line():
+    assert restore.format_timings([("clone", 0.1), ("start", 1.25)]) == "clone 0.10s, start 1.25s; total 1.35s"
+
+
+# -- the command line, without a pool ------------------------------------------------
+
+@pytest.fixture
+def bare_config(tmp_path):
+    path = tmp_path / "pg_zfs.conf"
+    path.write_text("[postgres]\npgdata = /nonexistent\n[snapshot]\ndatasets = nopool/data02\n")
+    return path
+
+
+def test_zone_less_target_time_exits_2_with_one_line(bare_config):
+    proc = run_script("pg_zfs_restore", "restore", "--target-time", "2026-11-25 04:30:00",
+                      config=bare_config)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "no time zone" in proc.stderr
+
+
+def test_restore_needs_exactly_one_target(bare_config):
+    proc = run_script("pg_zfs_restore", "restore", "--immediate", "--latest", config=bare_config)
+    assert proc.returncode == 2
+    proc = run_script("pg_zfs_restore", "restore", config=bare_config)
+    assert proc.returncode == 2
+
+
+def test_help_names_the_exit_codes_and_the_restore_command():
+    proc = run_script("pg_zfs_restore", "--help")
+    assert proc.returncode == 0
+    assert "Exit codes:" in proc.stdout and "pg_wal_fetch.py" in proc.stdout
+    assert os.path.basename(restore.__file__) == "pg_zfs_restore.py"
