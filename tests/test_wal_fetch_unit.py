@@ -1,0 +1,329 @@
+"""pg_wal_fetch.py: its pure decisions and file checks, on real segments of the testbed.
+
+No network here; the segments come from the testbed primary's archive.
+"""
+
+import bz2
+import gzip
+import lzma
+import os
+import struct
+import subprocess
+
+import pytest
+
+from testbed import load_script
+
+fetch = load_script("pg_wal_fetch")
+
+SEG = 16 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------
+# WAL names
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kind", [
+    ("000000010000000000000001", "segment"),
+    ("0000000A0000001F000000FE", "segment"),
+    ("000000010000000000000FFF", "segment"),              # possible with 1 MiB segments
+    ("00000002.history", "history"),
+    ("0000001F.history", "history"),
+    ("000000010000000000000001.00000028.backup", "backup"),
+    ("000000010000000000000001.partial", "partial"),
+])
+def test_names_postgresql_asks_for_are_accepted(name, kind):
+    assert fetch.wal_kind(name) == kind
+
+
+@pytest.mark.parametrize("name", [
+    "", "../x", ";rm -rf /", "$(id)", "-c", "/tmp/000000010000000000000001",
+    "pg_wal/000000010000000000000001",
+    "0000000100000000000000011",                 # 25 digits
+    "00000001000000000000001",                   # 23 digits
+    "00000001000000000000000a",                  # lower case
+    "00000001000000000000001G",
+    "000000000000000000000001",                  # timeline 0
+    "000000010000000000001000",                  # no log id holds 4096+ segments
+    "00000000.history", "0000000G.history", "00000002.HISTORY", "2.history",
+    "000000010000000000000001.backup",           # no start offset
+    "000000010000000000000001.0000002G.backup",
+    "000000010000000000000001.partial.gz",
+    "000000010000000000000001.gz",
+    "000000010000000000000001 ", " 000000010000000000000001",
+    "000000010000000000000001\n",
+    "000000010000000000000001/../../x",
+    "RECOVERYXLOG",
+])
+def test_anything_else_is_refused(name):
+    assert fetch.wal_kind(name) is None
+
+
+def test_following_segments_cross_the_log_id_boundary():
+    assert fetch.following_segments("0000000100000000000000FE", SEG, 3) == [
+        "0000000100000000000000FF", "000000010000000100000000", "000000010000000100000001"]
+    # 64 MiB segments: 64 per log id
+    assert fetch.following_segments("00000002000000050000003F", 64 << 20, 1) == [
+        "000000020000000600000000"]
+
+
+# ---------------------------------------------------------------------------
+# Page magic per version
+# ---------------------------------------------------------------------------
+
+def test_known_major_version_accepts_exactly_its_magic():
+    assert fetch.expected_magics("15") == {0xD110}
+    assert fetch.expected_magics("9.6") == {0xD093}
+    assert fetch.expected_magics("18") == {0xD118}
+
+
+def test_unknown_version_accepts_any_known_magic_and_a_newer_one_only_newer_magics():
+    assert fetch.expected_magics(None) == set(fetch.PAGE_MAGIC.values())
+    newer = fetch.expected_magics("19")
+    assert 0xD119 in newer and 0xD118 not in newer and 0xD110 not in newer
+
+
+# ---------------------------------------------------------------------------
+# Segment checks on a real segment and corrupted copies
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real(tb):
+    """(name, bytes, system identifier, major version) of a real archived segment."""
+    name = tb.switch_wal()
+    with open(os.path.join(tb.hosts[0].wal_dir, name), "rb") as segment:
+        content = segment.read()
+    with open(os.path.join(tb.primary.pgdata, "global", "pg_control"), "rb") as control:
+        sysid = struct.unpack("=Q", control.read(8))[0]
+    with open(os.path.join(tb.primary.pgdata, "PG_VERSION")) as version:
+        major = version.read().strip()
+    return name, content, sysid, major
+
+
+def problem(real, content=None, name=None, sysid=None, major=None):
+    real_name, real_content, real_sysid, real_major = real
+    content = real_content if content is None else content
+    return fetch.check_segment(content[:fetch.LONG_HEADER.size], len(content), name or real_name,
+                               sysid or real_sysid, fetch.expected_magics(major or real_major))
+
+
+def patched(content, offset, fmt, value):
+    return content[:offset] + struct.pack(fmt, value) + content[offset + struct.calcsize(fmt):]
+
+
+def test_real_segment_passes(real):
+    assert problem(real) is None
+
+
+def test_truncated_segment_is_refused(real):
+    assert "header says" in problem(real, content=real[1][:SEG // 2])
+    assert "not a WAL segment" in problem(real, content=real[1][:20])
+
+
+def test_flipped_magic_is_refused(real):
+    assert "page magic" in problem(real, content=patched(real[1], 0, "=H", 0xD110 ^ 0x0100))
+
+
+def test_magic_of_another_version_is_refused_when_the_version_is_known(real):
+    other = patched(real[1], 0, "=H", fetch.PAGE_MAGIC["14"])
+    assert "page magic" in problem(real, content=other)
+    assert fetch.check_segment(other[:40], len(other), real[0], real[2], fetch.expected_magics(None)) is None
+
+
+def test_segment_under_another_name_is_refused_for_its_address(real):
+    name = real[0]
+    other = name[:16] + "%08X" % (int(name[16:], 16) + 1)
+    assert "first page address" in problem(real, name=other)
+
+
+def test_segment_of_another_cluster_is_refused(real):
+    assert "system identifier" in problem(real, sysid=real[2] + 1)
+
+
+def test_first_page_of_an_older_timeline_is_accepted_a_newer_one_refused(real):
+    name = real[0]
+    on_timeline_2 = "00000002" + name[8:]
+    assert problem(real, name=on_timeline_2) is None      # new timeline's first segment
+    newer = patched(real[1], 4, "=I", 3)
+    assert "timeline 3" in problem(real, content=newer, name=on_timeline_2)
+
+
+def test_segment_size_must_be_a_power_of_two_in_range(real):
+    assert "segment size" in problem(real, content=patched(real[1], 32, "=I", 3 << 20))
+
+
+# ---------------------------------------------------------------------------
+# .history and .backup files
+# ---------------------------------------------------------------------------
+
+def test_history_and_backup_files_are_checked_as_text():
+    assert fetch.check_text_file("history", b"1\t0/3000000\tno recovery target specified\n", 40) is None
+    assert fetch.check_text_file("history", b"", 0) == "empty file"
+    assert "binary" in fetch.check_text_file("history", b"1\0", 2)
+    assert "not a timeline history" in fetch.check_text_file("history", b"<html>\n", 7)
+    assert fetch.check_text_file("backup", b"START WAL LOCATION: 0/2000028\n", 30) is None
+    assert "backup" in fetch.check_text_file("backup", b"hello\n", 6)
+
+
+# ---------------------------------------------------------------------------
+# Decisions
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outcomes, code", [
+    (["found"], 0),
+    (["unreachable", "found"], 0),
+    (["absent", "absent"], 1),
+    (["unreachable", "absent"], 1),
+    (["invalid", "absent"], 1),
+    (["failed", "absent"], 1),
+    (["unreachable", "unreachable"], 3),
+    (["unreachable", "failed"], 3),
+    ([], 3),
+])
+def test_exit_code_for_the_sources_outcomes(outcomes, code):
+    assert fetch.exit_code_for(outcomes) == code
+
+
+def test_spool_keeps_only_the_window():
+    window = ["000000010000000000000005", "000000010000000000000006", "000000010000000000000007"]
+    spooled = {"000000010000000000000004", "000000010000000000000006", ".prefetch.lock",
+               ".prefetch.want", ".prefetch.log", ".pg_wal_fetch.123.tmp", "000000020000000000000005"}
+    remove, missing = fetch.spool_plan(spooled, window)
+    assert remove == [".pg_wal_fetch.123.tmp", "000000010000000000000004", "000000020000000000000005"]
+    assert missing == ["000000010000000000000005", "000000010000000000000007"]
+
+
+def test_prefetch_refills_only_when_half_the_window_or_less_is_spooled():
+    assert fetch.should_start_prefetch(0, 8) and fetch.should_start_prefetch(4, 8)
+    assert not fetch.should_start_prefetch(5, 8)
+    assert not fetch.should_start_prefetch(0, 0)
+
+
+def test_newest_wal_ignores_other_files_and_compression():
+    names = ["000000010000000000000003", "000000010000000000000004.gz", "00000002.history",
+             "000000020000000000000002", "notes.txt", "000000010000000000000002.00000028.backup"]
+    assert fetch.newest_wal(names) == "000000010000000000000004"
+    assert fetch.newest_wal(["x"]) is None
+
+
+def settings_for(tmp_path, ssh_options="-o HostKeyAlias=arch25"):
+    config_file = tmp_path / "c.conf"
+    config_file.write_text(
+        "[archive]\nsources = a\ncontrol_dir = /tmp/ctl\n"
+        "[source a]\nhost = 127.0.0.9\nport = 2222\nuser = root\npath = /data04/pgdata/arch/*\n"
+        "identity_file = /k\nssh_options = %s\n" % ssh_options)
+    return fetch.Settings(fetch.Config.load(str(config_file)))
+
+
+def test_ssh_command_shares_the_connection_and_quotes_the_remote_command(tmp_path):
+    settings = settings_for(tmp_path)
+    argv = fetch.ssh_argv(settings.sources[0], settings, "echo 'x y'")
+    assert argv[:3] == ["ssh", "-o", "HostKeyAlias=arch25"]       # ssh_options first: they win
+    for option in ("BatchMode=yes", "ConnectTimeout=5", "ControlMaster=auto",
+                   "ControlPath=/tmp/ctl/%C", "ControlPersist=60", "ServerAliveInterval=2"):
+        assert option in argv
+    assert argv[-3:] == ["--", "127.0.0.9", "sh -c 'echo '\"'\"'x y'\"'\"''"]
+    assert argv[argv.index("-i") + 1] == "/k" and argv[argv.index("-l") + 1] == "root"
+
+
+def test_unbalanced_ssh_options_are_a_config_error(tmp_path):
+    settings = settings_for(tmp_path, ssh_options="-o 'oops")
+    with pytest.raises(fetch.Failure) as failure:
+        fetch.ssh_argv(settings.sources[0], settings, "true")
+    assert failure.value.code == 2
+
+
+def test_missing_source_section_is_a_config_error(tmp_path):
+    config_file = tmp_path / "c.conf"
+    config_file.write_text("[archive]\nsources = a b\n[source a]\npath = /x\n")
+    with pytest.raises(fetch.Failure) as failure:
+        fetch.Settings(fetch.Config.load(str(config_file)))
+    assert failure.value.code == 2 and "[source b]" in str(failure.value)
+
+
+# ---------------------------------------------------------------------------
+# The remote script, run by a real sh on a hostile directory tree
+# ---------------------------------------------------------------------------
+
+def frames(stream):
+    """[(name, suffix, bytes)] and the trailing MISSING name (or None) of a framed stream."""
+    found, missing = [], None
+    while stream:
+        line, stream = stream.split(b"\n", 1)
+        words = line.decode().split()
+        if words[0] == "MISSING":
+            missing = words[1]
+            break
+        size = int(words[3])
+        found.append((words[1], words[2], stream[:size]))
+        stream = stream[size:]
+    return found, missing
+
+
+def test_remote_script_finds_first_match_streams_in_order_and_never_evaluates_the_glob(tmp_path):
+    root = tmp_path / "arch $(touch PWNED) `touch PWNED2`; x"
+    (root / "a dir").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a dir" / "000000010000000000000001").write_bytes(b"one\n" * 3)
+    (root / "b" / "000000010000000000000001").write_bytes(b"second copy")
+    (root / "b" / "000000010000000000000002.gz").write_bytes(b"\x1f\x8bzz")
+    script = fetch.remote_fetch_script(str(root) + "/*", [
+        "000000010000000000000001", "000000010000000000000002", "000000010000000000000003",
+        "000000010000000000000004"])
+    out = subprocess.run(["sh", "-c", script], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                         check=True).stdout
+    found, missing = frames(out)
+    assert found == [("000000010000000000000001", "-", b"one\n" * 3),
+                     ("000000010000000000000002", ".gz", b"\x1f\x8bzz")]
+    assert missing == "000000010000000000000003"
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
+
+
+def test_remote_list_script_counts_directories(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "000000010000000000000001").write_bytes(b"")
+    (tmp_path / "file").write_bytes(b"")
+    out = subprocess.run(["sh", "-c", fetch.remote_list_script(str(tmp_path) + "/*")],
+                         stdout=subprocess.PIPE, check=True, universal_newlines=True).stdout
+    assert out.splitlines() == ["000000010000000000000001", "DIRS 1"]
+
+
+# ---------------------------------------------------------------------------
+# Staged files and decompression
+# ---------------------------------------------------------------------------
+
+def test_staged_file_appears_only_on_commit_and_discard_leaves_nothing(tmp_path):
+    staged = fetch.StagedFile(str(tmp_path), durable=True)
+    staged.write(b"abc")
+    assert os.listdir(str(tmp_path)) == []          # unnamed until committed
+    staged.commit(str(tmp_path / "RECOVERYXLOG"))
+    staged.discard()
+    assert os.listdir(str(tmp_path)) == ["RECOVERYXLOG"]
+    assert (tmp_path / "RECOVERYXLOG").read_bytes() == b"abc"
+    staged = fetch.StagedFile(str(tmp_path))
+    staged.write(b"new")
+    staged.commit(str(tmp_path / "RECOVERYXLOG"))   # replaces an existing file
+    staged.discard()
+    assert (tmp_path / "RECOVERYXLOG").read_bytes() == b"new"
+    staged = fetch.StagedFile(str(tmp_path))
+    staged.write(b"never")
+    staged.discard()
+    assert os.listdir(str(tmp_path)) == ["RECOVERYXLOG"]
+
+
+@pytest.mark.parametrize("suffix, compress", [
+    (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)])
+def test_compressed_copies_are_decompressed_and_broken_ones_refused(tmp_path, suffix, compress):
+    original = os.urandom(100000) + bytes(200000)
+    packed = compress(original)
+    for data, ok in ((packed, True), (packed[:len(packed) // 2], False), (b"garbage" * 10, False)):
+        staged = fetch.StagedFile(str(tmp_path))
+        receiver = fetch.Receiver(staged, suffix, 40)
+        for start in range(0, len(data), 7000):
+            receiver.feed(data[start:start + 7000])
+        receiver.finish()
+        assert (receiver.problem is None) == ok, receiver.problem
+        if ok:
+            staged.commit(str(tmp_path / "out"))
+            assert (tmp_path / "out").read_bytes() == original and receiver.head == original[:40]
+        staged.discard()
