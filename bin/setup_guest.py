@@ -964,15 +964,16 @@ def start_guest(guest):
         log.info("starting PostgreSQL with systemctl start %s", guest.systemd_unit)
         run(["systemctl", "start", guest.systemd_unit], timeout=guest.start_timeout + 30)
     else:
-        make_dirs(os.path.dirname(os.path.abspath(guest.logfile)))
+        prepare_logfile(guest)
         log.info("starting PostgreSQL in %s (log %s, waiting up to %d s)",
                  guest.pgdata, guest.logfile, guest.start_timeout)
         argv = as_user(guest.user, [find_program(guest.bindir, "pg_ctl"), "start", "-w", "-D", guest.pgdata,
                                     "-l", guest.logfile, "-t", str(guest.start_timeout)])
+        log_size = os.path.getsize(guest.logfile) if os.path.exists(guest.logfile) else 0
         code, _, err = run(argv, timeout=guest.start_timeout + 30, check=False)
         if code != 0 and pg_ctl_status(guest) != 0:
-            last = (read_text(guest.logfile) or err).strip().splitlines() or ["pg_ctl exit code %d" % code]
-            raise Failure("PostgreSQL did not start: %s" % last[-1], 1)
+            last = (log_tail(guest.logfile, log_size) + "\n" + err).strip().splitlines()
+            raise Failure("PostgreSQL did not start: %s" % (last or ["pg_ctl exit code %d" % code])[0], 1)
         if code != 0:
             log.warning("pg_ctl gave up waiting after %d s, but PostgreSQL runs (still recovering?)",
                         guest.start_timeout)
@@ -980,6 +981,33 @@ def start_guest(guest):
         raise Failure("PostgreSQL is not running in %s after the start" % guest.pgdata, 1)
     log.info("PostgreSQL runs in %s", guest.pgdata)
     return 0
+
+
+def log_tail(path, offset):
+    """What was written to a log file after offset: the lines of this start only."""
+    try:
+        with open(path, errors="replace") as handle:
+            handle.seek(offset)
+            lines = [line for line in handle.read().splitlines() if line.strip()]
+    except (OSError, IOError):
+        return ""
+    # The first FATAL/PANIC line says why; else the last line.
+    for line in lines:
+        if "FATAL" in line or "PANIC" in line:
+            return line
+    return lines[-1] if lines else ""
+
+
+def prepare_logfile(guest):
+    """The pg_ctl log file exists and the user can write it (pg_ctl opens it as the user)."""
+    path = os.path.abspath(guest.logfile)
+    make_dirs(os.path.dirname(path))
+    if not os.path.exists(path) and os.geteuid() == 0:
+        uid, gid, _ = user_ids(guest.user)
+        with open(path, "a"):
+            pass
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o640)
 
 
 # ---------------------------------------------------------------------------

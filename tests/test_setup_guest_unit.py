@@ -284,6 +284,15 @@ def test_archive_source_lines_name_the_failing_source(sg):
     assert "host3" not in verdicts
 
 
+def test_pg_wal_fetch_check_lines_are_read(sg):
+    output = ("host1 (root@127.0.0.2:2222): reachable, /a/* 2 dirs, newest WAL file 000000010000000000000003, "
+              "round trip 40 ms\n"
+              "host2 (root@127.0.0.3:2222): unreachable (probe = tcp)\n"
+              "host3 (root@127.0.0.4:2222): reachable, listing /a/* failed: permission denied\n")
+    verdicts = sg.source_verdicts(output, ["host1", "host2", "host3"])
+    assert [verdicts[name][0] for name in ("host1", "host2", "host3")] == [True, False, False]
+
+
 def test_a_source_name_inside_another_word_is_not_a_match(sg):
     assert sg.source_verdicts("host10 failed\n", ["host1"]) == {}
 
