@@ -1,0 +1,441 @@
+"""pg_wal_fetch.py run as PostgreSQL runs it: as postgres, under Python 3.6, in a data
+directory, against the testbed's two sshd archive hosts (and nft for a dead host)."""
+
+import fcntl
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+
+from testbed import BIN, PG_USER, PY36, chown_pg, sh, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+SCRIPT = os.path.join(BIN, "pg_wal_fetch.py")
+# /root is 0700, so the postgres user cannot run pyenv's Python 3.6 where it is:
+# a copy goes beside the testbed's PostgreSQL binaries, with a wrapper for its
+# shared library (RUNPATH points into /root).
+PY36_COPY = "/opt/pg_zfs-tests/python-3.6.15"
+PY36_PG = os.path.join(PY36_COPY, "python3")
+
+
+def python36_for_postgres():
+    """A Python 3.6.15 the postgres user can run (copied once, atomically)."""
+    if os.path.exists(PY36_PG):
+        return PY36_PG
+    source = os.path.dirname(os.path.dirname(os.path.realpath(PY36)))
+    staging = "%s.%d.partial" % (PY36_COPY, os.getpid())
+    shutil.copytree(source, staging, symlinks=True)
+    with open(os.path.join(staging, "python3"), "w") as wrapper:
+        wrapper.write('#!/bin/sh\nLD_LIBRARY_PATH=%s/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} '
+                      'exec %s/bin/python3.6 "$@"\n' % (PY36_COPY, PY36_COPY))
+    os.chmod(os.path.join(staging, "python3"), 0o755)
+    sh(["chmod", "-R", "a+rX", staging])
+    try:
+        os.rename(staging, PY36_COPY)
+    except OSError:                     # another session was first
+        shutil.rmtree(staging, ignore_errors=True)
+    return PY36_PG
+
+
+@pytest.fixture(scope="module")
+def py36():
+    python = python36_for_postgres()
+    version = sh([python, "-c", "import sys; print(sys.version.split()[0])"], user=PG_USER).stdout
+    assert version.strip() == "3.6.15"
+    return python
+
+
+@pytest.fixture(scope="module")
+def segments(tb):
+    """Eight consecutive segments archived on both hosts."""
+    names = [tb.switch_wal() for _ in range(9)]
+    for start in range(len(names) - 7):
+        run = names[start:start + 8]
+        if all(int(b[8:], 16) == int(a[8:], 16) + 1 for a, b in zip(run, run[1:])):
+            return run
+    pytest.fail("no run of 8 consecutive segments in %s" % names)
+
+
+class WalEnv(object):
+    """A data directory for the restore_command to run in, private archive trees on the
+    two hosts (hard links of the real archive), a spool, a control dir and a PATH shim
+    that records every ssh and ping started."""
+
+    counter = [0]
+
+    def __init__(self, tb, segments, python):
+        self.counter[0] += 1
+        self.python = python
+        self.tb = tb
+        self.segments = segments
+        self.root = os.path.join(tb.run_dir, "wf%d" % self.counter[0])
+        self.pgdata = os.path.join(self.root, "pgdata")
+        self.pg_wal = os.path.join(self.pgdata, "pg_wal")
+        os.makedirs(os.path.join(self.pgdata, "global"))
+        os.makedirs(self.pg_wal)
+        for name in ("global/pg_control", "PG_VERSION"):
+            shutil.copy(os.path.join(tb.primary.pgdata, name), os.path.join(self.pgdata, name))
+        self.archive = {}
+        for index, host in enumerate(tb.hosts):
+            wal_dir = os.path.join(self.root, "arch%d" % (index + 1), "primary")
+            os.makedirs(wal_dir)
+            for name in segments:
+                os.link(os.path.join(host.wal_dir, name), os.path.join(wal_dir, name))
+            self.archive[index] = wal_dir
+        self.spool = os.path.join(self.root, "spool")
+        self.control = os.path.join(self.root, "c")
+        self.shim = os.path.join(self.root, "shim")
+        self.shim_log = os.path.join(self.root, "commands.log")
+        os.makedirs(self.shim)
+        for program in ("ssh", "ping"):
+            path = os.path.join(self.shim, program)
+            with open(path, "w") as out:
+                out.write('#!/bin/sh\necho "%s $*" >> %s\nexec /usr/bin/%s "$@"\n'
+                          % (program, self.shim_log, program))
+            os.chmod(path, 0o755)
+        sh(["chown", "-R", PG_USER, self.root])
+        self.configure()
+
+    def configure(self, archive=None, **sources):
+        overrides = {"archive": {"spool_dir": self.spool, "control_dir": self.control,
+                                 "control_persist": "5", "prefetch": "0", "timeout": "20"}}
+        overrides["archive"].update(archive or {})
+        for index, host in enumerate(self.tb.hosts):
+            overrides["source " + host.name] = {"path": os.path.dirname(self.archive[index]) + "/*"}
+            overrides["source " + host.name].update(sources.get(host.name, {}))
+        self.config = self.tb.write_config(os.path.join(self.root, "pg_zfs.conf"), overrides)
+
+    def argv(self, *args):
+        return ["runuser", "-u", PG_USER, "--", self.python, SCRIPT, "-c", self.config] + list(args)
+
+    def env(self):
+        env = dict(os.environ)
+        env["PATH"] = self.shim + ":" + env["PATH"]
+        env.pop("PG_ZFS_CONFIG", None)
+        return env
+
+    def run(self, *args):
+        return subprocess.run(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, cwd=self.pgdata, env=self.env(), timeout=120)
+
+    def popen(self, *args):
+        return subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, cwd=self.pgdata, env=self.env())
+
+    def commands(self):
+        if not os.path.exists(self.shim_log):
+            return []
+        with open(self.shim_log) as log:
+            return log.read().splitlines()
+
+    def original(self, name):
+        with open(os.path.join(self.tb.hosts[0].wal_dir, name), "rb") as segment:
+            return segment.read()
+
+    def delivered(self, dest="RECOVERYXLOG"):
+        with open(os.path.join(self.pg_wal, dest), "rb") as segment:
+            return segment.read()
+
+    def replace(self, host_index, name, content, suffix=""):
+        """Put content as NAME+suffix in one host's private archive (never writes through a link)."""
+        path = os.path.join(self.archive[host_index], name)
+        if os.path.exists(path):
+            os.unlink(path)
+        if content is not None:
+            with open(path + suffix, "wb") as out:
+                out.write(content)
+            chown_pg(path + suffix)
+
+    def teardown(self):
+        lock = os.path.join(self.spool, ".prefetch.lock")
+        if os.path.exists(lock):        # let a running prefetcher finish
+            with open(lock) as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+        if os.path.isdir(self.control):
+            for name in os.listdir(self.control):
+                sh(["ssh", "-S", os.path.join(self.control, name), "-O", "exit", "x"],
+                   user=PG_USER, check=False, timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def wal(tb, segments, py36):
+    env = WalEnv(tb, segments, py36)
+    try:
+        yield env
+    finally:
+        env.teardown()
+
+
+def python_child(runuser_pid):
+    """The pid of the python process runuser started."""
+    def child():
+        try:
+            with open("/proc/%d/task/%d/children" % (runuser_pid, runuser_pid)) as children:
+                pids = children.read().split()
+        except OSError:
+            return None
+        return int(pids[0]) if pids else None
+    return wait_for(child, 10, "the python child of runuser")
+
+
+# ---------------------------------------------------------------------------
+
+def test_segment_is_delivered_from_the_first_host(wal):
+    name = wal.segments[0]
+    proc = wal.run("-v", name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered() == wal.original(name)
+    assert "delivered from [source host1]" in proc.stderr
+    assert os.listdir(wal.pg_wal) == ["RECOVERYXLOG"]
+    assert sum(1 for c in wal.commands() if c.startswith("ssh")) == 1   # one ssh command
+
+
+def test_dead_first_host_is_skipped_and_the_second_serves(wal, tb):
+    name = wal.segments[1]
+    with tb.hosts[0].dead():
+        started = time.monotonic()
+        proc = wal.run("-v", name, "pg_wal/RECOVERYXLOG")
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert "delivered from [source host2]" in proc.stderr
+    assert "host1" in proc.stderr and "does not answer" in proc.stderr
+    assert wal.delivered() == wal.original(name)
+    assert elapsed < 10, "the dead host held the call %.1f s" % elapsed     # a bound, not a benchmark
+
+
+def test_second_host_serves_what_the_first_lacks(wal):
+    name = wal.segments[2]
+    wal.replace(0, name, None)
+    proc = wal.run("-v", name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert "delivered from [source host2]" in proc.stderr
+    assert wal.delivered() == wal.original(name)
+
+
+def test_segment_found_nowhere_exits_1_and_writes_nothing(wal):
+    name = wal.segments[-1][:16] + "%08X" % (int(wal.segments[-1][16:], 16) + 40)
+    proc = wal.run(name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 1, proc.stderr
+    assert "INFO" in proc.stderr and "not found on any reachable source" in proc.stderr
+    assert "ERROR" not in proc.stderr
+    assert os.listdir(wal.pg_wal) == []
+
+
+def test_no_source_reachable_exits_3_and_writes_nothing(wal, tb):
+    with tb.hosts[0].dead(), tb.hosts[1].dead():
+        proc = wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 3, proc.stderr
+    assert os.listdir(wal.pg_wal) == []
+
+
+def test_refused_ssh_connection_exits_3_not_255(wal):
+    wal.configure(host1={"probe": "none", "port": "1"}, host2={"probe": "none", "port": "1"})
+    proc = wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 3, proc.stderr
+    assert os.listdir(wal.pg_wal) == []
+
+
+@pytest.mark.parametrize("name", ["../x", ";rm -rf ~", "", "0000000100000000000000011",
+                                  "$(touch /tmp/pwned)", "00000001000000000000000a"])
+def test_invalid_names_exit_2_and_run_no_command(wal, name):
+    proc = wal.run(name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing" in proc.stderr
+    assert wal.commands() == []
+    assert os.listdir(wal.pg_wal) == []
+
+
+def test_bad_config_exits_2(wal):
+    wal.configure(host1={"probe": "carrier-pigeon"})
+    proc = wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 2 and "probe" in proc.stderr
+    assert wal.commands() == []
+
+
+def test_corrupt_copy_on_the_first_host_is_skipped_for_the_good_one_on_the_second(wal):
+    name = wal.segments[3]
+    good = wal.original(name)
+    wal.replace(0, name, good[:1000] + b"\xff" * 8 + good[1008:])     # inside the first page
+    wal.replace(0, name, good[:2] + b"\x00\x00" + good[4:])           # xlp_info without long header
+    proc = wal.run("-v", name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" in proc.stderr and "not valid" in proc.stderr
+    assert "delivered from [source host2]" in proc.stderr
+    assert wal.delivered() == good
+
+
+def test_copy_of_another_cluster_is_never_delivered(wal):
+    name = wal.segments[3]
+    foreign = bytearray(wal.original(name))
+    foreign[24:32] = struct.pack("=Q", 42)
+    wal.replace(0, name, bytes(foreign))
+    wal.replace(1, name, bytes(foreign))
+    proc = wal.run(name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 1, proc.stderr
+    assert "system identifier 42" in proc.stderr
+    assert os.listdir(wal.pg_wal) == []
+
+
+@pytest.mark.parametrize("suffix, program", [(".gz", "gzip"), (".xz", "xz"), (".bz2", "bzip2")])
+def test_compressed_archive_is_delivered_decompressed(wal, suffix, program):
+    if shutil.which(program) is None:
+        pytest.skip("no %s here" % program)
+    name = wal.segments[4]
+    packed = subprocess.run([program, "-c", os.path.join(wal.archive[0], name)],
+                            stdout=subprocess.PIPE, check=True).stdout
+    wal.replace(0, name, packed, suffix)
+    proc = wal.run("-v", name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert "delivered from [source host1]" in proc.stderr
+    assert wal.delivered() == wal.original(name)
+
+
+def test_history_file_is_delivered(wal):
+    history = b"1\t0/5000000\tno recovery target specified\n"
+    wal.replace(1, "00000002.history", history)
+    proc = wal.run("00000002.history", "pg_wal/RECOVERYHISTORY")
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered("RECOVERYHISTORY") == history
+
+
+def test_kill_9_mid_transfer_leaves_nothing_in_the_wal_directory(wal):
+    # Stall the stream after 4 MB so the fetch is certainly mid-transfer.
+    marker = os.path.join(wal.root, "stalled")
+    with open(os.path.join(wal.shim, "ssh"), "w") as out:
+        out.write('#!/bin/sh\n/usr/bin/ssh "$@" | { head -c 4000000; touch %s; sleep 5; }\n' % marker)
+    proc = wal.popen(wal.segments[5], "pg_wal/RECOVERYXLOG")
+    try:
+        wait_for(lambda: os.path.exists(marker), 30, "the stalled transfer")
+        time.sleep(0.3)
+        os.kill(python_child(proc.pid), signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert os.listdir(wal.pg_wal) == []
+
+
+def test_sigterm_mid_transfer_cleans_up_and_ends_by_sigterm(wal):
+    marker = os.path.join(wal.root, "stalled")
+    with open(os.path.join(wal.shim, "ssh"), "w") as out:
+        out.write('#!/bin/sh\n/usr/bin/ssh "$@" | { head -c 4000000; touch %s; sleep 5; }\n' % marker)
+    # A file system without O_TMPFILE would use a named temporary file: both must vanish.
+    proc = wal.popen(wal.segments[5], "pg_wal/RECOVERYXLOG")
+    try:
+        wait_for(lambda: os.path.exists(marker), 30, "the stalled transfer")
+        time.sleep(0.3)
+        python = python_child(proc.pid)
+        os.kill(python, signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped by signal 15" in err
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)   # runuser passes the signal on
+    assert os.listdir(wal.pg_wal) == []
+
+
+def test_prefetch_fills_the_spool_and_the_next_call_uses_no_ssh(wal):
+    wal.configure(archive={"prefetch": "4"})
+    first, window = wal.segments[0], wal.segments[1:5]
+    proc = wal.run(first, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+
+    def spooled():
+        return all(os.path.exists(os.path.join(wal.spool, name)) for name in window)
+    wait_for(spooled, 60, "the prefetcher to spool %s" % window)
+    segments_in_spool = [n for n in os.listdir(wal.spool) if not n.startswith(".")]
+    assert len(segments_in_spool) <= 4 + 2
+    os.unlink(wal.shim_log)
+    os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+    proc = wal.run(window[0], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered() == wal.original(window[0])
+    assert wal.commands() == []                     # no ssh, no ping: straight from the spool
+    assert not os.path.exists(os.path.join(wal.spool, window[0]))
+
+
+def test_invalid_spool_file_is_removed_and_the_segment_fetched_again(wal):
+    wal.configure(archive={"prefetch": "2"})
+    name = wal.segments[6]
+    os.makedirs(wal.spool)
+    chown_pg(wal.spool)
+    with open(os.path.join(wal.spool, name), "wb") as torn:
+        torn.write(wal.original(name)[:SEGMENT_HALF])
+    chown_pg(os.path.join(wal.spool, name))
+    proc = wal.run(name, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert "spooled %s is not valid" % name in proc.stderr
+    assert wal.delivered() == wal.original(name)
+
+
+SEGMENT_HALF = 8 * 1024 * 1024
+
+
+def test_check_reports_each_source_and_fails_only_when_none_works(wal, tb):
+    with tb.hosts[0].dead():
+        proc = wal.run("--check")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("host1") and "unreachable" in lines[0]
+    assert lines[1].startswith("host2") and "reachable" in lines[1] and wal.segments[-1] in lines[1]
+    assert "round trip" in lines[1]
+    with tb.hosts[0].dead(), tb.hosts[1].dead():
+        proc = wal.run("--check")
+    assert proc.returncode == 3
+
+
+# ---------------------------------------------------------------------------
+# A real recovery
+# ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_real_recovery_replays_30_segments_with_host1_dead_half_way(tb, wal):
+    primary = tb.primary
+    primary.psql("CREATE TABLE IF NOT EXISTS wf_recovery (id int, note text)")
+    backup = os.path.join(wal.root, "restored")
+    ts_dir = os.path.join(wal.root, "restored_ts1")
+    sh([primary.tool("pg_basebackup"), "-D", backup, "-X", "none", "-c", "fast",
+        "-T", "%s=%s" % (primary.ts1_dir, ts_dir),
+        "-h", primary.socket_dir, "-p", str(primary.port), "-U", PG_USER], user=PG_USER, timeout=300)
+    for batch in range(32):
+        primary.psql("INSERT INTO wf_recovery SELECT g, md5(g::text) FROM generate_series(%d, %d) g"
+                     % (batch * 1000, batch * 1000 + 999))
+        last = tb.switch_wal()
+    expected = primary.psql("SELECT count(*), sum(id), md5(string_agg(note, ',' ORDER BY id)) "
+                            "FROM wf_recovery")
+
+    restored = tb.new_cluster("wf_restored", pgdata=backup)
+    wal.configure(archive={"prefetch": "8"},
+                  host1={"path": tb.hosts[0].glob}, host2={"path": tb.hosts[1].glob})
+    restored.configure(port=restored.port, unix_socket_directories="'%s'" % restored.socket_dir,
+                       archive_mode="off", hot_standby="off",
+                       restore_command="'%s %s -c %s %%f %%p'" % (wal.python, SCRIPT, wal.config),
+                       recovery_target_timeline="'current'")
+    open(os.path.join(backup, "recovery.signal"), "w").close()
+    chown_pg(os.path.join(backup, "recovery.signal"))
+    sh([restored.tool("pg_ctl"), "start", "-D", backup, "-l", restored.logfile], user=PG_USER)
+    try:
+        def restored_count():
+            with open(restored.logfile) as log_file:
+                return log_file.read().count("restored log file")
+        wait_for(lambda: restored_count() >= 15, 240, "15 segments restored")
+        with tb.hosts[0].dead():
+            wait_for(lambda: restored.is_running() and restored.psql(
+                "SELECT NOT pg_is_in_recovery()", check=False).stdout.strip() == "t",
+                300, "the end of recovery", interval=1)
+        with open(restored.logfile) as log_file:
+            log_text = log_file.read()
+        assert 'restored log file "%s" from archive' % last in log_text
+        assert log_text.count("restored log file") >= 30
+        assert "could not restore file" not in log_text
+        assert restored.psql("SELECT count(*), sum(id), md5(string_agg(note, ',' ORDER BY id)) "
+                             "FROM wf_recovery") == expected
+    finally:
+        restored.stop("immediate")
