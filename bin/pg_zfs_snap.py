@@ -18,7 +18,8 @@ Commands:
     check                      Nagios line from the age of the newest complete set
     oldest-wal                 first WAL file the oldest kept set needs: archived
                                files before it may go (pg_archivecleanup ARCH NAME)
-    --wait                     wait for the lock instead of leaving quietly
+snapshot, prune and the cron run take the lock (flock on lock_file); while
+another run holds it they log a line and exit 0, or wait with --wait.
 
 One backup is one snapshot set: DATASET@PREFIX_YYYYmmddTHHMMSSZ (UTC, so a
 daylight saving change cannot make two runs collide) on every configured
@@ -82,6 +83,7 @@ time (set names, retention, check).
 
 import argparse
 import base64
+import binascii
 import calendar
 import collections
 import configparser
@@ -100,8 +102,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-import uuid
 
 VERSION = "0.1.0"
 PROG = "pg_zfs_snap"
@@ -653,12 +655,29 @@ class ZfsBackend(object):
         return made
 
     def set_properties(self, snapshots, properties, order):
-        """Set properties on every snapshot, one property per call, in `order`.
+        """Set properties on every snapshot; the last key of `order` only after the others.
 
-        One per call because old zfs takes one; values must not be empty.
+        One property per call because old zfs takes one; values must not be empty.
+        The calls before the last run at once: ZFS can commit them in one
+        transaction group instead of waiting for one each.
         """
-        for key in order:
-            self._run("set", "%s%s=%s" % (P, key, properties[key]), *snapshots)
+        failures = []
+
+        def set_one(key):
+            try:
+                self._run("set", "%s%s=%s" % (P, key, properties[key]), *snapshots)
+            except Failure as failure:
+                failures.append(failure)
+        workers = [threading.Thread(target=set_one, args=(key,)) for key in order[:-1]]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if failures:
+            raise failures[0]
+        set_one(order[-1])
+        if failures:
+            raise failures[0]
 
     def list_snapshots(self, datasets):
         """Rows (dataset, snapshot, used bytes, {key: value}) under the pools of datasets."""
@@ -774,7 +793,7 @@ class PsqlSession(object):
 
     def query(self, sql, timeout=PSQL_TIMEOUT):
         """The answer lines of one statement; Failure if psql fails or is silent."""
-        tag = "PGZFS_END_" + uuid.uuid4().hex
+        tag = "PGZFS_END_" + binascii.hexlify(os.urandom(8)).decode("ascii")
         try:
             self.proc.stdin.write(("%s;\n\\echo %s\n" % (sql.rstrip().rstrip(";"), tag)).encode("utf-8"))
             self.proc.stdin.flush()
@@ -1028,8 +1047,8 @@ def cmd_snapshot(job, label_text):
     order = snapshot_order(job.datasets, pgdata_dataset)
     existing = set(one.name for one in job.sets())
     name = set_name(job.prefix, job.clock.now())
-    while name in existing:
-        time.sleep(1)
+    while name in existing:             # a run earlier in this second: wait for the next
+        time.sleep(1.01 - job.clock.now() % 1)
         name = set_name(job.prefix, job.clock.now())
     base = {"version": VERSION, "set": name, "datasets": " ".join(order),
             "pgdata_dataset": pgdata_dataset, "pgdata_rel": pgdata_rel}
@@ -1143,11 +1162,12 @@ def cmd_list(job, as_json):
     if as_json:
         out = []
         for one in sets:
-            entry = {"name": one.name, "time": iso_utc(one.time), "complete": one.complete,
-                     "datasets": list(one.datasets), "present": list(one.present),
-                     "used_bytes": one.used,
-                     "clones": sorted(c for d in one.present for c in clones.get("%s@%s" % (d, one.name), []))}
-            entry.update(one.properties)
+            entry = dict(one.properties)
+            entry.update(name=one.name, time=iso_utc(one.time), complete=one.complete,
+                         datasets=list(one.datasets), present=list(one.present),
+                         used_bytes=one.used,
+                         clones=sorted(c for d in one.present
+                                       for c in clones.get("%s@%s" % (d, one.name), [])))
             out.append(entry)
         print(json.dumps(out, indent=2, sort_keys=True))
         return

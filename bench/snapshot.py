@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Benchmark: pg_zfs_snap.py snapshot against pg_basebackup, and a set's space.
+
+Run as root (zfs needs it), from the repository:
+
+    python3 bench/snapshot.py [--pg 15] [--small-scale 7] [--large-scale 68] [--runs 5]
+
+Builds everything it uses under a fresh /tmp directory and removes it at the
+end: a zfs-fuse pool on a sparse file (datasets data01..data04, PGDATA on
+data02, like the article), a primary on plain disk, a streaming standby on the
+pool with pg_wal off ZFS. Loopback only (Unix sockets).
+
+For a cluster of about 100 MB (pgbench -i -s 7) and about 1 GB (-s 68):
+- the wall time of `pg_zfs_snap.py snapshot --no-prune` on the standby (median
+  of --runs), and of `pg_basebackup -X stream -c fast` of the same standby;
+- the space a set holds after pgbench changes about 1 % of the pages: set A,
+  pgbench -t (heap pages / 100), restartpoint, set B; then A's `used` (the old
+  blocks only A still references: what keeping one daily set costs) against
+  the bytes of the 8 KiB pages that really changed (every page of PGDATA/base
+  hashed before and after).
+
+recordsize: the datasets use recordsize=8K, PostgreSQL's page size. ZFS copies
+a whole record on write, so with the default 128K every changed page would pin
+a 128 KiB old record in the snapshot (up to 16x the bytes changed); with 8K a
+changed page costs one 8 KiB record plus metadata. The price is more block
+pointers (metadata) and less compression per record, which does not matter for
+a standby that is only replayed and snapshotted.
+
+Targets (issue 4): snapshot time flat (1 GB / 100 MB under 1.5), at least 20x
+faster than pg_basebackup at 1 GB, set space within 3x of the bytes changed.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import testbed  # noqa: E402  (the shared zfs-fuse daemon protocol and cluster helpers)
+
+PAGE = 8192
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pg", default="15", help="PostgreSQL major version (15, 14, 18)")
+    parser.add_argument("--small-scale", type=int, default=7, help="pgbench scale of the ~100 MB cluster")
+    parser.add_argument("--large-scale", type=int, default=68, help="pgbench scale of the ~1 GB cluster")
+    parser.add_argument("--runs", type=int, default=5, help="snapshot runs per size (median)")
+    return parser.parse_args()
+
+
+def zfs_bytes(text):
+    """Bytes of a zfs size ('1.21M'); zfs-fuse has no -p."""
+    units = "BKMGTP"
+    text = text.strip()
+    if text[-1] in units:
+        return float(text[:-1]) * 1024 ** units.index(text[-1])
+    return float(text)
+
+
+def mib(count):
+    return "%.1f MiB" % (count / 1048576.0)
+
+
+class Bench(object):
+    def __init__(self, args, run_dir):
+        self.args = args
+        self.run_dir = run_dir
+        self.bindir = testbed.pg_bindir(args.pg)
+        self.pool = self.primary = self.standby = None
+        self.config = os.path.join(run_dir, "pg_zfs.conf")
+
+    def setup(self):
+        args, run_dir = self.args, self.run_dir
+        self.pool = testbed.ZfsPool(run_dir, "pgzfs_bench%d" % (os.getpid() % 10000), size="8G")
+        self.datasets = [self.pool.create("data%02d" % n, recordsize="8K") for n in (1, 2, 3, 4)]
+        for dataset in self.datasets:
+            testbed.chown_pg(self.pool.mountpoint(dataset))
+        primary = testbed.Cluster("primary", os.path.join(run_dir, "primary"), self.bindir, run_dir)
+        self.primary = primary
+        self.primary.initdb()
+        self.primary.configure(wal_level="replica", max_wal_size="4GB", checkpoint_timeout="30min")
+        self.primary.start()
+
+    def pg(self, cluster, tool, *args, **kwargs):
+        return testbed.sh([cluster.tool(tool)] + list(args), user=testbed.PG_USER,
+                          timeout=kwargs.get("timeout", 3600))
+
+    def make_standby(self):
+        pgdata = os.path.join(self.pool.mountpoint(self.datasets[1]), "pgdata")
+        waldir = os.path.join(self.run_dir, "standby_wal")
+        os.makedirs(waldir, mode=0o700)
+        testbed.chown_pg(waldir)
+        self.standby = testbed.Cluster("standby", pgdata, self.bindir, self.run_dir)
+        self.pg(self.primary, "pg_basebackup", "-D", pgdata, "--waldir", waldir, "-R", "-X", "stream",
+                "-c", "fast", "-h", self.primary.socket_dir, "-p", str(self.primary.port),
+                "-U", testbed.PG_USER)
+        self.standby.configure(port=self.standby.port,
+                               unix_socket_directories="'%s'" % self.standby.socket_dir)
+        self.standby.start()
+        with open(self.config, "w") as out:
+            out.write("[postgres]\npgdata = %s\nbindir = %s\nuser = postgres\nhost = %s\n"
+                      "port = %d\ndbname = postgres\n\n[snapshot]\nbackend = zfs\ndatasets = %s\n"
+                      "prefix = bench\nlock_file = %s\n"
+                      % (pgdata, self.bindir, self.standby.socket_dir, self.standby.port,
+                         " ".join(self.datasets), os.path.join(self.run_dir, "snap.lock")))
+
+    def catch_up(self):
+        """Wait until the standby replayed all the primary wrote, then flush it."""
+        target = self.primary.psql("SELECT pg_current_wal_lsn()")
+        testbed.wait_for(lambda: self.standby.psql(
+            "SELECT pg_last_wal_replay_lsn() >= '%s'::pg_lsn" % target) == "t", 1800, "replay")
+        self.primary.psql("CHECKPOINT")
+        target = self.primary.psql("SELECT pg_current_wal_lsn()")
+        testbed.wait_for(lambda: self.standby.psql(
+            "SELECT pg_last_wal_replay_lsn() >= '%s'::pg_lsn" % target) == "t", 600, "replay")
+        self.standby.psql("CHECKPOINT")     # a restartpoint: pages reach the files
+
+    def load(self, scale):
+        self.pg(self.primary, "pgbench", "-i", "-q", "-s", str(scale), "-h", self.primary.socket_dir,
+                "-p", str(self.primary.port), "postgres")
+        self.catch_up()
+        return int(self.standby.psql("SELECT pg_database_size('postgres')"))
+
+    def snapshot(self):
+        # Start in a fresh second: a set name has one-second resolution, and a
+        # run in the same second as the previous one waits for the next.
+        time.sleep(1.05 - time.time() % 1)
+        start = time.time()
+        proc = testbed.run_script("pg_zfs_snap", "snapshot", "--no-prune", config=self.config,
+                                  timeout=600)
+        elapsed = time.time() - start
+        if proc.returncode != 0:
+            raise RuntimeError("pg_zfs_snap failed: %s" % proc.stderr)
+        name = proc.stderr.split("took set ", 1)[1].split()[0]
+        return elapsed, name
+
+    def basebackup(self):
+        target = os.path.join(self.run_dir, "basebackup")
+        os.makedirs(target, mode=0o700)
+        testbed.chown_pg(target)
+        start = time.time()
+        self.pg(self.standby, "pg_basebackup", "-D", target, "-X", "stream", "-c", "fast",
+                "-h", self.standby.socket_dir, "-p", str(self.standby.port), "-U", testbed.PG_USER)
+        elapsed = time.time() - start
+        shutil.rmtree(target)
+        return elapsed
+
+    def page_hashes(self):
+        """{(file, page number): digest} of every page under PGDATA/base."""
+        hashes = {}
+        base = os.path.join(self.standby.pgdata, "base")
+        for root, _, files in os.walk(base):
+            for name in files:
+                path = os.path.join(root, name)
+                with open(path, "rb") as handle:
+                    number = 0
+                    while True:
+                        page = handle.read(PAGE)
+                        if not page:
+                            break
+                        hashes[(path, number)] = hashlib.sha1(page).digest()
+                        number += 1
+        return hashes
+
+    def set_used(self, name):
+        return sum(zfs_bytes(self.pool.run("get", "-H", "-o", "value", "used",
+                                           "%s@%s" % (dataset, name)))
+                   for dataset in self.datasets)
+
+    def destroy_sets(self):
+        for snapshot in self.pool.snapshots():
+            self.pool.destroy(snapshot)
+
+    def measure(self, scale):
+        size = self.load(scale)
+        times = [self.snapshot()[0] for _ in range(self.args.runs)]
+        base_time = self.basebackup()
+        self.destroy_sets()
+        # Space: set A, pgbench changes ~1 % of the heap pages, set B.
+        heap_pages = int(self.primary.psql(
+            "SELECT pg_relation_size('pgbench_accounts') / %d" % PAGE))
+        before = self.page_hashes()
+        _, set_a = self.snapshot()
+        self.pg(self.primary, "pgbench", "-n", "-c", "1", "-t", str(max(heap_pages // 100, 1)),
+                "-h", self.primary.socket_dir, "-p", str(self.primary.port), "postgres")
+        self.catch_up()
+        after = self.page_hashes()
+        _, set_b = self.snapshot()
+        changed = sum(1 for key, digest in after.items() if before.get(key) != digest)
+        used_a = self.set_used(set_a)
+        self.destroy_sets()
+        return {"scale": scale, "size": size, "snap": statistics.median(times), "snaps": times,
+                "basebackup": base_time, "changed_pages": changed, "pages": len(after),
+                "used_a": used_a}
+
+    def teardown(self):
+        for cluster in (self.standby, self.primary):
+            if cluster is not None:
+                try:
+                    cluster.stop("fast")
+                except Exception as error:      # keep tearing down
+                    print("stopping %s: %s" % (cluster.name, error), file=sys.stderr)
+        if self.pool is not None:
+            self.pool.teardown()
+
+
+def report(results):
+    print("\n%-6s %10s %12s %14s %8s %14s %12s %8s" % (
+        "scale", "db size", "snapshot", "pg_basebackup", "speedup", "pages changed",
+        "set A used", "used/changed"))
+    for r in results:
+        changed_bytes = r["changed_pages"] * PAGE
+        print("%-6d %10s %10.3f s %12.2f s %7.0fx %7d (%.2f%%) %12s %8.2f" % (
+            r["scale"], mib(r["size"]), r["snap"], r["basebackup"], r["basebackup"] / r["snap"],
+            r["changed_pages"], 100.0 * r["changed_pages"] / r["pages"], mib(r["used_a"]),
+            r["used_a"] / max(changed_bytes, 1)))
+    small, large = results
+    print("\nsnapshot runs (s): small %s, large %s" % (
+        " ".join("%.3f" % t for t in small["snaps"]), " ".join("%.3f" % t for t in large["snaps"])))
+    ratio = large["snap"] / small["snap"]
+    speedup = large["basebackup"] / large["snap"]
+    space = large["used_a"] / max(large["changed_pages"] * PAGE, 1)
+    print("snapshot time 1 GB / 100 MB: %.2f (target < 1.5) %s" % (ratio, "ok" if ratio < 1.5 else "MISSED"))
+    print("pg_basebackup / snapshot at 1 GB: %.0fx (target >= 20x) %s" % (speedup, "ok" if speedup >= 20 else "MISSED"))
+    print("set space / bytes changed at 1 GB: %.2f (target <= 3) %s" % (space, "ok" if space <= 3 else "MISSED"))
+    print("recordsize=8K on every dataset (PostgreSQL page size)")
+
+
+def main():
+    args = parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: zfs needs it")
+    run_dir = tempfile.mkdtemp(prefix="pgzfs-bench-", dir="/tmp")
+    os.chmod(run_dir, 0o755)
+    bench = None
+    try:
+        bench = Bench(args, run_dir)
+        bench.setup()
+        bench.make_standby()
+        results = []
+        for scale in (args.small_scale, args.large_scale):
+            print("scale %d ..." % scale, flush=True)
+            results.append(bench.measure(scale))
+        report(results)
+    finally:
+        if bench is not None:
+            bench.teardown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
