@@ -427,6 +427,7 @@ def test_real_recovery_replays_30_segments_with_host1_dead_half_way(tb, wal):
                 return log_file.read().count("restored log file")
         wait_for(lambda: restored_count() >= 15, 240, "15 segments restored")
         with tb.hosts[0].dead():
+            assert restored_count() < 32, "recovery was over before host1 died"
             wait_for(lambda: restored.is_running() and restored.psql(
                 "SELECT NOT pg_is_in_recovery()", check=False).stdout.strip() == "t",
                 300, "the end of recovery", interval=1)
