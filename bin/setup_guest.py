@@ -649,9 +649,12 @@ class Guest(object):
         self.check_clock = cfg.choice("guest", "check_clock", ("yes", "no"), "yes") == "yes"
         try:
             self.properties = parse_properties(cfg.str("guest", "dataset_properties", DEFAULT_DATASET_PROPERTIES))
+        except Failure as failure:
+            raise cfg.error("guest", "dataset_properties", str(failure))
+        try:
             self.tablespace_mapping = parse_tablespace_mapping(cfg.str("guest", "tablespace_mapping", ""))
         except Failure as failure:
-            raise cfg.error("guest", "dataset_properties/tablespace_mapping", str(failure))
+            raise cfg.error("guest", "tablespace_mapping", str(failure))
         if not os.path.isabs(self.pgdata):
             raise cfg.error("postgres", "pgdata", "%r is not an absolute path" % self.pgdata)
         self.sources = []
@@ -1301,8 +1304,9 @@ def install_known_hosts(guest, root, steps):
             log.warning("[source %s] ssh_options has no HostKeyAlias: add -o HostKeyAlias=%s so ssh "
                         "looks the key up under that name, not under the address", source["name"], alias)
         known = source["options"].get("userknownhostsfile", "").split()
-        path = os.path.expanduser(known[0]) if known else os.path.join(home, ".ssh", "known_hosts")
-        path = under_root(root, path.replace("~", home, 1) if path.startswith("~") else path)
+        path = known[0] if known else os.path.join(home, ".ssh", "known_hosts")
+        # ~ in ssh_options is the PostgreSQL user's home: ssh runs as that user.
+        path = under_root(root, home + path[1:] if path.startswith("~/") else path)
         code, scanned, err = run(["ssh-keyscan", "-T", "5", "-p", str(source["port"]), source["host"]],
                                  timeout=30, check=False)
         records = known_hosts_records(scanned, alias)

@@ -501,3 +501,21 @@ def test_check_without_a_clock_tool_says_it_cannot_tell(own):
     assert clock["status"] in ("OK", "WARNING")
     if clock["status"] == "WARNING":
         assert clock["detail"].startswith(("cannot tell", "not synchronised"))
+
+
+def test_init_force_refuses_while_the_standby_runs_and_rebuilds_it_when_stopped(own):
+    assert own.is_running()
+    marker = os.path.join(own.pgdata, "not_from_the_primary")
+    open(marker, "w").close()
+    proc = setup_guest("-c", own.config, "--init", "--force")
+    assert proc.returncode == 1
+    assert "PostgreSQL runs in %s: stop it before --init --force" % own.pgdata in proc.stderr
+    own.stop()
+    proc = setup_guest("-c", own.config, "--init", "--force", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "empty %s (--force)" % own.pgdata in proc.stderr
+    assert not os.path.exists(marker)
+    assert os.path.realpath(os.path.join(own.pgdata, "pg_wal")) == os.path.realpath(own.waldir)
+    assert "nothing to change" in setup_guest("-c", own.config, "--init").stderr
+    assert setup_guest("-c", own.config, "--start").returncode == 0
+    wait_for(lambda: own.receiver_status() == "streaming", 60, "the rebuilt standby to stream")
