@@ -1,0 +1,391 @@
+"""pg_zfs_restore.py run as a process, as root, against the real testbed: a
+zfs-fuse pool under a streaming standby, sets taken by pg_zfs_snap.py, WAL
+fetched by pg_wal_fetch.py over ssh from the two archive hosts.
+
+The story the module sets up once: on the primary a loop inserts rows stamped
+with clock_timestamp(); set A is taken on the standby; later we note a time
+T, the primary's LSN at T, and create a restore point; then set B is taken;
+the loop stops and the WAL is archived. Every restore is checked against the
+primary's rows.
+"""
+
+import contextlib
+import datetime
+import glob
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from testbed import PG_USER, sh, wait_for
+
+SCRIPT = "pg_zfs_restore"
+# One statement (psql -c sends one query string; COMMIT inside DO needs that).
+LOOP_SQL = """
+DO $$
+BEGIN
+  FOR i IN 1..100000 LOOP
+    INSERT INTO pitr (at) VALUES (clock_timestamp());
+    COMMIT;
+    PERFORM pg_sleep(0.02);
+    EXIT WHEN EXISTS (SELECT 1 FROM pitr_stop);
+  END LOOP;
+END $$;
+"""
+# Rows stamped this close before T may have committed just after it.
+COMMIT_SLACK = datetime.timedelta(milliseconds=200)
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def parse_pg_time(text):
+    """A timestamptz as psql prints it in UTC ('2026-11-25 04:30:00.123+00')."""
+    text = text.strip()
+    match = re.match(r"^(.*?)([+-]\d\d)$", text)
+    base = datetime.datetime.strptime(match.group(1).split(".")[0], "%Y-%m-%d %H:%M:%S")
+    fraction = match.group(1).split(".")[1] if "." in match.group(1) else "0"
+    base = base.replace(microsecond=int(fraction.ljust(6, "0")[:6]))
+    return base.replace(tzinfo=datetime.timezone(datetime.timedelta(hours=int(match.group(2)))))
+
+
+class Story(object):
+    """What the module fixture built: config, sets, T, LSN, restore point, the rows."""
+
+
+def snap(tb, config):
+    proc = sh(["/root/.pyenv/versions/3.6.15/bin/python3",
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin",
+                            "pg_zfs_snap.py"), "-c", config, "snapshot", "--no-prune"],
+              check=False, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def set_names(tb):
+    names = []
+    for name in tb.zfs.snapshots():
+        short = name.split("@", 1)[1]
+        if short.startswith("pgzfs_") and short not in names:
+            names.append(short)
+    return names
+
+
+def restore_script(config, *args, timeout=300):
+    from testbed import run_script
+    return run_script(SCRIPT, *args, config=config, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def story(tb):
+    standby, primary = tb.standby, tb.primary
+    s = Story()
+    s.tb = tb
+    s.config = tb.write_config(os.path.join(tb.run_dir, "restore.conf"), {"restore": {
+        "mount_root": os.path.join(tb.run_dir, "restore_mnt"),
+        "wal_root": os.path.join(tb.run_dir, "restore_wal"),
+        "timeout": "240"}})
+    s.sets_before = set(set_names(tb))
+    primary.psql("DROP TABLE IF EXISTS pitr; DROP TABLE IF EXISTS pitr_stop; "
+                 "CREATE TABLE pitr_stop (x int); "
+                 "CREATE TABLE pitr (id serial PRIMARY KEY, at timestamptz NOT NULL)")
+    loop = subprocess.Popen(
+        ["runuser", "-u", PG_USER, "--", os.path.join(tb.pg_bindir, "psql"), "-X", "-q",
+         "-h", primary.socket_dir, "-p", str(primary.port), "-d", "postgres", "-c", LOOP_SQL],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        wait_for(lambda: loop.poll() is not None or int(primary.psql("SELECT count(*) FROM pitr")) > 20,
+                 30, "the insert loop")
+        assert loop.poll() is None, loop.communicate()
+        snap(tb, s.config)
+        time.sleep(2.5)
+        s.target_time = utc_now()
+        s.target_lsn = primary.psql("SELECT pg_current_wal_lsn()")
+        time.sleep(1.5)
+        s.point_time = utc_now()
+        primary.psql("SELECT pg_create_restore_point('pitr_point')")
+        time.sleep(1.5)
+        snap(tb, s.config)
+        time.sleep(1.0)
+    finally:
+        primary.psql("INSERT INTO pitr_stop VALUES (1)")
+        out, err = loop.communicate(timeout=60)
+    assert loop.returncode == 0, err
+    tb.switch_wal()
+    s.sets = [name for name in set_names(tb) if name not in s.sets_before]
+    assert len(s.sets) == 2
+    s.rows = rows_of(primary)
+    return s
+
+
+def rows_of(cluster_or_args):
+    if isinstance(cluster_or_args, tuple):
+        socket_dir, port, bindir = cluster_or_args
+        out = sh([os.path.join(bindir, "psql"), "-X", "-q", "-A", "-t", "-h", socket_dir, "-p", str(port),
+                  "-d", "postgres", "-c", "SET TimeZone = 'UTC'; SELECT id, at FROM pitr ORDER BY id"],
+                 user=PG_USER).stdout
+    else:
+        out = cluster_or_args.psql("SET TimeZone = 'UTC'; SELECT id, at FROM pitr ORDER BY id")
+    rows = []
+    for line in out.splitlines():
+        if "|" in line:
+            ident, at = line.split("|")
+            rows.append((int(ident), parse_pg_time(at)))
+    return rows
+
+
+def props_of(tb, snapshot):
+    out = tb.zfs.run("get", "-H", "-o", "property,value", "all", snapshot)
+    return dict(line.split("\t", 1) for line in out.splitlines() if line.startswith("pgzfs:"))
+
+
+def our_clones(tb):
+    out = tb.zfs.run("list", "-H", "-t", "filesystem", "-o", "name,pgzfs:clone_of", "-r", tb.zfs.name)
+    return [line.split("\t")[0] for line in out.splitlines() if not line.endswith("\t-")]
+
+
+class Restored(object):
+    def __init__(self, proc, tb):
+        self.proc = proc
+        self.out = proc.stdout
+        match = re.search(r"connect: psql -h (\S+) -p (\d+)", proc.stdout)
+        self.socket_dir, self.port = (match.group(1), int(match.group(2))) if match else (None, None)
+        match = re.search(r"data directory (\S+),", proc.stdout)
+        self.pgdata = match.group(1) if match else None
+        self.bindir = tb.pg_bindir
+
+    def psql(self, sql):
+        return sh([os.path.join(self.bindir, "psql"), "-X", "-q", "-A", "-t", "-h", self.socket_dir,
+                   "-p", str(self.port), "-d", "postgres", "-c", sql], user=PG_USER).stdout.strip()
+
+    def rows(self):
+        return rows_of((self.socket_dir, self.port, self.bindir))
+
+
+@contextlib.contextmanager
+def restored(story, *args):
+    """Run restore ARGS; yield a Restored; always clean up and check nothing is left."""
+    proc = restore_script(story.config, "restore", *args)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield Restored(proc, story.tb)
+    finally:
+        cleanup = restore_script(story.config, "cleanup", "--all")
+        assert cleanup.returncode == 0, cleanup.stderr
+        assert our_clones(story.tb) == []
+        assert glob.glob(os.path.join(story.tb.run_dir, "restore_wal", "*")) == []
+
+
+def assert_rows_up_to(story, rows, moment):
+    """rows are exactly a prefix of the primary's rows, ending at `moment`."""
+    primary_rows = story.rows
+    assert rows == primary_rows[:len(rows)], "not a prefix of the primary's rows"
+    assert all(at <= moment for _, at in rows), "a row stamped after the target is present"
+    missing = primary_rows[len(rows):]
+    assert all(at > moment - COMMIT_SLACK for _, at in missing), \
+        "a row committed before the target is missing"
+    assert missing, "the primary has rows after the target"
+
+
+# -- the product --------------------------------------------------------------
+
+def test_pitr_restore_to_a_time_between_two_sets_has_exactly_the_rows_committed_by_then(story):
+    target = story.target_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    with restored(story, "--target-time", target, "--action", "promote") as copy:
+        assert "restored set %s to" % story.sets[0] in copy.out
+        assert ": promoted" in copy.out
+        assert "recovery stopping before commit" in copy.out
+        assert re.search(r"steps: clone [0-9.]+s, prepare [0-9.]+s, start [0-9.]+s, recover", copy.out)
+        assert copy.psql("SELECT pg_is_in_recovery()") == "f"
+        assert_rows_up_to(story, copy.rows(), story.target_time)
+        # The copy archives nothing and keeps its WAL off ZFS, away from the standby's.
+        assert copy.psql("SHOW archive_mode") == "off"
+        copy.psql("INSERT INTO pitr (at) VALUES (now()); SELECT pg_switch_wal()")
+        wal_link = os.readlink(os.path.join(copy.pgdata, "pg_wal"))
+        assert wal_link.startswith(os.path.join(story.tb.run_dir, "restore_wal"))
+        tablespace_links = [os.readlink(p) for p in glob.glob(os.path.join(copy.pgdata, "pg_tblspc", "*"))]
+        assert tablespace_links and all(link.startswith(os.path.join(story.tb.run_dir, "restore_mnt"))
+                                        for link in tablespace_links)
+        assert int(copy.psql("SELECT count(*) FROM smoke")) >= 0    # the ts1 tablespace reads
+        time.sleep(1)
+        for host in story.tb.hosts:
+            assert not [name for name in os.listdir(host.wal_dir) if not name.startswith("00000001")]
+        assert not [name for name in os.listdir(story.tb.standby_wal) if name.startswith("00000002")]
+
+
+def test_immediate_pauses_at_the_end_of_the_backup(story):
+    with restored(story, "--immediate", "--set", story.sets[0]) as copy:
+        assert ": paused" in copy.out
+        assert "recovery stopping after reaching consistency" in copy.out
+        assert copy.psql("SELECT pg_is_in_recovery()") == "t"
+        rows = copy.rows()
+        assert rows == story.rows[:len(rows)] and 0 < len(rows) < len(story.rows)
+
+
+def test_latest_replays_the_whole_archive_and_opens(story):
+    with restored(story, "--latest") as copy:
+        assert "restored set %s to end of archive: promoted" % story.sets[1] in copy.out
+        assert copy.rows() == story.rows
+
+
+def test_target_lsn_stops_at_that_wal_location(story):
+    with restored(story, "--target-lsn", story.target_lsn, "--action", "promote") as copy:
+        assert "restored set %s" % story.sets[0] in copy.out
+        assert "recovery stopping after WAL location (LSN) \"%s\"" % story.target_lsn in copy.out
+        assert_rows_up_to(story, copy.rows(), story.target_time + COMMIT_SLACK)
+
+
+def test_target_name_stops_at_the_restore_point(story):
+    with restored(story, "--target-name", "pitr_point", "--action", "promote") as copy:
+        assert "recovery stopping at restore point \"pitr_point\"" in copy.out
+        assert_rows_up_to(story, copy.rows(), story.point_time + COMMIT_SLACK)
+
+
+def test_action_shutdown_leaves_the_copy_stopped_at_the_target(story):
+    target = story.target_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    with restored(story, "--target-time", target, "--action", "shutdown") as copy:
+        assert ": shut down" in copy.out
+        assert "recovery stopping before commit" in copy.out
+
+
+def test_target_before_every_set_is_refused_naming_the_earliest_possible(story):
+    first = props_of(story.tb, story.tb.datasets[1] + "@" + story.sets[0])
+    proc = restore_script(story.config, "restore", "--target-time", "2000-01-01T00:00:00Z")
+    assert proc.returncode == 1
+    assert "earliest possible target is" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    all_sets = [s for s in set_names(story.tb)]
+    assert "(set %s)" % all_sets[0] in proc.stderr or first["pgzfs:stop_time"] in proc.stderr
+    assert our_clones(story.tb) == []
+
+
+def test_archive_that_ends_before_the_target_fails_plainly_and_cleans_up(story):
+    later = (utc_now() + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    proc = restore_script(story.config, "restore", "--target-time", later, "--action", "promote")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"archive ended before the target .* replay stopped at LSN [0-9A-F]+/[0-9A-F]+",
+                     proc.stderr), proc.stderr
+    assert our_clones(story.tb) == []
+    assert glob.glob(os.path.join(story.tb.run_dir, "restore_wal", "*")) == []
+
+
+def test_dry_run_prints_every_step_and_changes_nothing(story):
+    proc = restore_script(story.config, "restore", "--immediate", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    for step in ("dry-run: zfs clone -o mountpoint=", "backup_label", "pg_wal", "recovery.signal"
+                 if int(story.tb.pg_version) >= 12 else "recovery.conf", "archive_mode = off",
+                 "pg_ctl start", "nothing was changed"):
+        assert step in proc.stdout
+    assert our_clones(story.tb) == []
+    assert not os.path.exists(os.path.join(story.tb.run_dir, "restore_wal", "restore_" + story.sets[1]))
+
+
+def test_no_start_prepares_the_clone_and_cleanup_leaves_no_clone(story):
+    proc = restore_script(story.config, "restore", "--immediate", "--no-start")
+    assert proc.returncode == 0, proc.stderr
+    clones = our_clones(story.tb)
+    assert sorted(clones) == sorted("%s_restore_%s" % (d, story.sets[1]) for d in story.tb.datasets)
+    mountpoint = os.path.join(story.tb.run_dir, "restore_mnt", "data02_restore_" + story.sets[1])
+    pgdata = os.path.join(mountpoint, "pgdata")
+    label = os.stat(os.path.join(pgdata, "backup_label"))
+    assert label.st_mode & 0o777 == 0o600 and label.st_uid == os.stat(pgdata).st_uid
+    assert not os.path.exists(os.path.join(pgdata, "standby.signal"))
+    assert not os.path.exists(os.path.join(pgdata, "postmaster.pid"))
+    auto = open(os.path.join(pgdata, "postgresql.auto.conf")).read()
+    assert "#pg_zfs_restore: primary_conninfo" in auto
+    listing = json.loads(restore_script(story.config, "list", "--json").stdout)
+    assert [s["clones"] for s in listing if s["name"] == story.sets[1]][0] == sorted(clones)
+    proc = restore_script(story.config, "cleanup", story.sets[1])
+    assert proc.returncode == 0, proc.stderr
+    assert our_clones(story.tb) == []
+
+
+def test_list_shows_each_set_with_its_earliest_target(story):
+    proc = restore_script(story.config, "list")
+    assert proc.returncode == 0, proc.stderr
+    for name in story.sets:
+        line = [l for l in proc.stdout.splitlines() if l.startswith(name)][0]
+        stop = props_of(story.tb, story.tb.datasets[1] + "@" + name)["pgzfs:stop_time"]
+        assert stop in line and " yes " in line
+
+
+def test_source_datasets_and_the_running_standby_are_untouched(story):
+    tb = story.tb
+    pgdata = tb.standby.pgdata
+
+    def fingerprint():
+        files = {}
+        for name in ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "standby.signal",
+                     "PG_VERSION"):
+            path = os.path.join(pgdata, name)
+            files[name] = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
+        for name in ("backup_label", "recovery.signal", "tablespace_map"):
+            files[name] = os.path.exists(os.path.join(pgdata, name))
+        files["pg_wal"] = os.readlink(os.path.join(pgdata, "pg_wal"))
+        files["pg_tblspc"] = sorted(os.readlink(p) for p in glob.glob(os.path.join(pgdata, "pg_tblspc", "*")))
+        files["props"] = [props_of(tb, d + "@" + s) for d in tb.datasets for s in story.sets]
+        files["mountpoints"] = [tb.zfs.mountpoint(d) for d in tb.datasets]
+        return files
+
+    before = fingerprint()
+    target = story.target_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    with restored(story, "--target-time", target, "--action", "promote") as copy:
+        copy.psql("CREATE TABLE only_in_the_copy (x int)")
+        assert fingerprint() == before
+    assert fingerprint() == before
+    assert tb.standby.psql("SELECT pg_is_in_recovery()") == "t"
+    tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the restore')")
+    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = 'after the restore'") == "1",
+             30, "the standby to keep streaming")
+    assert tb.standby.psql("SELECT to_regclass('only_in_the_copy') IS NULL") == "t"
+
+
+def test_rollback_lists_later_snapshots_and_refuses_while_the_standby_runs(story):
+    tb = story.tb
+    proc = restore_script(story.config, "rollback", "--set", story.sets[0], "--force")
+    assert proc.returncode == 1
+    for dataset in tb.datasets:
+        assert "%s@%s" % (dataset, story.sets[1]) in proc.stdout
+    assert "PostgreSQL runs on the datasets" in proc.stderr
+    proc = restore_script(story.config, "rollback", "--set", story.sets[1])
+    assert proc.returncode == 1
+    assert set_names(tb)[-2:] == story.sets
+
+
+def test_drill_passes_with_a_nagios_line(story):
+    proc = restore_script(story.config, "drill", "--query", "SELECT count(*) FROM pitr")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = proc.stdout.strip()
+    assert len(line.splitlines()) == 1
+    assert re.match(r"^OK: drill of set %s .*clone [0-9.]+s, prepare [0-9.]+s, start [0-9.]+s, "
+                    r"recover [0-9.]+s, query [0-9.]+s, stop [0-9.]+s, destroy [0-9.]+s; total [0-9.]+s$"
+                    % story.sets[1], line), line
+    assert our_clones(story.tb) == []
+
+
+def test_drill_fails_with_exit_2_when_the_query_fails(story):
+    proc = restore_script(story.config, "drill", "--query", "SELECT * FROM no_such_table")
+    assert proc.returncode == 2
+    assert proc.stdout.startswith("CRITICAL: drill of set %s failed: query" % story.sets[1])
+    assert "no_such_table" in proc.stdout
+    assert our_clones(story.tb) == []
+
+
+def test_drill_fails_with_exit_2_when_the_set_has_lost_its_backup_label(story):
+    tb = story.tb
+    snapshot = tb.datasets[1] + "@" + story.sets[1]
+    label = tb.zfs.run("get", "-H", "-o", "value", "pgzfs:backup_label", snapshot).strip()
+    tb.zfs.run("inherit", "pgzfs:backup_label", snapshot)
+    try:
+        proc = restore_script(story.config, "drill")
+        assert proc.returncode == 2
+        assert proc.stdout.startswith("CRITICAL:")
+        assert "backup_label" in proc.stdout
+        assert our_clones(tb) == []
+    finally:
+        tb.zfs.run("set", "pgzfs:backup_label=" + label, snapshot)
