@@ -259,6 +259,12 @@ def parse_backup_label(label):
     return found
 
 
+def lsn_value(lsn):
+    """The integer position of an 'X/X' LSN."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
 def parse_controldata(text):
     """pg_controldata's output (LC_ALL=C) as {field: value}."""
     fields = {}
@@ -272,6 +278,8 @@ def parse_controldata(text):
 def shutdown_facts(controldata):
     """The set properties of a cleanly stopped cluster, from pg_controldata.
 
+    start is the last checkpoint's REDO location; stop is the same, or the
+    minimum recovery ending location of a stopped standby when that is later.
     Raises ValueError unless the cluster state is "shut down" or
     "shut down in recovery" (a crashed cluster is not consistent as is).
     """
@@ -279,6 +287,7 @@ def shutdown_facts(controldata):
     if state not in ("shut down", "shut down in recovery"):
         raise ValueError("cluster state is %r, not shut down" % state)
     redo = controldata.get("Latest checkpoint's REDO location", "")
+    min_recovery = controldata.get("Minimum recovery ending location", "0/0")
     wal = controldata.get("Latest checkpoint's REDO WAL file", "")
     timeline = controldata.get("Latest checkpoint's TimeLineID", "")
     system_identifier = controldata.get("Database system identifier", "")
@@ -286,7 +295,12 @@ def shutdown_facts(controldata):
             and system_identifier.isdigit()):
         raise ValueError("pg_controldata output lacks the checkpoint's REDO location, "
                          "WAL file, timeline or system identifier")
-    return {"start_lsn": redo, "stop_lsn": redo, "start_wal": wal,
+    # A stopped standby's files are consistent only from its minimum recovery
+    # point, which may be past the REDO location: that is where the set stops.
+    stop = redo
+    if LSN_RE.match(min_recovery) and lsn_value(min_recovery) > lsn_value(redo):
+        stop = min_recovery
+    return {"start_lsn": redo, "stop_lsn": stop, "start_wal": wal,
             "timeline": str(int(timeline)), "system_identifier": system_identifier}
 
 

@@ -189,6 +189,18 @@ def test_stopped_standby_facts_come_from_its_last_restartpoint():
                      "system_identifier": "7441234567890123456"}
 
 
+def test_stopped_standby_set_stops_at_its_minimum_recovery_point_when_later():
+    text = CONTROLDATA + "Minimum recovery ending location:     0/60001A0\n"
+    facts = snap.shutdown_facts(snap.parse_controldata(text))
+    assert (facts["start_lsn"], facts["stop_lsn"]) == ("0/6000028", "0/60001A0")
+    text = CONTROLDATA + "Minimum recovery ending location:     0/0\n"
+    assert snap.shutdown_facts(snap.parse_controldata(text))["stop_lsn"] == "0/6000028"
+
+
+def test_lsn_values_compare_across_the_slash():
+    assert snap.lsn_value("1/0") > snap.lsn_value("0/FFFFFFFF")
+
+
 @pytest.mark.parametrize("state", ["in production", "in archive recovery", "shutting down"])
 def test_a_cluster_that_did_not_shut_down_cleanly_is_refused(state):
     text = CONTROLDATA.replace("shut down in recovery", state)
