@@ -83,7 +83,8 @@ def restore_script(config, *args, timeout=300):
 
 @pytest.fixture(scope="module")
 def story(tb):
-    standby, primary = tb.standby, tb.primary
+    tb.standby
+    primary = tb.primary
     s = Story()
     s.tb = tb
     s.config = tb.write_config(os.path.join(tb.run_dir, "restore.conf"), {"restore": {
