@@ -166,6 +166,7 @@ class ZfsPool(object):
         with self._daemon_lock():
             if not self._daemon_answers():
                 self._start_daemon()
+            self._destroy_stale_pools()
             with open(self.image, "w") as image:
                 image.truncate(_size_bytes(size))
             self.run_pool("create", "-m", self.mountroot, self.name, self.image)
@@ -183,6 +184,20 @@ class ZfsPool(object):
         if not os.path.exists(ZFS_SOCKET):
             return False
         return sh(["zpool", "list"], check=False, timeout=30).returncode == 0
+
+    @staticmethod
+    def _destroy_stale_pools():
+        """Destroy pools of test sessions that died without teardown (their net lock is free)."""
+        names = sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
+        for name in names:
+            if not name.startswith("pgzfs_t") or not name[7:].isdigit():
+                continue
+            with open("/tmp/pg_zfs-tests-net-%s.lock" % name[7:], "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live session owns it
+                sh(["zpool", "destroy", "-f", name], check=False, timeout=60)
 
     def _start_daemon(self):
         pidfile = os.path.join(self.run_dir, "zfs-fuse.pid")
@@ -580,9 +595,13 @@ class Testbed(object):
             wait_for(lambda: os.path.exists(path), 60, "%s in %s" % (name, host.name))
         return name
 
-    def write_config(self, path, overrides=None):
-        """Write a complete pg_zfs config for this testbed; return its path."""
-        sections = self.default_config()
+    def write_config(self, path, overrides=None, sections=None):
+        """Write a complete pg_zfs config for this testbed; return its path.
+
+        sections replaces default_config() (e.g. archive_config() for a
+        setup without the testbed's standby); overrides are merged into it.
+        """
+        sections = self.default_config() if sections is None else sections
         for section, keys in (overrides or {}).items():
             target = sections.setdefault(section, {})
             for key, value in keys.items():
@@ -600,11 +619,8 @@ class Testbed(object):
         return str(path)
 
     def default_config(self):
+        """The config of the testbed's standby, its datasets and both archive hosts."""
         standby = self.standby
-        spool = os.path.join(self.run_dir, "spool")
-        if not os.path.exists(spool):
-            os.makedirs(spool)
-            chown_pg(spool)
         sections = {
             "postgres": {"pgdata": standby.pgdata, "bindir": self.pg_bindir, "user": PG_USER,
                          "host": standby.socket_dir, "port": str(standby.port),
@@ -612,6 +628,19 @@ class Testbed(object):
             "snapshot": {"backend": "zfs", "datasets": " ".join(self.datasets),
                          "prefix": "pgzfs",
                          "lock_file": os.path.join(self.run_dir, "snap.lock")},
+        }
+        sections.update(self.archive_config())
+        return sections
+
+    def archive_config(self):
+        """[archive], [source host1], [source host2] and [restore] for the testbed."""
+        spool = os.path.join(self.run_dir, "spool")
+        restore_wal = os.path.join(self.run_dir, "restore-wal")
+        for directory in (spool, restore_wal):
+            if not os.path.exists(directory):
+                os.makedirs(directory)
+                chown_pg(directory)
+        sections = {
             "archive": {"sources": "host1 host2", "spool_dir": spool, "prefetch": "0",
                         "timeout": "60"},
         }
@@ -623,6 +652,8 @@ class Testbed(object):
                 "path": host.glob, "probe": "tcp", "identity_file": self.client_key,
                 "ssh_options": " ".join("-o " + o for o in extra.split()),
             }
+        sections["restore"] = {"mount_root": os.path.join(self.run_dir, "restore"),
+                               "wal_root": restore_wal}
         return sections
 
     # -- nftables: dead hosts -------------------------------------------------
@@ -711,6 +742,28 @@ class Testbed(object):
 
     def _nft_table_exists(self):
         return sh(["nft", "list", "table", "inet", self.nft_table], check=False).returncode == 0
+
+
+def remove_run_dir(run_dir):
+    """Remove what a kept testbed (make demo KEEP=1) left; return what remains."""
+    bed = Testbed.__new__(Testbed)
+    bed.run_dir = os.path.abspath(run_dir).rstrip("/")
+    bed.net = int(os.path.basename(bed.run_dir).split("-")[2])
+    bed.pool_name = "pgzfs_t%d" % bed.net
+    bed.nft_table = "pgzfs_test_%d" % bed.net
+    bed._reap_processes()
+    sh(["nft", "delete", "table", "inet", bed.nft_table], check=False)
+    if os.path.exists(ZFS_SOCKET):
+        sh(["zpool", "destroy", "-f", bed.pool_name], check=False, timeout=60)
+    with open("/proc/mounts") as mounts:
+        for mountpoint in sorted((line.split()[1] for line in mounts
+                                  if line.split()[1].startswith(bed.run_dir)), reverse=True):
+            sh(["umount", "-l", mountpoint], check=False)
+    bed._zfs = object()
+    left = bed.leftovers()
+    if not left:
+        shutil.rmtree(bed.run_dir, ignore_errors=True)
+    return left
 
 
 ARCHIVE_SCRIPT = """#!/bin/sh

@@ -1,45 +1,249 @@
 #!/usr/bin/env python3
-"""make demo: build the article's setup on loopback, show it, tear it down.
+"""make demo: the article's setup, backup and point-in-time restore, on loopback.
 
-This first version builds the testbed (primary archiving to two sshd hosts,
-a zfs-fuse pool with the standby on it), prints what it built and removes it.
+1. The "physical hosts": a PostgreSQL primary archiving every WAL file into two
+   archives, each served by its own sshd (127.N.0.2 and 127.N.0.3).
+2. The "guest": a zfs-fuse pool on a sparse file; `setup_guest.py --init`
+   creates data01..data04 and makes the standby (pg_wal off ZFS);
+   `--start`, then `--check`.
+3. Rows with timestamps on the primary, `pg_zfs_snap.py` twice with rows
+   between and after, `pg_zfs_snap.py list`.
+4. Archive host 1 dies (nftables); `pg_zfs_restore.py restore --target-time`
+   (between the sets) still succeeds through host 2; the rows it has and the
+   ones it rightly lacks.
+5. `pg_zfs_restore.py drill`, `pg_zfs_snap.py check`, cleanup.
+
+Everything is removed at the end, also on Ctrl-C or failure, unless --keep.
+Only loopback addresses are used. The scripts run under the oldest Python
+(3.6) when pyenv has it. The last line is `demo: OK ...` or `demo: FAILED ...`.
 """
 
 import argparse
 import os
+import signal
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import testbed  # noqa: E402
+from testbed import PG_USER, chown_pg, run_script, sh  # noqa: E402
+
+PYTHON = testbed.PY36 if os.path.exists(testbed.PY36) else sys.executable
+ZFS_FUSE_PROPERTIES = "compression=on recordsize=8K atime=off"
+
+
+class Demo(object):
+    def __init__(self, bed):
+        self.bed = bed
+        self.started = time.monotonic()
+        self.step_started = self.started
+
+    def step(self, title):
+        now = time.monotonic()
+        print("\n== %s  (+%.1f s)" % (title, now - self.started), flush=True)
+        self.step_started = now
+
+    def say(self, text):
+        print("   " + text.replace("\n", "\n   "), flush=True)
+
+    def script(self, name, *args, user=None, check=True):
+        shown = " ".join([name + ".py"] + [str(a) for a in args])
+        started = time.monotonic()
+        proc = run_script(name, *args, config=self.config, python=PYTHON, user=user,
+                          timeout=600)
+        self.say("$ %s   [exit %d, %.1f s]" % (shown, proc.returncode,
+                                                 time.monotonic() - started))
+        output = (proc.stdout + proc.stderr).strip()
+        if output:
+            self.say("  " + output.replace("\n", "\n  "))
+        if check and proc.returncode != 0:
+            raise RuntimeError("%s exited %d" % (shown, proc.returncode))
+        return proc
+
+    # -- the story -------------------------------------------------------------
+
+    def hosts_and_primary(self):
+        self.step("1. The physical hosts: a primary archiving to two hosts over ssh")
+        bed = self.bed
+        primary = bed.primary
+        primary.psql("CREATE TABLE demo (id serial PRIMARY KEY, "
+                     "at timestamptz NOT NULL DEFAULT clock_timestamp(), note text)")
+        self.say("primary: PostgreSQL %s, port %d, archive_command copies each WAL file to:"
+                 % (bed.pg_version, primary.port))
+        for host in bed.hosts:
+            self.say("  %s  sshd %s:%d  archive %s" % (host.name, host.address, host.port,
+                                                      host.wal_dir))
+
+    def guest(self):
+        self.step("2. The guest: ZFS datasets, the standby (pg_wal off ZFS), check")
+        bed = self.bed
+        zfs = bed.zfs
+        guest_dir = os.path.join(bed.run_dir, "guest")
+        os.makedirs(guest_dir)
+        chown_pg(guest_dir)
+        datasets = ["%s/data%02d" % (zfs.name, n) for n in (1, 2, 3, 4)]
+        mnt = zfs.mountroot
+        self.pgdata = os.path.join(mnt, "data02", "pgdata")
+        self.socket_dir = os.path.join(guest_dir, "sock")
+        os.makedirs(self.socket_dir)
+        chown_pg(self.socket_dir)
+        self.port = testbed.free_port()
+        sections = bed.archive_config()
+        sections.update({
+            "postgres": {"pgdata": self.pgdata, "bindir": bed.pg_bindir, "user": PG_USER,
+                         "host": self.socket_dir, "port": self.port, "dbname": "postgres"},
+            "snapshot": {"backend": "zfs", "datasets": " ".join(datasets), "prefix": "pgzfs",
+                         "keep_daily": "7", "lock_file": os.path.join(guest_dir, "snap.lock")},
+            "guest": {"primary_conninfo": bed.primary.conninfo() + " application_name=guest",
+                      "waldir": os.path.join(guest_dir, "pg_wal"),
+                      "logfile": os.path.join(guest_dir, "postgresql.log"),
+                      "dataset_properties": ZFS_FUSE_PROPERTIES,
+                      "tablespace_mapping": "%s=%s" % (bed.primary.ts1_dir,
+                                                       os.path.join(mnt, "data01", "ts1")),
+                      "check_clock": "no"},
+        })
+        self.config = bed.write_config(os.path.join(guest_dir, "pg_zfs.conf"),
+                                       sections=sections)
+        self.say("pool %s on a sparse file; config %s" % (zfs.name, self.config))
+        self.script("setup_guest", "--role", "guest", "--init")
+        self.script("setup_guest", "--role", "guest", "--start")
+        self.standby = testbed.Cluster("guest", self.pgdata, bed.pg_bindir, bed.run_dir,
+                                       port=self.port)
+        self.standby.socket_dir = self.socket_dir
+        bed._teardowns.append(lambda: self.standby.stop("immediate"))
+        testbed.wait_for(lambda: self.standby.psql(
+            "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'") == "1",
+            60, "the standby to stream")
+        self.script("setup_guest", "--role", "guest", "--check", check=False)
+
+    def insert(self, note, rows=3):
+        primary = self.bed.primary
+        for _ in range(rows):
+            primary.psql("INSERT INTO demo (note) VALUES ('%s')" % note)
+            time.sleep(0.3)
+
+    def wait_standby_caught_up(self):
+        lsn = self.bed.primary.psql("SELECT pg_current_wal_lsn()")
+        testbed.wait_for(lambda: self.standby.psql(
+            "SELECT pg_last_wal_replay_lsn() >= '%s'" % lsn) == "t", 60, "the standby")
+
+    def snapshots(self):
+        self.step("3. Writes on the primary, a snapshot set, more writes, another set")
+        self.insert("before set 1")
+        self.wait_standby_caught_up()
+        self.script("pg_zfs_snap")
+        self.insert("between the sets")
+        # The target: a moment after these rows and before the next ones.
+        time.sleep(1.1)
+        self.target = self.bed.primary.psql(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+            "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        time.sleep(1.1)
+        self.insert("after the target")
+        self.wait_standby_caught_up()
+        self.script("pg_zfs_snap")
+        self.insert("after set 2")
+        self.bed.switch_wal()
+        self.script("pg_zfs_snap", "list")
+        self.say("the primary has:")
+        self.say("  " + self.bed.primary.psql(
+            "SELECT note || ': ' || count(*) FROM demo GROUP BY note ORDER BY min(id)")
+            .replace("\n", "\n  "))
+
+    def restore(self):
+        self.step("4. Host 1 dies; restore to %s through host 2" % self.target)
+        host1 = self.bed.hosts[0]
+        host1.kill()
+        self.say("nft drops every packet to %s (host1)" % host1.address)
+        self.script("pg_zfs_restore", "restore", "--target-time", self.target,
+                           "--action", "promote")
+        listing = run_script("pg_zfs_restore", "list", "--json", config=self.config,
+                             python=PYTHON)
+        port = _restored_port(listing.stdout)
+        copy = testbed.Cluster("restored", "/nonexistent", self.bed.pg_bindir,
+                               self.bed.run_dir, port=port)
+        copy.socket_dir = _restored_socket(listing.stdout) or copy.socket_dir
+        rows = copy.psql("SELECT note || ': ' || count(*) FROM demo GROUP BY note "
+                         "ORDER BY min(id)")
+        self.say("the restored copy (port %d) has:\n  %s" % (port, rows.replace("\n", "\n  ")))
+        later = copy.psql("SELECT count(*) FROM demo WHERE note IN "
+                          "('after the target', 'after set 2')")
+        self.say("rows written after the target in the copy: %s (rightly none)" % later)
+        if later != "0" or "between the sets" not in rows:
+            raise RuntimeError("the restored copy does not match the target")
+        host1.revive()
+        self.script("pg_zfs_restore", "cleanup", "--all")
+
+    def drill_and_check(self):
+        self.step("5. Restore drill, snapshot check")
+        self.script("pg_zfs_restore", "drill", "--query", "SELECT count(*) FROM demo")
+        self.script("pg_zfs_snap", "check")
+
+
+def _restored_port(listing_json):
+    import json
+    for entry in json.loads(listing_json or "[]"):
+        for clone in entry.get("clones", []):
+            if clone.get("port"):
+                return int(clone["port"])
+    raise RuntimeError("no restored copy with a port in `pg_zfs_restore.py list --json`")
+
+
+def _restored_socket(listing_json):
+    import json
+    for entry in json.loads(listing_json or "[]"):
+        for clone in entry.get("clones", []):
+            if clone.get("socket_dir"):
+                return clone["socket_dir"]
+    return None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="leave everything running")
+    parser.add_argument("--remove", metavar="RUN_DIR", help="remove what --keep left")
     args = parser.parse_args(argv)
-    started = time.monotonic()
+    if os.geteuid() != 0:
+        print("demo: FAILED: run as root (zfs, mount, nft)")
+        return 1
+    if args.remove:
+        left = testbed.remove_run_dir(args.remove)
+        print("demo: removed %s%s" % (args.remove, "; left: " + ", ".join(left) if left else ""))
+        return 1 if left else 0
+    # Ctrl-C and SIGTERM both go through the teardown below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     bed = testbed.Testbed(os.environ.get("PG_ZFS_TEST_PG", "15"))
+    demo = Demo(bed)
+    ok = False
     try:
-        standby = bed.standby
-        print("primary   PostgreSQL %s on port %d, archiving to %s"
-              % (bed.pg_version, bed.primary.port, ", ".join(
-                  "%s (%s:%d)" % (h.name, h.address, h.port) for h in bed.hosts)))
-        print("guest     pool %s, datasets %s" % (bed.zfs.name, " ".join(bed.datasets)))
-        print("standby   PGDATA %s, pg_wal %s (not on ZFS), port %d"
-              % (standby.pgdata, bed.standby_wal, standby.port))
-        print("          in recovery: %s" % standby.psql("SELECT pg_is_in_recovery()"))
-        if args.keep:
-            print("kept: run dir %s; remove with: zpool destroy %s; pkill -f %s"
-                  % (bed.run_dir, bed.zfs.name, bed.run_dir))
-            return 0
+        demo.hosts_and_primary()
+        demo.guest()
+        demo.snapshots()
+        demo.restore()
+        demo.drill_and_check()
+        ok = True
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted")
+    except Exception as error:
+        print("\ndemo: %s" % error)
     finally:
-        if not args.keep:
+        if args.keep and ok:
+            print("\nkept running: config %s" % demo.config)
+            print("  primary: psql -h %s -p %d -U postgres" % (bed.primary.socket_dir,
+                                                               bed.primary.port))
+            print("  standby: psql -h %s -p %d -U postgres" % (demo.socket_dir, demo.port))
+            print("  remove it all: %s %s --remove %s" % (sys.executable, __file__, bed.run_dir))
+        else:
+            demo.step("Cleanup: servers, sshd, nftables, pool")
             bed.teardown()
-    print("demo: OK in %.1f s" % (time.monotonic() - started))
-    return 0
+    elapsed = time.monotonic() - demo.started
+    if ok:
+        print("demo: OK in %.0f s" % elapsed)
+        return 0
+    print("demo: FAILED after %.0f s" % elapsed)
+    return 1
 
 
 if __name__ == "__main__":
