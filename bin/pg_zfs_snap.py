@@ -39,6 +39,16 @@ WAL from the label's start to the stop LSN: on a standby the control file's
 minRecoveryPoint says how far replay must go for the files to be consistent, so
 the control file must be at least as new as every other file of the set.
 
+btrfs ([snapshot] backend = btrfs, datasets = subvolume paths): btrfs cannot
+snapshot several subvolumes at once, so it is always one by one, PGDATA's last.
+Snapshot SUBVOLUME@SET is the read-only snapshot PARENT/.pgzfs/NAME@SET of
+SUBVOLUME = PARENT/NAME (beside the subvolume, not inside it), and its
+metadata, the pgzfs:* keys without the prefix, is the JSON file NAME@SET.json
+beside it, written atomically. A snapshot without readable metadata is not a
+backup: `list` warns about it and prune never touches it. `list` reports as
+used the bytes only that snapshot holds (`btrfs filesystem du`, no quota
+needed). DEVELOPERS.md has the layout and the clone markers of restores.
+
 If PostgreSQL is not running (psql cannot connect AND PGDATA/postmaster.pid is
 absent AND pg_controldata says "shut down"), the set is taken as is and marked
 `shutdown`. If postmaster.pid exists but psql cannot connect, nothing is taken:
@@ -47,10 +57,10 @@ that state is ambiguous.
 All or nothing: if any snapshot of a set fails, the ones made are destroyed,
 backup mode is ended, the run exits 1 and does not prune.
 
-Each snapshot carries ZFS user properties pgzfs:* (start/stop LSN, start WAL
-file, timeline, start/stop time, major version, system identifier, PGDATA
-relative to its dataset, backup label and tablespace map in base64, tool
-version, the datasets of the set); DEVELOPERS.md lists them. pgzfs:stop_lsn is
+Each snapshot carries ZFS user properties pgzfs:* (on btrfs: its JSON file):
+start/stop LSN, start WAL file, timeline, start/stop time, major version,
+system identifier, PGDATA relative to its dataset, backup label and tablespace
+map in base64, tool version, the datasets of the set; DEVELOPERS.md lists them. pgzfs:stop_lsn is
 written last: a set without it on every snapshot is incomplete (a run that died)
 and is never counted as a backup.
 
@@ -137,6 +147,14 @@ ZFS_CANDIDATES = ("/sbin/zfs", "/usr/sbin/zfs", "/usr/local/sbin/zfs")
 # What old ZFS (zfs-fuse) answers, exit code 2, to several names in one call.
 ZFS_ONE_NAME_ONLY = "too many arguments"
 BUSY_RETRIES = 10            # "dataset is busy" right after pg_ctl stop
+BTRFS_TIMEOUT = 120
+BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
+# btrfs: the snapshots of SUBVOLUME live in PARENT/.pgzfs (DEVELOPERS.md), clone
+# markers of pg_zfs_restore in PARENT/.pgzfs/clones.
+BTRFS_SNAPSHOT_DIR = ".pgzfs"
+BTRFS_CLONE_DIR = "clones"
+BTRFS_METADATA_SUFFIX = ".json"
+BTRFS_SUBVOLUME_INODE = 256  # the root directory of every btrfs subvolume
 
 NAGIOS_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 
@@ -325,6 +343,107 @@ def dataset_of(path, mountpoints):
 def snapshot_order(datasets, pgdata_dataset):
     """The datasets in the order they are snapshotted: PGDATA's dataset last."""
     return [d for d in datasets if d != pgdata_dataset] + [pgdata_dataset]
+
+
+# -- btrfs: where a subvolume's snapshots and their metadata live ---------------
+
+def btrfs_snapshot_dir(subvolume):
+    """PARENT/.pgzfs for SUBVOLUME = PARENT/NAME: beside the subvolume, not in it.
+
+    Not inside: a nested subvolume is left out of a snapshot anyway and would
+    clutter PGDATA's subvolume; and a rollback can replace the subvolume (rename
+    it away, put a writable snapshot in its place) without touching the sets.
+    """
+    return os.path.join(os.path.dirname(subvolume), BTRFS_SNAPSHOT_DIR)
+
+
+def btrfs_snapshot_path(snapshot):
+    """The path of snapshot id SUBVOLUME@SET: PARENT/.pgzfs/NAME@SET."""
+    subvolume, _, name = snapshot.rpartition("@")
+    return os.path.join(btrfs_snapshot_dir(subvolume), "%s@%s" % (os.path.basename(subvolume), name))
+
+
+def btrfs_subvolume_problem(subvolume):
+    """Why SUBVOLUME cannot be a btrfs dataset name (config), or None."""
+    if not subvolume.startswith("/") or os.path.normpath(subvolume) != subvolume or subvolume == "/":
+        return "%r is not an absolute, normalised subvolume path" % subvolume
+    if "@" in os.path.basename(subvolume):
+        return "%r: a subvolume name must not contain @ (it separates NAME@SET)" % subvolume
+    return None
+
+
+def metadata_text(properties):
+    """The JSON of one btrfs snapshot's metadata: the pgzfs:* keys without the prefix."""
+    return json.dumps(dict((key, str(properties[key])) for key in PROPERTY_KEYS if key in properties),
+                      indent=1, sort_keys=True) + "\n"
+
+
+def parse_metadata(text):
+    """{key: value} from a metadata file; ValueError unless a JSON object of strings with `set`."""
+    try:
+        found = json.loads(text)
+    except ValueError as error:
+        raise ValueError("not JSON: %s" % error)
+    if not isinstance(found, dict) or not isinstance(found.get("set"), str):
+        raise ValueError("not a JSON object with a set name")
+    result = {}
+    for key in PROPERTY_KEYS:
+        if key in found:
+            if not isinstance(found[key], str):
+                raise ValueError("%s is not a string" % key)
+            result[key] = found[key]
+    return result
+
+
+def mount_of(path, mounts):
+    """(source, mountpoint, fstype) of the mount holding absolute path: the longest, last one wins."""
+    best = None
+    for source, mountpoint, fstype in mounts:
+        root = mountpoint.rstrip("/") or "/"
+        if path == root or path.startswith(root if root == "/" else root + "/"):
+            if best is None or len(mountpoint) >= len(best[1]):
+                best = (source, mountpoint, fstype)
+    return best
+
+
+def parse_mounts(text):
+    """/proc/self/mounts as [(source, mountpoint, fstype)], octal escapes (\\040) decoded."""
+    def unescape(field):
+        return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            mounts.append((unescape(fields[0]), unescape(fields[1]), fields[2]))
+    return mounts
+
+
+def btrfs_placement_problem(subvolume, mounts):
+    """Why PARENT/.pgzfs cannot hold SUBVOLUME's snapshots, or None.
+
+    Both must be on btrfs and on the same file system (a snapshot cannot cross
+    file systems): a subvolume mounted on its own (subvol=...) below a parent
+    of another file system is refused.
+    """
+    here = mount_of(subvolume, mounts)
+    if here is None or here[2] != "btrfs":
+        return "%s is not on btrfs (%s)" % (subvolume, here[2] if here else "no mount")
+    parent = mount_of(os.path.dirname(subvolume), mounts)
+    if parent is None or parent[2] != "btrfs" or parent[0] != here[0]:
+        return ("%s is mounted on its own and its parent %s is not on the same btrfs (%s): "
+                "configure the subvolume's path below a mount of the btrfs that holds it"
+                % (subvolume, os.path.dirname(subvolume), parent[2] if parent else "no mount"))
+    return None
+
+
+def parse_du_exclusive(text):
+    """{path: exclusive bytes} from `btrfs filesystem du -s --raw PATH...`."""
+    result = {}
+    for line in text.splitlines():
+        fields = line.split(None, 3)
+        if len(fields) == 4 and fields[0].isdigit() and fields[1].isdigit():
+            result[fields[3]] = int(fields[1])
+    return result
 
 
 def encode_value(raw):
@@ -621,10 +740,16 @@ class SnapshotError(Failure):
 
 
 class ZfsBackend(object):
-    """The zfs commands pg_zfs_snap needs. A btrfs backend offers the same methods."""
+    """The zfs commands pg_zfs_snap needs. BtrfsBackend offers the same methods.
+
+    A snapshot is named DATASET@SET in both; `unreadable` lists the snapshots
+    the last list_snapshots found without readable metadata (never on ZFS: a
+    snapshot without pgzfs:set is simply not ours).
+    """
 
     def __init__(self):
         self.zfs = shutil.which("zfs") or next((p for p in ZFS_CANDIDATES if os.access(p, os.X_OK)), "zfs")
+        self.unreadable = []
 
     def _run(self, *args, **kwargs):
         return run([self.zfs] + list(args), timeout=ZFS_TIMEOUT, **kwargs)
@@ -693,8 +818,11 @@ class ZfsBackend(object):
         if failures:
             raise failures[0]
 
-    def list_snapshots(self, datasets):
-        """Rows (dataset, snapshot, used bytes, {key: value}) under the pools of datasets."""
+    def list_snapshots(self, datasets, usage=True):
+        """Rows (dataset, snapshot, used bytes, {key: value}) under the pools of datasets.
+
+        `used` comes with the listing on ZFS, so usage=False saves nothing here.
+        """
         pools = sorted(set(dataset.split("/")[0] for dataset in datasets))
         columns = ["name", "used"] + [P + key for key in PROPERTY_KEYS]
         _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", ",".join(columns), "-r", *pools)
@@ -730,11 +858,221 @@ class ZfsBackend(object):
             time.sleep(0.5)
 
 
+class BtrfsBackend(object):
+    """The same methods as ZfsBackend, on btrfs subvolumes (DEVELOPERS.md, btrfs layout).
+
+    Datasets are subvolume paths; snapshot SUBVOLUME@SET is the read-only
+    snapshot PARENT/.pgzfs/NAME@SET with its metadata in NAME@SET.json beside
+    it. btrfs cannot snapshot several subvolumes at once: always one by one.
+    """
+
+    def __init__(self, subvolumes):
+        self.btrfs = shutil.which("btrfs") or next(
+            (p for p in BTRFS_CANDIDATES if os.access(p, os.X_OK)), "btrfs")
+        self.subvolumes = subvolumes
+        self.unreadable = []
+
+    def _run(self, *args, **kwargs):
+        return run([self.btrfs] + list(args), timeout=BTRFS_TIMEOUT, **kwargs)
+
+    def mountpoints(self, subvolumes):
+        """{subvolume: its real path}; a Failure(2) unless each is a btrfs subvolume
+        whose parent directory, on the same btrfs, can hold the snapshot directory."""
+        mounts = read_mounts()
+        result = {}
+        for subvolume in subvolumes:
+            if not is_subvolume(subvolume):
+                raise Failure("%s: subvolume does not exist or is not a btrfs subvolume" % subvolume, 2)
+            problem = btrfs_placement_problem(os.path.realpath(subvolume), mounts)
+            if problem:
+                raise Failure(problem, 2)
+            result[subvolume] = os.path.realpath(subvolume)
+        return result
+
+    def snapshot(self, subvolumes, name, properties):
+        """Snapshot each subvolume read-only, in the order given, each followed by its
+        metadata file; return the snapshot ids. On failure raises SnapshotError
+        listing those made (a snapshot whose metadata failed counts as made)."""
+        made = []
+        for subvolume in subvolumes:
+            target = "%s@%s" % (subvolume, name)
+            path = btrfs_snapshot_path(target)
+            try:
+                make_private_dir(os.path.dirname(path))
+                for existing in (path, path + BTRFS_METADATA_SUFFIX):
+                    # btrfs would put the snapshot INSIDE an existing directory.
+                    if os.path.lexists(existing):
+                        raise Failure("%s already exists" % existing, 1)
+                code, _, err = self._run("subvolume", "snapshot", "-r", subvolume, path, check=False)
+                if code != 0:
+                    raise Failure("btrfs subvolume snapshot -r %s %s: %s" % (subvolume, path, err.strip()), 1)
+                made.append(target)
+                write_atomically(path + BTRFS_METADATA_SUFFIX, metadata_text(properties))
+            except Failure as failure:
+                raise SnapshotError(str(failure), made)
+        return made
+
+    def set_properties(self, snapshots, properties, order):
+        """Add properties to each snapshot's metadata file, all keys in one atomic
+        rewrite per file (so `stop_lsn`, in `order` last, never comes before the others)."""
+        for snapshot in snapshots:
+            path = btrfs_snapshot_path(snapshot) + BTRFS_METADATA_SUFFIX
+            try:
+                with open(path) as handle:
+                    current = parse_metadata(handle.read())
+            except (OSError, IOError, ValueError) as error:
+                raise Failure("metadata %s: %s" % (path, getattr(error, "strerror", None) or error), 1)
+            current.update((key, properties[key]) for key in order)
+            write_atomically(path, metadata_text(current))
+
+    def list_snapshots(self, subvolumes, usage=False):
+        """Rows (subvolume, set name, exclusive bytes, {key: value}) of the subvolumes'
+        snapshots. A snapshot without readable metadata gets {} (so it is no set)
+        and goes into self.unreadable. usage: ask `btrfs filesystem du` for the
+        bytes only that snapshot holds (it reads every extent: list only)."""
+        found = []
+        self.unreadable = []
+        for subvolume in subvolumes:
+            directory = btrfs_snapshot_dir(subvolume)
+            head = os.path.basename(subvolume) + "@"
+            for entry in sorted(list_dir(directory)):
+                if not entry.startswith(head) or entry.endswith(BTRFS_METADATA_SUFFIX):
+                    continue
+                path = os.path.join(directory, entry)
+                if not is_subvolume(path):
+                    continue
+                snapshot = subvolume + "@" + entry[len(head):]
+                try:
+                    with open(path + BTRFS_METADATA_SUFFIX) as handle:
+                        properties = parse_metadata(handle.read())
+                except (OSError, IOError, ValueError) as error:
+                    self.unreadable.append((snapshot, getattr(error, "strerror", None) or str(error)))
+                    properties = {}
+                found.append((subvolume, entry[len(head):], path, properties))
+        used = {}
+        if usage and found:
+            _, out, _ = self._run("filesystem", "du", "-s", "--raw", *[path for _, _, path, _ in found])
+            used = parse_du_exclusive(out)
+        return [(subvolume, name, used.get(path, 0), properties)
+                for subvolume, name, path, properties in found]
+
+    def clones(self):
+        """{snapshot id: [clone paths]} from pg_zfs_restore's markers whose clone exists.
+
+        A marker PARENT/.pgzfs/clones/CLONE.json names the snapshot it was made
+        from; one whose clone is gone is stale: ignored with a warning.
+        """
+        result = {}
+        for directory in sorted(set(btrfs_snapshot_dir(s) for s in self.subvolumes)):
+            markers = os.path.join(directory, BTRFS_CLONE_DIR)
+            for entry in sorted(list_dir(markers)):
+                if not entry.endswith(BTRFS_METADATA_SUFFIX) or entry.startswith("."):
+                    continue
+                path = os.path.join(markers, entry)
+                try:
+                    with open(path) as handle:
+                        marker = json.load(handle)
+                    snapshot, clone = marker["snapshot"], marker["path"]
+                except (OSError, IOError, ValueError, KeyError, TypeError) as error:
+                    log.warning("clone marker %s unreadable (%s): ignored", path, error)
+                    continue
+                if is_subvolume(clone):
+                    result.setdefault(snapshot, []).append(clone)
+                else:
+                    log.warning("clone marker %s: its clone %s is gone: ignored", path, clone)
+        return result
+
+    def destroy(self, snapshot):
+        """Delete the read-only snapshot, then its metadata file."""
+        path = btrfs_snapshot_path(snapshot)
+        if os.path.lexists(path):
+            code, _, err = self._run("subvolume", "delete", path, check=False)
+            if code != 0:
+                raise Failure("btrfs subvolume delete %s: %s" % (path, err.strip()), 1)
+        try:
+            os.unlink(path + BTRFS_METADATA_SUFFIX)
+        except OSError as error:
+            if error.errno != errno.ENOENT:
+                raise Failure("%s: %s" % (path + BTRFS_METADATA_SUFFIX, error.strerror), 1)
+        fsync_directory(os.path.dirname(path))
+
+
+def is_subvolume(path):
+    """True when path is the root directory of a btrfs subvolume (inode 256)."""
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and \
+            os.lstat(path).st_ino == BTRFS_SUBVOLUME_INODE
+    except OSError:
+        return False
+
+
+def read_mounts():
+    with open("/proc/self/mounts") as handle:
+        return parse_mounts(handle.read())
+
+
+def list_dir(path):
+    """Entries of a directory; [] when it does not exist."""
+    try:
+        return os.listdir(path)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return []
+        raise Failure("%s: %s" % (path, error.strerror), 1)
+
+
+def make_private_dir(path):
+    """Create path (mode 0700: the snapshots hold the whole cluster) unless it exists."""
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as error:
+        if error.errno == errno.EEXIST and os.path.isdir(path):
+            return
+        raise Failure("cannot create %s: %s" % (path, error.strerror), 1)
+    fsync_directory(os.path.dirname(path))
+
+
+def fsync_directory(path):
+    """Make a rename or unlink in directory path durable."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path, text):
+    """Temp file in the same directory, fsync, rename over path, fsync the directory."""
+    directory = os.path.dirname(path)
+    temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        with open(temp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temp, path)
+    except (OSError, IOError) as error:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise Failure("cannot write %s: %s" % (path, error.strerror or error), 1)
+    fsync_directory(directory)
+
+
 def make_backend(config):
     """The snapshot backend named by [snapshot] backend."""
     name = config.choice("snapshot", "backend", ("zfs", "btrfs"), "zfs")
     if name == "btrfs":
-        raise config.error("snapshot", "backend", "btrfs is not supported yet by pg_zfs_snap")
+        subvolumes = config.list("snapshot", "datasets")
+        for subvolume in subvolumes:
+            problem = btrfs_subvolume_problem(subvolume)
+            if problem:
+                raise config.error("snapshot", "datasets", problem)
+        return BtrfsBackend(subvolumes)
     return ZfsBackend()
 
 
@@ -960,8 +1298,14 @@ class Job(object):
             raise config.error("postgres", "pgdata", "%r is not an absolute path" % self.pgdata)
         self.backend = make_backend(config)
 
-    def sets(self):
-        return group_sets(self.backend.list_snapshots(self.datasets), self.prefix)
+    def sets(self, usage=False):
+        """The sets of our prefix, oldest first (usage: btrfs asks for bytes held)."""
+        return group_sets(self.backend.list_snapshots(self.datasets, usage), self.prefix)
+
+    def unreadable(self):
+        """(snapshot, why) of our prefix without readable metadata, as of the last sets()."""
+        return [(snapshot, why) for snapshot, why in self.backend.unreadable
+                if parse_set_name(snapshot.rpartition("@")[2], self.prefix) is not None]
 
 
 def take_backup_mode_set(job, session, version_num, name, label, base_properties, order):
@@ -1143,6 +1487,8 @@ def cmd_prune(job, dry_run):
     """Destroy the sets the policy lets go; return the number that failed."""
     sets = job.sets()
     now = job.clock.now()
+    for snapshot, why in job.unreadable():
+        log.warning("%s has no readable metadata (%s): not a backup, never pruned", snapshot, why)
     for name in future_sets(sets, now):
         log.warning("set %s is dated in the future (clock change?): kept", name)
     doomed = prune_decision(sets, job.policy, now)
@@ -1170,8 +1516,15 @@ def cmd_prune(job, dry_run):
 
 
 def cmd_list(job, as_json):
-    """Print every set: name, time, mode, LSNs, timeline, space used."""
-    sets = job.sets()
+    """Print every set: name, time, mode, LSNs, timeline, space used.
+
+    A btrfs snapshot of our prefix without readable metadata is no set: it gets
+    a warning (and, in the table, a NO-METADATA line), never a place in --json.
+    """
+    sets = job.sets(usage=True)
+    unreadable = job.unreadable()
+    for snapshot, why in unreadable:
+        log.warning("%s has no readable metadata (%s): not a backup", snapshot, why)
     clones = job.backend.clones()
     if as_json:
         out = []
@@ -1192,6 +1545,10 @@ def cmd_list(job, as_json):
                          props.get("start_lsn", "-"), props.get("stop_lsn", "-"),
                          props.get("timeline", "-"), human_size(one.used),
                          "complete" if one.complete else "INCOMPLETE"]))
+    for snapshot, _ in unreadable:
+        name = snapshot.rpartition("@")[2]
+        print("\t".join([name, iso_utc(parse_set_name(name, job.prefix))] + ["-"] * 5
+                         + ["NO-METADATA " + snapshot]))
 
 
 def run_check(args):

@@ -55,11 +55,12 @@ def destroy_sets(tb, prefix):
             tb.zfs.destroy(snapshot)
 
 
-def no_snap_session_left(tb):
+def no_snap_session_left(tb, standby=None):
     """True once no backend of pg_zfs_snap is connected: its backup has ended."""
+    standby = standby or tb.standby
     deadline = time.time() + 10
     while time.time() < deadline:
-        count = tb.standby.psql("SELECT count(*) FROM pg_stat_activity "
+        count = standby.psql("SELECT count(*) FROM pg_stat_activity "
                                 "WHERE application_name = 'pg_zfs_snap'")
         if count == "0":
             return True
@@ -89,13 +90,14 @@ def insert_load(tb):
 
 
 @contextlib.contextmanager
-def standby_stopped(tb):
-    """The shared standby stopped cleanly; started again afterwards."""
-    tb.standby.stop()
+def standby_stopped(tb, standby=None):
+    """The shared standby (or this one) stopped cleanly; started again afterwards."""
+    standby = standby or tb.standby
+    standby.stop()
     try:
-        yield tb.standby
+        yield standby
     finally:
-        tb.standby.start()
+        standby.start()
 
 
 @pytest.fixture

@@ -399,3 +399,58 @@ def test_oldest_wal_is_the_start_of_the_oldest_complete_set():
             + rows_for("pgzfs_20261125T040100Z", start_wal="000000010000000000000009"))
     assert snap.oldest_needed_wal(snap.group_sets(rows, "pgzfs")) == "000000010000000000000007"
     assert snap.oldest_needed_wal([]) is None
+
+
+# -- btrfs: layout, metadata files, placement ---------------------------------------
+
+def test_btrfs_snapshots_live_beside_the_subvolume_not_inside_it():
+    assert snap.btrfs_snapshot_dir("/bt/data02") == "/bt/.pgzfs"
+    assert snap.btrfs_snapshot_path("/bt/data02@pgzfs_20261125T040100Z") == \
+        "/bt/.pgzfs/data02@pgzfs_20261125T040100Z"
+    assert snap.btrfs_snapshot_path("/srv/pg/ts@x_1") == "/srv/pg/.pgzfs/ts@x_1"
+
+
+@pytest.mark.parametrize("path", ["bt/data02", "/bt/data02/", "/bt/../data02", "/", "/bt/da@ta"])
+def test_btrfs_subvolume_paths_must_be_absolute_normalised_and_without_at(path):
+    assert snap.btrfs_subvolume_problem(path)
+
+
+def test_btrfs_a_plain_subvolume_path_is_fine():
+    assert snap.btrfs_subvolume_problem("/bt/data02") is None
+
+
+def test_metadata_round_trips_the_property_keys_only():
+    properties = {"set": "pgzfs_20261125T040100Z", "stop_lsn": "0/3000100", "backup_label": "",
+                  "datasets": "/bt/a /bt/b", "unknown": "dropped"}
+    text = snap.metadata_text(properties)
+    assert text.endswith("\n")
+    assert snap.parse_metadata(text) == dict((k, v) for k, v in properties.items() if k != "unknown")
+
+
+@pytest.mark.parametrize("text", ["", '{"set": "pgzfs_2026', "[]", '{"mode": "backup"}',
+                                  '{"set": "s", "stop_lsn": 5}'])
+def test_unreadable_metadata_is_a_value_error(text):
+    with pytest.raises(ValueError):
+        snap.parse_metadata(text)
+
+
+BTRFS_MOUNTS = """/dev/loop3 /srv/bt btrfs rw,relatime,subvolid=5,subvol=/ 0 0
+/dev/sda1 / ext4 rw 0 0
+/dev/loop3 /var/lib/pg\\040data btrfs rw,subvolid=257,subvol=/data 0 0
+"""
+
+
+def test_btrfs_placement_needs_the_parent_on_the_same_btrfs():
+    mounts = snap.parse_mounts(BTRFS_MOUNTS)
+    assert ("/dev/loop3", "/var/lib/pg data", "btrfs") in mounts
+    assert snap.btrfs_placement_problem("/srv/bt/data02", mounts) is None
+    assert "not on btrfs" in snap.btrfs_placement_problem("/home/data02", mounts)
+    assert "mounted on its own" in snap.btrfs_placement_problem("/var/lib/pg data", mounts)
+
+
+def test_du_exclusive_bytes_per_path():
+    out = ("     Total   Exclusive  Set shared  Filename\n"
+           "   4194304     1048576     3145728  /bt/.pgzfs/data02@pgzfs_20261125T040100Z\n"
+           "         0           0           0  /bt/.pgzfs/my dir@x\n")
+    assert snap.parse_du_exclusive(out) == {"/bt/.pgzfs/data02@pgzfs_20261125T040100Z": 1048576,
+                                            "/bt/.pgzfs/my dir@x": 0}
