@@ -51,6 +51,7 @@ def parse_args():
     parser.add_argument("--small-scale", type=int, default=7, help="pgbench scale of the ~100 MB cluster")
     parser.add_argument("--large-scale", type=int, default=68, help="pgbench scale of the ~1 GB cluster")
     parser.add_argument("--after", type=int, default=60, help="seconds between the set and the target")
+    parser.add_argument("--prefetch", type=int, default=0, help="[archive] prefetch of pg_wal_fetch.py")
     return parser.parse_args()
 
 
@@ -128,6 +129,7 @@ def restore_from_tar(tb, config, tar_dir, target, name):
                    % (port, socket_dir, fetch, config, target))
     open(os.path.join(pgdata, "recovery.signal"), "w").close()
     testbed.sh(["chown", "-R", testbed.PG_USER, os.path.join(tb.run_dir, name), wal_dir])
+    copied = time.monotonic() - started
     cluster = testbed.Cluster(name, pgdata, tb.pg_bindir, tb.run_dir, port=port)
     cluster.socket_dir = socket_dir
     cluster.start(timeout=900)
@@ -136,7 +138,7 @@ def restore_from_tar(tb, config, tar_dir, target, name):
     elapsed = time.monotonic() - started
     cluster.stop("immediate")
     shutil.rmtree(os.path.join(tb.run_dir, name))
-    return elapsed
+    return elapsed, copied
 
 
 def measure(tb, config, scale, after):
@@ -163,10 +165,10 @@ def measure(tb, config, scale, after):
     tb.switch_wal()
     target = target_moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     clone_seconds, steps = restore_with_clones(tb, config, target)
-    tar_seconds = restore_from_tar(tb, config, tar_dir, target.replace("T", " ").replace("Z", "+00"),
+    tar_seconds, copied = restore_from_tar(tb, config, tar_dir, target.replace("T", " ").replace("Z", "+00"),
                                    "copy_s%d" % scale)
     shutil.rmtree(tar_dir)
-    return size, clone_seconds, steps, tar_seconds
+    return size, clone_seconds, steps, tar_seconds, copied
 
 
 def main():
@@ -179,15 +181,18 @@ def main():
         tb._teardowns.append(tb._zfs.teardown)
         config = tb.write_config(os.path.join(tb.run_dir, "bench.conf"), {"restore": {
             "mount_root": os.path.join(tb.run_dir, "restore_mnt"),
-            "wal_root": os.path.join(tb.run_dir, "restore_wal"), "timeout": "1800"}})
+            "wal_root": os.path.join(tb.run_dir, "restore_wal"), "timeout": "1800"},
+            "archive": {"prefetch": str(args.prefetch)}})
         results = []
         for scale in (args.small_scale, args.large_scale):
-            size, clone_seconds, steps, tar_seconds = measure(tb, config, scale, args.after)
+            size, clone_seconds, steps, tar_seconds, copied = measure(tb, config, scale, args.after)
             results.append((scale, size, clone_seconds, steps, tar_seconds))
-            print("scale %d (%d MB): pg_zfs_restore %.2f s (%s); pg_basebackup tar %.2f s; %.1fx"
-                  % (scale, size, clone_seconds, steps, tar_seconds, tar_seconds / clone_seconds), flush=True)
+            print("scale %d (%d MB): pg_zfs_restore %.2f s (%s); pg_basebackup tar %.2f s (untar and "
+                  "configure %.2f s, start and replay %.2f s); %.1fx"
+                  % (scale, size, clone_seconds, steps, tar_seconds, copied, tar_seconds - copied,
+                     tar_seconds / clone_seconds), flush=True)
         small, large = results
-        print("PostgreSQL %s, target %d s after the set" % (args.pg, args.after))
+        print("PostgreSQL %s, target %d s after the set, prefetch %d" % (args.pg, args.after, args.prefetch))
         print("restore time large/small: %.2f (flat if near 1); copy/clones at %d MB: %.1fx (target >= 10x)"
               % (large[2] / small[2], large[1], large[4] / large[2]))
     finally:
