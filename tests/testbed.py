@@ -405,13 +405,20 @@ class ArchiveHost(object):
                 ""]))
         os.makedirs("/run/sshd", exist_ok=True)
         sh(["/usr/sbin/sshd", "-f", config, "-E", os.path.join(self.home, "sshd.log")])
-        wait_for(lambda: os.path.exists(self.pidfile), 10, "sshd on %s" % address)
-        self.pid = int(open(self.pidfile).read().split()[0])
+        self.pid = wait_for(self._pid_from_file, 10, "sshd on %s" % address)
         wait_for(self._answers, 10, "sshd on %s to accept" % address)
         with open(self.host_key + ".pub") as pub:
             key = " ".join(pub.read().split()[:2])
         with open(testbed.known_hosts, "a") as known:
             known.write("[%s]:%d %s\n" % (address, port, key))
+
+    def _pid_from_file(self):
+        # sshd creates the pidfile before it writes the number into it.
+        try:
+            with open(self.pidfile) as pidfile:
+                return int(pidfile.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            return None
 
     def _answers(self):
         with contextlib.closing(socket.socket()) as sock:
