@@ -102,7 +102,7 @@ def test_each_script_copied_alone_runs_help(tmp_path, python, script):
                                     "setup_guest"])
 def test_missing_config_file_is_a_one_line_error_with_exit_2(run_script, tmp_path, script):
     args = {"pg_wal_fetch": ["000000010000000000000001", "pg_wal/x"], "pg_zfs_snap": ["list"],
-            "pg_zfs_restore": ["list"], "setup_guest": ["--check"]}[script]
+            "pg_zfs_restore": ["list"], "setup_guest": ["--start"]}[script]
     proc = run_script(script, *args, config=tmp_path / "absent.conf")
     assert proc.returncode == 2
     assert "absent.conf" in proc.stderr
