@@ -5,9 +5,11 @@
    archives, each served by its own sshd (127.N.0.2 and 127.N.0.3).
 2. The "guest": a zfs-fuse pool on a sparse file; `setup_guest.py --init`
    creates data01..data04 and makes the standby (pg_wal off ZFS);
-   `--start`, then `--check`.
-3. Rows with timestamps on the primary, `pg_zfs_snap.py` twice with rows
-   between and after, `pg_zfs_snap.py list`.
+   `--start`, `--install` (into a stand-in root).
+3. Rows with timestamps on the primary, `pg_zfs_snap.py` (the cron line) and
+   `pg_zfs_snap.py snapshot --no-prune` with rows between and after,
+   `pg_zfs_snap.py list`, then `setup_guest.py --check` (all green once a
+   set exists; the cron line is installed under a stand-in root).
 4. Archive host 1 dies (nftables); `pg_zfs_restore.py restore --target-time`
    (between the sets) still succeeds through host 2; the rows it has and the
    ones it rightly lacks.
@@ -116,7 +118,12 @@ class Demo(object):
         testbed.wait_for(lambda: self.standby.psql(
             "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'") == "1",
             60, "the standby to stream")
-        self.script("setup_guest", "--role", "guest", "--check", check=False)
+        self.guest_root = os.path.join(guest_dir, "root")
+        os.makedirs(self.guest_root)
+        self.say("installing the cron and rc.local lines into %s (a stand-in for /)"
+                 % self.guest_root)
+        self.script("setup_guest", "--role", "guest", "--install", "--using", "cron",
+                    "--root", self.guest_root)
 
     def insert(self, note, rows=3):
         primary = self.bed.primary
@@ -143,10 +150,13 @@ class Demo(object):
         time.sleep(1.1)
         self.insert("after the target")
         self.wait_standby_caught_up()
-        self.script("pg_zfs_snap")
+        # The cron line would keep one set a day; this one is a manual extra.
+        self.script("pg_zfs_snap", "snapshot", "--no-prune", "--label", "demo")
         self.insert("after set 2")
         self.bed.switch_wal()
         self.script("pg_zfs_snap", "list")
+        self.say("now that sets exist, the doctor should be all green:")
+        self.script("setup_guest", "--role", "guest", "--check", "--root", self.guest_root)
         self.say("the primary has:")
         self.say("  " + self.bed.primary.psql(
             "SELECT note || ': ' || count(*) FROM demo GROUP BY note ORDER BY min(id)")
@@ -157,14 +167,12 @@ class Demo(object):
         host1 = self.bed.hosts[0]
         host1.kill()
         self.say("nft drops every packet to %s (host1)" % host1.address)
-        self.script("pg_zfs_restore", "restore", "--target-time", self.target,
+        proc = self.script("pg_zfs_restore", "restore", "--target-time", self.target,
                            "--action", "promote")
-        listing = run_script("pg_zfs_restore", "list", "--json", config=self.config,
-                             python=PYTHON)
-        port = _restored_port(listing.stdout)
+        socket_dir, port = _connect_line(proc.stdout)
         copy = testbed.Cluster("restored", "/nonexistent", self.bed.pg_bindir,
                                self.bed.run_dir, port=port)
-        copy.socket_dir = _restored_socket(listing.stdout) or copy.socket_dir
+        copy.socket_dir = socket_dir
         rows = copy.psql("SELECT note || ': ' || count(*) FROM demo GROUP BY note "
                          "ORDER BY min(id)")
         self.say("the restored copy (port %d) has:\n  %s" % (port, rows.replace("\n", "\n  ")))
@@ -182,22 +190,13 @@ class Demo(object):
         self.script("pg_zfs_snap", "check")
 
 
-def _restored_port(listing_json):
-    import json
-    for entry in json.loads(listing_json or "[]"):
-        for clone in entry.get("clones", []):
-            if clone.get("port"):
-                return int(clone["port"])
-    raise RuntimeError("no restored copy with a port in `pg_zfs_restore.py list --json`")
-
-
-def _restored_socket(listing_json):
-    import json
-    for entry in json.loads(listing_json or "[]"):
-        for clone in entry.get("clones", []):
-            if clone.get("socket_dir"):
-                return clone["socket_dir"]
-    return None
+def _connect_line(restore_output):
+    """(socket dir, port) from restore's `connect: psql -h DIR -p PORT` line."""
+    for line in restore_output.splitlines():
+        words = line.split()
+        if words[:2] == ["connect:", "psql"] and "-h" in words and "-p" in words:
+            return words[words.index("-h") + 1], int(words[words.index("-p") + 1])
+    raise RuntimeError("restore printed no `connect: psql -h DIR -p PORT` line")
 
 
 def main(argv=None):
