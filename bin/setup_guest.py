@@ -19,7 +19,10 @@ Commands (exactly one):
                it runs: `systemctl start UNIT` when [guest] systemd_unit is set
                and systemd runs, else `pg_ctl start -w -D PGDATA -l LOG -t N`.
     --init     guest, once: create the missing datasets with
-               [guest] dataset_properties, mount them, give them to the user;
+               [guest] dataset_properties, mount them, give them to the user
+               (backend = btrfs: create the missing subvolumes, whose parent
+               directory must exist on a mounted btrfs; dataset_properties
+               are ZFS properties and do not apply);
                `pg_basebackup -R -X stream --waldir WALDIR` from
                [guest] primary_conninfo (WALDIR must not be on ZFS or btrfs);
                set restore_command (pg_wal_fetch.py), primary_conninfo, port
@@ -92,6 +95,7 @@ SNAP = "pg_zfs_snap.py"
 # Copy-on-write file systems: pg_wal on them writes every 16 MiB segment anew
 # into every snapshot (the article's "strong advice"). zfs-fuse mounts as fuse.zfs.
 COW_FILESYSTEMS = ("zfs", "fuse.zfs", "btrfs")
+BTRFS_SUBVOLUME_INODE = 256  # the root directory of every btrfs subvolume
 DEFAULT_DATASET_PROPERTIES = "compression=lz4 recordsize=8K atime=off xattr=sa"
 DEFAULT_CRON_SCHEDULE = "1 4 * * *"
 DEFAULT_START_TIMEOUT = 120
@@ -298,6 +302,23 @@ def cow_verdict(path, resolved, mounts):
     if found is not None and is_cow(found[2]):
         shown = path if path == resolved else "%s (-> %s)" % (path, resolved)
         return "%s is on %s (%s mounted at %s)" % (shown, found[2], found[0], found[1])
+    return None
+
+
+def btrfs_parent_problem(subvolume, resolved_parent, mounts):
+    """None when a subvolume can be created at subvolume, else why not.
+
+    resolved_parent is the real path of its parent directory, None when that
+    does not exist. The parent must be on btrfs: pg_zfs_snap keeps the
+    snapshots in PARENT/.pgzfs, on the same file system.
+    """
+    parent = os.path.dirname(subvolume)
+    if resolved_parent is None:
+        return "cannot create btrfs subvolume %s: %s does not exist (mount the btrfs first)" % (subvolume, parent)
+    found = filesystem_of(resolved_parent, mounts)
+    if found is None or found[2] != "btrfs":
+        return "cannot create btrfs subvolume %s: %s is on %s, not btrfs" % (
+            subvolume, parent, found[2] if found else "no file system")
     return None
 
 
@@ -640,6 +661,9 @@ class Guest(object):
         self.dbname = cfg.str("postgres", "dbname", "postgres")
         self.backend = cfg.choice("snapshot", "backend", ("zfs", "btrfs"), "zfs")
         self.datasets = cfg.list("snapshot", "datasets")
+        for dataset in self.datasets if self.backend == "btrfs" else []:
+            if not dataset.startswith("/") or os.path.normpath(dataset) != dataset:
+                raise cfg.error("snapshot", "datasets", "%r is not an absolute, normalised subvolume path" % dataset)
         self.primary_conninfo = cfg.str("guest", "primary_conninfo", "")
         self.waldir = os.path.normpath(cfg.str("guest", "waldir", "")) if cfg.str("guest", "waldir", "") else ""
         self.logfile = cfg.str("guest", "logfile", "") or os.path.join(self.pgdata, "pg_zfs_start.log")
@@ -844,9 +868,17 @@ def zfs_dataset(dataset):
 
 
 def btrfs_subvolume(path):
-    """{"mounted": True, "mountpoint": path} of a btrfs subvolume, or None."""
-    code, _, _ = run(["btrfs", "subvolume", "show", path], timeout=60, check=False)
-    return {"mounted": True, "mountpoint": path} if code == 0 else None
+    """{"mounted": True, "mountpoint": path} of a btrfs subvolume, None when path does
+    not exist; a Failure when it exists but is not a subvolume (say, a plain directory)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    found = filesystem_of(os.path.realpath(path), read_mounts())
+    if found is None or found[2] != "btrfs" or status.st_ino != BTRFS_SUBVOLUME_INODE:
+        raise Failure("%s exists but is not a btrfs subvolume (%s)"
+                      % (path, "on " + found[2] if found and found[2] != "btrfs" else "a plain directory"), 1)
+    return {"mounted": True, "mountpoint": path}
 
 
 def dataset_state(backend, dataset):
@@ -1071,6 +1103,11 @@ def ensure_datasets(guest, steps, owner):
                 steps.change("create dataset %s (%s)" % (dataset, " ".join("%s=%s" % p for p in guest.properties)),
                              run, argv + [dataset], 120)
             else:
+                parent = os.path.dirname(dataset)
+                problem = btrfs_parent_problem(dataset, os.path.realpath(parent) if os.path.isdir(parent) else None,
+                                               read_mounts())
+                if problem:
+                    raise Failure(problem, 1)
                 steps.change("create btrfs subvolume %s" % dataset,
                              run, ["btrfs", "subvolume", "create", dataset], 120)
             if steps.dry_run:
