@@ -91,6 +91,7 @@ CHUNK = 1 << 20
 SPOOL_LOCK = ".prefetch.lock"
 SPOOL_WANT = ".prefetch.want"
 SPOOL_LOG = ".prefetch.log"
+PREFETCH_LINGER = 2.0    # seconds an idle prefetcher waits for the next request
 
 # ---------------------------------------------------------------------------
 # The helpers every pg_zfs script carries (config, logging, commands).
@@ -997,9 +998,7 @@ def start_prefetch(settings, wal_name, dest, cluster, verbose):
         os.write(want_fd, ("%s %d\n" % (wal_name, seg_size)).encode("ascii"))
     finally:
         os.close(want_fd)
-    window = following_segments(wal_name, seg_size, settings.prefetch)
-    spooled = sum(1 for name in window if os.path.exists(spool_file(settings, name)))
-    if not should_start_prefetch(spooled, settings.prefetch):
+    if not needs_refill(settings, (wal_name, seg_size)):
         return
     lock_fd = os.open(spool_file(settings, SPOOL_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -1119,11 +1118,12 @@ def prefetch_command(args, config):
         lock_fd = os.open(spool_file(settings, SPOOL_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         if not try_lock(lock_fd):
             return DELIVERED
-    done = None
+    served = None
+    idle_until = 0       # the first want is served at once: the delivery saw the need
     while True:
         want = read_want(settings)
-        if want is not None and want != done:
-            done = want
+        if want is not None and want != served and (served is None or needs_refill(settings, want)):
+            served = want
             signal.setitimer(signal.ITIMER_REAL, settings.timeout)
             try:
                 prefetch_window(settings, want, cluster)
@@ -1132,11 +1132,26 @@ def prefetch_command(args, config):
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 stop_children()
+            idle_until = time.time() + PREFETCH_LINGER
+            continue
+        if time.time() < idle_until:
+            # Stay a moment: recovery consumes the spool and a running prefetcher
+            # refills it without a new process and a new ssh session.
+            time.sleep(0.02)
             continue
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         # A delivery may have asked for more while we held the lock.
-        if read_want(settings) in (None, done) or not try_lock(lock_fd):
+        want = read_want(settings)
+        if want in (None, served) or not needs_refill(settings, want) or not try_lock(lock_fd):
             return DELIVERED
+        idle_until = time.time() + PREFETCH_LINGER
+
+
+def needs_refill(settings, want):
+    """True if half the window after want or less is spooled."""
+    window = following_segments(want[0], want[1], settings.prefetch)
+    spooled = sum(1 for name in window if os.path.exists(spool_file(settings, name)))
+    return should_start_prefetch(spooled, settings.prefetch)
 
 
 def check_command(settings):

@@ -153,9 +153,15 @@ class WalEnv(object):
 
     def teardown(self):
         lock = os.path.join(self.spool, ".prefetch.lock")
-        if os.path.exists(lock):        # let a running prefetcher finish
+        if os.path.exists(lock):        # let a running prefetcher finish (it lingers 2 s)
             with open(lock) as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                def unlocked():
+                    try:
+                        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        return True
+                    except OSError:
+                        return False
+                wait_for(unlocked, 60, "the prefetcher to finish")
         if os.path.isdir(self.control):
             for name in os.listdir(self.control):
                 sh(["ssh", "-S", os.path.join(self.control, name), "-O", "exit", "x"],

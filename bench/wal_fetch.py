@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""Benchmark: pg_wal_fetch.py against cp, the article's restore_command and ssh itself.
+
+Run as root, from the repository:
+
+    python3 bench/wal_fetch.py [--segments 64] [--pg 15]
+
+Builds everything under a fresh /tmp directory and removes it at the end: a
+PostgreSQL primary archiving into ARCH/primary/, a base backup taken before
+--segments WAL segments are written and archived, and two sshd "archive hosts"
+on loopback addresses (127.77.0.2 and .3) serving that archive. Loopback only.
+
+The client side runs as postgres, as PostgreSQL does, with Python 3.6.15 (the
+oldest supported; a copy the postgres user can run, see tests/test_wal_fetch.py).
+It logs in to the hosts as root, like the article. Root's ~/.bashrc on the test
+machines runs `pyenv init`, and Debian's bash sources ~/.bashrc for every
+command sshd runs: about 120 ms per ssh session that would measure this
+machine's shell, not the transfer. The bench sshd sets SHLVL=1 for its
+sessions, which makes bash skip that (the postgres account is locked, so sshd
+refuses it).
+
+1. Delivery, one process per file in order, each delivered to
+   pg_wal/RECOVERYXLOG and renamed as PostgreSQL does:
+   (a) cp from a local directory; (b) the article's command with both hosts up;
+   (c) the transport limit: ONE `ssh HOST cat ...` streaming every segment;
+   (d) pg_wal_fetch.py, prefetch = 0; (e) pg_wal_fetch.py, prefetch = 8.
+   Targets: (e) within 1.3x of (c), at least 5x faster than (b).
+2. Recovery of the base backup replaying the segments with restore_command
+   (a) and (e), from `pg_ctl start` to the end of recovery.
+   Target: (e) within 1.2x of (a).
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from testbed import PG_USER, chown_pg, free_port, pg_bindir, sh, wait_for  # noqa: E402
+from test_wal_fetch import python36_for_postgres  # noqa: E402
+
+SCRIPT = os.path.join(REPO, "bin", "pg_wal_fetch.py")
+HOSTS = ("127.77.0.2", "127.77.0.3")
+
+
+class Bench(object):
+    def __init__(self, run_dir, bindir, segments):
+        self.run_dir = run_dir
+        self.bindir = bindir
+        self.segments = segments
+        self.arch = os.path.join(run_dir, "arch")
+        self.wal_dir = os.path.join(self.arch, "primary")
+        self.python = python36_for_postgres()
+        self.sshd_pids = []
+        os.makedirs(self.wal_dir)
+        chown_pg(self.arch, self.wal_dir)
+
+    def pg(self, tool):
+        return os.path.join(self.bindir, tool)
+
+    # -- the archive ---------------------------------------------------------
+
+    def build_archive(self):
+        self.pgdata = os.path.join(self.run_dir, "primary")
+        self.sock = os.path.join(self.run_dir, "sock")
+        os.makedirs(self.sock)
+        chown_pg(self.sock)
+        sh([self.pg("initdb"), "-A", "trust", "-U", PG_USER, "-D", self.pgdata], user=PG_USER)
+        self.port = free_port()
+        with open(os.path.join(self.pgdata, "postgresql.auto.conf"), "a") as conf:
+            conf.write("port = %d\nunix_socket_directories = '%s'\nlisten_addresses = ''\n"
+                       "archive_mode = on\narchive_command = 'cp %%p %s/%%f'\nfsync = off\n"
+                       "wal_level = replica\n" % (self.port, self.sock, self.wal_dir))
+        sh([self.pg("pg_ctl"), "start", "-w", "-D", self.pgdata, "-l",
+            os.path.join(self.run_dir, "primary.log")], user=PG_USER)
+        self.backup = os.path.join(self.run_dir, "backup")
+        sh([self.pg("pg_basebackup"), "-D", self.backup, "-X", "none", "-c", "fast",
+            "-h", self.sock, "-p", str(self.port), "-U", PG_USER], user=PG_USER, timeout=600)
+        self.psql("CREATE TABLE bench (id int, note text)")
+        for batch in range(self.segments):
+            self.psql("INSERT INTO bench SELECT g, md5(g::text) FROM generate_series(1, 20000) g; "
+                      "SELECT pg_switch_wal()")
+        wait_for(lambda: len(self.archived()) >= self.segments + 2, 120, "the archive")
+        self.expected = self.psql("SELECT count(*) FROM bench")
+        sh([self.pg("pg_ctl"), "stop", "-m", "fast", "-D", self.pgdata], user=PG_USER)
+        self.names = self.archived()
+
+    def psql(self, sql):
+        return sh([self.pg("psql"), "-X", "-q", "-A", "-t", "-h", self.sock, "-p", str(self.port),
+                   "-U", PG_USER, "-d", "postgres", "-c", sql], user=PG_USER).stdout.strip()
+
+    def archived(self):
+        return sorted(n for n in os.listdir(self.wal_dir) if len(n) == 24)
+
+    # -- the hosts -----------------------------------------------------------
+
+    def start_hosts(self):
+        self.client_key = os.path.join(self.run_dir, "client_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.client_key])
+        chown_pg(self.client_key)
+        self.known_hosts = os.path.join(self.run_dir, "known_hosts")
+        open(self.known_hosts, "w").close()
+        chown_pg(self.known_hosts)
+        self.ssh_port = free_port(HOSTS[0])
+        os.makedirs("/run/sshd", exist_ok=True)
+        for index, address in enumerate(HOSTS):
+            home = os.path.join(self.run_dir, "host%d" % (index + 1))
+            os.makedirs(home)
+            host_key = os.path.join(home, "host_key")
+            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key])
+            config = os.path.join(home, "sshd_config")
+            pidfile = os.path.join(home, "sshd.pid")
+            with open(config, "w") as out:
+                out.write("ListenAddress %s:%d\nHostKey %s\nAuthorizedKeysFile %s.pub\n"
+                          "PasswordAuthentication no\nUsePAM no\nStrictModes no\nPidFile %s\n"
+                          "MaxStartups 100\nMaxSessions 100\nSubsystem sftp internal-sftp\n"
+                          "PermitRootLogin prohibit-password\nSetEnv SHLVL=1\n"
+                          % (address, self.ssh_port, host_key, self.client_key, pidfile))
+            sh(["/usr/sbin/sshd", "-f", config, "-E", os.path.join(home, "sshd.log")])
+            wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), 10, "sshd")
+            self.sshd_pids.append(int(open(pidfile).read().split()[0]))
+            with open(host_key + ".pub") as pub, open(self.known_hosts, "a") as known:
+                known.write("[%s]:%d %s\n" % (address, self.ssh_port, " ".join(pub.read().split()[:2])))
+        self.ssh_opts = ("-o BatchMode=yes -o IdentitiesOnly=yes -i %s -o UserKnownHostsFile=%s"
+                         % (self.client_key, self.known_hosts))
+        self.user = "root"
+
+    def write_config(self, prefetch, spool, control):
+        path = os.path.join(self.run_dir, "pg_zfs.conf")
+        with open(path, "w") as out:
+            out.write("[archive]\nsources = h1 h2\nspool_dir = %s\nprefetch = %d\ntimeout = 60\n"
+                      "control_dir = %s\n" % (spool, prefetch, control))
+            for index, address in enumerate(HOSTS):
+                out.write("[source h%d]\nhost = %s\nport = %d\nuser = %s\npath = %s/*\nprobe = tcp\n"
+                          "ssh_options = -o IdentitiesOnly=yes -o UserKnownHostsFile=%s\n"
+                          "identity_file = %s\n" % (index + 1, address, self.ssh_port, self.user,
+                                                    self.arch, self.known_hosts, self.client_key))
+        os.chmod(path, 0o644)
+        return path
+
+    def close_masters(self, control):
+        if os.path.isdir(control):
+            for name in os.listdir(control):
+                sh(["ssh", "-S", os.path.join(control, name), "-O", "exit", "x"], user=PG_USER,
+                   check=False)
+
+    # -- delivery ------------------------------------------------------------
+
+    def deliver_all(self, restore_command):
+        """Seconds to deliver every archived file, one process per file, as PostgreSQL would."""
+        target = os.path.join(self.run_dir, "target")
+        shutil.rmtree(target, ignore_errors=True)
+        os.makedirs(os.path.join(target, "pg_wal"))
+        shutil.copy(os.path.join(self.pgdata, "global", "pg_control"), os.path.join(target, "pg_control"))
+        os.makedirs(os.path.join(target, "global"))
+        shutil.move(os.path.join(target, "pg_control"), os.path.join(target, "global"))
+        shutil.copy(os.path.join(self.pgdata, "PG_VERSION"), target)
+        sh(["chown", "-R", PG_USER, target])
+        driver = os.path.join(self.run_dir, "driver.sh")
+        with open(driver, "w") as out:
+            out.write("#!/bin/sh\ncd %s || exit 9\n" % target)
+            for name in self.names:
+                command = restore_command.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG")
+                out.write("sh -c %s || { echo failed %s >&2; exit 1; }\n" % (shell_quote(command), name))
+                out.write("mv pg_wal/RECOVERYXLOG pg_wal/%s\n" % name)
+        os.chmod(driver, 0o755)
+        started = time.monotonic()
+        proc = sh([driver], user=PG_USER, check=False, timeout=3600)
+        elapsed = time.monotonic() - started
+        if proc.returncode != 0:
+            raise RuntimeError("delivery failed: %s" % proc.stderr[-2000:])
+        delivered = sorted(os.listdir(os.path.join(target, "pg_wal")))
+        if delivered != self.names:
+            raise RuntimeError("delivered %d of %d files" % (len(delivered), len(self.names)))
+        shutil.rmtree(target)
+        return elapsed
+
+    def stream_all(self):
+        """(c): one ssh session streaming every segment into one local file."""
+        out = os.path.join(self.run_dir, "stream.out")
+        command = "cd %s && cat %s" % (self.wal_dir, " ".join(self.names))
+        argv = ["sh", "-c", "ssh %s -p %d -l %s %s %s > %s" % (
+            self.ssh_opts, self.ssh_port, self.user, HOSTS[0], shell_quote(command), out)]
+        started = time.monotonic()
+        sh(argv, user=PG_USER, timeout=3600)
+        elapsed = time.monotonic() - started
+        size = os.path.getsize(out)
+        os.unlink(out)
+        if size != 16 * 1024 * 1024 * len(self.names):
+            raise RuntimeError("streamed %d bytes" % size)
+        return elapsed
+
+    # -- recovery ------------------------------------------------------------
+
+    def recover(self, restore_command):
+        """Seconds from pg_ctl start to the end of recovery of a copy of the base backup."""
+        data = os.path.join(self.run_dir, "recovery")
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.copytree(self.backup, data, symlinks=True)
+        port = free_port()
+        with open(os.path.join(data, "postgresql.auto.conf"), "a") as conf:
+            conf.write("port = %d\narchive_mode = off\nhot_standby = off\nrestore_command = '%s'\n"
+                       % (port, restore_command.replace("'", "''")))
+        open(os.path.join(data, "recovery.signal"), "w").close()
+        sh(["chown", "-R", PG_USER, data])
+        logfile = os.path.join(self.run_dir, "recovery.log")
+        if os.path.exists(logfile):
+            os.unlink(logfile)
+        started = time.monotonic()
+        # pg_ctl -w counts a server in recovery as started: watch the log for the end.
+        sh([self.pg("pg_ctl"), "start", "-W", "-D", data, "-l", logfile], user=PG_USER)
+
+        def ready():
+            with open(logfile) as log_file:
+                return "ready to accept connections" in log_file.read()
+        wait_for(lambda: os.path.exists(logfile) and ready(), 1200, "the end of recovery", 0.02)
+        elapsed = time.monotonic() - started
+        count = sh([self.pg("psql"), "-X", "-q", "-A", "-t", "-h", self.sock, "-p", str(port), "-U",
+                    PG_USER, "-d", "postgres", "-c", "SELECT count(*) FROM bench"], user=PG_USER).stdout
+        sh([self.pg("pg_ctl"), "stop", "-m", "immediate", "-D", data], user=PG_USER)
+        if count.strip() != self.expected:
+            raise RuntimeError("recovered %s rows, the primary had %s" % (count, self.expected))
+        with open(os.path.join(self.run_dir, "recovery.log")) as log_file:
+            restored = log_file.read().count("restored log file")
+        shutil.rmtree(data)
+        return elapsed, restored
+
+    def teardown(self):
+        for pid in self.sshd_pids:
+            try:
+                os.kill(pid, 15)
+            except OSError:
+                pass
+        sh([self.pg("pg_ctl"), "stop", "-m", "immediate", "-D", self.pgdata], user=PG_USER, check=False)
+
+
+def shell_quote(text):
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--segments", type=int, default=64)
+    parser.add_argument("--pg", default="15")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (sshd, runuser)")
+    run_dir = tempfile.mkdtemp(prefix="pgzfs-bench-", dir="/tmp")
+    os.chmod(run_dir, 0o755)
+    chown_pg(run_dir)
+    bench = Bench(run_dir, pg_bindir(args.pg), args.segments)
+    try:
+        bench.build_archive()
+        bench.start_hosts()
+        python = sh([bench.python, "-c", "import sys; print(sys.version.split()[0])"]).stdout.strip()
+        n = len(bench.names)
+        print("archive: %d segments of 16 MiB; client Python %s as %s; PostgreSQL %s"
+              % (n, python, PG_USER, args.pg))
+        scp = "ping -c 1 -W 1 HOST && scp -q -P %d %s %s@HOST:%s/*/%%f %%p" % (
+            bench.ssh_port, bench.ssh_opts, bench.user, bench.arch)
+        article = "; ".join(scp.replace("HOST", address) for address in HOSTS)
+        results = {}
+        results["a"] = bench.deliver_all("cp %s/primary/%%f %%p" % bench.arch)
+        results["b"] = bench.deliver_all(article)
+        results["c"] = bench.stream_all()
+        for key, prefetch in (("d", 0), ("e", 8)):
+            spool = os.path.join(run_dir, "spool_" + key)
+            control = os.path.join(run_dir, "c" + key)
+            config = bench.write_config(prefetch, spool, control)
+            fetch = "%s %s -c %s %%f %%p" % (bench.python, SCRIPT, config)
+            try:
+                results[key] = bench.deliver_all(fetch)
+            finally:
+                bench.close_masters(control)
+        labels = {"a": "cp from a local directory", "b": "article's command, both hosts up",
+                  "c": "one ssh cat of every segment", "d": "pg_wal_fetch.py, prefetch = 0",
+                  "e": "pg_wal_fetch.py, prefetch = 8"}
+        print("\n1. delivery of %d segments, one process per file" % n)
+        for key in "abcde":
+            print("  (%s) %-36s %7.2f s  %6.1f ms/segment" % (key, labels[key], results[key],
+                                                           results[key] * 1000 / n))
+        print("  (e)/(c) = %.2f (target <= 1.3)   (b)/(e) = %.1f (target >= 5)   (d)/(c) = %.2f"
+              % (results["e"] / results["c"], results["b"] / results["e"], results["d"] / results["c"]))
+
+        recovery = {}
+        recovery["a"] = bench.recover("cp %s/primary/%%f %%p" % bench.arch)
+        config = bench.write_config(8, os.path.join(run_dir, "spool_r"), os.path.join(run_dir, "cr"))
+        try:
+            recovery["e"] = bench.recover("%s %s -c %s %%f %%p" % (bench.python, SCRIPT, config))
+        finally:
+            bench.close_masters(os.path.join(run_dir, "cr"))
+        print("\n2. recovery of the base backup (pg_ctl start to end of recovery)")
+        for key in "ae":
+            print("  (%s) %-36s %7.2f s  (%d files restored)" % (key, labels[key], recovery[key][0],
+                                                              recovery[key][1]))
+        print("  (e)/(a) = %.2f (target <= 1.2)" % (recovery["e"][0] / recovery["a"][0]))
+    finally:
+        bench.teardown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
