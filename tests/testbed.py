@@ -93,9 +93,40 @@ def load_script(name):
     return module
 
 
+# /root is 0700, so the postgres user cannot run pyenv's Python 3.6 where it is:
+# a copy goes beside the testbed's PostgreSQL binaries, with a wrapper for its
+# shared library (its RUNPATH points into /root).
+PY36_COPY = os.path.join(PG_EXTRACT, "python-3.6.15")
+PY36_PG = os.path.join(PY36_COPY, "python3")
+
+
+def python36_for_postgres():
+    """A Python 3.6.15 the postgres user can run (copied once, atomically)."""
+    if os.path.exists(PY36_PG):
+        return PY36_PG
+    source = os.path.dirname(os.path.dirname(os.path.realpath(PY36)))
+    staging = "%s.%d.partial" % (PY36_COPY, os.getpid())
+    shutil.copytree(source, staging, symlinks=True)
+    with open(os.path.join(staging, "python3"), "w") as wrapper:
+        wrapper.write('#!/bin/sh\nLD_LIBRARY_PATH=%s/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} '
+                      'exec %s/bin/python3.6 "$@"\n' % (PY36_COPY, PY36_COPY))
+    os.chmod(os.path.join(staging, "python3"), 0o755)
+    sh(["chmod", "-R", "a+rX", staging])
+    try:
+        os.rename(staging, PY36_COPY)
+    except OSError:                     # another session was first
+        shutil.rmtree(staging, ignore_errors=True)
+    return PY36_PG
+
+
 def run_script(name, *args, config=None, python=PY36, user=None, cwd=None,
                timeout=120, env=None, input=None):
-    """Run bin/NAME.py as a process, as cron, rc.local or PostgreSQL would."""
+    """Run bin/NAME.py as a process, as cron, rc.local or PostgreSQL would.
+
+    As another user (runuser), PY36 means the copy that user can run.
+    """
+    if user is not None and user != "root" and python == PY36:
+        python = python36_for_postgres()
     argv = [python, os.path.join(BIN, name + ".py")]
     if config is not None:
         argv += ["-c", str(config)]

@@ -13,7 +13,9 @@
 4. Archive host 1 dies (nftables); `pg_zfs_restore.py restore --target-time`
    (between the sets) still succeeds through host 2; the rows it has and the
    ones it rightly lacks.
-5. `pg_zfs_restore.py drill`, `pg_zfs_snap.py check`, cleanup.
+5. `pg_zfs_restore.py drill`, `pg_zfs_snap.py check`.
+6. The rest of the toolbox: `pg_wal_fetch.py --check`, `prune --dry-run`,
+   `oldest-wal`, and `rollback` refusing while the standby runs; cleanup.
 
 Everything is removed at the end, also on Ctrl-C or failure, unless --keep.
 Only loopback addresses are used. The scripts run under the oldest Python
@@ -109,6 +111,7 @@ class Demo(object):
         self.config = bed.write_config(os.path.join(guest_dir, "pg_zfs.conf"),
                                        sections=sections)
         self.say("pool %s on a sparse file; config %s" % (zfs.name, self.config))
+        self.script("setup_guest", "--role", "guest", "--init", "--dry-run")
         self.script("setup_guest", "--role", "guest", "--init")
         self.script("setup_guest", "--role", "guest", "--start")
         self.standby = testbed.Cluster("guest", self.pgdata, bed.pg_bindir, bed.run_dir,
@@ -122,6 +125,8 @@ class Demo(object):
         os.makedirs(self.guest_root)
         self.say("installing the cron and rc.local lines into %s (a stand-in for /)"
                  % self.guest_root)
+        self.script("setup_guest", "--role", "guest", "--install", "--print", "--using", "cron",
+                    "--root", self.guest_root)
         self.script("setup_guest", "--role", "guest", "--install", "--using", "cron",
                     "--root", self.guest_root)
 
@@ -189,6 +194,18 @@ class Demo(object):
         self.script("pg_zfs_restore", "drill", "--query", "SELECT count(*) FROM demo")
         self.script("pg_zfs_snap", "check")
 
+    def toolbox(self):
+        self.step("6. The rest of the daily toolbox")
+        self.script("pg_wal_fetch", "--check", user=PG_USER)
+        self.script("pg_zfs_snap", "prune", "--dry-run")
+        self.script("pg_zfs_snap", "oldest-wal")
+        sets = [line.split()[0] for line in self.script("pg_zfs_snap", "list").stdout.splitlines()
+                if line.startswith("pgzfs_")]
+        self.say("rollback refuses while the standby runs (and without --force):")
+        proc = self.script("pg_zfs_restore", "rollback", "--set", sets[0], check=False)
+        if proc.returncode != 1:
+            raise RuntimeError("rollback of a running standby was not refused")
+
 
 def _connect_line(restore_output):
     """(socket dir, port) from restore's `connect: psql -h DIR -p PORT` line."""
@@ -222,6 +239,7 @@ def main(argv=None):
         demo.snapshots()
         demo.restore()
         demo.drill_and_check()
+        demo.toolbox()
         ok = True
     except KeyboardInterrupt:
         print("\ndemo: interrupted")
