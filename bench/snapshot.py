@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark: pg_zfs_snap.py snapshot against pg_basebackup, and a set's space.
 
-Run as root (zfs needs it), from the repository:
+Run as root (zfs, mount and btrfs need it), from the repository:
 
     python3 bench/snapshot.py [--pg 15] [--small-scale 7] [--large-scale 68] [--runs 5]
 
 Builds everything it uses under a fresh /tmp directory and removes it at the
 end: a zfs-fuse pool on a sparse file (datasets data01..data04, PGDATA on
 data02, like the article), a primary on plain disk, a streaming standby on the
-pool with pg_wal off ZFS. Loopback only (Unix sockets).
+pool with pg_wal off ZFS, and the same on btrfs (below). Loopback only (Unix
+sockets).
 
 For a cluster of about 100 MB (pgbench -i -s 7) and about 1 GB (-s 68):
 - the wall time of `pg_zfs_snap.py snapshot --no-prune` on the standby (median
@@ -26,6 +27,22 @@ changed page costs one 8 KiB record plus metadata. The price is more block
 pointers (metadata) and less compression per record, which does not matter for
 a standby that is only replayed and snapshotted.
 
+btrfs (issue 8), beside ZFS in the same run: a second standby of the same
+primary on subvolumes data01..data04 of a loop-mounted btrfs (PGDATA on
+data02, pg_wal off btrfs), snapshotted by `pg_zfs_snap.py` with backend =
+btrfs; both standbys replay the same pgbench. btrfs has no per-snapshot
+`used`; without enabling quotas (qgroups would count whole extents the same
+way) the set's space is reported two ways:
+- excl: the set's exclusive bytes, `btrfs filesystem du -s --raw` summed over
+  its snapshots (what deleting set A would free now);
+- growth: how much the file system's data+metadata use grew from before set A
+  to after set B (`btrfs filesystem usage -b`, after a sync), which also holds
+  the new copies of the changed pages that the live standby needs anyway.
+btrfs shares whole extents: a page rewritten inside a large extent written
+by pg_basebackup leaves the old extent referenced by the live subvolume, so
+`excl` can be far below the bytes changed; deleting the set would free
+nothing more.
+
 Targets (issue 4): snapshot time flat (1 GB / 100 MB under 1.5), at least 20x
 faster than pg_basebackup at 1 GB, set space within 3x of the bytes changed.
 """
@@ -35,7 +52,6 @@ import hashlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,65 +86,33 @@ def mib(count):
     return "%.1f MiB" % (count / 1048576.0)
 
 
-class Bench(object):
-    def __init__(self, args, run_dir):
-        self.args = args
-        self.run_dir = run_dir
-        self.bindir = testbed.pg_bindir(args.pg)
-        self.pool = self.primary = self.standby = None
-        self.config = os.path.join(run_dir, "pg_zfs.conf")
+class Side(object):
+    """One standby of the primary on one snapshot backend, and pg_zfs_snap's config for it."""
 
-    def setup(self):
-        args, run_dir = self.args, self.run_dir
-        self.pool = testbed.ZfsPool(run_dir, "pgzfs_bench%d" % (os.getpid() % 10000), size="8G")
-        self.datasets = [self.pool.create("data%02d" % n, recordsize="8K") for n in (1, 2, 3, 4)]
-        for dataset in self.datasets:
-            testbed.chown_pg(self.pool.mountpoint(dataset))
-        primary = testbed.Cluster("primary", os.path.join(run_dir, "primary"), self.bindir, run_dir)
-        self.primary = primary
-        self.primary.initdb()
-        self.primary.configure(wal_level="replica", max_wal_size="4GB", checkpoint_timeout="30min")
-        self.primary.start()
-
-    def pg(self, cluster, tool, *args, **kwargs):
-        return testbed.sh([cluster.tool(tool)] + list(args), user=testbed.PG_USER,
-                          timeout=kwargs.get("timeout", 3600))
-
-    def make_standby(self):
-        pgdata = os.path.join(self.pool.mountpoint(self.datasets[1]), "pgdata")
-        waldir = os.path.join(self.run_dir, "standby_wal")
+    def __init__(self, bench, backend, datasets, mountpoints):
+        self.bench = bench
+        self.backend = backend
+        self.datasets = datasets
+        self.mountpoints = mountpoints      # dataset -> directory
+        run_dir = bench.run_dir
+        pgdata = os.path.join(mountpoints[datasets[1]], "pgdata")
+        waldir = os.path.join(run_dir, "%s_standby_wal" % backend)
         os.makedirs(waldir, mode=0o700)
         testbed.chown_pg(waldir)
-        self.standby = testbed.Cluster("standby", pgdata, self.bindir, self.run_dir)
-        self.pg(self.primary, "pg_basebackup", "-D", pgdata, "--waldir", waldir, "-R", "-X", "stream",
-                "-c", "fast", "-h", self.primary.socket_dir, "-p", str(self.primary.port),
-                "-U", testbed.PG_USER)
+        self.standby = testbed.Cluster("%s_standby" % backend, pgdata, bench.bindir, run_dir)
+        primary = bench.primary
+        bench.pg(primary, "pg_basebackup", "-D", pgdata, "--waldir", waldir, "-R", "-X", "stream",
+                 "-c", "fast", "-h", primary.socket_dir, "-p", str(primary.port), "-U", testbed.PG_USER)
         self.standby.configure(port=self.standby.port,
                                unix_socket_directories="'%s'" % self.standby.socket_dir)
         self.standby.start()
+        self.config = os.path.join(run_dir, "%s.conf" % backend)
         with open(self.config, "w") as out:
             out.write("[postgres]\npgdata = %s\nbindir = %s\nuser = postgres\nhost = %s\n"
-                      "port = %d\ndbname = postgres\n\n[snapshot]\nbackend = zfs\ndatasets = %s\n"
+                      "port = %d\ndbname = postgres\n\n[snapshot]\nbackend = %s\ndatasets = %s\n"
                       "prefix = bench\nlock_file = %s\n"
-                      % (pgdata, self.bindir, self.standby.socket_dir, self.standby.port,
-                         " ".join(self.datasets), os.path.join(self.run_dir, "snap.lock")))
-
-    def catch_up(self):
-        """Wait until the standby replayed all the primary wrote, then flush it."""
-        target = self.primary.psql("SELECT pg_current_wal_lsn()")
-        testbed.wait_for(lambda: self.standby.psql(
-            "SELECT pg_last_wal_replay_lsn() >= '%s'::pg_lsn" % target) == "t", 1800, "replay")
-        self.primary.psql("CHECKPOINT")
-        target = self.primary.psql("SELECT pg_current_wal_lsn()")
-        testbed.wait_for(lambda: self.standby.psql(
-            "SELECT pg_last_wal_replay_lsn() >= '%s'::pg_lsn" % target) == "t", 600, "replay")
-        self.standby.psql("CHECKPOINT")     # a restartpoint: pages reach the files
-
-    def load(self, scale):
-        self.pg(self.primary, "pgbench", "-i", "-q", "-s", str(scale), "-h", self.primary.socket_dir,
-                "-p", str(self.primary.port), "postgres")
-        self.catch_up()
-        return int(self.standby.psql("SELECT pg_database_size('postgres')"))
+                      % (pgdata, bench.bindir, self.standby.socket_dir, self.standby.port, backend,
+                         " ".join(datasets), os.path.join(run_dir, "%s_snap.lock" % backend)))
 
     def snapshot(self):
         # Start in a fresh second: a set name has one-second resolution, and a
@@ -143,17 +127,6 @@ class Bench(object):
         name = proc.stderr.split("took set ", 1)[1].split()[0]
         return elapsed, name
 
-    def basebackup(self):
-        target = os.path.join(self.run_dir, "basebackup")
-        os.makedirs(target, mode=0o700)
-        testbed.chown_pg(target)
-        start = time.time()
-        self.pg(self.standby, "pg_basebackup", "-D", target, "-X", "stream", "-c", "fast",
-                "-h", self.standby.socket_dir, "-p", str(self.standby.port), "-U", testbed.PG_USER)
-        elapsed = time.time() - start
-        shutil.rmtree(target)
-        return elapsed
-
     def page_hashes(self):
         """{(file, page number): digest} of every page under PGDATA/base."""
         hashes = {}
@@ -167,85 +140,204 @@ class Bench(object):
                         page = handle.read(PAGE)
                         if not page:
                             break
-                        hashes[(path, number)] = hashlib.sha1(page).digest()
+                        hashes[(os.path.relpath(path, base), number)] = hashlib.sha1(page).digest()
                         number += 1
         return hashes
+
+
+class ZfsSide(Side):
+    def __init__(self, bench):
+        self.pool = bench.pool
+        datasets = [self.pool.create("data%02d" % n, recordsize="8K") for n in (1, 2, 3, 4)]
+        mountpoints = dict((d, self.pool.mountpoint(d)) for d in datasets)
+        for directory in mountpoints.values():
+            testbed.chown_pg(directory)
+        Side.__init__(self, bench, "zfs", datasets, mountpoints)
 
     def set_used(self, name):
         return sum(zfs_bytes(self.pool.run("get", "-H", "-o", "value", "used",
                                            "%s@%s" % (dataset, name)))
                    for dataset in self.datasets)
 
+    def space_in_use(self):
+        return zfs_bytes(self.pool.run("get", "-H", "-o", "value", "used", self.pool.name))
+
     def destroy_sets(self):
         for snapshot in self.pool.snapshots():
             self.pool.destroy(snapshot)
 
+
+class BtrfsSide(Side):
+    def __init__(self, bench):
+        self.mount = bench.btrfs.mountpoint
+        datasets = [bench.btrfs.create("data%02d" % n) for n in (1, 2, 3, 4)]
+        for directory in datasets:
+            testbed.chown_pg(directory)
+        Side.__init__(self, bench, "btrfs", datasets, dict((d, d) for d in datasets))
+
+    def snapshot_path(self, dataset, name):
+        return os.path.join(self.mount, ".pgzfs", "%s@%s" % (os.path.basename(dataset), name))
+
+    def set_used(self, name):
+        """Exclusive bytes of the set's snapshots (btrfs filesystem du, no quota)."""
+        out = testbed.sh(["btrfs", "filesystem", "du", "-s", "--raw"]
+                         + [self.snapshot_path(d, name) for d in self.datasets]).stdout
+        return sum(int(line.split()[1]) for line in out.splitlines()[1:] if line.split())
+
+    def space_in_use(self):
+        # Deleted snapshots are freed by the cleaner later: wait for it first.
+        testbed.sh(["btrfs", "subvolume", "sync", self.mount], timeout=600)
+        testbed.sh(["btrfs", "filesystem", "sync", self.mount])
+        out = testbed.sh(["btrfs", "filesystem", "usage", "-b", self.mount]).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Used:"):
+                return int(line.split()[1])
+        raise RuntimeError("btrfs filesystem usage: no Used line")
+
+    def destroy_sets(self):
+        directory = os.path.join(self.mount, ".pgzfs")
+        for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            path = os.path.join(directory, entry)
+            if entry.endswith(".json"):
+                os.unlink(path)
+            else:
+                testbed.sh(["btrfs", "subvolume", "delete", path])
+
+
+class Bench(object):
+    def __init__(self, args, run_dir):
+        self.args = args
+        self.run_dir = run_dir
+        self.bindir = testbed.pg_bindir(args.pg)
+        self.pool = self.btrfs = self.primary = None
+        self.sides = []
+
+    def setup(self):
+        run_dir = self.run_dir
+        self.pool = testbed.ZfsPool(run_dir, "pgzfs_bench%d" % (os.getpid() % 10000), size="8G")
+        self.btrfs = testbed.BtrfsMount(run_dir, size="8G")
+        primary = testbed.Cluster("primary", os.path.join(run_dir, "primary"), self.bindir, run_dir)
+        self.primary = primary
+        self.primary.initdb()
+        self.primary.configure(wal_level="replica", max_wal_size="4GB", checkpoint_timeout="30min")
+        self.primary.start()
+        self.sides = [ZfsSide(self), BtrfsSide(self)]
+
+    def pg(self, cluster, tool, *args, **kwargs):
+        return testbed.sh([cluster.tool(tool)] + list(args), user=testbed.PG_USER,
+                          timeout=kwargs.get("timeout", 3600))
+
+    def catch_up(self):
+        """Wait until every standby replayed all the primary wrote, then flush them."""
+        for _ in range(2):
+            target = self.primary.psql("SELECT pg_current_wal_lsn()")
+            for side in self.sides:
+                testbed.wait_for(lambda: side.standby.psql(
+                    "SELECT pg_last_wal_replay_lsn() >= '%s'::pg_lsn" % target) == "t", 1800, "replay")
+            self.primary.psql("CHECKPOINT")
+        for side in self.sides:
+            side.standby.psql("CHECKPOINT")     # a restartpoint: pages reach the files
+
+    def load(self, scale):
+        self.pg(self.primary, "pgbench", "-i", "-q", "-s", str(scale), "-h", self.primary.socket_dir,
+                "-p", str(self.primary.port), "postgres")
+        self.catch_up()
+        return int(self.primary.psql("SELECT pg_database_size('postgres')"))
+
+    def basebackup(self, standby):
+        target = os.path.join(self.run_dir, "basebackup")
+        os.makedirs(target, mode=0o700)
+        testbed.chown_pg(target)
+        start = time.time()
+        self.pg(standby, "pg_basebackup", "-D", target, "-X", "stream", "-c", "fast",
+                "-h", standby.socket_dir, "-p", str(standby.port), "-U", testbed.PG_USER)
+        elapsed = time.time() - start
+        shutil.rmtree(target)
+        return elapsed
+
     def measure(self, scale):
         size = self.load(scale)
-        times = [self.snapshot()[0] for _ in range(self.args.runs)]
-        base_time = self.basebackup()
-        self.destroy_sets()
-        # Space: set A, pgbench changes ~1 % of the heap pages, set B.
+        results = {}
+        for side in self.sides:
+            times = [side.snapshot()[0] for _ in range(self.args.runs)]
+            results[side.backend] = {"scale": scale, "size": size, "snap": statistics.median(times),
+                                     "snaps": times, "basebackup": self.basebackup(side.standby)}
+            side.destroy_sets()
+        # Space: set A on both, pgbench changes ~1 % of the heap pages, set B on both.
         heap_pages = int(self.primary.psql(
             "SELECT pg_relation_size('pgbench_accounts') / %d" % PAGE))
-        before = self.page_hashes()
-        _, set_a = self.snapshot()
+        before = {}
+        for side in self.sides:
+            before[side.backend] = (side.page_hashes(), side.space_in_use(), side.snapshot()[1])
         self.pg(self.primary, "pgbench", "-n", "-c", "1", "-t", str(max(heap_pages // 100, 1)),
                 "-h", self.primary.socket_dir, "-p", str(self.primary.port), "postgres")
         self.catch_up()
-        after = self.page_hashes()
-        _, set_b = self.snapshot()
-        changed = sum(1 for key, digest in after.items() if before.get(key) != digest)
-        used_a = self.set_used(set_a)
-        self.destroy_sets()
-        return {"scale": scale, "size": size, "snap": statistics.median(times), "snaps": times,
-                "basebackup": base_time, "changed_pages": changed, "pages": len(after),
-                "used_a": used_a}
+        for side in self.sides:
+            hashes, in_use, set_a = before[side.backend]
+            after = side.page_hashes()
+            side.snapshot()
+            growth = side.space_in_use() - in_use
+            changed = sum(1 for key, digest in after.items() if hashes.get(key) != digest)
+            results[side.backend].update(changed_pages=changed, pages=len(after),
+                                         used_a=side.set_used(set_a), growth=growth)
+            side.destroy_sets()
+        return results
 
     def teardown(self):
-        for cluster in (self.standby, self.primary):
+        for cluster in [side.standby for side in self.sides] + [self.primary]:
             if cluster is not None:
                 try:
                     cluster.stop("fast")
                 except Exception as error:      # keep tearing down
                     print("stopping %s: %s" % (cluster.name, error), file=sys.stderr)
+        if self.btrfs is not None:
+            self.btrfs.teardown()
         if self.pool is not None:
             self.pool.teardown()
 
 
 def report(results):
-    print("\n%-6s %10s %12s %14s %8s %14s %12s %8s" % (
-        "scale", "db size", "snapshot", "pg_basebackup", "speedup", "pages changed",
-        "set A used", "used/changed"))
-    for r in results:
-        changed_bytes = r["changed_pages"] * PAGE
-        print("%-6d %10s %10.3f s %12.2f s %7.0fx %7d (%.2f%%) %12s %8.2f" % (
-            r["scale"], mib(r["size"]), r["snap"], r["basebackup"], r["basebackup"] / r["snap"],
-            r["changed_pages"], 100.0 * r["changed_pages"] / r["pages"], mib(r["used_a"]),
-            r["used_a"] / max(changed_bytes, 1)))
-    small, large = results
-    print("\nsnapshot runs (s): small %s, large %s" % (
-        " ".join("%.3f" % t for t in small["snaps"]), " ".join("%.3f" % t for t in large["snaps"])))
-    ratio = large["snap"] / small["snap"]
-    speedup = large["basebackup"] / large["snap"]
-    space = large["used_a"] / max(large["changed_pages"] * PAGE, 1)
-    print("snapshot time 1 GB / 100 MB: %.2f (target < 1.5) %s" % (ratio, "ok" if ratio < 1.5 else "MISSED"))
-    print("pg_basebackup / snapshot at 1 GB: %.0fx (target >= 20x) %s" % (speedup, "ok" if speedup >= 20 else "MISSED"))
-    print("set space / bytes changed at 1 GB: %.2f (target <= 3) %s" % (space, "ok" if space <= 3 else "MISSED"))
-    print("recordsize=8K on every dataset (PostgreSQL page size)")
+    print("\n%-6s %-6s %10s %10s %14s %8s %15s %12s %8s %12s %8s" % (
+        "fs", "scale", "db size", "snapshot", "pg_basebackup", "speedup", "pages changed",
+        "set A used", "/changed", "fs growth", "/changed"))
+    for backend in ("zfs", "btrfs"):
+        for r in (results[0][backend], results[1][backend]):
+            changed_bytes = max(r["changed_pages"] * PAGE, 1)
+            print("%-6s %-6d %10s %8.3f s %12.2f s %7.0fx %7d (%.2f%%) %12s %8.2f %12s %8.2f" % (
+                backend, r["scale"], mib(r["size"]), r["snap"], r["basebackup"],
+                r["basebackup"] / r["snap"], r["changed_pages"], 100.0 * r["changed_pages"] / r["pages"],
+                mib(r["used_a"]), r["used_a"] / changed_bytes, mib(r["growth"]),
+                r["growth"] / changed_bytes))
+    for backend in ("zfs", "btrfs"):
+        small, large = results[0][backend], results[1][backend]
+        print("\n%s snapshot runs (s): small %s, large %s" % (
+            backend, " ".join("%.3f" % t for t in small["snaps"]),
+            " ".join("%.3f" % t for t in large["snaps"])))
+        ratio = large["snap"] / small["snap"]
+        speedup = large["basebackup"] / large["snap"]
+        space = large["used_a"] / max(large["changed_pages"] * PAGE, 1)
+        print("%s snapshot time 1 GB / 100 MB: %.2f (target < 1.5) %s"
+              % (backend, ratio, "ok" if ratio < 1.5 else "MISSED"))
+        print("%s pg_basebackup / snapshot at 1 GB: %.0fx (target >= 20x) %s"
+              % (backend, speedup, "ok" if speedup >= 20 else "MISSED"))
+        print("%s set space / bytes changed at 1 GB: %.2f (target <= 3) %s"
+              % (backend, space, "ok" if space <= 3 else "MISSED"))
+    print("\nzfs: recordsize=8K on every dataset (PostgreSQL page size); set A used = zfs `used`.")
+    print("btrfs: no quota; set A used = exclusive bytes (btrfs filesystem du), fs growth = "
+          "`btrfs filesystem usage` Used, before set A to after set B.")
+    print("zfs fs growth = the pool's `used`, same interval.")
 
 
 def main():
     args = parse_args()
     if os.geteuid() != 0:
-        sys.exit("run as root: zfs needs it")
+        sys.exit("run as root: zfs, mount and btrfs need it")
     run_dir = tempfile.mkdtemp(prefix="pgzfs-bench-", dir="/tmp")
     os.chmod(run_dir, 0o755)
     bench = None
     try:
         bench = Bench(args, run_dir)
         bench.setup()
-        bench.make_standby()
         results = []
         for scale in (args.small_scale, args.large_scale):
             print("scale %d ..." % scale, flush=True)

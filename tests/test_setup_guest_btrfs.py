@@ -10,13 +10,14 @@ import os
 import pytest
 
 from testbed import PG_USER, chown_pg, free_port, run_script, sh, wait_for
-from test_setup_guest import setup_guest
+from test_setup_guest import OwnStandby, checks_of, setup_guest
 
 
-class BtrfsGuest(object):
-    """A standby --init makes on btrfs subvolumes of its own."""
+class BtrfsGuest(OwnStandby):
+    """A standby --init makes on btrfs subvolumes of its own (OwnStandby's pg_ctl, psql)."""
 
     def __init__(self, tb):
+        # Not OwnStandby.__init__: that one names ZFS datasets.
         self.tb = tb
         self.dir = os.path.join(tb.run_dir, "sg_btrfs")
         self.socket_dir = os.path.join(self.dir, "sock")
@@ -47,21 +48,6 @@ class BtrfsGuest(object):
         return self.tb.write_config(os.path.join(self.dir, name), overrides, sections=json.loads(
             json.dumps(self.sections)))
 
-    def pg_ctl(self, *args, check=True):
-        return sh([os.path.join(self.tb.pg_bindir, "pg_ctl")] + list(args) + ["-D", self.pgdata],
-                  user=PG_USER, check=check, timeout=180)
-
-    def is_running(self):
-        return os.path.exists(self.pgdata) and self.pg_ctl("status", check=False).returncode == 0
-
-    def stop(self):
-        if self.is_running():
-            self.pg_ctl("stop", "-w", "-m", "fast")
-
-    def psql(self, sql):
-        return sh([os.path.join(self.tb.pg_bindir, "psql"), "-X", "-q", "-A", "-t", "-h", self.socket_dir,
-                   "-p", str(self.port), "-d", "postgres", "-c", sql], user=PG_USER).stdout.strip()
-
 
 @pytest.fixture(scope="module")
 def guest(tb):
@@ -70,11 +56,6 @@ def guest(tb):
         yield made
     finally:
         made.stop()
-
-
-def checks_of(proc):
-    report = json.loads(proc.stdout)
-    return report, {check["name"]: check for check in report["checks"]}
 
 
 def test_btrfs_init_refuses_a_parent_that_is_not_on_btrfs(guest, tb):
@@ -131,7 +112,7 @@ def test_btrfs_init_creates_the_subvolumes_and_builds_the_standby(guest, tb):
 def test_btrfs_standby_starts_and_pg_zfs_snap_takes_a_set_of_it(guest):
     proc = setup_guest("-c", guest.config, "--start")
     assert proc.returncode == 0, proc.stderr
-    wait_for(lambda: guest.psql("select status from pg_stat_wal_receiver") == "streaming", 60,
+    wait_for(lambda: guest.receiver_status() == "streaming", 60,
              "the WAL receiver to stream")
     proc = run_script("pg_zfs_snap", "snapshot", "--no-prune", config=guest.config)
     assert proc.returncode == 0, proc.stderr

@@ -85,6 +85,14 @@ def test_wal_off_cow_has_no_verdict(sg):
     assert sg.cow_verdict("/x", "/tmp/run/mnt/data02/plain/wal", mounts) is None
 
 
+def test_a_btrfs_subvolume_is_created_only_below_a_directory_on_btrfs(sg):
+    mounts = sg.parse_mounts(MOUNTS)
+    assert sg.btrfs_parent_problem("/tmp/run/bt/sg/data01", "/tmp/run/bt/sg", mounts) is None
+    assert "/tmp/run/bt/nope does not exist" in sg.btrfs_parent_problem("/tmp/run/bt/nope/data01", None, mounts)
+    assert "/srv/my disk is on ext4, not btrfs" in sg.btrfs_parent_problem("/srv/my disk/data01", "/srv/my disk",
+                                                                           mounts)
+
+
 # -- lines in crontab and rc.local ---------------------------------------------------
 
 LINE = "/opt/pg_zfs/bin/setup_guest.py -c /etc/pg_zfs/pg_zfs.conf --role guest --start"
