@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Restore a PostgreSQL snapshot set to a point in time, as ZFS clones.
+"""Restore a PostgreSQL snapshot set to a point in time, as ZFS clones (or btrfs
+writable snapshots with [snapshot] backend = btrfs).
 
 Run by hand, as root, on the machine that holds the pool (the guest):
 
@@ -59,6 +60,7 @@ Commands:
                          when the standby itself must go back. Lists every later
                          snapshot that is destroyed with it; refuses while
                          PostgreSQL runs on the datasets, and without --force.
+                         btrfs: see below; later sets are listed and KEPT.
 
 What a restore does, in order (each step is timed and reported):
   clone    zfs clone -o mountpoint=ROOT/<name> -o pgzfs:clone_of=SET DATASET@SET
@@ -88,9 +90,30 @@ What a restore does, in order (each step is timed and reported):
 On any failure the server is stopped, the clones destroyed and the WAL directory
 removed, unless --keep-on-failure.
 
+btrfs ([snapshot] backend = btrfs; layout in DEVELOPERS.md, "btrfs layout"):
+  sets     SUBVOLUME@SET is the read-only PARENT/.pgzfs/NAME@SET, its metadata
+           NAME@SET.json beside it. A snapshot whose JSON is missing or unreadable
+           is not a backup: `list` prints it as NO-METADATA with a warning, and
+           it is never chosen.
+  clone    the clone is a writable snapshot (btrfs subvolume snapshot, no -r)
+           ROOT/NAME_restore_SET (drill: NAME_drill_SET). Before it is made, its
+           marker PARENT/.pgzfs/clones/NAME_restore_SET.json is written atomically
+           (pg_zfs_snap.py prune keeps a set while a marker's clone exists);
+           cleanup deletes the clone, then the marker. ROOT is --to or [restore]
+           mount_root when that is on the same btrfs as the snapshots (a
+           snapshot cannot cross file systems); otherwise the clones go beside
+           the subvolumes, PARENT/NAME_restore_SET, and an explicit --to on
+           another file system is refused (exit 2). wal_root must not be on btrfs.
+  rollback each subvolume gets a writable snapshot of the set,
+           PARENT/NAME_rollback_SET; then PARENT/NAME is renamed to
+           PARENT/NAME_before_rollback_STAMP (UTC) and the new one renamed to
+           PARENT/NAME. The old subvolumes are KEPT and printed (delete them with
+           btrfs subvolume delete once satisfied); no set is destroyed: the
+           later sets stay and remain restorable.
+
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [postgres] pgdata, bindir, user, dbname, port
-    [snapshot] backend (zfs), datasets
+    [snapshot] backend (zfs or btrfs), datasets (btrfs: subvolume paths)
     [restore]  mount_root, wal_root, port_start, timeout
     (pg_wal_fetch.py, run by the restored copy, reads [archive] and [source *])
 
@@ -106,6 +129,7 @@ import base64
 import configparser
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -134,6 +158,16 @@ LIST_KEYS = (
 FILE_KEYS = ("backup_label", "tablespace_map")
 CLONE_OF = P + "clone_of"
 CLONE_KINDS = ("restore", "drill")
+
+# btrfs layout (DEVELOPERS.md): SUBVOLUME@SET is PARENT/.pgzfs/NAME@SET with its
+# metadata in NAME@SET.json; a clone's marker is PARENT/.pgzfs/clones/CLONE.json.
+BTRFS_SNAPSHOT_DIR = ".pgzfs"
+BTRFS_CLONE_DIR = "clones"
+BTRFS_METADATA_SUFFIX = ".json"
+BTRFS_SUBVOLUME_INODE = 256     # the root directory of every btrfs subvolume
+BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
+BTRFS_TIMEOUT = 120
+SET_STAMP_RE = re.compile(r"(\d{8}T\d{6}Z)$")
 
 DEFAULT_MOUNT_ROOT = "/var/lib/pg_zfs/restore"
 DEFAULT_WAL_ROOT = "/var/lib/pg_zfs/restore-wal"
@@ -867,13 +901,113 @@ def format_timings(timings):
 
 
 def later_snapshots(rows, snapshot):
-    """Snapshots of snapshot's dataset taken after it (rows: (name, createtxg) in order)."""
-    dataset = snapshot.split("@", 1)[0]
-    own = [(txg, name) for name, txg in rows if name.split("@", 1)[0] == dataset]
+    """Snapshots of snapshot's dataset taken after it (rows: (name, createtxg) in order;
+    btrfs: (id, the UTC stamp at the end of the set name))."""
+    dataset = snapshot.rpartition("@")[0]
+    own = [(txg, name) for name, txg in rows if name.rpartition("@")[0] == dataset]
     txgs = [txg for txg, name in own if name == snapshot]
     if not txgs:
         raise Failure("snapshot %s does not exist" % snapshot, 1)
     return [name for txg, name in sorted(own) if txg > txgs[0]]
+
+
+# -- btrfs: where snapshots, clones and their markers live (DEVELOPERS.md) ------
+
+def btrfs_subvolume_problem(subvolume):
+    """Why SUBVOLUME cannot be a btrfs dataset name (config), or None."""
+    if not subvolume.startswith("/") or os.path.normpath(subvolume) != subvolume or subvolume == "/":
+        return "%r is not an absolute, normalised subvolume path" % subvolume
+    if "@" in os.path.basename(subvolume):
+        return "%r: a subvolume name must not contain @ (it separates NAME@SET)" % subvolume
+    return None
+
+
+def btrfs_snapshot_dir(subvolume):
+    """PARENT/.pgzfs for SUBVOLUME = PARENT/NAME (pg_zfs_snap.py makes it)."""
+    return os.path.join(os.path.dirname(subvolume), BTRFS_SNAPSHOT_DIR)
+
+
+def btrfs_snapshot_path(snapshot):
+    """The read-only snapshot of id SUBVOLUME@SET: PARENT/.pgzfs/NAME@SET."""
+    subvolume, _, name = snapshot.rpartition("@")
+    return os.path.join(btrfs_snapshot_dir(subvolume), "%s@%s" % (os.path.basename(subvolume), name))
+
+
+def btrfs_marker_path(subvolume, clone):
+    """The marker of a clone made from a snapshot of subvolume: PARENT/.pgzfs/clones/CLONE.json."""
+    return os.path.join(btrfs_snapshot_dir(subvolume), BTRFS_CLONE_DIR,
+                        os.path.basename(clone) + BTRFS_METADATA_SUFFIX)
+
+
+def btrfs_clone_root(subvolume, mount_root, explicit, mounts_table):
+    """The directory that gets the clone (a writable snapshot) of subvolume's snapshot.
+
+    A snapshot cannot cross file systems: mount_root (--to, [restore]
+    mount_root) is used when it is on the same btrfs as the snapshot directory
+    (same device in /proc/mounts). Otherwise the clone goes beside the
+    subvolume, PARENT/NAME_restore_SET as DEVELOPERS.md names it, unless the
+    directory was asked for explicitly (--to): that is refused (exit 2).
+    """
+    parent = os.path.dirname(subvolume)
+    here = mount_of(parent, mounts_table)
+    there = mount_of(mount_root, mounts_table)
+    if here[1] == "btrfs" and there[1] == "btrfs" and here[0] == there[0]:
+        return mount_root
+    if explicit:
+        raise Failure("--to %s is on %s (%s), not on the btrfs of %s (%s): a snapshot cannot cross "
+                      "file systems; give a directory on that btrfs, or leave out --to to put the "
+                      "clones beside the subvolumes" % (mount_root, there[1] or "?", there[2] or "?",
+                                                        subvolume, here[0] or "?"), 2)
+    return parent
+
+
+def snapshot_stamp(snapshot):
+    """The UTC stamp that ends a set name ('20261125T040100Z'), '' if none: btrfs order."""
+    match = SET_STAMP_RE.search(snapshot.rpartition("@")[2])
+    return match.group(1) if match else ""
+
+
+def parse_metadata(text):
+    """{key: value} of a btrfs snapshot's JSON; ValueError unless an object of strings with `set`."""
+    try:
+        found = json.loads(text)
+    except ValueError as error:
+        raise ValueError("not JSON: %s" % error)
+    if not isinstance(found, dict) or not isinstance(found.get("set"), str) or not found["set"]:
+        raise ValueError("not a JSON object with a set name")
+    result = {}
+    for key in LIST_KEYS + FILE_KEYS:
+        if key in found:
+            if not isinstance(found[key], str):
+                raise ValueError("%s is not a string" % key)
+            result[key] = found[key]
+    return result
+
+
+def marker_text(set_name, snapshot, clone, kind, created):
+    """The JSON of a clone marker (DEVELOPERS.md): pg_zfs_snap.py reads snapshot and path."""
+    return json.dumps({"clone_of": set_name, "snapshot": snapshot, "path": clone, "kind": kind,
+                       "created": created}, indent=1, sort_keys=True) + "\n"
+
+
+def parse_marker(text):
+    """{clone_of, snapshot, path, kind} of a marker; ValueError if snapshot or path is missing."""
+    found = json.loads(text)
+    if not isinstance(found, dict) or not all(isinstance(found.get(key), str) and found[key]
+                                              for key in ("snapshot", "path")):
+        raise ValueError("no snapshot and path")
+    if "@" not in found["snapshot"] or not found["path"].startswith("/"):
+        raise ValueError("snapshot %r or path %r is malformed" % (found["snapshot"], found["path"]))
+    set_name = found.get("clone_of") if isinstance(found.get("clone_of"), str) else ""
+    return {"snapshot": found["snapshot"], "path": os.path.normpath(found["path"]),
+            "clone_of": set_name or found["snapshot"].rpartition("@")[2],
+            "kind": found.get("kind") if found.get("kind") in CLONE_KINDS else None}
+
+
+def btrfs_rollback_paths(subvolume, set_name, stamp):
+    """(new, old) of a btrfs rollback: PARENT/NAME_rollback_SET is made from the set,
+    and PARENT/NAME moves to PARENT/NAME_before_rollback_STAMP before it takes its place."""
+    return ("%s_rollback_%s" % (subvolume, set_name), "%s_before_rollback_%s" % (subvolume, stamp))
 
 
 def set_summary(snapshot_set, clones):
@@ -891,7 +1025,38 @@ def set_summary(snapshot_set, clones):
 # ---------------------------------------------------------------------------
 
 class Zfs(object):
-    """The zfs commands pg_zfs_restore needs (zfs-fuse: no -p, one name per call)."""
+    """The zfs commands pg_zfs_restore needs (zfs-fuse: no -p, one name per call).
+
+    Btrfs offers the same methods; the attributes and methods before _run are
+    the seam between the two (what differs in placing, naming and rolling back).
+    """
+
+    fstype = "zfs"
+    label = "ZFS"
+    unreadable = ()                 # snapshots without readable metadata: none on ZFS
+    later_verb = "destroys"         # what `rollback` does to later snapshots
+    clones_pin_snapshots = True     # a later snapshot with a clone blocks zfs rollback -r
+
+    def clone_path(self, dataset, kind, set_name, mount_root, explicit):
+        """(clone dataset, its mountpoint)."""
+        clone = clone_dataset(dataset, kind, set_name)
+        return clone, clone_mountpoint(mount_root, clone)
+
+    def clone_target_problem(self, mountpoint):
+        if os.path.isdir(mountpoint) and os.listdir(mountpoint):
+            return "mountpoint %s exists and is not empty" % mountpoint
+        return None
+
+    def describe_clone(self, snapshot, clone, mountpoint, set_name):
+        return "zfs clone -o mountpoint=%s -o %s=%s %s %s" % (mountpoint, CLONE_OF, set_name, snapshot, clone)
+
+    def describe_destroy(self, clone):
+        return "zfs destroy %s" % clone
+
+    def rollback_set(self, snapshot_set):
+        for dataset in snapshot_set.datasets:
+            self.rollback(snapshot_set.snapshot(dataset))
+            print("rolled back %s" % snapshot_set.snapshot(dataset))
 
     def __init__(self, program="zfs"):
         self.program = shutil.which(program) or "/sbin/zfs"
@@ -970,6 +1135,203 @@ class Zfs(object):
 
     def rollback(self, snapshot):
         self._run("rollback", "-r", snapshot)
+
+
+class Btrfs(object):
+    """The same methods as Zfs, on btrfs subvolumes (DEVELOPERS.md, btrfs layout).
+
+    A dataset is a subvolume path, a snapshot the id SUBVOLUME@SET of the
+    read-only PARENT/.pgzfs/NAME@SET with its metadata in NAME@SET.json. A clone
+    is a writable snapshot whose name is its path (no mount needed); it keeps no
+    link to its origin, so its marker PARENT/.pgzfs/clones/CLONE.json is written
+    before it is made and removed after it is deleted: pg_zfs_snap.py prune
+    skips a set while a marker names one of its snapshots and the clone exists.
+    """
+
+    fstype = "btrfs"
+    label = "btrfs"
+    later_verb = "keeps"            # rollback swaps subvolumes; every set stays
+    clones_pin_snapshots = False    # a writable snapshot does not depend on its source
+
+    def __init__(self, subvolumes, program="btrfs"):
+        self.program = shutil.which(program) or next(
+            (p for p in BTRFS_CANDIDATES if os.access(p, os.X_OK)), program)
+        self.subvolumes = subvolumes
+        self.unreadable = []
+
+    def _run(self, *args, **kwargs):
+        return run([self.program] + list(args), timeout=BTRFS_TIMEOUT, **kwargs)
+
+    def _metadata(self, snapshot):
+        with open(btrfs_snapshot_path(snapshot) + BTRFS_METADATA_SUFFIX) as handle:
+            return parse_metadata(handle.read())
+
+    def _snapshot_ids(self, subvolume):
+        """Snapshot ids SUBVOLUME@SET of every read-only snapshot in PARENT/.pgzfs."""
+        directory = btrfs_snapshot_dir(subvolume)
+        head = os.path.basename(subvolume) + "@"
+        return [subvolume + "@" + entry[len(head):] for entry in sorted(list_dir(directory))
+                if entry.startswith(head) and not entry.endswith(BTRFS_METADATA_SUFFIX)
+                and is_subvolume(os.path.join(directory, entry))]
+
+    def snapshot_rows(self, subvolumes):
+        """(subvolume, set name, {key: value}) of every snapshot with readable metadata;
+        the others go into self.unreadable as (snapshot id, why): not backups."""
+        rows = []
+        self.unreadable = []
+        for subvolume in subvolumes:
+            for snapshot in self._snapshot_ids(subvolume):
+                try:
+                    properties = self._metadata(snapshot)
+                except (OSError, IOError, ValueError) as error:
+                    self.unreadable.append((snapshot, getattr(error, "strerror", None) or str(error)))
+                    continue
+                rows.append((subvolume, snapshot.rpartition("@")[2],
+                             dict((k, v) for k, v in properties.items() if k in LIST_KEYS)))
+        return rows
+
+    def file_property(self, snapshot, key):
+        """The bytes a base64 metadata key holds (b'' when absent or empty)."""
+        try:
+            text = "".join(self._metadata(snapshot).get(key, "").split())
+        except (OSError, IOError, ValueError) as error:
+            raise Failure("%s: no readable metadata (%s)" % (snapshot, getattr(error, "strerror", None)
+                                                             or error), 1)
+        if not text:
+            return b""
+        try:
+            return base64.b64decode(text.encode("ascii"), validate=True)
+        except (ValueError, TypeError):
+            raise Failure("%s: %s in %s%s is not base64" % (snapshot, key, btrfs_snapshot_path(snapshot),
+                                                            BTRFS_METADATA_SUFFIX), 1)
+
+    def filesystems(self, subvolumes):
+        """[{name, origin, clone_of, mountpoint, marker, exists}] of every clone marker in
+        the subvolumes' snapshot directories (exists: the clone is still a subvolume)."""
+        result = []
+        for directory in sorted(set(btrfs_snapshot_dir(s) for s in subvolumes)):
+            markers = os.path.join(directory, BTRFS_CLONE_DIR)
+            for entry in sorted(list_dir(markers)):
+                if not entry.endswith(BTRFS_METADATA_SUFFIX) or entry.startswith("."):
+                    continue
+                path = os.path.join(markers, entry)
+                try:
+                    marker = parse_marker(read_text_file(path))
+                except (ValueError, TypeError) as error:
+                    log.warning("clone marker %s unreadable (%s): ignored", path, error)
+                    continue
+                exists = is_subvolume(marker["path"])
+                result.append({"name": marker["path"], "origin": marker["snapshot"],
+                               "clone_of": marker["clone_of"], "mountpoint": marker["path"] if exists else None,
+                               "marker": path, "exists": exists})
+        return result
+
+    def mountpoints(self, subvolumes):
+        """{subvolume: its path}: a subvolume is its own mountpoint."""
+        return dict((subvolume, subvolume) for subvolume in subvolumes)
+
+    def snapshots_in_order(self, subvolume):
+        """[(snapshot id, stamp of its set name)], oldest first."""
+        return sorted(((snapshot, snapshot_stamp(snapshot)) for snapshot in self._snapshot_ids(subvolume)),
+                      key=lambda row: (row[1], row[0]))
+
+    def clone_path(self, subvolume, kind, set_name, mount_root, explicit):
+        """(clone path, the same path): ROOT/NAME_KIND_SET, ROOT from btrfs_clone_root."""
+        root = btrfs_clone_root(subvolume, mount_root, explicit, read_text_file("/proc/mounts"))
+        path = os.path.join(root, "%s_%s_%s" % (os.path.basename(subvolume), kind, set_name))
+        return path, path
+
+    def clone_target_problem(self, mountpoint):
+        # btrfs would put the snapshot INSIDE an existing directory.
+        if os.path.lexists(mountpoint):
+            return "%s exists already" % mountpoint
+        return None
+
+    def describe_clone(self, snapshot, clone, mountpoint, set_name):
+        return ("write clone marker %s, then btrfs subvolume snapshot %s %s"
+                % (btrfs_marker_path(snapshot.rpartition("@")[0], clone), btrfs_snapshot_path(snapshot), clone))
+
+    def describe_destroy(self, clone):
+        return "btrfs subvolume delete %s, then remove its clone marker" % clone
+
+    def clone(self, snapshot, clone, mountpoint, set_name):
+        """Marker first (written atomically), then the writable snapshot; no marker left on failure."""
+        subvolume = snapshot.rpartition("@")[0]
+        marker = btrfs_marker_path(subvolume, clone)
+        if os.path.lexists(clone):
+            raise Failure("%s exists already" % clone, 1)
+        make_private_dir(os.path.dirname(marker))
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_atomically(marker, marker_text(set_name, snapshot, clone, clone_kind(clone, set_name), created))
+        code, _, err = self._run("subvolume", "snapshot", btrfs_snapshot_path(snapshot), clone, check=False)
+        if code != 0:
+            remove_file(marker)
+            raise Failure("btrfs subvolume snapshot %s %s: %s" % (btrfs_snapshot_path(snapshot), clone,
+                                                                  err.strip()), 1)
+
+    def destroy(self, clone):
+        """Delete the clone (retrying while busy), then every marker naming it."""
+        if os.path.lexists(clone):
+            if not is_subvolume(clone):
+                raise Failure("%s is not a btrfs subvolume: not deleted" % clone, 1)
+            for attempt in range(BUSY_RETRIES):
+                code, _, err = self._run("subvolume", "delete", clone, check=False)
+                if code == 0:
+                    break
+                if "busy" not in err.lower() or attempt == BUSY_RETRIES - 1:
+                    raise Failure("btrfs subvolume delete %s: %s" % (clone, err.strip()), 1)
+                time.sleep(BUSY_SLEEP)
+        for fs in self.filesystems(self.subvolumes):
+            if fs["name"] == os.path.normpath(clone):
+                remove_file(fs["marker"])
+
+    def rollback_set(self, snapshot_set):
+        """Replace each subvolume by a writable snapshot of the set, all or none.
+
+        Every NAME_rollback_SET is made first; then, subvolume by subvolume,
+        PARENT/NAME is renamed to NAME_before_rollback_STAMP and the new one
+        renamed to PARENT/NAME. The old subvolumes are kept (printed) for the
+        operator to delete; the sets in PARENT/.pgzfs are not touched.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moves = []
+        for subvolume in snapshot_set.datasets:
+            new, old = btrfs_rollback_paths(subvolume, snapshot_set.name, stamp)
+            if not is_subvolume(subvolume):
+                raise Failure("%s is not a btrfs subvolume" % subvolume, 1)
+            for path in (new, old):
+                if os.path.lexists(path):
+                    raise Failure("%s exists already: move it away first" % path, 1)
+            moves.append((subvolume, btrfs_snapshot_path(snapshot_set.snapshot(subvolume)), new, old))
+        made = []
+        try:
+            for subvolume, source, new, old in moves:
+                self._run("subvolume", "snapshot", source, new)
+                made.append(new)
+        except Failure:
+            for new in made:
+                self._run("subvolume", "delete", new, check=False)
+            raise
+        swapped = []
+        try:
+            for subvolume, source, new, old in moves:
+                os.rename(subvolume, old)
+                swapped.append((subvolume, new, old))
+                os.rename(new, subvolume)
+                fsync_directory(os.path.dirname(subvolume))
+        except OSError as error:
+            for subvolume, new, old in reversed(swapped):
+                with contextlib.suppress(OSError):
+                    if not os.path.lexists(new):
+                        os.rename(subvolume, new)
+                    os.rename(old, subvolume)
+            for subvolume, source, new, old in moves:
+                if is_subvolume(new):
+                    self._run("subvolume", "delete", new, check=False)
+            raise Failure("rollback of %s failed, subvolumes put back: %s" % (snapshot_set.name, error), 1)
+        for subvolume, source, new, old in moves:
+            print("rolled back %s: now a writable snapshot of %s; the old subvolume is kept as %s "
+                  "(remove it with: btrfs subvolume delete %s)" % (subvolume, source, old, old))
 
 
 def find_bindir(configured, major):
@@ -1146,19 +1508,94 @@ def live_postmasters(roots, depth=3):
     return found
 
 
+def is_subvolume(path):
+    """True when path is the root directory of a btrfs subvolume (inode 256)."""
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and \
+            os.lstat(path).st_ino == BTRFS_SUBVOLUME_INODE
+    except OSError:
+        return False
+
+
+def list_dir(path):
+    """Entries of a directory; [] when it does not exist."""
+    try:
+        return os.listdir(path)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return []
+        raise Failure("%s: %s" % (path, error.strerror), 1)
+
+
+def make_private_dir(path):
+    """Create path with mode 0700 unless it exists (the clone markers' directory)."""
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as error:
+        if error.errno == errno.EEXIST and os.path.isdir(path):
+            return
+        raise Failure("cannot create %s: %s" % (path, error.strerror), 1)
+    fsync_directory(os.path.dirname(path))
+
+
+def fsync_directory(path):
+    """Make a rename or unlink in directory path durable."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path, text):
+    """Temp file .NAME.PID.tmp in the same directory, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path)
+    temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        with open(temp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temp, path)
+    except (OSError, IOError) as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise Failure("cannot write %s: %s" % (path, error.strerror or error), 1)
+    fsync_directory(directory)
+
+
+def remove_file(path):
+    """Unlink path (gone already is fine) and make it durable."""
+    try:
+        os.unlink(path)
+    except OSError as error:
+        if error.errno != errno.ENOENT:
+            raise Failure("cannot remove %s: %s" % (path, error.strerror), 1)
+    fsync_directory(os.path.dirname(path))
+
+
 def system_ports():
     tables = [read_text_file(path) for path in ("/proc/net/tcp", "/proc/net/tcp6")]
     return used_ports(tables, read_text_file("/proc/net/unix"))
 
 
-def pools_of(config):
-    """The pools of [snapshot] datasets (zfs only)."""
-    if config.str("snapshot", "backend", "zfs") != "zfs":
-        raise config.error("snapshot", "backend", "pg_zfs_restore supports zfs only")
+def backend_of(config):
+    """(adapter, scope) for [snapshot] backend: (Zfs, the pools of the datasets) or
+    (Btrfs, the subvolumes). The scope is what the adapter lists snapshots and clones in."""
+    name = config.choice("snapshot", "backend", ("zfs", "btrfs"), "zfs")
     datasets = config.list("snapshot", "datasets")
     if not datasets:
         raise config.error("snapshot", "datasets", "is empty")
-    return sorted(set(dataset.split("/")[0] for dataset in datasets))
+    if name == "btrfs":
+        for subvolume in datasets:
+            problem = btrfs_subvolume_problem(subvolume)
+            if problem:
+                raise config.error("snapshot", "datasets", problem)
+        return Btrfs(datasets), datasets
+    return Zfs(), sorted(set(dataset.split("/")[0] for dataset in datasets))
 
 
 def restore_options(config):
@@ -1186,7 +1623,7 @@ class Plan(object):
 
 
 def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
-              timeline=None, inclusive=True):
+              timeline=None, inclusive=True, explicit_root=False):
     """Check the set and work out names, paths, files and settings of the restore."""
     problems = set_problems(snapshot_set)
     if problems:
@@ -1203,12 +1640,11 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
     source_mounts = zfs.mountpoints(snapshot_set.datasets)
     clones, mount_map = [], {}
     for dataset in snapshot_set.datasets:
-        clone = clone_dataset(dataset, kind, snapshot_set.name)
-        mountpoint = clone_mountpoint(mount_root, clone)
+        clone, mountpoint = zfs.clone_path(dataset, kind, snapshot_set.name, mount_root, explicit_root)
         clones.append((snapshot_set.snapshot(dataset), clone, mountpoint))
         if source_mounts.get(dataset, "").startswith("/"):
             mount_map[source_mounts[dataset]] = mountpoint
-    pgdata_clone = [m for s, c, m in clones if s.split("@")[0] == pgdata_dataset][0]
+    pgdata_clone = [m for s, c, m in clones if s.rpartition("@")[0] == pgdata_dataset][0]
     pgdata = os.path.normpath(os.path.join(pgdata_clone, snapshot_set.get("pgdata_rel")))
     fetch_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pg_wal_fetch.py")
     command = restore_command_for(fetch_script, os.path.abspath(config.path))
@@ -1224,15 +1660,21 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
 
 
 def check_plan(plan, zfs, pools):
-    """Refuse what would collide: existing clones, mountpoints, work directory, WAL on ZFS."""
+    """Refuse what would collide: existing clones, mountpoints, work directory, WAL on ZFS
+    (on btrfs with the btrfs backend)."""
     existing = set(fs["name"] for fs in zfs.filesystems(pools))
     taken = [clone for _, clone, _ in plan.clones if clone in existing]
     if taken:
         raise Failure("%s exists already: remove it with `%s cleanup %s`"
                       % (taken[0], PROG + ".py", plan.snapshot_set.name), 1)
-    for _, _, mountpoint in plan.clones:
-        if os.path.isdir(mountpoint) and os.listdir(mountpoint):
-            raise Failure("mountpoint %s exists and is not empty" % mountpoint, 1)
+    mountpoints = [mountpoint for _, _, mountpoint in plan.clones]
+    if len(set(mountpoints)) != len(mountpoints):
+        raise Failure("two clones of set %s would share a place: %s" % (plan.snapshot_set.name,
+                                                                        " ".join(mountpoints)), 1)
+    for mountpoint in mountpoints:
+        problem = zfs.clone_target_problem(mountpoint)
+        if problem:
+            raise Failure(problem, 1)
     if os.path.lexists(plan.work_dir):
         raise Failure("%s exists already (an earlier restore?): `%s cleanup %s`"
                       % (plan.work_dir, PROG + ".py", plan.snapshot_set.name), 1)
@@ -1240,9 +1682,9 @@ def check_plan(plan, zfs, pools):
     while not os.path.exists(existing_root):
         existing_root = os.path.dirname(existing_root)
     source, fstype, point = mount_of(os.path.realpath(existing_root), read_text_file("/proc/mounts"))
-    if fstype == "zfs" or source in existing:
-        raise Failure("[restore] wal_root %s is on ZFS (%s): the restored copy's WAL must not be"
-                      % (plan.wal_root, source), 2)
+    if fstype == zfs.fstype or source in existing:
+        raise Failure("[restore] wal_root %s is on %s (%s): the restored copy's WAL must not be"
+                      % (plan.wal_root, zfs.label, source), 2)
     if not os.path.exists(plan.fetch_script):
         raise Failure("%s is missing: the restored copy needs it as restore_command" % plan.fetch_script, 2)
 
@@ -1283,8 +1725,7 @@ class Restorer(object):
             parent = os.path.dirname(mountpoint)
             if not os.path.isdir(parent):
                 self.act("mkdir -m 0755 %s" % parent, make_dir, parent, 0o755)
-            self.act("zfs clone -o mountpoint=%s -o %s=%s %s %s"
-                     % (mountpoint, CLONE_OF, plan.snapshot_set.name, snapshot, clone),
+            self.act(self.zfs.describe_clone(snapshot, clone, mountpoint, plan.snapshot_set.name),
                      self._clone, snapshot, clone, mountpoint)
         log.info("cloned %d dataset(s) of set %s under %s", len(plan.clones), plan.snapshot_set.name,
                  os.path.dirname(plan.clones[0][2]))
@@ -1467,7 +1908,7 @@ class Restorer(object):
                 ok = False
         if self.dry_run:
             for _, clone, _ in reversed(self.plan.clones):
-                self.act("zfs destroy %s" % clone, lambda: None)
+                self.act(self.zfs.describe_destroy(clone), lambda: None)
             self.act("rm -r %s" % self.plan.work_dir, lambda: None)
         elif self.made_work_dir:
             shutil.rmtree(self.plan.work_dir, ignore_errors=True)
@@ -1494,19 +1935,23 @@ def load_sets(zfs, pools):
 
 
 def clones_by_set(filesystems):
-    """{set name: [clone names]} from the clones' origin snapshots."""
+    """{set name: [clone names]} from the clones' origin snapshots (btrfs: live ones)."""
     result = {}
     for fs in filesystems:
-        if fs["origin"] and "@" in fs["origin"]:
-            result.setdefault(fs["origin"].split("@", 1)[1], []).append(fs["name"])
+        if fs["origin"] and "@" in fs["origin"] and fs.get("exists", True):
+            result.setdefault(fs["origin"].rpartition("@")[2], []).append(fs["name"])
     return result
 
 
 def cmd_list(config, args):
-    pools = pools_of(config)
-    zfs = Zfs()
+    zfs, pools = backend_of(config)
     sets = load_sets(zfs, pools)
-    clones = clones_by_set(zfs.filesystems(pools))
+    filesystems = zfs.filesystems(pools)
+    for fs in filesystems:
+        if not fs.get("exists", True):
+            log.warning("clone marker %s: its clone %s is gone (remove the marker with `%s.py "
+                        "cleanup %s`)", fs["marker"], fs["name"], PROG, fs["clone_of"])
+    clones = clones_by_set(filesystems)
     summaries = [set_summary(s, clones.get(s.name, [])) for s in sets]
     if args.json:
         print(json.dumps(summaries, indent=2, sort_keys=True))
@@ -1519,6 +1964,9 @@ def cmd_list(config, args):
             summary["stop_lsn"] or "-", summary["timeline"] or "-", summary["pg_version"] or "-",
             "yes" if summary["complete"] and not summary["problems"] else "NO",
             " ".join(summary["clones"]) or "-"))
+    for snapshot, why in zfs.unreadable:
+        log.warning("%s has no readable metadata (%s): not a backup", snapshot, why)
+        print("NO-METADATA %s: not a backup (%s)" % (snapshot, why))
     return 0
 
 
@@ -1536,8 +1984,7 @@ def target_of(args):
 
 def prepare_restore(config, args, kind, target, action, mount_root, port_option, dry_run):
     """Choose the set and the port, make and check the plan; return a Restorer."""
-    pools = pools_of(config)
-    zfs = Zfs()
+    zfs, pools = backend_of(config)
     timeline = None
     if getattr(args, "timeline", None):
         try:
@@ -1557,7 +2004,7 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
         port = choose_port(options["port_start"], used)
     plan = make_plan(zfs, config, snapshot_set, kind, target, action,
                      os.path.abspath(mount_root or options["mount_root"]), port, timeline,
-                     not getattr(args, "exclusive", False))
+                     not getattr(args, "exclusive", False), bool(mount_root))
     check_plan(plan, zfs, pools)
     user = config.str("postgres", "user", "postgres")
     server = Server(find_bindir(config.str("postgres", "bindir", ""), plan.major), user, plan.pgdata,
@@ -1657,13 +2104,12 @@ def cmd_drill(config, args):
 
 def cmd_cleanup(config, args):
     """Stop servers on our clones and destroy them, with their work directories."""
-    pools = pools_of(config)
-    zfs = Zfs()
+    zfs, pools = backend_of(config)
     ours = [fs for fs in zfs.filesystems(pools) if fs["clone_of"]]
     if args.all:
         chosen = ours
     else:
-        named = [fs for fs in ours if args.name in (fs["name"], fs["clone_of"])]
+        named = [fs for fs in ours if args.name in (fs["name"], fs["clone_of"], os.path.basename(fs["name"]))]
         keys = set((fs["clone_of"], clone_kind(fs["name"], fs["clone_of"])) for fs in named)
         chosen = [fs for fs in ours if (fs["clone_of"], clone_kind(fs["name"], fs["clone_of"])) in keys]
         if not chosen:
@@ -1710,8 +2156,7 @@ def stop_servers_on(mountpoints, config, snapshot_set):
 
 def cmd_rollback(config, args):
     """Roll the live datasets back to a set in place; only with --force, never under a server."""
-    pools = pools_of(config)
-    zfs = Zfs()
+    zfs, pools = backend_of(config)
     named = [s for s in load_sets(zfs, pools) if s.name == args.set]
     if not named:
         raise Failure("no snapshot set named %s in the pool" % args.set, 1)
@@ -1728,10 +2173,12 @@ def cmd_rollback(config, args):
     later = []
     for dataset in snapshot_set.datasets:
         later += later_snapshots(zfs.snapshots_in_order(dataset), snapshot_set.snapshot(dataset))
-    print("rollback to set %s destroys %d later snapshot(s)%s" % (args.set, len(later), ":" if later else ""))
+    print("rollback to set %s %s %d later snapshot(s)%s" % (args.set, zfs.later_verb, len(later),
+                                                             ":" if later else ""))
     for snapshot in later:
         print("  %s" % snapshot)
-    dependants = [fs["name"] for fs in zfs.filesystems(pools) if fs["origin"] in later]
+    dependants = [fs["name"] for fs in zfs.filesystems(pools)
+                  if fs["origin"] in later and zfs.clones_pin_snapshots]
     if dependants:
         raise Failure("later snapshots have clones (%s): remove them first (cleanup)"
                       % " ".join(dependants), 1)
@@ -1745,9 +2192,7 @@ def cmd_rollback(config, args):
                       % running[0], 1)
     if not args.force:
         raise Failure("refusing to roll back without --force", 1)
-    for dataset in snapshot_set.datasets:
-        zfs.rollback(snapshot_set.snapshot(dataset))
-        print("rolled back %s" % snapshot_set.snapshot(dataset))
+    zfs.rollback_set(snapshot_set)
     live_pgdata = os.path.normpath(os.path.join(mountpoints[snapshot_set.get("pgdata_dataset")],
                                                 snapshot_set.get("pgdata_rel")))
     owner = owner_of(config.str("postgres", "user", "postgres"))
