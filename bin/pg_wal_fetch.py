@@ -1122,7 +1122,9 @@ def prefetch_command(args, config):
     idle_until = 0       # the first want is served at once: the delivery saw the need
     while True:
         want = read_want(settings)
-        if want is not None and want != served and (served is None or needs_refill(settings, want)):
+        # Once running, refill as soon as recovery takes a segment: one more ssh
+        # session over the shared connection costs little; a wait costs more.
+        if want is not None and want != served and (served is None or needs_refill(settings, want, 1)):
             served = want
             signal.setitimer(signal.ITIMER_REAL, settings.timeout)
             try:
@@ -1147,10 +1149,12 @@ def prefetch_command(args, config):
         idle_until = time.time() + PREFETCH_LINGER
 
 
-def needs_refill(settings, want):
-    """True if half the window after want or less is spooled."""
+def needs_refill(settings, want, missing=None):
+    """True if half the window after want or less is spooled (or at least missing segments lack)."""
     window = following_segments(want[0], want[1], settings.prefetch)
     spooled = sum(1 for name in window if os.path.exists(spool_file(settings, name)))
+    if missing is not None:
+        return settings.prefetch - spooled >= missing
     return should_start_prefetch(spooled, settings.prefetch)
 
 
