@@ -11,7 +11,7 @@ PostgreSQL primary archiving into ARCH/primary/, a base backup taken before
 on loopback addresses (127.77.0.2 and .3) serving that archive. Loopback only.
 
 The client side runs as postgres, as PostgreSQL does, with Python 3.6.15 (the
-oldest supported; a copy the postgres user can run, see tests/test_wal_fetch.py).
+oldest supported; the copy the postgres user can run, see tests/testbed.py).
 It logs in to the hosts as root, like the article. Root's ~/.bashrc on the test
 machines runs `pyenv init`, and Debian's bash sources ~/.bashrc for every
 command sshd runs: about 120 ms per ssh session that would measure this
@@ -42,8 +42,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from testbed import PG_USER, chown_pg, free_port, pg_bindir, sh, wait_for  # noqa: E402
-from test_wal_fetch import python36_for_postgres  # noqa: E402
+from testbed import (PG_USER, chown_pg, free_port, pg_bindir, python36_for_postgres,  # noqa: E402
+                     sh, wait_for)
 
 SCRIPT = os.path.join(REPO, "bin", "pg_wal_fetch.py")
 HOSTS = ("127.77.0.2", "127.77.0.3")

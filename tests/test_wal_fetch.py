@@ -11,37 +11,11 @@ import time
 
 import pytest
 
-from testbed import BIN, PG_USER, PY36, chown_pg, sh, wait_for
+from testbed import BIN, PG_USER, chown_pg, python36_for_postgres, sh, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 SCRIPT = os.path.join(BIN, "pg_wal_fetch.py")
-# /root is 0700, so the postgres user cannot run pyenv's Python 3.6 where it is:
-# a copy goes beside the testbed's PostgreSQL binaries, with a wrapper for its
-# shared library (RUNPATH points into /root).
-PY36_COPY = "/opt/pg_zfs-tests/python-3.6.15"
-PY36_PG = os.path.join(PY36_COPY, "python3")
-
-
-def python36_for_postgres():
-    """A Python 3.6.15 the postgres user can run (copied once, atomically)."""
-    if os.path.exists(PY36_PG):
-        return PY36_PG
-    source = os.path.dirname(os.path.dirname(os.path.realpath(PY36)))
-    staging = "%s.%d.partial" % (PY36_COPY, os.getpid())
-    shutil.copytree(source, staging, symlinks=True)
-    with open(os.path.join(staging, "python3"), "w") as wrapper:
-        wrapper.write('#!/bin/sh\nLD_LIBRARY_PATH=%s/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} '
-                      'exec %s/bin/python3.6 "$@"\n' % (PY36_COPY, PY36_COPY))
-    os.chmod(os.path.join(staging, "python3"), 0o755)
-    sh(["chmod", "-R", "a+rX", staging])
-    try:
-        os.rename(staging, PY36_COPY)
-    except OSError:                     # another session was first
-        shutil.rmtree(staging, ignore_errors=True)
-    return PY36_PG
-
-
 @pytest.fixture(scope="module")
 def py36():
     python = python36_for_postgres()
@@ -151,9 +125,10 @@ class WalEnv(object):
                 out.write(content)
             chown_pg(path + suffix)
 
-    def teardown(self):
+    def wait_for_prefetcher(self):
+        """Until no prefetcher runs (an idle one lingers 2 s before it ends)."""
         lock = os.path.join(self.spool, ".prefetch.lock")
-        if os.path.exists(lock):        # let a running prefetcher finish (it lingers 2 s)
+        if os.path.exists(lock):
             with open(lock) as lock_file:
                 def unlocked():
                     try:
@@ -162,6 +137,9 @@ class WalEnv(object):
                     except OSError:
                         return False
                 wait_for(unlocked, 60, "the prefetcher to finish")
+
+    def teardown(self):
+        self.wait_for_prefetcher()
         if os.path.isdir(self.control):
             for name in os.listdir(self.control):
                 sh(["ssh", "-S", os.path.join(self.control, name), "-O", "exit", "x"],
@@ -356,6 +334,7 @@ def test_prefetch_fills_the_spool_and_the_next_call_uses_no_ssh(wal):
     def spooled():
         return all(os.path.exists(os.path.join(wal.spool, name)) for name in window)
     wait_for(spooled, 60, "the prefetcher to spool %s" % window)
+    wal.wait_for_prefetcher()
     segments_in_spool = [n for n in os.listdir(wal.spool) if not n.startswith(".")]
     assert len(segments_in_spool) <= 4 + 2
     os.unlink(wal.shim_log)
