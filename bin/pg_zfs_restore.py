@@ -1237,7 +1237,10 @@ class Btrfs(object):
 
     def clone_path(self, subvolume, kind, set_name, mount_root, explicit):
         """(clone path, the same path): ROOT/NAME_KIND_SET, ROOT from btrfs_clone_root."""
-        root = btrfs_clone_root(subvolume, mount_root, explicit, read_text_file("/proc/mounts"))
+        # /proc/mounts names real paths: compare those, place by the configured ones.
+        real_root = os.path.realpath(mount_root)
+        root = btrfs_clone_root(os.path.realpath(subvolume), real_root, explicit, read_text_file("/proc/mounts"))
+        root = mount_root if root == real_root else os.path.dirname(subvolume)
         path = os.path.join(root, "%s_%s_%s" % (os.path.basename(subvolume), kind, set_name))
         return path, path
 

@@ -84,7 +84,6 @@ def restore_script(config, *args, timeout=300):
 @pytest.fixture(scope="module")
 def story(tb):
     tb.standby
-    primary = tb.primary
     s = Story()
     s.tb = tb
     s.config = tb.write_config(os.path.join(tb.run_dir, "restore.conf"), {"restore": {
@@ -92,6 +91,17 @@ def story(tb):
         "wal_root": os.path.join(tb.run_dir, "restore_wal"),
         "timeout": "240"}})
     s.sets_before = set(set_names(tb))
+    s.leftovers = lambda: our_clones(tb) + glob.glob(os.path.join(tb.run_dir, "restore_wal", "*"))
+    pitr_story(tb, s, lambda: snap(tb, s.config), "pitr_point")
+    s.sets = [name for name in set_names(tb) if name not in s.sets_before]
+    assert len(s.sets) == 2
+    return s
+
+
+def pitr_story(tb, s, take_set, point_name):
+    """On tb.primary, while a loop inserts rows: set A (take_set()); T, the LSN at T,
+    a restore point point_name; set B; then the WAL is archived. Fills in s."""
+    primary = tb.primary
     primary.psql("DROP TABLE IF EXISTS pitr; DROP TABLE IF EXISTS pitr_stop; "
                  "CREATE TABLE pitr_stop (x int); "
                  "CREATE TABLE pitr (id serial PRIMARY KEY, at timestamptz NOT NULL)")
@@ -103,25 +113,22 @@ def story(tb):
         wait_for(lambda: loop.poll() is not None or int(primary.psql("SELECT count(*) FROM pitr")) > 20,
                  30, "the insert loop")
         assert loop.poll() is None, loop.communicate()
-        snap(tb, s.config)
+        take_set()
         time.sleep(2.5)
         s.target_time = utc_now()
         s.target_lsn = primary.psql("SELECT pg_current_wal_lsn()")
         time.sleep(1.5)
         s.point_time = utc_now()
-        primary.psql("SELECT pg_create_restore_point('pitr_point')")
+        primary.psql("SELECT pg_create_restore_point('%s')" % point_name)
         time.sleep(1.5)
-        snap(tb, s.config)
+        take_set()
         time.sleep(1.0)
     finally:
         primary.psql("INSERT INTO pitr_stop VALUES (1)")
         out, err = loop.communicate(timeout=60)
     assert loop.returncode == 0, err
     tb.switch_wal()
-    s.sets = [name for name in set_names(tb) if name not in s.sets_before]
-    assert len(s.sets) == 2
     s.rows = rows_of(primary)
-    return s
 
 
 def rows_of(cluster_or_args):
@@ -170,7 +177,8 @@ class Restored(object):
 
 @contextlib.contextmanager
 def restored(story, *args):
-    """Run restore ARGS; yield a Restored; always clean up and check nothing is left."""
+    """Run restore ARGS; yield a Restored; always clean up and check nothing is left
+    (story.leftovers(): clones, markers, work directories)."""
     proc = restore_script(story.config, "restore", *args)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -178,8 +186,7 @@ def restored(story, *args):
     finally:
         cleanup = restore_script(story.config, "cleanup", "--all")
         assert cleanup.returncode == 0, cleanup.stderr
-        assert our_clones(story.tb) == []
-        assert glob.glob(os.path.join(story.tb.run_dir, "restore_wal", "*")) == []
+        assert story.leftovers() == []
 
 
 def assert_rows_up_to(story, rows, moment):
