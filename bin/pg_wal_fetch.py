@@ -28,7 +28,9 @@ What it does, in order:
   5. Deliver atomically: an unnamed temporary file beside DEST, linked into
      place when complete; nothing at DEST on any failure, SIGTERM included.
   6. After a segment, start (detached, one at a time) a prefetch of the next
-     [archive] prefetch segments of the timeline into [archive] spool_dir.
+     [archive] prefetch segments of the timeline into a spool of this data
+     directory's own below [archive] spool_dir (a restored clone and the
+     standby share a config, not a prefetch window).
 
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [archive] sources, spool_dir, prefetch, timeout,
@@ -915,6 +917,18 @@ def list_archive(source, settings):
 # The spool and the prefetcher
 # ---------------------------------------------------------------------------
 
+def spool_for(spool_root, data_directory):
+    """The spool of one data directory, below [archive] spool_dir.
+
+    A restored clone and the standby it came from read the same config; each
+    gets its own prefetch window so neither prunes what the other is about to use.
+    """
+    import hashlib
+    name = os.path.basename(data_directory.rstrip("/")) or "root"
+    digest = hashlib.sha1(data_directory.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return os.path.join(spool_root, "%s-%s" % (name, digest))
+
+
 def spool_file(settings, wal_name):
     return os.path.join(settings.spool_dir, wal_name)
 
@@ -992,7 +1006,7 @@ def start_prefetch(settings, wal_name, dest, cluster, verbose):
     header, _size = read_header(dest)
     seg_size = LONG_HEADER.unpack_from(header)[6]
     if not os.path.isdir(settings.spool_dir):
-        os.makedirs(settings.spool_dir, 0o700)
+        os.makedirs(settings.spool_dir, 0o700)      # the root too, when missing
     want_fd = os.open(spool_file(settings, SPOOL_WANT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(want_fd, ("%s %d\n" % (wal_name, seg_size)).encode("ascii"))
@@ -1008,7 +1022,7 @@ def start_prefetch(settings, wal_name, dest, cluster, verbose):
         # The child inherits the locked file description: it holds the lock from its
         # first instruction, so the next call never starts a second one.
         argv = [sys.executable, os.path.abspath(__file__), "-c", os.path.abspath(settings.config_path),
-                "--prefetch", "--lock-fd", str(lock_fd),
+                "--prefetch", "--lock-fd", str(lock_fd), "--spool-dir", settings.spool_dir,
                 "--system-identifier", str(cluster.system_identifier)]
         if cluster.pg_major:
             argv += ["--pg-major", cluster.pg_major]
@@ -1059,6 +1073,8 @@ def fetch_command(args, config):
     install_signal_handlers(settings.timeout)
     deadline = time.time() + settings.timeout
     cluster = read_cluster(settings)
+    # PostgreSQL runs restore_command in the data directory.
+    settings.spool_dir = spool_for(settings.spool_dir, os.getcwd())
     prefetching = kind == "segment" and settings.prefetch > 0
     if prefetching:
         wait_for_prefetcher(settings, args.wal_name, deadline)
@@ -1106,6 +1122,7 @@ def after_delivery(settings, args, cluster):
 def prefetch_command(args, config):
     """The detached prefetcher: serve the want file while deliveries keep asking."""
     settings = Settings(config)
+    settings.spool_dir = args.spool_dir
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGALRM, on_signal)
     handler = logging.FileHandler(spool_file(settings, SPOOL_LOG), mode="w")
@@ -1223,6 +1240,7 @@ def parse_args(argv):
     # The detached prefetcher: the script starts itself with these.
     parser.add_argument("--prefetch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--spool-dir", help=argparse.SUPPRESS)
     parser.add_argument("--system-identifier", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pg-major", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from testbed import BIN, PG_USER, chown_pg, python36_for_postgres, sh, wait_for
+from testbed import BIN, PG_USER, chown_pg, load_script, python36_for_postgres, sh, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 SCRIPT = os.path.join(BIN, "pg_wal_fetch.py")
+FETCH = load_script("pg_wal_fetch")
 @pytest.fixture(scope="module")
 def py36():
     python = python36_for_postgres()
@@ -61,7 +62,9 @@ class WalEnv(object):
             for name in segments:
                 os.link(os.path.join(host.wal_dir, name), os.path.join(wal_dir, name))
             self.archive[index] = wal_dir
-        self.spool = os.path.join(self.root, "spool")
+        self.spool_root = os.path.join(self.root, "spool")
+        # The spool of this data directory (one per data directory below spool_dir).
+        self.spool = FETCH.spool_for(self.spool_root, self.pgdata)
         self.control = os.path.join(self.root, "c")
         self.shim = os.path.join(self.root, "shim")
         self.shim_log = os.path.join(self.root, "commands.log")
@@ -78,7 +81,7 @@ class WalEnv(object):
         self.configure()
 
     def configure(self, archive=None, **sources):
-        overrides = {"archive": {"spool_dir": self.spool, "control_dir": self.control,
+        overrides = {"archive": {"spool_dir": self.spool_root, "control_dir": self.control,
                                  "control_persist": "5", "prefetch": "0", "timeout": "20"}}
         overrides["archive"].update(archive or {})
         for index, host in enumerate(self.tb.hosts):

@@ -327,3 +327,13 @@ def test_compressed_copies_are_decompressed_and_broken_ones_refused(tmp_path, su
             staged.commit(str(tmp_path / "out"))
             assert (tmp_path / "out").read_bytes() == original and receiver.head == original[:40]
         staged.discard()
+
+
+def test_each_data_directory_has_its_own_spool_below_spool_dir():
+    standby = fetch.spool_for("/var/lib/pg_zfs/spool", "/zp1/data02/pgdata")
+    clone = fetch.spool_for("/var/lib/pg_zfs/spool",
+                            "/var/lib/pg_zfs/restore/data02_restore_pgzfs_20261125T040100Z/pgdata")
+    assert standby.startswith("/var/lib/pg_zfs/spool/pgdata-")
+    assert clone.startswith("/var/lib/pg_zfs/spool/pgdata-")
+    assert standby != clone
+    assert fetch.spool_for("/s", "/zp1/data02/pgdata") == fetch.spool_for("/s", "/zp1/data02/pgdata")
