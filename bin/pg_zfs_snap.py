@@ -31,8 +31,8 @@ If this script dies, psql's session ends and PostgreSQL leaves backup mode by
 itself; exclusive backup mode is never used.
 
 Where ZFS allows it, the set is one atomic `zfs snapshot a@n b@n ...` call.
-zfs-fuse and old ZFS take one name per call: then the datasets are snapshotted
-one by one and the dataset that holds global/pg_control goes LAST. The article
+zfs-fuse and old ZFS take one name per call, and no ZFS snapshots datasets of
+several pools in one call: then the datasets are snapshotted one by one and the dataset that holds global/pg_control goes LAST. The article
 took PGDATA's dataset first; that is right for a crash-consistent copy of a
 primary, but here the snapshots sit inside backup mode and the restore replays
 WAL from the label's start to the stop LSN: on a standby the control file's
@@ -768,14 +768,17 @@ class ZfsBackend(object):
     def snapshot(self, datasets, name, properties):
         """Snapshot every dataset as DATASET@name with properties; return them.
 
-        One atomic call where zfs takes several names; else one call per dataset
-        in the order given. On failure raises SnapshotError listing those made.
+        One atomic call where zfs takes several names and they are all in one
+        pool (OpenZFS refuses several pools in one call); else one call per
+        dataset in the order given. On failure raises SnapshotError listing those made.
         """
         options = []
         for key in sorted(properties):
             options += ["-o", "%s%s=%s" % (P, key, properties[key])]
         targets = ["%s@%s" % (dataset, name) for dataset in datasets]
-        if len(targets) > 1:
+        if len(set(dataset.split("/")[0] for dataset in datasets)) > 1:
+            log.debug("datasets in several pools: one by one, %s last", datasets[-1])
+        elif len(targets) > 1:
             code, _, err = self._run("snapshot", *(options + targets), check=False)
             if code == 0:
                 return targets

@@ -454,3 +454,22 @@ def test_du_exclusive_bytes_per_path():
            "         0           0           0  /bt/.pgzfs/my dir@x\n")
     assert snap.parse_du_exclusive(out) == {"/bt/.pgzfs/data02@pgzfs_20261125T040100Z": 1048576,
                                             "/bt/.pgzfs/my dir@x": 0}
+
+
+# -- how a set is snapshotted ----------------------------------------------------
+
+def test_snapshots_in_one_pool_are_one_atomic_call_in_several_pools_one_by_one(monkeypatch):
+    calls = []
+
+    def fake_run(argv, timeout=None, input_text=None, check=True):
+        calls.append([arg for arg in argv[1:] if "@" in arg])
+        return 0, "", ""
+    monkeypatch.setattr(snap, "run", fake_run)
+    backend = snap.ZfsBackend()
+    assert backend.snapshot(["zp1/a", "zp1/b"], "s", {"set": "s"}) == ["zp1/a@s", "zp1/b@s"]
+    assert calls == [["zp1/a@s", "zp1/b@s"]]
+    del calls[:]
+    # OpenZFS refuses snapshots of several pools in one call (EXDEV): one by one,
+    # in the order given (PGDATA's dataset last).
+    assert backend.snapshot(["fast/ts", "zp1/pg"], "s", {"set": "s"}) == ["fast/ts@s", "zp1/pg@s"]
+    assert calls == [["fast/ts@s"], ["zp1/pg@s"]]
