@@ -74,14 +74,20 @@ What a restore does, in order (each step is timed and reported):
            by a fresh directory WAL_ROOT/restore_SET/pg_wal that is not on ZFS;
            comment out inherited primary_conninfo, primary_slot_name, recovery
            targets, restore_command, archive and synchronous-standby settings,
-           recovery_min_apply_delay; then write the recovery settings:
+           recovery_min_apply_delay, data_directory, external_pid_file,
+           stats_temp_directory; then write the recovery settings (on 12+
+           also '' for primary_conninfo, the slot, the other recovery targets
+           and the like, so that an include file of the standby's config
+           cannot bring them back; the last line wins):
            12+ recovery.signal plus lines appended to postgresql.auto.conf,
            9.6-11 recovery.conf. restore_command is this directory's
            pg_wal_fetch.py with the same config file. The copy always gets
            archive_mode = off (it can never push a new timeline into
            production's archive), a new port, its socket in
            WAL_ROOT/restore_SET and logging_collector = off (its log is
-           WAL_ROOT/restore_SET/server.log).
+           WAL_ROOT/restore_SET/server.log), synchronous_standby_names = ''
+           and no external_pid_file. Last, `postgres -C` must show that the
+           copy runs on the clone's PGDATA with archive_mode off.
   start    pg_ctl start -w as the PostgreSQL user (runuser -u USER --)
   recover  wait (bounded by [restore] timeout) until the target is reached:
            paused, promoted or shut down, then report the last replayed LSN and
@@ -193,7 +199,14 @@ INHERITED_SETTINGS = (
     "archive_mode", "archive_command", "archive_library",
     "synchronous_standby_names", "port", "unix_socket_directories",
     "hot_standby", "logging_collector",
+    # Paths the copy would share with the live standby (Debian sets the last two).
+    "data_directory", "external_pid_file", "stats_temp_directory",
 )
+# Recovery targets of 12+ (GUCs since then): a standby's include file may set one,
+# and a second target is FATAL, so the others are set to '' before ours.
+TARGET_SETTINGS = (("immediate", "recovery_target"), ("time", "recovery_target_time"),
+                   ("xid", "recovery_target_xid"), ("lsn", "recovery_target_lsn"),
+                   ("name", "recovery_target_name"))
 COMMENT_MARK = "#pg_zfs_restore: "
 # Files in PGDATA that belong to the standby's life, not to the restored copy.
 STALE_FILES = ("postmaster.pid", "postmaster.opts", "standby.signal", "recovery.signal",
@@ -710,6 +723,13 @@ def recovery_settings(major, target, action, restore_command, timeline=None, inc
     target: recovery runs to the end of the archive and the server opens.
     """
     pairs = [("restore_command", quote_setting(restore_command))]
+    if major >= (12, 0):
+        # What a standby's postgresql.conf or its include files may set; the
+        # last line wins, so these lines in postgresql.auto.conf neutralise them.
+        pairs += [("primary_conninfo", "''"), ("primary_slot_name", "''"),
+                  ("recovery_min_apply_delay", "0"), ("recovery_end_command", "''"),
+                  ("archive_cleanup_command", "''")]
+        pairs += [(name, "''") for kind, name in TARGET_SETTINGS if kind != target.kind]
     if target.kind == "time":
         pairs.append(("recovery_target_time", quote_setting(pg_time(target.value))))
     elif target.kind == "lsn":
@@ -735,13 +755,42 @@ def recovery_settings(major, target, action, restore_command, timeline=None, inc
     return pairs
 
 
-def server_settings(port, socket_dir):
-    """[(name, literal)] every restored copy gets, on every version."""
-    return [("port", str(port)),
-            ("archive_mode", "off"),
-            ("hot_standby", "on"),
-            ("unix_socket_directories", quote_setting(socket_dir)),
-            ("logging_collector", "off")]
+def server_settings(port, socket_dir, major):
+    """[(name, literal)] every restored copy gets, on every version.
+
+    They go last into postgresql.auto.conf, so they win over anything the
+    standby's postgresql.conf or its include files set: no synchronous standby
+    to wait for, and no pid or statistics file shared with the live standby.
+    """
+    pairs = [("port", str(port)),
+             ("archive_mode", "off"),
+             ("hot_standby", "on"),
+             ("unix_socket_directories", quote_setting(socket_dir)),
+             ("logging_collector", "off"),
+             ("synchronous_standby_names", "''"),
+             ("external_pid_file", "''")]
+    if major < (15, 0):
+        pairs.append(("stats_temp_directory", quote_setting(socket_dir)))
+    return pairs
+
+
+def effective_settings_problems(effective, pgdata):
+    """Why the copy must not start with these settings (postgres -C), as phrases.
+
+    data_directory can only come from postgresql.conf or its include files,
+    which may lie outside the clone: if it names another directory, the copy
+    would recover (and promote) that directory, maybe the live standby's.
+    """
+    problems = []
+    if os.path.normpath(effective.get("data_directory", "")) != os.path.normpath(pgdata):
+        problems.append("data_directory = %r in the standby's configuration (an include file?): the "
+                        "copy would run on that directory, not on %s; remove that line from the clone "
+                        "(restore --no-start, edit, start) and retry" % (effective.get("data_directory"),
+                                                                         pgdata))
+    if effective.get("archive_mode") != "off":
+        problems.append("archive_mode is %r, not off: the copy could archive into production's archive"
+                        % effective.get("archive_mode"))
+    return problems
 
 
 def render_settings(pairs, header):
@@ -1428,6 +1477,15 @@ class Server(object):
             lines = (out + err).strip().splitlines() or ["exit code %d" % code]
             raise Failure("pg_amcheck found problems: %s" % lines[0], 1)
 
+    def setting(self, name):
+        """The value PostgreSQL reads for a setting in this PGDATA's files (postgres -C)."""
+        code, out, err = run(self._as_user("postgres", "-D", self.pgdata, "-C", name), timeout=30, check=False)
+        if code != 0:
+            raise Failure("postgres -D %s -C %s: %s" % (self.pgdata, name, (
+                [line for line in err.splitlines() if "FATAL" in line] or err.strip().splitlines()
+                or ["exit code %d" % code])[-1].strip()), 1)
+        return out.strip()
+
     def control_value(self, key):
         """One line of pg_controldata (empty when unavailable)."""
         code, out, _ = run(self._as_user("pg_controldata", "-D", self.pgdata), timeout=30, check=False)
@@ -1653,7 +1711,7 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
     command = restore_command_for(fetch_script, os.path.abspath(config.path))
     header = "pg_zfs_restore %s: %s of set %s to %s" % (VERSION, kind, snapshot_set.name, target)
     files = recovery_files(major, recovery_settings(major, target, action, command, timeline, inclusive),
-                           server_settings(port, work_dir), header)
+                           server_settings(port, work_dir, major), header)
     return Plan(kind=kind, snapshot_set=snapshot_set, major=major, target=target, action=action,
                 clones=clones, mount_map=mount_map, pgdata=pgdata, work_dir=work_dir,
                 wal_root=options["wal_root"], wal_dir=os.path.join(work_dir, "pg_wal"),
@@ -1771,6 +1829,8 @@ class Restorer(object):
         for name, how, text in plan.files:
             self.act("%s %s/%s:\n%s" % (how, pgdata, name, text.rstrip() or "(empty)"),
                      self._write_setting_file, os.path.join(pgdata, name), how, text)
+        self.act("check with postgres -C that the copy runs on %s with archive_mode off" % pgdata,
+                 self._check_effective_settings)
         log.info("prepared %s: recovery to %s, then %s, on port %d", pgdata, plan.target,
                  "open" if plan.target.kind == "latest" else plan.action, plan.port)
 
@@ -1830,6 +1890,12 @@ class Restorer(object):
             write_file(path, text.encode("utf-8", "surrogateescape"), stat.st_mode & 0o777,
                        (stat.st_uid, stat.st_gid))
             log.debug("%s: commented out %s", path, ", ".join(found))
+
+    def _check_effective_settings(self):
+        effective = dict((name, self.server.setting(name)) for name in ("data_directory", "archive_mode"))
+        problems = effective_settings_problems(effective, self.plan.pgdata)
+        if problems:
+            raise Failure("refusing to start the copy: %s" % "; ".join(problems), 1)
 
     def _write_setting_file(self, path, how, text):
         data = text.encode("utf-8")

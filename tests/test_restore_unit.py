@@ -200,7 +200,7 @@ def files(version, tgt, action="pause", **options):
     major = restore.parse_major(version)
     pairs = restore.recovery_settings(major, tgt, action, COMMAND, **options)
     return dict((name, (how, text)) for name, how, text in restore.recovery_files(
-        major, pairs, restore.server_settings(5433, "/var/lib/pg_zfs/restore-wal/restore_x"), "header"))
+        major, pairs, restore.server_settings(5433, "/var/lib/pg_zfs/restore-wal/restore_x", major), "header"))
 
 
 def test_restore_command_calls_pg_wal_fetch_with_the_same_config_shell_quoted():
@@ -243,7 +243,8 @@ def test_lsn_target_needs_10_and_later():
 def test_immediate_latest_exclusive_and_timeline():
     assert "recovery_target = 'immediate'" in files("14", target("immediate"))["postgresql.auto.conf"][1]
     latest = files("18", target("latest"))["postgresql.auto.conf"][1]
-    assert "recovery_target_action" not in latest and "recovery_target " not in latest
+    assert "recovery_target_action" not in latest and "recovery_target = 'immediate'" not in latest
+    assert "recovery_target = ''" in latest  # cleared: a standby's include file may set one
     text = files("15", target("lsn", "0/1"), inclusive=False, timeline="2")["postgresql.auto.conf"][1]
     assert "recovery_target_inclusive = off" in text and "recovery_target_timeline = '2'" in text
     assert "recovery_target_timeline = 'latest'" in files("11", target("immediate"))["recovery.conf"][1]
@@ -418,3 +419,76 @@ def test_help_names_the_exit_codes_and_the_restore_command():
     assert proc.returncode == 0
     assert "Exit codes:" in proc.stdout and "pg_wal_fetch.py" in proc.stdout
     assert os.path.basename(restore.__file__) == "pg_zfs_restore.py"
+
+
+# -- settings a standby can bring back through include files ---------------------------
+
+def postgres_settings(pgdata, names):
+    """What PostgreSQL itself reads for names in pgdata's configuration (postgres -C)."""
+    import shutil
+    import subprocess
+    program = shutil.which("postgres")
+    if not program:
+        pytest.skip("no postgres binary")
+    for path, _, names_here in os.walk(pgdata):
+        os.chmod(path, 0o755)
+        for name in names_here:
+            os.chmod(os.path.join(path, name), 0o644)
+    found = {}
+    for name in names:
+        proc = subprocess.run(["runuser", "-u", "postgres", "--", program, "-D", pgdata, "-C", name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        found[name] = proc.stdout.strip() if proc.returncode == 0 else "FAILED: " + proc.stderr.strip()
+    return found
+
+
+@pytest.fixture
+def open_dir():
+    """A directory the postgres user can read (pytest's tmp_path is root's alone)."""
+    import pathlib
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="pg_zfs_restore_unit.", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_included_files_cannot_bring_back_standby_settings(open_dir):
+    pgdata = open_dir / "pgdata"
+    (pgdata / "conf.d").mkdir(parents=True)
+    (pgdata / "postgresql.conf").write_text("include_dir 'conf.d'\n")
+    (pgdata / "conf.d" / "standby.conf").write_text(
+        "primary_conninfo = 'host=production'\nprimary_slot_name = 'guest'\n"
+        "recovery_target_name = 'old'\nsynchronous_standby_names = '*'\n"
+        "recovery_min_apply_delay = '1h'\nrecovery_end_command = 'touch /prod/flag'\n"
+        "external_pid_file = '/run/postgresql/15-main.pid'\narchive_mode = on\n")
+    (pgdata / "postgresql.auto.conf").write_text("")
+    made = files("15", target("time", "2026-11-25T04:30:00Z"), "promote")
+    (pgdata / "postgresql.auto.conf").write_text(made["postgresql.auto.conf"][1])
+    found = postgres_settings(str(pgdata), [
+        "primary_conninfo", "primary_slot_name", "recovery_target_name", "recovery_target_time",
+        "synchronous_standby_names", "recovery_min_apply_delay", "recovery_end_command",
+        "external_pid_file", "archive_mode"])
+    assert found == {"primary_conninfo": "", "primary_slot_name": "", "recovery_target_name": "",
+                     "recovery_target_time": "2026-11-25 04:30:00.000000+00",
+                     "synchronous_standby_names": "", "recovery_min_apply_delay": "0",
+                     "recovery_end_command": "", "external_pid_file": "", "archive_mode": "off"}
+
+
+def test_a_copy_that_would_run_on_another_data_directory_is_refused():
+    pgdata = "/var/lib/pg_zfs/restore/data02_restore_s/pgdata"
+    assert restore.effective_settings_problems(
+        {"data_directory": pgdata, "archive_mode": "off"}, pgdata) == []
+    problems = restore.effective_settings_problems(
+        {"data_directory": "/tank/data02/pgdata", "archive_mode": "off"}, pgdata)
+    assert len(problems) == 1 and "data_directory" in problems[0] and "/tank/data02/pgdata" in problems[0]
+    problems = restore.effective_settings_problems({"data_directory": pgdata, "archive_mode": "on"}, pgdata)
+    assert len(problems) == 1 and "archive_mode" in problems[0]
+
+
+def test_data_directory_and_shared_files_of_the_standby_are_commented_out():
+    text, found = restore.comment_out_settings(
+        "data_directory = '/tank/data02/pgdata'\nexternal_pid_file = '/run/postgresql/15-main.pid'\n"
+        "stats_temp_directory = '/run/postgresql/15-main.pg_stat_tmp'\n", restore.INHERITED_SETTINGS)
+    assert found == ["data_directory", "external_pid_file", "stats_temp_directory"]
