@@ -146,6 +146,7 @@ ZFS_TIMEOUT = 120
 ZFS_CANDIDATES = ("/sbin/zfs", "/usr/sbin/zfs", "/usr/local/sbin/zfs")
 # What old ZFS (zfs-fuse) answers, exit code 2, to several names in one call.
 ZFS_ONE_NAME_ONLY = "too many arguments"
+ZFS_FSTYPES = ("zfs", "fuse.zfs")    # /proc/self/mounts: OpenZFS, zfs-fuse
 BUSY_RETRIES = 10            # "dataset is busy" right after pg_ctl stop
 BTRFS_TIMEOUT = 120
 BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
@@ -338,6 +339,21 @@ def dataset_of(path, mountpoints):
     if best is None:
         raise ValueError("%s is on none of the datasets %s" % (path, " ".join(sorted(mountpoints))))
     return best, os.path.relpath(path, mountpoints[best])
+
+
+def zfs_mountpoints(datasets, mounts):
+    """{dataset: where it is mounted} from the mount table, for the datasets that are.
+
+    Not the mountpoint property: a `legacy` dataset is mounted by fstab, and a
+    dataset that is not mounted leaves its mountpoint a plain directory of the
+    file system below, whose files its snapshot would not hold. A dataset
+    mounted more than once (bind mounts): its first mount.
+    """
+    result = {}
+    for source, mountpoint, fstype in mounts:
+        if source in datasets and fstype in ZFS_FSTYPES and source not in result:
+            result[source] = mountpoint
+    return result
 
 
 def snapshot_order(datasets, pgdata_dataset):
@@ -755,15 +771,11 @@ class ZfsBackend(object):
         return run([self.zfs] + list(args), timeout=ZFS_TIMEOUT, **kwargs)
 
     def mountpoints(self, datasets):
-        """{dataset: mountpoint}; a Failure(2) if a dataset does not exist."""
-        code, out, err = self._run("get", "-H", "-o", "name,value", "mountpoint", *datasets, check=False)
+        """{dataset: where it is mounted} of the mounted ones; a Failure(2) if one does not exist."""
+        code, _, err = self._run("list", "-H", "-o", "name", *datasets, check=False)
         if code != 0:
-            raise Failure("zfs get mountpoint %s: %s" % (" ".join(datasets), err.strip()), 2)
-        result = {}
-        for line in out.splitlines():
-            name, _, value = line.partition("\t")
-            result[name] = value
-        return result
+            raise Failure("zfs list %s: %s" % (" ".join(datasets), err.strip()), 2)
+        return zfs_mountpoints(datasets, read_mounts())
 
     def snapshot(self, datasets, name, properties):
         """Snapshot every dataset as DATASET@name with properties; return them.
@@ -1401,10 +1413,7 @@ def open_session(job):
 def cmd_snapshot(job, label_text):
     """Take one snapshot set; return its name. All or nothing."""
     mountpoints = job.backend.mountpoints(job.datasets)
-    try:
-        pgdata_dataset, pgdata_rel = dataset_of(os.path.realpath(job.pgdata), mountpoints)
-    except ValueError as error:
-        raise Failure("[postgres] pgdata: %s" % error, 2)
+    pgdata_dataset, pgdata_rel = locate(job.pgdata, mountpoints, job.datasets, "[postgres] pgdata")
     order = snapshot_order(job.datasets, pgdata_dataset)
     existing = set(one.name for one in job.sets())
     name = set_name(job.prefix, job.clock.now())
@@ -1447,11 +1456,35 @@ def cmd_snapshot(job, label_text):
 def check_tablespaces(locations, mountpoints, datasets):
     """Every tablespace must be on a dataset of the set, or the set is not a backup."""
     for location in locations:
-        try:
-            dataset_of(os.path.realpath(location), mountpoints)
-        except ValueError:
-            raise Failure("tablespace %s is on none of [snapshot] datasets %s"
-                          % (location, " ".join(datasets)), 2)
+        locate(location, mountpoints, datasets, "tablespace")
+
+
+def locate(path, mountpoints, datasets, what):
+    """(dataset, path relative to its mountpoint) of the configured dataset whose
+    snapshot holds path, else a Failure(2) that says where path is.
+
+    The longest mountpoint holding path is not enough: a dataset (or btrfs
+    subvolume) nested below it, or a dataset that is not mounted, is another
+    file system, and the set would hold none of path's files.
+    """
+    real = os.path.realpath(path)
+    unmounted = [d for d in datasets if d not in mountpoints]
+    try:
+        dataset, relative = dataset_of(real, mountpoints)
+    except ValueError as error:
+        raise Failure("%s: %s%s" % (what, error, "; not mounted: %s" % " ".join(unmounted)
+                                    if unmounted else ""), 2)
+    try:
+        same = os.stat(real).st_dev == os.stat(mountpoints[dataset]).st_dev
+    except OSError as error:
+        raise Failure("%s: %s: %s" % (what, real, error.strerror or error), 2)
+    if not same:
+        holder = mount_of(real, read_mounts())
+        where = (holder[0] if holder and holder[1] != mountpoints[dataset]
+                 else "a subvolume nested in %s" % dataset)
+        raise Failure("%s: %s is on %s, not on %s itself, so its snapshots would not hold it: "
+                      "add that to [snapshot] datasets" % (what, path, where, dataset), 2)
+    return dataset, relative
 
 
 def take_shutdown_set(job, name, base, order, mountpoints):

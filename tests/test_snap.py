@@ -243,6 +243,24 @@ def test_a_dataset_that_does_not_exist_is_a_config_error(tb, tmp_path, cleanup):
     assert no_snap_session_left(tb)
 
 
+def test_pgdata_on_a_dataset_nested_below_a_configured_one_is_refused(tb, tmp_path, cleanup):
+    # A snapshot of data02 does not hold a child dataset mounted below it: a
+    # "backup" of such a PGDATA would be empty.
+    cleanup("nested")
+    nested = tb.zfs.create("data02/nested")
+    try:
+        pgdata = os.path.join(tb.zfs.mountpoint(nested), "pgdata")
+        os.mkdir(pgdata)
+        cfg = tb.write_config(tmp_path / "pg_zfs.conf", {"snapshot": {"prefix": "nested"},
+                                                         "postgres": {"pgdata": pgdata}})
+        proc = snap(cfg, "snapshot", "--no-prune")
+        assert proc.returncode == 2
+        assert "%s is on %s" % (pgdata, nested) in proc.stderr, proc.stderr
+        assert set_names(tb, "nested") == []
+    finally:
+        tb.zfs.destroy(nested, recursive=True)
+
+
 # -- the lock -------------------------------------------------------------------
 
 def test_two_concurrent_runs_make_one_set(tb, tmp_path, cleanup):

@@ -473,3 +473,16 @@ def test_snapshots_in_one_pool_are_one_atomic_call_in_several_pools_one_by_one(m
     # in the order given (PGDATA's dataset last).
     assert backend.snapshot(["fast/ts", "zp1/pg"], "s", {"set": "s"}) == ["fast/ts@s", "zp1/pg@s"]
     assert calls == [["fast/ts@s"], ["zp1/pg@s"]]
+
+
+# -- where the datasets really are mounted ----------------------------------------
+
+def test_zfs_mountpoints_come_from_the_mount_table_legacy_included_unmounted_left_out():
+    mounts = snap.parse_mounts(
+        "zp1 /zp1 zfs rw 0 0\n"
+        "zp1/data02 /srv/pg zfs rw 0 0\n"                  # mountpoint=legacy, fstab
+        "zp1/data01 /data01 fuse.zfs rw 0 0\n"             # zfs-fuse
+        "zp1/data01 /var/lib/docker/x fuse.zfs rw 0 0\n"   # a bind mount: the first wins
+        "/dev/sda1 /data03 ext4 rw 0 0\n")                 # not the dataset data03
+    assert snap.zfs_mountpoints(["zp1/data01", "zp1/data02", "zp1/data03"], mounts) == {
+        "zp1/data01": "/data01", "zp1/data02": "/srv/pg"}
