@@ -72,7 +72,9 @@ The newest complete set is always kept; sets dated in the future (clock
 change) are kept and left out of the count; incomplete sets older than the
 newest complete set are destroyed; a set whose snapshots have clones (a running
 restore or drill) is skipped with a warning; snapshots with another prefix or
-without pgzfs:set are never touched. All four keys 0 keeps only the newest set.
+without pgzfs:set are never touched, nor are the sets of another config on
+the same pool (sets that include none of [snapshot] datasets: another
+cluster's, even with the same prefix). All four keys 0 keeps only the newest set.
 
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [postgres] pgdata, bindir, user, host, port, dbname
@@ -518,6 +520,13 @@ def group_sets(rows, prefix):
                                 dict(main), sum(used for _, used, _ in members), complete))
     sets.sort(key=lambda one: (one.time, one.name))
     return sets
+
+
+def sets_of(sets, datasets):
+    """The sets that include one of these datasets: another config's sets with the
+    same prefix on the same pool (another cluster) are not ours to prune or count."""
+    ours = set(datasets)
+    return [one for one in sets if ours & set(one.datasets)]
 
 
 def period_key(rule, when):
@@ -1315,7 +1324,8 @@ class Job(object):
 
     def sets(self, usage=False):
         """The sets of our prefix, oldest first (usage: btrfs asks for bytes held)."""
-        return group_sets(self.backend.list_snapshots(self.datasets, usage), self.prefix)
+        return sets_of(group_sets(self.backend.list_snapshots(self.datasets, usage), self.prefix),
+                       self.datasets)
 
     def unreadable(self):
         """(snapshot, why) of our prefix without readable metadata, as of the last sets()."""

@@ -486,3 +486,12 @@ def test_zfs_mountpoints_come_from_the_mount_table_legacy_included_unmounted_lef
         "/dev/sda1 /data03 ext4 rw 0 0\n")                 # not the dataset data03
     assert snap.zfs_mountpoints(["zp1/data01", "zp1/data02", "zp1/data03"], mounts) == {
         "zp1/data01": "/data01", "zp1/data02": "/srv/pg"}
+
+
+def test_sets_of_another_config_on_the_same_pool_are_not_ours():
+    rows = (rows_for("pgzfs_20261125T040100Z", datasets=("zp1/a01", "zp1/a02"))
+            + rows_for("pgzfs_20261125T040200Z", datasets=("zp1/b01", "zp1/b02"))
+            + rows_for("pgzfs_20261124T040100Z", datasets=("zp1/a01", "zp1/old", "zp1/a02")))
+    sets = snap.group_sets(rows, "pgzfs")
+    assert [one.name for one in snap.sets_of(sets, ["zp1/a01", "zp1/a02"])] == [
+        "pgzfs_20261124T040100Z", "pgzfs_20261125T040100Z"]
