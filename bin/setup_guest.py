@@ -1057,19 +1057,16 @@ def init_guest(cfg, guest, args):
         raise cfg.error("guest", "waldir", "missing or not absolute (required for --init)")
     uid, gid, _ = user_ids(guest.user)
     steps = Steps(args.dry_run)
-    ensure_datasets(guest, steps, (uid, gid))
+    # Every refusal comes before the first change: a refused --init leaves nothing.
     refuse_cow_waldir(guest.waldir)
     version = parse_pg_version(run([find_program(guest.bindir, "pg_basebackup"), "--version"], timeout=30)[1])
-    state = classify_pgdata(list_dir(guest.pgdata))
+    refuse_overwrite(guest, classify_pgdata(list_dir(guest.pgdata)), args.force)
+    ensure_datasets(guest, steps, (uid, gid))
+    state = classify_pgdata(list_dir(guest.pgdata))   # again: a dataset just mounted may hold it
     if state == "standby" and not args.force:
         steps.same("%s already holds a standby: not rebuilt (--force rebuilds it)" % guest.pgdata)
     else:
-        if state in ("standby", "cluster", "other"):
-            if not args.force:
-                raise Failure("%s is not empty (%s): refusing to overwrite it without --force"
-                              % (guest.pgdata, "a PostgreSQL cluster" if state == "cluster" else "unknown files"), 1)
-            if pg_ctl_status(guest) == 0:
-                raise Failure("PostgreSQL runs in %s: stop it before --init --force" % guest.pgdata, 1)
+        refuse_overwrite(guest, state, args.force)
         make_standby(guest, version, steps, (uid, gid), args.force)
     configure_standby(guest, version, steps, (uid, gid), config_path_absolute(args.config))
     if not args.dry_run:
@@ -1089,6 +1086,17 @@ def init_guest(cfg, guest, args):
         log.info("%d change(s) made; start the standby with: %s --role guest --start",
                  steps.changes, os.path.join(BIN_DIR, "setup_guest.py"))
     return 0
+
+
+def refuse_overwrite(guest, state, force):
+    """A Failure unless PGDATA (in state, classify_pgdata's) may be made a standby now."""
+    if state not in ("cluster", "other") and not (state == "standby" and force):
+        return
+    if not force:
+        raise Failure("%s is not empty (%s): refusing to overwrite it without --force"
+                      % (guest.pgdata, "a PostgreSQL cluster" if state == "cluster" else "unknown files"), 1)
+    if pg_ctl_status(guest) == 0:
+        raise Failure("PostgreSQL runs in %s: stop it before --init --force" % guest.pgdata, 1)
 
 
 def ensure_datasets(guest, steps, owner):

@@ -338,6 +338,21 @@ def test_init_refuses_a_waldir_on_zfs(own):
     assert not os.path.exists(on_zfs)
 
 
+def test_a_refused_init_creates_no_dataset(own, tb):
+    extra = tb.zfs.name + "/g_refused"
+    on_zfs = os.path.join(own.mountpoint(own.datasets[0]), "wal")
+    config = own.write_config("refused.conf", {"guest": {"waldir": on_zfs},
+                                               "snapshot": {"datasets": " ".join(own.datasets + [extra])}})
+    try:
+        proc = setup_guest("-c", config, "--init")
+        assert proc.returncode == 1
+        assert "pg_wal must not live on ZFS or btrfs" in proc.stderr
+        assert not tb.zfs.exists(extra)
+    finally:
+        if tb.zfs.exists(extra):
+            tb.zfs.destroy(extra, recursive=True)
+
+
 def test_install_writes_the_crontab_and_rc_local_lines_once(own, tmp_path):
     root = tmp_path / "root"
     outputs = []
