@@ -55,7 +55,8 @@ absent AND pg_controldata says "shut down"), the set is taken as is and marked
 that state is ambiguous.
 
 All or nothing: if any snapshot of a set fails, the ones made are destroyed,
-backup mode is ended, the run exits 1 and does not prune.
+backup mode is ended, the run exits 1 and does not prune. So on SIGTERM, SIGHUP
+or SIGINT, once the zfs or btrfs call under way has finished.
 
 Each snapshot carries ZFS user properties pgzfs:* (on btrfs: its JSON file):
 start/stop LSN, start WAL file, timeline, start/stop time, major version,
@@ -99,6 +100,7 @@ import binascii
 import calendar
 import collections
 import configparser
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -797,24 +799,34 @@ class ZfsBackend(object):
         for key in sorted(properties):
             options += ["-o", "%s%s=%s" % (P, key, properties[key])]
         targets = ["%s@%s" % (dataset, name) for dataset in datasets]
-        if len(set(dataset.split("/")[0] for dataset in datasets)) > 1:
-            log.debug("datasets in several pools: one by one, %s last", datasets[-1])
-        elif len(targets) > 1:
-            code, _, err = self._run("snapshot", *(options + targets), check=False)
-            if code == 0:
-                return targets
-            if not (code == 2 and err.strip().splitlines()[:1] == [ZFS_ONE_NAME_ONLY]):
-                raise SnapshotError("zfs snapshot %s: %s" % (" ".join(targets), err.strip()), [])
-            log.debug("zfs takes one snapshot per call here: one by one, %s last", datasets[-1])
         made = []
-        for target in targets:
-            try:
-                code, _, err = self._run("snapshot", *(options + [target]), check=False)
-            except Failure as failure:      # a timeout, or SIGTERM while waiting
-                raise SnapshotError(str(failure), made)
-            if code != 0:
-                raise SnapshotError("zfs snapshot %s: %s" % (target, err.strip()), made)
-            made.append(target)
+        with signals_held():
+            one_by_one = True
+            if len(set(dataset.split("/")[0] for dataset in datasets)) > 1:
+                log.debug("datasets in several pools: one by one, %s last", datasets[-1])
+            elif len(targets) > 1:
+                try:
+                    code, _, err = self._run("snapshot", *(options + targets), check=False)
+                except Failure as failure:      # a timeout: zfs was killed
+                    raise SnapshotError(str(failure), made)
+                if code == 0:
+                    made, one_by_one = targets, False
+                elif not (code == 2 and err.strip().splitlines()[:1] == [ZFS_ONE_NAME_ONLY]):
+                    raise SnapshotError("zfs snapshot %s: %s" % (" ".join(targets), err.strip()), made)
+                else:
+                    log.debug("zfs takes one snapshot per call here: one by one, %s last", datasets[-1])
+            for target in targets if one_by_one else []:
+                if pending_signal():
+                    break
+                try:
+                    code, _, err = self._run("snapshot", *(options + [target]), check=False)
+                except Failure as failure:      # a timeout: zfs was killed
+                    raise SnapshotError(str(failure), made)
+                if code != 0:
+                    raise SnapshotError("zfs snapshot %s: %s" % (target, err.strip()), made)
+                made.append(target)
+        if pending_signal():
+            raise SnapshotError("stopped by signal %d" % pending_signal(), made)
         return made
 
     def set_properties(self, snapshots, properties, order):
@@ -918,22 +930,28 @@ class BtrfsBackend(object):
         metadata file; return the snapshot ids. On failure raises SnapshotError
         listing those made (a snapshot whose metadata failed counts as made)."""
         made = []
-        for subvolume in subvolumes:
-            target = "%s@%s" % (subvolume, name)
-            path = btrfs_snapshot_path(target)
-            try:
-                make_private_dir(os.path.dirname(path))
-                for existing in (path, path + BTRFS_METADATA_SUFFIX):
-                    # btrfs would put the snapshot INSIDE an existing directory.
-                    if os.path.lexists(existing):
-                        raise Failure("%s already exists" % existing, 1)
-                code, _, err = self._run("subvolume", "snapshot", "-r", subvolume, path, check=False)
-                if code != 0:
-                    raise Failure("btrfs subvolume snapshot -r %s %s: %s" % (subvolume, path, err.strip()), 1)
-                made.append(target)
-                write_atomically(path + BTRFS_METADATA_SUFFIX, metadata_text(properties))
-            except Failure as failure:
-                raise SnapshotError(str(failure), made)
+        with signals_held():
+            for subvolume in subvolumes:
+                if pending_signal():
+                    break
+                target = "%s@%s" % (subvolume, name)
+                path = btrfs_snapshot_path(target)
+                try:
+                    make_private_dir(os.path.dirname(path))
+                    for existing in (path, path + BTRFS_METADATA_SUFFIX):
+                        # btrfs would put the snapshot INSIDE an existing directory.
+                        if os.path.lexists(existing):
+                            raise Failure("%s already exists" % existing, 1)
+                    code, _, err = self._run("subvolume", "snapshot", "-r", subvolume, path, check=False)
+                    if code != 0:
+                        raise Failure("btrfs subvolume snapshot -r %s %s: %s"
+                                      % (subvolume, path, err.strip()), 1)
+                    made.append(target)
+                    write_atomically(path + BTRFS_METADATA_SUFFIX, metadata_text(properties))
+                except Failure as failure:
+                    raise SnapshotError(str(failure), made)
+        if pending_signal():
+            raise SnapshotError("stopped by signal %d" % pending_signal(), made)
         return made
 
     def set_properties(self, snapshots, properties, order):
@@ -1365,12 +1383,13 @@ def take_backup_mode_set(job, session, version_num, name, label, base_properties
 
 def destroy_made(job, made):
     """Destroy snapshots this run made (newest first); log, never raise."""
-    for snapshot in reversed(made):
-        try:
-            job.backend.destroy(snapshot)
-            log.info("destroyed %s (its set failed)", snapshot)
-        except Failure as failure:
-            log.error("could not destroy %s: %s", snapshot, failure)
+    with signals_held():        # a second SIGTERM must not cut the clean-up short
+        for snapshot in reversed(made):
+            try:
+                job.backend.destroy(snapshot)
+                log.info("destroyed %s (its set failed)", snapshot)
+            except Failure as failure:
+                log.error("could not destroy %s: %s", snapshot, failure)
 
 
 def cluster_facts(job, session):
@@ -1608,8 +1627,33 @@ def run_check(args):
     return state
 
 
+_signals_held = []      # non-empty while snapshots are made or destroyed
+_signals_pending = []
+
+
 def on_signal(signum, frame):
+    """SIGTERM, SIGHUP, SIGINT: end the run as a Failure (backup mode ends, made
+    snapshots go). While signals are held, note the signal and let the zfs or
+    btrfs call finish: one cut short would leave snapshots nobody records."""
+    if _signals_held:
+        _signals_pending.append(signum)
+        return
     raise Failure("stopped by signal %d" % signum, 1)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGTERM, SIGHUP and SIGINT while the block runs; see pending_signal()."""
+    _signals_held.append(True)
+    try:
+        yield
+    finally:
+        _signals_held.pop()
+
+
+def pending_signal():
+    """The first signal that came while held, or None."""
+    return _signals_pending[0] if _signals_pending else None
 
 
 def main(argv=None):
@@ -1620,6 +1664,8 @@ def main(argv=None):
         return run_check(args)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_signal)     # Ctrl-C: the same clean end, no traceback
     lock = None
     try:
         job = Job(Config.load(config_path(args.config)), Clock(args.now))

@@ -11,6 +11,8 @@ import fcntl
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -259,6 +261,35 @@ def test_pgdata_on_a_dataset_nested_below_a_configured_one_is_refused(tb, tmp_pa
         assert set_names(tb, "nested") == []
     finally:
         tb.zfs.destroy(nested, recursive=True)
+
+
+def test_sigterm_while_a_snapshot_is_made_leaves_no_snapshot_and_no_backup(tb, tmp_path, cleanup):
+    # The zfs call that SIGTERM interrupts finishes anyway: the run must wait for
+    # it, destroy what it made, and end backup mode.
+    cleanup("term")
+    cfg = config(tb, tmp_path, "term")
+    called = tmp_path / "snapshot_called"
+    slow_bin = tmp_path / "slow_bin"
+    slow_bin.mkdir()
+    wrapper = slow_bin / "zfs"
+    wrapper.write_text('#!/bin/sh\n%s "$@"; code=$?\n'
+                       'if [ "$1" = snapshot ] && [ $code = 0 ]; then touch %s; sleep 2; fi\nexit $code\n'
+                       % (shutil.which("zfs"), called))
+    wrapper.chmod(0o755)
+    env = dict(os.environ, PATH="%s:%s" % (slow_bin, os.environ["PATH"]))
+    env.pop("PG_ZFS_CONFIG", None)
+    proc = subprocess.Popen([PY36, os.path.join(BIN, SCRIPT + ".py"), "-c", cfg, "snapshot", "--no-prune"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                            env=env)
+    deadline = time.time() + 60
+    while not called.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "stopped by signal %d" % signal.SIGTERM in err
+    assert set_names(tb, "term") == []
+    assert no_snap_session_left(tb)
 
 
 # -- the lock -------------------------------------------------------------------
