@@ -677,6 +677,7 @@ class Receiver(object):
 
     def __init__(self, staged, suffix, keep):
         self.staged = staged
+        self.suffix = suffix
         self.decompressor = make_decompressor(suffix)
         self.keep = keep
         self.head = b""
@@ -688,7 +689,7 @@ class Receiver(object):
             return                       # drain the rest of a bad file, write nothing
         if self.decompressor is not None:
             try:
-                data = self.decompressor.decompress(data)
+                data = self.decompress(data)
             except Exception as error:   # zlib.error, OSError (bz2), lzma.LZMAError
                 self.problem = "cannot decompress: %s" % error
                 return
@@ -699,6 +700,17 @@ class Receiver(object):
             self.problem = "more than %d bytes" % MAX_SEG_SIZE
             return
         self.staged.write(data)
+
+    def decompress(self, data):
+        """The bytes data decompresses to. A file may hold several streams back to
+        back (pbzip2, pigz -i, `cat a.gz b.gz`): gzip, bzip2 and xz read them all."""
+        out = b""
+        while data:
+            if self.decompressor.eof:
+                self.decompressor = make_decompressor(self.suffix)
+            out += self.decompressor.decompress(data)
+            data = self.decompressor.unused_data if self.decompressor.eof else b""
+        return out
 
     def finish(self):
         if self.problem or self.decompressor is None:

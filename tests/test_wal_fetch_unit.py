@@ -337,3 +337,21 @@ def test_each_data_directory_has_its_own_spool_below_spool_dir():
     assert clone.startswith("/var/lib/pg_zfs/spool/pgdata-")
     assert standby != clone
     assert fetch.spool_for("/s", "/zp1/data02/pgdata") == fetch.spool_for("/s", "/zp1/data02/pgdata")
+
+
+@pytest.mark.parametrize("suffix, compress", [
+    (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)])
+def test_multi_stream_compressed_copies_are_decompressed_whole(tmp_path, suffix, compress):
+    # pbzip2, pigz -i, xz -T and `cat a.gz b.gz` write several streams in one file;
+    # gzip, bzip2 and xz decompress all of them, and so must we.
+    original = os.urandom(100000) + bytes(200000)
+    data = compress(original[:120000]) + compress(original[120000:])
+    staged = fetch.StagedFile(str(tmp_path))
+    receiver = fetch.Receiver(staged, suffix, 40)
+    for start in range(0, len(data), 7000):
+        receiver.feed(data[start:start + 7000])
+    receiver.finish()
+    assert receiver.problem is None
+    staged.commit(str(tmp_path / "out"))
+    staged.discard()
+    assert (tmp_path / "out").read_bytes() == original
