@@ -1124,11 +1124,14 @@ def fetch_from(source, settings, args, cluster, deadline):
 
 
 def after_delivery(settings, args, cluster):
-    """Start the prefetch; its failure never fails the delivery that already happened."""
+    """Start the prefetch; its failure never fails the delivery that already happened
+    (not even [archive] timeout expiring now: exit 3 would leave a file at DEST)."""
     try:
         start_prefetch(settings, args.wal_name, args.dest, cluster, args.verbose)
     except (Failure, OSError, IOError) as error:
         log.warning("prefetch not started: %s", error)
+    except TimedOut:
+        log.warning("prefetch not started: [archive] timeout expired")
 
 
 def prefetch_command(args, config):

@@ -355,3 +355,11 @@ def test_multi_stream_compressed_copies_are_decompressed_whole(tmp_path, suffix,
     staged.commit(str(tmp_path / "out"))
     staged.discard()
     assert (tmp_path / "out").read_bytes() == original
+
+
+def test_the_time_limit_hit_after_delivery_does_not_fail_the_delivery(monkeypatch):
+    # The segment is at DEST: exiting 3 now would leave it there on a failure.
+    def times_out(*args):
+        raise fetch.TimedOut()
+    monkeypatch.setattr(fetch, "start_prefetch", times_out)
+    fetch.after_delivery(None, fetch.Arguments(None, "000000010000000000000003", "x"), None)
