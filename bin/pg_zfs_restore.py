@@ -866,6 +866,21 @@ def mount_of(path, mounts_table):
     return best
 
 
+COW_FSTYPES = ("zfs", "fuse.zfs", "btrfs")     # zfs-fuse mounts as fuse.zfs
+
+
+def wal_root_problem(mount, own_filesystems):
+    """Why a restore's WAL must not go on mount (mount_of's tuple), or None.
+
+    Any ZFS (also of another pool, or zfs-fuse's fuse.zfs) or btrfs: each WAL
+    segment would be written anew into every snapshot of that file system.
+    """
+    source, fstype, point = mount
+    if fstype in COW_FSTYPES or source in own_filesystems:
+        return "%s (%s mounted at %s)" % (fstype, source, point)
+    return None
+
+
 def log_message(line):
     """The message of a server log line, without the log_line_prefix."""
     for level in ("LOG:", "FATAL:", "PANIC:", "ERROR:", "WARNING:", "DETAIL:", "HINT:"):
@@ -1080,8 +1095,6 @@ class Zfs(object):
     the seam between the two (what differs in placing, naming and rolling back).
     """
 
-    fstype = "zfs"
-    label = "ZFS"
     unreadable = ()                 # snapshots without readable metadata: none on ZFS
     later_verb = "destroys"         # what `rollback` does to later snapshots
     clones_pin_snapshots = True     # a later snapshot with a clone blocks zfs rollback -r
@@ -1197,8 +1210,6 @@ class Btrfs(object):
     skips a set while a marker names one of its snapshots and the clone exists.
     """
 
-    fstype = "btrfs"
-    label = "btrfs"
     later_verb = "keeps"            # rollback swaps subvolumes; every set stays
     clones_pin_snapshots = False    # a writable snapshot does not depend on its source
 
@@ -1722,7 +1733,7 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
 
 def check_plan(plan, zfs, pools):
     """Refuse what would collide: existing clones, mountpoints, work directory, WAL on ZFS
-    (on btrfs with the btrfs backend)."""
+    or btrfs (either backend)."""
     existing = set(fs["name"] for fs in zfs.filesystems(pools))
     taken = [clone for _, clone, _ in plan.clones if clone in existing]
     if taken:
@@ -1742,10 +1753,11 @@ def check_plan(plan, zfs, pools):
     existing_root = plan.wal_root
     while not os.path.exists(existing_root):
         existing_root = os.path.dirname(existing_root)
-    source, fstype, point = mount_of(os.path.realpath(existing_root), read_text_file("/proc/mounts"))
-    if fstype == zfs.fstype or source in existing:
-        raise Failure("[restore] wal_root %s is on %s (%s): the restored copy's WAL must not be"
-                      % (plan.wal_root, zfs.label, source), 2)
+    problem = wal_root_problem(mount_of(os.path.realpath(existing_root), read_text_file("/proc/mounts")),
+                               existing)
+    if problem:
+        raise Failure("[restore] wal_root %s is on %s: the restored copy's WAL must not be on ZFS or btrfs; "
+                      "set [restore] wal_root to a directory on another file system" % (plan.wal_root, problem), 2)
     if not os.path.exists(plan.fetch_script):
         raise Failure("%s is missing: the restored copy needs it as restore_command" % plan.fetch_script, 2)
 

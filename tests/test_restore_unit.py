@@ -326,6 +326,17 @@ def test_wal_root_on_zfs_is_recognised_from_proc_mounts():
     assert restore.mount_of("/tank/x", mounts)[1] == "zfs"
 
 
+def test_wal_root_on_any_copy_on_write_file_system_is_refused():
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
+              "other/wal /srv/wal fuse.zfs rw 0 0\n"
+              "/dev/sdb1 /srv/bt btrfs rw 0 0\n"
+              "tank/data01 /tank/data01 fuse rw 0 0\n")
+    own = {"tank/data01"}
+    assert restore.wal_root_problem(restore.mount_of("/var/lib/pg_zfs/wal", mounts), own) is None
+    for path in ("/srv/wal/restore", "/srv/bt/wal", "/tank/data01/wal"):
+        assert restore.wal_root_problem(restore.mount_of(path, mounts), own), path
+
+
 def test_later_snapshots_are_those_of_the_same_dataset_with_a_higher_txg():
     rows = [("p/d1@a", 10), ("p/d1@b", 20), ("p/d1/child@c", 25), ("p/d1@c", 30)]
     assert restore.later_snapshots(rows, "p/d1@b") == ["p/d1@c"]
