@@ -666,6 +666,17 @@ def clone_kind(clone, set_name):
     return None
 
 
+def is_our_clone(fs):
+    """True for a clone this tool made: named DATASET_KIND_SET, cloned from a snapshot @SET.
+
+    pgzfs:clone_of alone is not enough: ZFS passes it on to a dataset made
+    below a clone, and zfs send -p | recv keeps it on a copy that is no clone.
+    """
+    set_name = fs.get("clone_of")
+    return bool(set_name and fs.get("origin") and fs["origin"].rpartition("@")[2] == set_name
+                and clone_kind(fs["name"], set_name))
+
+
 def map_path(path, mount_map):
     """path moved from a source mountpoint to its clone's (longest match), or None."""
     path = os.path.normpath(path)
@@ -2186,7 +2197,7 @@ def cmd_drill(config, args):
 def cmd_cleanup(config, args):
     """Stop servers on our clones and destroy them, with their work directories."""
     zfs, pools = backend_of(config)
-    ours = [fs for fs in zfs.filesystems(pools) if fs["clone_of"]]
+    ours = [fs for fs in zfs.filesystems(pools) if is_our_clone(fs)]
     if args.all:
         chosen = ours
     else:

@@ -337,6 +337,21 @@ def test_wal_root_on_any_copy_on_write_file_system_is_refused():
         assert restore.wal_root_problem(restore.mount_of(path, mounts), own), path
 
 
+def test_cleanup_takes_only_clones_this_tool_made():
+    s = "pgzfs_20261125T040100Z"
+    clone = {"name": "tank/data02_restore_" + s, "origin": "tank/data02@" + s, "clone_of": s}
+    drill = {"name": "tank/data02_drill_" + s, "origin": "tank/data02@" + s, "clone_of": s}
+    btrfs_marker = {"name": "/srv/bt/data02_restore_" + s, "origin": "/srv/bt/data02@" + s, "clone_of": s,
+                    "exists": False}
+    assert restore.is_our_clone(clone) and restore.is_our_clone(drill) and restore.is_our_clone(btrfs_marker)
+    # pgzfs:clone_of is inherited by a dataset made below a clone, and kept by zfs send -p | recv
+    child = {"name": "tank/data02_restore_%s/notes" % s, "origin": None, "clone_of": s}
+    received = {"name": "backup/data02_restore_" + s, "origin": None, "clone_of": s}
+    renamed = {"name": "tank/keep_me", "origin": "tank/data02@" + s, "clone_of": s}
+    assert not any(restore.is_our_clone(fs) for fs in (child, received, renamed))
+    assert not restore.is_our_clone({"name": "tank/data02", "origin": None, "clone_of": None})
+
+
 def test_later_snapshots_are_those_of_the_same_dataset_with_a_higher_txg():
     rows = [("p/d1@a", 10), ("p/d1@b", 20), ("p/d1/child@c", 25), ("p/d1@c", 30)]
     assert restore.later_snapshots(rows, "p/d1@b") == ["p/d1@c"]
