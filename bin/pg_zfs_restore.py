@@ -716,8 +716,8 @@ def rewrite_tablespace_map(text, mount_map):
 
 
 def quote_setting(value):
-    """A configuration file string literal: 'it''s'."""
-    return "'" + str(value).replace("'", "''") + "'"
+    """A configuration file string literal: 'it''s', backslashes doubled (PostgreSQL reads escapes)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def restore_command_for(fetch_script, config_file):

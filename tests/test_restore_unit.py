@@ -518,3 +518,8 @@ def test_data_directory_and_shared_files_of_the_standby_are_commented_out():
         "data_directory = '/tank/data02/pgdata'\nexternal_pid_file = '/run/postgresql/15-main.pid'\n"
         "stats_temp_directory = '/run/postgresql/15-main.pg_stat_tmp'\n", restore.INHERITED_SETTINGS)
     assert found == ["data_directory", "external_pid_file", "stats_temp_directory"]
+
+
+def test_a_setting_with_a_quote_or_a_backslash_reads_back_as_written():
+    assert restore.quote_setting("it's") == "'it''s'"
+    assert restore.quote_setting("C:\\wal") == "'C:\\\\wal'"
