@@ -40,18 +40,8 @@ class BtrfsStandby(object):
             chown_pg(subvolume)
         self.pgdata = os.path.join(self.subvolumes[1], "pgdata")
         self.ts1 = os.path.join(self.subvolumes[0], "ts1")
-        self.waldir = os.path.join(tb.run_dir, parent + "_standby_wal")
-        os.makedirs(self.waldir, mode=0o700)
-        chown_pg(self.waldir)
-        self.cluster = tb.new_cluster(parent + "_standby", pgdata=self.pgdata)
-        primary = tb.primary
-        sh([self.cluster.tool("pg_basebackup"), "-D", self.pgdata, "--waldir", self.waldir,
-            "-R", "-X", "stream", "-c", "fast", "-T", "%s=%s" % (primary.ts1_dir, self.ts1),
-            "-h", primary.socket_dir, "-p", str(primary.port), "-U", PG_USER],
-           user=PG_USER, timeout=600)
-        self.cluster.configure(port=self.cluster.port,
-                               unix_socket_directories="'%s'" % self.cluster.socket_dir)
-        self.cluster.start()
+        self.cluster = tb.make_standby(parent + "_standby", self.pgdata, self.ts1)
+        self.waldir = self.cluster.waldir
         self.wal_root = os.path.join(tb.run_dir, parent + "_restore_wal")
         self.clone_root = os.path.join(tb.btrfs.mountpoint, parent + "_clones")
         self.config = self.write_config(parent + "_restore.conf")

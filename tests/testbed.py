@@ -601,27 +601,33 @@ class Testbed(object):
     @property
     def standby(self):
         if self._standby is None:
-            primary = self.primary
             zfs = self.zfs
             for short in ("data01", "data02", "data03", "data04"):
                 dataset = zfs.create(short)
                 chown_pg(zfs.mountpoint(dataset))
             self.datasets = ["%s/data%02d" % (zfs.name, n) for n in (1, 2, 3, 4)]
             pgdata = os.path.join(zfs.mountpoint(zfs.name + "/data02"), "pgdata")
-            self.standby_wal = os.path.join(self.run_dir, "standby_wal")
-            os.makedirs(self.standby_wal, mode=0o700)
-            chown_pg(self.standby_wal)
             ts_dir = os.path.join(zfs.mountpoint(zfs.name + "/data01"), "ts1")
-            standby = self.new_cluster("standby", pgdata=pgdata)
-            sh([standby.tool("pg_basebackup"), "-D", pgdata, "--waldir", self.standby_wal,
-                "-R", "-X", "stream", "-c", "fast", "-T", "%s=%s" % (primary.ts1_dir, ts_dir),
-                "-h", primary.socket_dir, "-p", str(primary.port), "-U", PG_USER],
-               user=PG_USER, timeout=600)
-            standby.configure(port=standby.port,
-                              unix_socket_directories="'%s'" % standby.socket_dir)
-            standby.start()
-            self._standby = standby
+            self._standby = self.make_standby("standby", pgdata, ts_dir)
+            self.standby_wal = self._standby.waldir
         return self._standby
+
+    def make_standby(self, name, pgdata, ts1_dir):
+        """Start a streaming standby of the primary: PGDATA and tablespace ts1 where
+        given (on ZFS or btrfs), pg_wal in run_dir/NAME_wal (not on either)."""
+        primary = self.primary
+        waldir = os.path.join(self.run_dir, name + "_wal")
+        os.makedirs(waldir, mode=0o700)
+        chown_pg(waldir)
+        standby = self.new_cluster(name, pgdata=pgdata)
+        sh([standby.tool("pg_basebackup"), "-D", pgdata, "--waldir", waldir,
+            "-R", "-X", "stream", "-c", "fast", "-T", "%s=%s" % (primary.ts1_dir, ts1_dir),
+            "-h", primary.socket_dir, "-p", str(primary.port), "-U", PG_USER],
+           user=PG_USER, timeout=600)
+        standby.configure(port=standby.port, unix_socket_directories="'%s'" % standby.socket_dir)
+        standby.waldir = waldir
+        standby.start()
+        return standby
 
     def switch_wal(self):
         """Close the primary's current WAL file; return its name once both hosts have it."""
