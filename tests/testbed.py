@@ -505,6 +505,7 @@ class Testbed(object):
         self._nft_handles = {}
         self._zfs = self._btrfs = self._primary = self._standby = self._hosts = None
         self._teardowns = []
+        self._clusters = []
         self.client_key = os.path.join(self.run_dir, "client_key")
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.client_key])
         chown_pg(self.client_key)
@@ -570,7 +571,11 @@ class Testbed(object):
         """A Cluster object (not yet initialised) whose teardown is registered."""
         cluster = Cluster(name, pgdata or os.path.join(self.run_dir, name), self.pg_bindir,
                           self.run_dir, port)
-        self._teardowns.append(lambda: cluster.stop("immediate"))
+        return self.adopt(cluster)
+
+    def adopt(self, cluster):
+        """Stop cluster at teardown, before anything else goes."""
+        self._clusters.append(cluster)
         return cluster
 
     @property
@@ -723,12 +728,12 @@ class Testbed(object):
         if self._nft_handles or self._nft_table_exists():
             self._nft_handles.clear()
             sh(["nft", "delete", "table", "inet", self.nft_table], check=False)
-        # Clusters first (they pin datasets), then hosts, then pools.
-        steps = list(reversed(self._teardowns))
-        if self._zfs is not None:
-            # Whatever a test left running in the run directory (a restored
-            # clone's server, a prefetcher) must go before the pool can.
-            steps.insert(steps.index(self._zfs.teardown), self._reap_processes)
+        # Clusters first (they pin datasets), then whatever a test left running
+        # in the run directory (a restored clone's server, a prefetcher), then
+        # hosts and pools.
+        steps = [lambda c=cluster: c.stop("immediate") for cluster in reversed(self._clusters)]
+        steps.append(self._reap_processes)
+        steps += list(reversed(self._teardowns))
         for step in steps:
             try:
                 step()

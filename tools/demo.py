@@ -117,7 +117,7 @@ class Demo(object):
         self.standby = testbed.Cluster("guest", self.pgdata, bed.pg_bindir, bed.run_dir,
                                        port=self.port)
         self.standby.socket_dir = self.socket_dir
-        bed._teardowns.append(lambda: self.standby.stop("immediate"))
+        bed.adopt(self.standby)
         testbed.wait_for(lambda: self.standby.psql(
             "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'") == "1",
             60, "the standby to stream")
