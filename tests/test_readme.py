@@ -107,3 +107,26 @@ def test_readme_shows_exactly_the_two_setup_commands():
     text = open(README).read()
     assert re.findall(r"^    (make \w+)$", text, re.M) == ["make demo", "make test"]
     assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()
+
+
+def test_demo_keep_leaves_it_running_and_its_remove_line_removes_everything():
+    demo_py = os.path.join(REPO, "tools", "demo.py")
+    proc = subprocess.run([sys.executable, demo_py, "--keep"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=900)
+    remove = [line.split("remove it all: ", 1)[1] for line in proc.stdout.splitlines()
+              if "remove it all: " in line]
+    assert proc.returncode == 0 and remove, proc.stdout[-3000:]
+    run_dir = shlex.split(remove[0])[-1]
+    try:
+        standby = [line for line in proc.stdout.splitlines() if line.strip().startswith("standby: psql")]
+        words = shlex.split(standby[0].split("standby: ", 1)[1])
+        rows = subprocess.run(["runuser", "-u", "postgres", "--"] + words + ["-Atc",
+                              "SELECT count(*) > 0 FROM demo"], stdout=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+        assert rows.stdout.strip() == "t"
+    finally:
+        removed = subprocess.run(shlex.split(remove[0]), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert removed.returncode == 0, removed.stdout
+    assert not os.path.exists(run_dir)
+    assert run_dir not in open("/proc/mounts").read()

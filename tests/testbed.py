@@ -803,7 +803,11 @@ def remove_run_dir(run_dir):
     bed._reap_processes()
     sh(["nft", "delete", "table", "inet", bed.nft_table], check=False)
     if os.path.exists(ZFS_SOCKET):
-        sh(["zpool", "destroy", "-f", bed.pool_name], check=False, timeout=60)
+        for _ in range(50):      # right after the servers stop, the pool can be busy
+            proc = sh(["zpool", "destroy", "-f", bed.pool_name], check=False, timeout=60)
+            if proc.returncode == 0 or "no such pool" in proc.stderr:
+                break
+            time.sleep(0.2)
     with open("/proc/mounts") as mounts:
         for mountpoint in sorted((line.split()[1] for line in mounts
                                   if line.split()[1].startswith(bed.run_dir)), reverse=True):
