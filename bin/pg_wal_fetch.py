@@ -16,7 +16,9 @@ What it does, in order:
   1. Refuse any WALNAME that is not a segment (24 hex digits), a .partial
      segment, a TTTTTTTT.history or a .backup file, before anything runs.
   2. Deliver from the prefetch spool if a valid copy is there (no network).
-  3. Otherwise try each source: a quick probe (ping, tcp or none), then ONE
+  3. Otherwise try each source in order (one whose probe failed in the last
+     60 s goes last, never skipped: a dead host does not cost its probe
+     timeout on every file): a quick probe (ping, tcp or none), then ONE
      ssh command over a shared connection (ControlMaster) that finds the first
      NAME, NAME.gz, NAME.bz2 or NAME.xz under the source's directory glob and
      streams it. A local source (empty host) reads the glob directly.
@@ -94,6 +96,7 @@ SPOOL_LOCK = ".prefetch.lock"
 SPOOL_WANT = ".prefetch.want"
 SPOOL_LOG = ".prefetch.log"
 PREFETCH_LINGER = 2.0    # seconds an idle prefetcher waits for the next request
+DOWN_MEMO = 60.0         # seconds a source whose probe failed is tried last
 
 # ---------------------------------------------------------------------------
 # The helpers every pg_zfs script carries (config, logging, commands).
@@ -252,6 +255,17 @@ def wal_kind(wal_name):
 def parse_segment_name(wal_name):
     """(timeline, log id, segment within the log id) of a segment name."""
     return int(wal_name[0:8], 16), int(wal_name[8:16], 16), int(wal_name[16:24], 16)
+
+
+def source_order(sources, down_since, now, memo=DOWN_MEMO):
+    """The sources to try: config order, but those whose probe failed less than
+    memo seconds ago go last. Never skipped (a dead-looking host may hold the only
+    copy), but a dead host no longer costs its probe timeout before every file."""
+    def recently_down(source):
+        since = down_since.get(source.name)
+        return since is not None and 0 <= now - since < memo
+    return ([source for source in sources if not recently_down(source)]
+            + [source for source in sources if recently_down(source)])
 
 
 def following_segments(wal_name, seg_size, count):
@@ -793,6 +807,43 @@ def probe(source, deadline):
     return code == 0
 
 
+def down_memo(settings, source):
+    """The file in the private control dir whose mtime says when source's probe last
+    failed; None without a usable control dir or for an odd source name."""
+    if not settings.control_dir or not all(c.isalnum() or c in "._-" for c in source.name):
+        return None
+    return os.path.join(settings.control_dir, "down-" + source.name)
+
+
+def down_since(settings):
+    """{source name: time its probe last failed} for the sources with a memo."""
+    result = {}
+    for source in settings.sources:
+        path = down_memo(settings, source)
+        if path:
+            try:
+                result[source.name] = os.stat(path).st_mtime
+            except OSError:
+                pass
+    return result
+
+
+def reachable(source, settings, deadline):
+    """probe(source), remembered for the next calls (source_order puts it last)."""
+    up = probe(source, deadline)
+    path = down_memo(settings, source)
+    if path:
+        try:
+            if not up:
+                with open(path, "a"):
+                    os.utime(path, None)
+            elif os.path.exists(path):
+                os.unlink(path)
+        except OSError:
+            pass                         # only a hint: never fail a fetch over it
+    return up
+
+
 def prepare_control_dir(path):
     """path if it is a safe private directory for ssh's connection sockets, else None."""
     import stat
@@ -1054,10 +1105,10 @@ def prefetch_window(settings, want, cluster):
     for name in remove:
         remove_quietly(spool_file(settings, name))
     deadline = time.time() + settings.timeout
-    for source in settings.sources:
+    for source in source_order(settings.sources, down_since(settings), time.time()):
         if not missing:
             return
-        if not probe(source, deadline):
+        if not reachable(source, settings, deadline):
             log.info("[source %s] does not answer", source.name)
             continue
 
@@ -1095,7 +1146,7 @@ def fetch_command(args, config):
             return DELIVERED
     settings.control_dir = prepare_control_dir(settings.control_dir)
     outcomes = []
-    for source in settings.sources:
+    for source in source_order(settings.sources, down_since(settings), time.time()):
         outcome = fetch_from(source, settings, args, cluster, deadline)
         outcomes.append(outcome)
         if outcome == FOUND:
@@ -1113,7 +1164,7 @@ def fetch_command(args, config):
 
 def fetch_from(source, settings, args, cluster, deadline):
     """The outcome of asking one source for args.wal_name."""
-    if not probe(source, deadline):
+    if not reachable(source, settings, deadline):
         log.warning("[source %s] %s does not answer (probe = %s)", source.name, source.host, source.probe)
         return UNREACHABLE
 

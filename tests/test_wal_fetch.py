@@ -201,6 +201,35 @@ def test_dead_first_host_is_skipped_and_the_second_serves(wal, tb):
     assert elapsed < 10, "the dead host held the call %.1f s" % elapsed     # a bound, not a benchmark
 
 
+def test_a_dead_host_is_asked_last_while_it_stays_dead_and_first_again_once_back(wal, tb):
+    wal.configure(host1={"probe": "ping"}, host2={"probe": "ping"})
+    first, second, third = wal.segments[1], wal.segments[2], wal.segments[3]
+    host1, host2 = tb.hosts[0].address, tb.hosts[1].address
+    with tb.hosts[0].dead():
+        assert wal.run(first, "pg_wal/RECOVERYXLOG").returncode == 0
+        assert [c.split()[-1] for c in wal.commands() if c.startswith("ping")] == [host1, host2]
+        os.unlink(wal.shim_log)
+        os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+        proc = wal.run(second, "pg_wal/RECOVERYXLOG")
+        assert proc.returncode == 0, proc.stderr
+        assert wal.delivered() == wal.original(second)
+        # host2 served at once: host1 was not even probed.
+        assert [c.split()[-1] for c in wal.commands() if c.startswith("ping")] == [host2]
+    # Alive again but still marked: tried after host2, which lacks the file.
+    wal.replace(1, third, None)
+    os.unlink(wal.shim_log)
+    os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+    proc = wal.run(third, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered() == wal.original(third)
+    assert [c.split()[-1] for c in wal.commands() if c.startswith("ping")] == [host2, host1]
+    # Its probe answered: back at the head of the line.
+    os.unlink(wal.shim_log)
+    os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+    assert wal.run(first, "pg_wal/RECOVERYXLOG").returncode == 0
+    assert [c.split()[-1] for c in wal.commands() if c.startswith("ping")] == [host1]
+
+
 def test_second_host_serves_what_the_first_lacks(wal):
     name = wal.segments[2]
     wal.replace(0, name, None)

@@ -364,3 +364,18 @@ def test_the_time_limit_hit_after_delivery_does_not_fail_the_delivery(monkeypatc
         raise fetch.TimedOut()
     monkeypatch.setattr(fetch, "start_prefetch", times_out)
     fetch.after_delivery(None, fetch.Arguments(None, "000000010000000000000003", "x"), None)
+
+
+def test_a_source_whose_probe_failed_recently_is_tried_last_never_skipped():
+    class Source(object):
+        def __init__(self, name):
+            self.name = name
+    host1, host2, host3 = Source("host1"), Source("host2"), Source("host3")
+    sources = [host1, host2, host3]
+    assert fetch.source_order(sources, {}, 1000.0) == sources
+    assert fetch.source_order(sources, {"host1": 990.0}, 1000.0) == [host2, host3, host1]
+    # Long ago, or "in the future" after a clock change: back in config order.
+    assert fetch.source_order(sources, {"host1": 900.0}, 1000.0) == sources
+    assert fetch.source_order(sources, {"host1": 1100.0}, 1000.0) == sources
+    assert fetch.source_order(sources, {"host1": 995.0, "host2": 999.0}, 1000.0) == [
+        host3, host1, host2]
