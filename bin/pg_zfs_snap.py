@@ -1623,6 +1623,8 @@ def run_check(args):
         state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age)
     except Failure as failure:
         state, text, perf = 3, str(failure), "sets=0"
+    except Exception as error:      # a monitoring check says UNKNOWN, never a traceback
+        state, text, perf = 3, "internal error: %s: %s" % (type(error).__name__, error), "sets=0"
     print("PG_ZFS_SNAP %s - %s | %s" % (NAGIOS_STATES[state], text, perf))
     return state
 

@@ -495,3 +495,14 @@ def test_sets_of_another_config_on_the_same_pool_are_not_ours():
     sets = snap.group_sets(rows, "pgzfs")
     assert [one.name for one in snap.sets_of(sets, ["zp1/a01", "zp1/a02"])] == [
         "pgzfs_20261124T040100Z", "pgzfs_20261125T040100Z"]
+
+
+def test_check_says_unknown_not_a_traceback_on_an_unexpected_error(monkeypatch, capsys, tmp_path):
+    def broken(*args):
+        raise KeyError("pgzfs:set")
+    monkeypatch.setattr(snap, "Job", broken)
+    config = tmp_path / "pg_zfs.conf"
+    config.write_text("[postgres]\n")
+    args = snap.parse_args(["-c", str(config), "check"])
+    assert snap.run_check(args) == 3
+    assert capsys.readouterr().out.startswith("PG_ZFS_SNAP UNKNOWN - internal error: KeyError")
