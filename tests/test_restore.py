@@ -322,35 +322,46 @@ def test_list_shows_each_set_with_its_earliest_target(story):
         assert stop in line and " yes " in line
 
 
-def test_source_datasets_and_the_running_standby_are_untouched(story):
-    tb = story.tb
-    pgdata = tb.standby.pgdata
+def pgdata_fingerprint(pgdata):
+    """The standby's config files, recovery markers and links: what a restore never changes."""
+    files = {}
+    for name in ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "standby.signal",
+                 "PG_VERSION"):
+        path = os.path.join(pgdata, name)
+        files[name] = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
+    for name in ("backup_label", "recovery.signal", "tablespace_map"):
+        files[name] = os.path.exists(os.path.join(pgdata, name))
+    files["pg_wal"] = os.readlink(os.path.join(pgdata, "pg_wal"))
+    files["pg_tblspc"] = sorted(os.readlink(p) for p in glob.glob(os.path.join(pgdata, "pg_tblspc", "*")))
+    return files
 
-    def fingerprint():
-        files = {}
-        for name in ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "standby.signal",
-                     "PG_VERSION"):
-            path = os.path.join(pgdata, name)
-            files[name] = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
-        for name in ("backup_label", "recovery.signal", "tablespace_map"):
-            files[name] = os.path.exists(os.path.join(pgdata, name))
-        files["pg_wal"] = os.readlink(os.path.join(pgdata, "pg_wal"))
-        files["pg_tblspc"] = sorted(os.readlink(p) for p in glob.glob(os.path.join(pgdata, "pg_tblspc", "*")))
-        files["props"] = [props_of(tb, d + "@" + s) for d in tb.datasets for s in story.sets]
-        files["mountpoints"] = [tb.zfs.mountpoint(d) for d in tb.datasets]
-        return files
 
+def assert_a_promoted_restore_leaves_untouched(story, fingerprint, standby, note):
+    """Restore to the story's target and write in the copy: fingerprint() never changes,
+    and the standby stays in recovery and keeps streaming (note: a row to wait for)."""
     before = fingerprint()
     target = story.target_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     with restored(story, "--target-time", target, "--action", "promote") as copy:
         copy.psql("CREATE TABLE only_in_the_copy (x int)")
         assert fingerprint() == before
     assert fingerprint() == before
-    assert tb.standby.psql("SELECT pg_is_in_recovery()") == "t"
-    tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the restore')")
-    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = 'after the restore'") == "1",
+    assert standby.psql("SELECT pg_is_in_recovery()") == "t"
+    story.tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+    wait_for(lambda: standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
              30, "the standby to keep streaming")
-    assert tb.standby.psql("SELECT to_regclass('only_in_the_copy') IS NULL") == "t"
+    assert standby.psql("SELECT to_regclass('only_in_the_copy') IS NULL") == "t"
+
+
+def test_source_datasets_and_the_running_standby_are_untouched(story):
+    tb = story.tb
+
+    def fingerprint():
+        files = pgdata_fingerprint(tb.standby.pgdata)
+        files["props"] = [props_of(tb, d + "@" + s) for d in tb.datasets for s in story.sets]
+        files["mountpoints"] = [tb.zfs.mountpoint(d) for d in tb.datasets]
+        return files
+
+    assert_a_promoted_restore_leaves_untouched(story, fingerprint, tb.standby, "after the restore")
 
 
 def test_rollback_lists_later_snapshots_and_refuses_while_the_standby_runs(story):

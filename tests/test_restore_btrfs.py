@@ -20,7 +20,8 @@ import time
 import pytest
 
 from testbed import PG_USER, chown_pg, run_script, sh, wait_for
-from test_restore import COMMIT_SLACK, Story, assert_rows_up_to, pitr_story, restored
+from test_restore import (COMMIT_SLACK, Story, assert_a_promoted_restore_leaves_untouched,
+                          assert_rows_up_to, pgdata_fingerprint, pitr_story, restored)
 
 SCRIPT = "pg_zfs_restore"
 SHORTS = ("data01", "data02", "data03", "data04")
@@ -265,18 +266,10 @@ def test_btrfs_dry_run_prints_every_step_and_changes_nothing(story):
 
 
 def test_btrfs_source_subvolumes_and_the_running_standby_are_untouched(story):
-    tb, bt = story.tb, story.bt
-    pgdata = bt.pgdata
+    bt = story.bt
 
     def fingerprint():
-        files = {}
-        for name in ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "standby.signal", "PG_VERSION"):
-            path = os.path.join(pgdata, name)
-            files[name] = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
-        for name in ("backup_label", "recovery.signal", "tablespace_map"):
-            files[name] = os.path.exists(os.path.join(pgdata, name))
-        files["pg_wal"] = os.readlink(os.path.join(pgdata, "pg_wal"))
-        files["pg_tblspc"] = sorted(os.readlink(p) for p in glob.glob(os.path.join(pgdata, "pg_tblspc", "*")))
+        files = pgdata_fingerprint(bt.pgdata)
         files["parent"] = sorted(os.listdir(bt.parent))
         files["sets"] = sorted(e for e in os.listdir(bt.snapshot_dir) if e != "clones")
         files["metadata"] = [hashlib.sha256(open(p, "rb").read()).hexdigest()
@@ -284,17 +277,8 @@ def test_btrfs_source_subvolumes_and_the_running_standby_are_untouched(story):
         files["ro"] = [read_only(bt.snapshot_path(s, name)) for s in bt.subvolumes for name in story.sets]
         return files
 
-    before = fingerprint()
-    target = story.target_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    with restored(story, "--target-time", target, "--action", "promote") as copy:
-        copy.psql("CREATE TABLE only_in_the_copy (x int)")
-        assert fingerprint() == before
-    assert fingerprint() == before
-    assert bt.cluster.psql("SELECT pg_is_in_recovery()") == "t"
-    tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the btrfs restore')")
-    wait_for(lambda: bt.cluster.psql("SELECT count(*) FROM smoke WHERE note = 'after the btrfs restore'")
-             == "1", 30, "the standby to keep streaming")
-    assert bt.cluster.psql("SELECT to_regclass('only_in_the_copy') IS NULL") == "t"
+    assert_a_promoted_restore_leaves_untouched(story, fingerprint, bt.cluster,
+                                               "after the btrfs restore")
 
 
 # -- drill --------------------------------------------------------------------

@@ -113,6 +113,21 @@ def cleanup(tb):
 
 # -- taking a set ---------------------------------------------------------------
 
+
+def assert_started_at_its_name(name, start_time):
+    """A set named load_YYYYmmddTHHMMSSZ started within a minute of that time."""
+    named = calendar.timegm(time.strptime(name, "load_%Y%m%dT%H%M%SZ"))
+    started = calendar.timegm(time.strptime(start_time, "%Y-%m-%dT%H:%M:%SZ"))
+    assert 0 <= started - named < 60
+
+
+def assert_standby_backup_label(label_base64, name, start_lsn, start_wal):
+    """The stored label is the one a backup of the standby, labelled for set name, returns."""
+    label = base64.b64decode(label_base64).decode()
+    assert "BACKUP FROM: standby" in label
+    assert "LABEL: pg_zfs_snap %s under load" % name in label
+    assert "START WAL LOCATION: %s (file %s)" % (start_lsn, start_wal) in label
+
 def test_set_on_a_loaded_standby_is_self_describing(tb, tmp_path, cleanup):
     cleanup("load")
     cfg = config(tb, tmp_path, "load")
@@ -144,15 +159,10 @@ def test_set_on_a_loaded_standby_is_self_describing(tb, tmp_path, cleanup):
     assert re.match(r"^[0-9A-F]+/[0-9A-F]+$", props["pgzfs:stop_lsn"])
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", props["pgzfs:start_time"])
     assert props["pgzfs:start_time"] <= props["pgzfs:stop_time"]
-    named = calendar.timegm(time.strptime(name, "load_%Y%m%dT%H%M%SZ"))
-    started = calendar.timegm(time.strptime(props["pgzfs:start_time"], "%Y-%m-%dT%H:%M:%SZ"))
-    assert 0 <= started - named < 60
+    assert_started_at_its_name(name, props["pgzfs:start_time"])
 
-    label = base64.b64decode(props["pgzfs:backup_label"]).decode()
-    assert "BACKUP FROM: standby" in label
-    assert "LABEL: pg_zfs_snap %s under load" % name in label
-    assert "START WAL LOCATION: %s (file %s)" % (props["pgzfs:start_lsn"],
-                                                 props["pgzfs:start_wal"]) in label
+    assert_standby_backup_label(props["pgzfs:backup_label"], name, props["pgzfs:start_lsn"],
+                                props["pgzfs:start_wal"])
     assert int(props["pgzfs:timeline"]) == int(props["pgzfs:start_wal"][:8], 16)
     tablespace_map = base64.b64decode(props["pgzfs:tablespace_map"]).decode()
     assert tb.zfs.mountpoint(tb.zfs.name + "/data01") + "/ts1" in tablespace_map

@@ -8,17 +8,16 @@ MOUNT/.pgzfs/NAME@SET with its metadata in NAME@SET.json beside it.
 """
 
 import base64
-import calendar
 import json
 import os
 import re
 import subprocess
-import time
 
 import pytest
 
 from testbed import BIN, PG_USER, PY36, chown_pg, run_script, sh
-from test_snap import NAGIOS_LINE, insert_load, no_snap_session_left, standby_stopped
+from test_snap import (NAGIOS_LINE, assert_standby_backup_label, assert_started_at_its_name,
+                       insert_load, no_snap_session_left, standby_stopped)
 
 SCRIPT = "pg_zfs_snap"
 SHORTS = ("bt_data01", "bt_data02", "bt_data03", "bt_data04")
@@ -158,13 +157,8 @@ def test_btrfs_set_on_a_loaded_standby_is_read_only_snapshots_with_json_metadata
     assert props["system_identifier"] == bt.psql("SELECT system_identifier FROM pg_control_system()")
     assert lsn(props["start_lsn"]) <= lsn(props["stop_lsn"])
     assert props["start_time"] <= props["stop_time"]
-    named = calendar.timegm(time.strptime(name, "load_%Y%m%dT%H%M%SZ"))
-    started = calendar.timegm(time.strptime(props["start_time"], "%Y-%m-%dT%H:%M:%SZ"))
-    assert 0 <= started - named < 60
-    label = base64.b64decode(props["backup_label"]).decode()
-    assert "BACKUP FROM: standby" in label
-    assert "LABEL: pg_zfs_snap %s under load" % name in label
-    assert "START WAL LOCATION: %s (file %s)" % (props["start_lsn"], props["start_wal"]) in label
+    assert_started_at_its_name(name, props["start_time"])
+    assert_standby_backup_label(props["backup_label"], name, props["start_lsn"], props["start_wal"])
     assert bt.ts1 in base64.b64decode(props["tablespace_map"]).decode()
     assert no_snap_session_left(tb, bt.cluster)
 

@@ -325,8 +325,9 @@ def test_history_file_is_delivered(wal):
     assert wal.delivered("RECOVERYHISTORY") == history
 
 
-def test_kill_9_mid_transfer_leaves_nothing_in_the_wal_directory(wal):
-    # Stall the stream after 4 MB so the fetch is certainly mid-transfer.
+def signalled_mid_transfer(wal, signum):
+    """Fetch a segment whose stream stalls after 4 MB (certainly mid-transfer), send
+    signum to the fetching Python, and return (process, its stderr)."""
     marker = os.path.join(wal.root, "stalled")
     with open(os.path.join(wal.shim, "ssh"), "w") as out:
         out.write('#!/bin/sh\n/usr/bin/ssh "$@" | { head -c 4000000; touch %s; sleep 5; }\n' % marker)
@@ -334,29 +335,22 @@ def test_kill_9_mid_transfer_leaves_nothing_in_the_wal_directory(wal):
     try:
         wait_for(lambda: os.path.exists(marker), 30, "the stalled transfer")
         time.sleep(0.3)
-        os.kill(python_child(proc.pid), signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert os.listdir(wal.pg_wal) == []
-
-
-def test_sigterm_mid_transfer_cleans_up_and_ends_by_sigterm(wal):
-    marker = os.path.join(wal.root, "stalled")
-    with open(os.path.join(wal.shim, "ssh"), "w") as out:
-        out.write('#!/bin/sh\n/usr/bin/ssh "$@" | { head -c 4000000; touch %s; sleep 5; }\n' % marker)
-    # A file system without O_TMPFILE would use a named temporary file: both must vanish.
-    proc = wal.popen(wal.segments[5], "pg_wal/RECOVERYXLOG")
-    try:
-        wait_for(lambda: os.path.exists(marker), 30, "the stalled transfer")
-        time.sleep(0.3)
-        python = python_child(proc.pid)
-        os.kill(python, signal.SIGTERM)
+        os.kill(python_child(proc.pid), signum)
         _out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, err
+
+
+def test_kill_9_mid_transfer_leaves_nothing_in_the_wal_directory(wal):
+    signalled_mid_transfer(wal, signal.SIGKILL)
+    assert os.listdir(wal.pg_wal) == []
+
+
+def test_sigterm_mid_transfer_cleans_up_and_ends_by_sigterm(wal):
+    # A file system without O_TMPFILE would use a named temporary file: both must vanish.
+    proc, err = signalled_mid_transfer(wal, signal.SIGTERM)
     assert "stopped by signal 15" in err
     assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)   # runuser passes the signal on
     assert os.listdir(wal.pg_wal) == []
