@@ -148,10 +148,19 @@ class Config(object):
     def load(cls, path):
         parser = configparser.ConfigParser(interpolation=None)
         try:
-            with open(path) as config_file:
-                parser.read_file(config_file)
+            with open(path, "rb") as config_file:
+                raw = config_file.read()
         except (OSError, IOError) as error:
             raise Failure("%s: cannot read config file: %s" % (path, error.strerror or error), 2)
+        # UTF-8 whatever the locale: cron, systemd and a postmaster started
+        # without LANG run us under C, where open() would read ASCII only.
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise Failure("%s: line %d is not UTF-8 text (byte 0x%02X); save the file as UTF-8"
+                          % (path, raw.count(b"\n", 0, error.start) + 1, raw[error.start]), 2)
+        try:
+            parser.read_string(text, path)
         except configparser.Error as error:
             raise Failure("%s: %s" % (path, " ".join(str(error).split())), 2)
         return cls(path, parser)

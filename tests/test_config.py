@@ -92,3 +92,48 @@ def test_config_path_prefers_option_then_environment_then_default(script, monkey
     assert script.config_path(None) == "/env.conf"
     monkeypatch.delenv("PG_ZFS_CONFIG")
     assert script.config_path(None) == "/etc/pg_zfs/pg_zfs.conf"
+
+
+C_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+            "PYTHONIOENCODING": ""}
+LOAD = ("import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('s', sys.argv[1])\n"
+        "script = importlib.util.module_from_spec(spec); spec.loader.exec_module(script)\n"
+        "try:\n"
+        "    config = script.Config.load(sys.argv[2])\n"
+        "    print(config.str('source host25', 'host'))\n"
+        "except script.Failure as failure:\n"
+        "    print(failure); sys.exit(failure.code)\n")
+
+
+def load_in_c_locale(script_name, path):
+    """Config.load of bin/SCRIPT.py in a process under the C locale, as cron and a
+    postmaster started without LANG run it (Python 3.6 when pyenv has it: no locale coercion)."""
+    import subprocess
+    import sys
+    from testbed import PY36
+    python = PY36 if os.path.exists(PY36) else sys.executable
+    env = dict((k, v) for k, v in os.environ.items() if not k.startswith("LC_") and k != "LANG")
+    env.update(C_LOCALE)
+    return subprocess.run([python, "-c", LOAD, os.path.join(BIN, script_name + ".py"), path],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          env=env, timeout=60)
+
+
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_a_utf8_comment_is_read_under_the_c_locale(script_name, tmp_path):
+    path = tmp_path / "pg_zfs.conf"
+    path.write_bytes(u"# Gérard's archive host, maintained by Jürgen\n"
+                     u"[source host25]\nhost = 172.16.18.25\n".encode("utf-8"))
+    done = load_in_c_locale(script_name, str(path))
+    assert (done.returncode, done.stdout.strip()) == (0, "172.16.18.25"), done.stderr
+
+
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_a_byte_that_is_not_utf8_is_one_line_naming_file_and_line(script_name, tmp_path):
+    path = tmp_path / "pg_zfs.conf"
+    path.write_bytes(b"[source host25]\n# G\xe9rard (latin-1)\nhost = 172.16.18.25\n")
+    done = load_in_c_locale(script_name, str(path))
+    assert done.returncode == 2
+    assert done.stdout.strip() == ("%s: line 2 is not UTF-8 text (byte 0xE9); save the file as UTF-8"
+                                   % path)
