@@ -55,11 +55,16 @@ Commands:
     cleanup NAME|--all   stop the server running on clones made by this tool and
                          destroy them (NAME: a set name or one of its clones)
     rollback --set NAME [--force]
-                         roll the live datasets back to a set IN PLACE (zfs
-                         rollback -r) and write its backup_label into PGDATA, for
-                         when the standby itself must go back. Lists every later
-                         snapshot that is destroyed with it; refuses while
-                         PostgreSQL runs on the datasets, and without --force.
+                         roll the live datasets back to a set IN PLACE and write
+                         its backup_label into PGDATA, for when the standby
+                         itself must go back. Lists every later snapshot (in
+                         ZFS's own creation order) that is destroyed with it,
+                         destroys exactly those, then runs zfs rollback without
+                         -r, so nothing unlisted can go. Refuses, changing
+                         nothing, when a later snapshot is not a set of this
+                         config stamped after the set (a snapshot made by hand,
+                         another cluster's set), while PostgreSQL runs on the
+                         datasets, and without --force.
                          btrfs: see below; later sets are listed and KEPT.
 
 What a restore does, in order (each step is timed and reported):
@@ -984,15 +989,33 @@ def format_timings(timings):
     return "%s; total %.2fs" % (", ".join(parts) or "no step", sum(s for _, s in timings))
 
 
-def later_snapshots(rows, snapshot):
-    """Snapshots of snapshot's dataset taken after it (rows: (name, createtxg) in order;
-    btrfs: (id, the UTC stamp at the end of the set name))."""
+def later_snapshots(order, snapshot):
+    """The snapshots of snapshot's dataset that come after it in order.
+
+    order: snapshot ids, oldest first. ZFS: its own creation order (`zfs list
+    -s createtxg` sorts by the exact number; we never read the number, which
+    zfs-fuse prints as 1.41K past 1000); btrfs: by the UTC stamp of the set name.
+    """
     dataset = snapshot.rpartition("@")[0]
-    own = [(txg, name) for name, txg in rows if name.rpartition("@")[0] == dataset]
-    txgs = [txg for txg, name in own if name == snapshot]
-    if not txgs:
+    own = [name for name in order if name.rpartition("@")[0] == dataset]
+    if snapshot not in own:
         raise Failure("snapshot %s does not exist" % snapshot, 1)
-    return [name for txg, name in sorted(own) if txg > txgs[0]]
+    return own[own.index(snapshot) + 1:]
+
+
+def not_later_sets(later, snapshot_set, sets):
+    """Those of later that are not a snapshot of one of sets stamped after snapshot_set.
+
+    The stamp is the UTC time we wrote into the set name: a rollback that
+    would destroy anything else (a snapshot made by hand, another tool's, a set
+    of another config) is refused, whatever ZFS's own order says.
+    """
+    stamp = snapshot_stamp("@" + snapshot_set.name)
+    ours = set()
+    for one in sets:
+        if stamp and snapshot_stamp("@" + one.name) > stamp:
+            ours.update(one.snapshot(dataset) for dataset in one.present)
+    return [name for name in later if name not in ours]
 
 
 # -- btrfs: where snapshots, clones and their markers live (DEVELOPERS.md) ------
@@ -1117,7 +1140,7 @@ class Zfs(object):
 
     unreadable = ()                 # snapshots without readable metadata: none on ZFS
     later_verb = "destroys"         # what `rollback` does to later snapshots
-    clones_pin_snapshots = True     # a later snapshot with a clone blocks zfs rollback -r
+    clones_pin_snapshots = True     # a later snapshot with a clone cannot be destroyed
 
     def clone_path(self, dataset, kind, set_name, mount_root, explicit):
         """(clone dataset, its mountpoint)."""
@@ -1135,9 +1158,20 @@ class Zfs(object):
     def describe_destroy(self, clone):
         return "zfs destroy %s" % clone
 
-    def rollback_set(self, snapshot_set):
+    def rollback_set(self, snapshot_set, later):
+        """Destroy exactly the later snapshots listed, then `zfs rollback` WITHOUT -r:
+        should anything newer have appeared meanwhile, zfs refuses instead of destroying it."""
+        for snapshot in later:
+            self._run("destroy", snapshot)
+            print("destroyed %s" % snapshot)
+        done = []
         for dataset in snapshot_set.datasets:
-            self.rollback(snapshot_set.snapshot(dataset))
+            code, _, err = self._run("rollback", snapshot_set.snapshot(dataset), check=False)
+            if code != 0:
+                raise Failure("zfs rollback %s failed: %s; rolled back so far: %s" % (
+                    snapshot_set.snapshot(dataset), (err.strip().splitlines() or ["?"])[-1],
+                    " ".join(done) or "none"), 1)
+            done.append(dataset)
             print("rolled back %s" % snapshot_set.snapshot(dataset))
 
     def __init__(self, program="zfs"):
@@ -1189,15 +1223,15 @@ class Zfs(object):
         return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
     def snapshots_in_order(self, dataset):
-        """[(snapshot, createtxg)] of dataset, oldest first."""
-        _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", "name,createtxg",
-                              "-s", "createtxg", "-r", dataset)
-        rows = []
-        for line in out.splitlines():
-            name, _, txg = line.partition("\t")
-            if txg.strip().isdigit():
-                rows.append((name, int(txg)))
-        return rows
+        """Snapshot names of dataset in ZFS's creation order, oldest first.
+
+        zfs sorts by the exact createtxg; the number itself is never read
+        (zfs-fuse has no -p and prints 1.41K past txg 1000).
+        """
+        _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", "name", "-s", "createtxg",
+                              "-r", dataset)
+        return [line.strip() for line in out.splitlines()
+                if line.strip().rpartition("@")[0] == dataset]
 
     def clone(self, snapshot, clone, mountpoint, set_name):
         self._run("clone", "-o", "mountpoint=" + mountpoint, "-o", "%s=%s" % (CLONE_OF, set_name),
@@ -1214,9 +1248,6 @@ class Zfs(object):
             if "busy" not in err or attempt == BUSY_RETRIES - 1:
                 raise Failure("zfs destroy %s: %s" % (dataset, err.strip()), 1)
             time.sleep(BUSY_SLEEP)
-
-    def rollback(self, snapshot):
-        self._run("rollback", "-r", snapshot)
 
 
 class Btrfs(object):
@@ -1311,9 +1342,8 @@ class Btrfs(object):
         return dict((subvolume, subvolume) for subvolume in subvolumes)
 
     def snapshots_in_order(self, subvolume):
-        """[(snapshot id, stamp of its set name)], oldest first."""
-        return sorted(((snapshot, snapshot_stamp(snapshot)) for snapshot in self._snapshot_ids(subvolume)),
-                      key=lambda row: (row[1], row[0]))
+        """Snapshot ids of subvolume, oldest first by the stamp of their set name."""
+        return sorted(self._snapshot_ids(subvolume), key=lambda snapshot: (snapshot_stamp(snapshot), snapshot))
 
     def clone_path(self, subvolume, kind, set_name, mount_root, explicit):
         """(clone path, the same path): ROOT/NAME_KIND_SET, ROOT from btrfs_clone_root."""
@@ -1368,13 +1398,13 @@ class Btrfs(object):
             if fs["name"] == os.path.normpath(clone):
                 remove_file(fs["marker"])
 
-    def rollback_set(self, snapshot_set):
+    def rollback_set(self, snapshot_set, later):
         """Replace each subvolume by a writable snapshot of the set, all or none.
 
         Every NAME_rollback_SET is made first; then, subvolume by subvolume,
         PARENT/NAME is renamed to NAME_before_rollback_STAMP and the new one
         renamed to PARENT/NAME. The old subvolumes are kept (printed) for the
-        operator to delete; the sets in PARENT/.pgzfs are not touched.
+        operator to delete; the sets in PARENT/.pgzfs (later among them) are not touched.
         """
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         moves = []
@@ -2258,7 +2288,8 @@ def stop_servers_on(mountpoints, config, snapshot_set):
 def cmd_rollback(config, args):
     """Roll the live datasets back to a set in place; only with --force, never under a server."""
     zfs, pools = backend_of(config)
-    named = [s for s in load_sets(zfs, pools) if s.name == args.set]
+    sets = load_sets(zfs, pools)
+    named = [s for s in sets if s.name == args.set]
     if not named:
         raise Failure("no snapshot set named %s in the pool" % args.set, 1)
     snapshot_set = named[0]
@@ -2278,6 +2309,11 @@ def cmd_rollback(config, args):
                                                              ":" if later else ""))
     for snapshot in later:
         print("  %s" % snapshot)
+    strangers = not_later_sets(later, snapshot_set, sets) if zfs.later_verb == "destroys" else []
+    if strangers:
+        raise Failure("rollback to set %s would destroy %s, which is not a set of this config stamped "
+                      "after it: refused; move it away (zfs rename) or destroy it yourself first"
+                      % (args.set, " ".join(strangers)), 1)
     dependants = [fs["name"] for fs in zfs.filesystems(pools)
                   if fs["origin"] in later and zfs.clones_pin_snapshots]
     if dependants:
@@ -2293,7 +2329,7 @@ def cmd_rollback(config, args):
                       % running[0], 1)
     if not args.force:
         raise Failure("refusing to roll back without --force", 1)
-    zfs.rollback_set(snapshot_set)
+    zfs.rollback_set(snapshot_set, later)
     live_pgdata = os.path.normpath(os.path.join(mountpoints[snapshot_set.get("pgdata_dataset")],
                                                 snapshot_set.get("pgdata_rel")))
     owner = owner_of(config.str("postgres", "user", "postgres"))

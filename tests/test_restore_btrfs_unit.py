@@ -93,9 +93,7 @@ def test_clones_by_set_leaves_out_markers_whose_clone_is_gone():
 
 
 def test_later_btrfs_snapshots_are_ordered_by_the_stamp_of_their_set_name():
-    rows = [("/srv/bt/d@p_20261125T040100Z", "20261125T040100Z"),
-            ("/srv/bt/d@q_20261125T050000Z", "20261125T050000Z"),
-            ("/srv/bt/d@p_20261125T060100Z", "20261125T060100Z")]
+    rows = ["/srv/bt/d@p_20261125T040100Z", "/srv/bt/d@q_20261125T050000Z", "/srv/bt/d@p_20261125T060100Z"]
     assert restore.snapshot_stamp("/srv/bt/d@p_20261125T040100Z") == "20261125T040100Z"
     assert restore.snapshot_stamp("/srv/bt/d@handmade") == ""
     assert restore.later_snapshots(rows, "/srv/bt/d@p_20261125T040100Z") == [

@@ -352,12 +352,24 @@ def test_cleanup_takes_only_clones_this_tool_made():
     assert not restore.is_our_clone({"name": "tank/data02", "origin": None, "clone_of": None})
 
 
-def test_later_snapshots_are_those_of_the_same_dataset_with_a_higher_txg():
-    rows = [("p/d1@a", 10), ("p/d1@b", 20), ("p/d1/child@c", 25), ("p/d1@c", 30)]
-    assert restore.later_snapshots(rows, "p/d1@b") == ["p/d1@c"]
-    assert restore.later_snapshots(rows, "p/d1@c") == []
+def test_later_snapshots_follow_zfs_order_of_names_and_never_read_a_number():
+    # zfs list -s createtxg -o name: the order is zfs's, exact past txg 1000 (1.41K).
+    order = ["p/d1@a", "p/d1@b", "p/d1/child@c", "p/d1@c"]
+    assert restore.later_snapshots(order, "p/d1@b") == ["p/d1@c"]
+    assert restore.later_snapshots(order, "p/d1@a") == ["p/d1@b", "p/d1@c"]
+    assert restore.later_snapshots(order, "p/d1@c") == []
     with pytest.raises(restore.Failure):
-        restore.later_snapshots(rows, "p/d1@zz")
+        restore.later_snapshots(order, "p/d1@zz")
+
+
+def test_a_later_snapshot_that_is_no_later_set_of_ours_is_named_for_refusal():
+    first, second = SETS[0], SETS[1]
+    later = ["p/d1@pgzfs_20261125T050100Z", "p/d1@by_hand", "p/d1@pgzfs_20261125T060100Z"]
+    assert restore.not_later_sets(later, first, SETS) == ["p/d1@by_hand"]
+    # Stamped before the set although zfs made it after (a clock that went back): not ours to drop.
+    assert restore.not_later_sets(["p/d1@pgzfs_20261125T040100Z"], second, SETS) == [
+        "p/d1@pgzfs_20261125T040100Z"]
+    assert restore.not_later_sets([], first, SETS) == []
 
 
 # -- the recovering server -----------------------------------------------------------
