@@ -124,7 +124,11 @@ btrfs ([snapshot] backend = btrfs; layout in DEVELOPERS.md, "btrfs layout"):
 
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [postgres] pgdata, bindir, user, dbname, port
-    [snapshot] backend (zfs or btrfs), datasets (btrfs: subvolume paths)
+    [snapshot] backend (zfs or btrfs), datasets (btrfs: subvolume paths), prefix
+               (default pgzfs). Only this config's sets are listed, restored,
+               drilled, cleaned up or rolled back to: named PREFIX_YYYYmmddTHHMMSSZ
+               and taken of one of these datasets, as pg_zfs_snap.py counts them;
+               another cluster's sets on the same pool are not looked at.
     [restore]  mount_root, wal_root, port_start, timeout
     (pg_wal_fetch.py, run by the restored copy, reads [archive] and [source *])
 
@@ -179,6 +183,8 @@ BTRFS_SUBVOLUME_INODE = 256     # the root directory of every btrfs subvolume
 BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
 BTRFS_TIMEOUT = 120
 SET_STAMP_RE = re.compile(r"(\d{8}T\d{6}Z)$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")    # as pg_zfs_snap.py
+DEFAULT_PREFIX = "pgzfs"
 
 DEFAULT_MOUNT_ROOT = "/var/lib/pg_zfs/restore"
 DEFAULT_WAL_ROOT = "/var/lib/pg_zfs/restore-wal"
@@ -554,6 +560,29 @@ def group_sets(rows):
         sets.append(SnapshotSet(name, main, present, complete))
     sets.sort(key=lambda s: (s.get("start_time", ""), s.name))
     return sets
+
+
+def is_set_name(name, prefix):
+    """True for PREFIX_YYYYmmddTHHMMSSZ, the name pg_zfs_snap.py gives this config's sets."""
+    head = prefix + "_"
+    return name.startswith(head) and re.match(r"^\d{8}T\d{6}Z$", name[len(head):]) is not None
+
+
+def sets_of_config(sets, prefix, datasets):
+    """The sets of this config: named PREFIX_STAMP and taken of one of its datasets.
+
+    Another cluster's sets on the same pool (another prefix, or the same
+    prefix on other datasets) are never listed, chosen, drilled or cleaned up
+    (pg_zfs_snap.py's rule).
+    """
+    ours = set(datasets)
+    return [one for one in sets if is_set_name(one.name, prefix) and ours & set(one.datasets)]
+
+
+def clone_of_config(fs, prefix, datasets):
+    """True for a clone (is_our_clone) of a snapshot of one of datasets, of a set named PREFIX_STAMP."""
+    return bool(is_our_clone(fs) and fs["origin"].rpartition("@")[0] in datasets
+                and is_set_name(fs["clone_of"], prefix))
 
 
 def set_problems(snapshot_set):
@@ -1720,6 +1749,15 @@ def backend_of(config):
     return Zfs(), sorted(set(dataset.split("/")[0] for dataset in datasets))
 
 
+def scope_of(config):
+    """(prefix, datasets) of this config: the sets that are ours ([snapshot] prefix, datasets)."""
+    prefix = config.str("snapshot", "prefix", DEFAULT_PREFIX)
+    if not PREFIX_RE.match(prefix):
+        raise config.error("snapshot", "prefix", "%r is not a snapshot name prefix (letters, digits, _ . : -)"
+                           % prefix)
+    return prefix, config.list("snapshot", "datasets")
+
+
 def restore_options(config):
     """The [restore] keys, checked."""
     options = {}
@@ -2061,8 +2099,10 @@ class Restorer(object):
 # Commands
 # ---------------------------------------------------------------------------
 
-def load_sets(zfs, pools):
-    return group_sets(zfs.snapshot_rows(pools))
+def load_sets(zfs, pools, config):
+    """This config's sets in the pool (scope_of), oldest first."""
+    prefix, datasets = scope_of(config)
+    return sets_of_config(group_sets(zfs.snapshot_rows(pools)), prefix, datasets)
 
 
 def clones_by_set(filesystems):
@@ -2076,13 +2116,14 @@ def clones_by_set(filesystems):
 
 def cmd_list(config, args):
     zfs, pools = backend_of(config)
-    sets = load_sets(zfs, pools)
+    sets = load_sets(zfs, pools, config)
     filesystems = zfs.filesystems(pools)
     for fs in filesystems:
         if not fs.get("exists", True):
             log.warning("clone marker %s: its clone %s is gone (remove the marker with `%s.py "
                         "cleanup %s`)", fs["marker"], fs["name"], PROG, fs["clone_of"])
-    clones = clones_by_set(filesystems)
+    clones = clones_by_set([fs for fs in filesystems
+                            if (fs["origin"] or "").rpartition("@")[0] in scope_of(config)[1]])
     summaries = [set_summary(s, clones.get(s.name, [])) for s in sets]
     if args.json:
         print(json.dumps(summaries, indent=2, sort_keys=True))
@@ -2095,7 +2136,8 @@ def cmd_list(config, args):
             summary["stop_lsn"] or "-", summary["timeline"] or "-", summary["pg_version"] or "-",
             "yes" if summary["complete"] and not summary["problems"] else "NO",
             " ".join(summary["clones"]) or "-"))
-    for snapshot, why in zfs.unreadable:
+    prefix = scope_of(config)[0]
+    for snapshot, why in [(s, w) for s, w in zfs.unreadable if is_set_name(s.rpartition("@")[2], prefix)]:
         log.warning("%s has no readable metadata (%s): not a backup", snapshot, why)
         print("NO-METADATA %s: not a backup (%s)" % (snapshot, why))
     return 0
@@ -2122,7 +2164,7 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
             timeline = parse_timeline(args.timeline)
         except ValueError as error:
             raise Failure(str(error), 2)
-    snapshot_set = choose_set(load_sets(zfs, pools), target, args.set, timeline)
+    snapshot_set = choose_set(load_sets(zfs, pools, config), target, args.set, timeline)
     log.info("set %s (stop %s, LSN %s) serves target %s", snapshot_set.name,
              snapshot_set.get("stop_time"), snapshot_set.get("stop_lsn"), target)
     options = restore_options(config)
@@ -2236,7 +2278,8 @@ def cmd_drill(config, args):
 def cmd_cleanup(config, args):
     """Stop servers on our clones and destroy them, with their work directories."""
     zfs, pools = backend_of(config)
-    ours = [fs for fs in zfs.filesystems(pools) if is_our_clone(fs)]
+    prefix, datasets = scope_of(config)
+    ours = [fs for fs in zfs.filesystems(pools) if clone_of_config(fs, prefix, datasets)]
     if args.all:
         chosen = ours
     else:
@@ -2248,7 +2291,7 @@ def cmd_cleanup(config, args):
     if not chosen:
         print("no clones made by %s" % PROG)
         return 0
-    sets = dict((s.name, s) for s in load_sets(zfs, pools))
+    sets = dict((s.name, s) for s in load_sets(zfs, pools, config))
     options = restore_options(config)
     groups = {}
     for fs in chosen:
@@ -2288,7 +2331,7 @@ def stop_servers_on(mountpoints, config, snapshot_set):
 def cmd_rollback(config, args):
     """Roll the live datasets back to a set in place; only with --force, never under a server."""
     zfs, pools = backend_of(config)
-    sets = load_sets(zfs, pools)
+    sets = load_sets(zfs, pools, config)
     named = [s for s in sets if s.name == args.set]
     if not named:
         raise Failure("no snapshot set named %s in the pool" % args.set, 1)

@@ -408,3 +408,47 @@ def test_drill_fails_with_exit_2_when_the_set_has_lost_its_backup_label(story):
         assert our_clones(tb) == []
     finally:
         tb.zfs.run("set", "pgzfs:backup_label=" + label, snapshot)
+
+
+# -- another cluster's sets on the same pool ------------------------------------
+
+@pytest.fixture
+def other_cluster(story):
+    """Newer sets of other configs on the story's pool: the same prefix on other datasets,
+    another prefix on the story's own datasets; and a clone of one, as its restore made it."""
+    from test_restore_rollback import Own, hand_made_set
+    tb = story.tb
+    other = Own(tb, "oc")
+    other.names = [other.take_set("20991125T040100Z", prefix="pgzfs"),
+                   hand_made_set(tb, tb.datasets, "other_20991125T050100Z")]
+    other.clone = "%s_restore_%s" % (other.datasets[1], other.names[0])
+    tb.zfs.run("clone", "-o", "pgzfs:clone_of=" + other.names[0], "-o",
+               "mountpoint=" + os.path.join(tb.run_dir, "oc_mnt", "clone"),
+               "%s@%s" % (other.datasets[1], other.names[0]), other.clone)
+    try:
+        yield other
+    finally:
+        if tb.zfs.exists(other.clone):
+            tb.zfs.destroy(other.clone)
+        for dataset in tb.datasets:
+            tb.zfs.destroy("%s@%s" % (dataset, other.names[1]))
+        other.remove()
+
+
+def test_another_configs_newer_sets_are_never_listed_chosen_drilled_or_cleaned_up(story, other_cluster):
+    tb = story.tb
+    names = [s["name"] for s in json.loads(restore_script(story.config, "list", "--json").stdout)]
+    assert story.sets[1] == names[-1] and not set(other_cluster.names) & set(names)
+
+    proc = restore_script(story.config, "restore", "--latest", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "set %s " % story.sets[1] in proc.stderr and "20991125" not in proc.stdout + proc.stderr
+
+    proc = restore_script(story.config, "drill")
+    assert proc.returncode == 0 and proc.stdout.startswith("OK: drill of set %s " % story.sets[1]), proc.stdout
+
+    proc = restore_script(story.config, "cleanup", "--all")
+    assert proc.returncode == 0, proc.stderr
+    assert tb.zfs.exists(other_cluster.clone)
+    assert our_clones(tb) == [other_cluster.clone]
+

@@ -20,6 +20,24 @@ PREFIX = "rbk"
 TAGS = itertools.count(1)
 
 
+def hand_made_set(tb, datasets, name):
+    """A complete shutdown-mode set NAME (PREFIX_YYYYmmddTHHMMSSZ) of datasets, the last
+    one holding PGDATA, with the pgzfs: properties pg_zfs_snap.py writes."""
+    stamp = name.rpartition("_")[2]
+    iso = re.sub(r"^(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z$", r"\1-\2-\3T\4:\5:\6Z", stamp)
+    props = {"version": "0.1.0", "set": name, "datasets": " ".join(datasets),
+             "pgdata_dataset": datasets[-1], "pgdata_rel": "pgdata", "mode": "shutdown",
+             "start_lsn": "0/3000028", "start_wal": "000000010000000000000003", "timeline": "1",
+             "start_time": iso, "stop_time": iso, "pg_version": tb.pg_version,
+             "system_identifier": "7000000000000000001", "stop_lsn": "0/3000028"}
+    for dataset in datasets:
+        argv = ["snapshot"]
+        for key, value in sorted(props.items()):
+            argv += ["-o", "pgzfs:%s=%s" % (key, value)]
+        tb.zfs.run(*(argv + ["%s@%s" % (dataset, name)]))
+    return name
+
+
 class Own(object):
     """Two datasets of the test's own, a PGDATA on the second, a config for them."""
 
@@ -39,19 +57,7 @@ class Own(object):
 
     def take_set(self, stamp, prefix=PREFIX):
         """A complete shutdown-mode set PREFIX_STAMP of both datasets (PGDATA's last)."""
-        name = "%s_%s" % (prefix, stamp)
-        iso = re.sub(r"^(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z$", r"\1-\2-\3T\4:\5:\6Z", stamp)
-        props = {"version": "0.1.0", "set": name, "datasets": " ".join(self.datasets),
-                 "pgdata_dataset": self.datasets[1], "pgdata_rel": "pgdata", "mode": "shutdown",
-                 "start_lsn": "0/3000028", "start_wal": "000000010000000000000003", "timeline": "1",
-                 "start_time": iso, "stop_time": iso, "pg_version": self.tb.pg_version,
-                 "system_identifier": "7000000000000000001", "stop_lsn": "0/3000028"}
-        for dataset in self.datasets:
-            argv = ["snapshot"]
-            for key, value in sorted(props.items()):
-                argv += ["-o", "pgzfs:%s=%s" % (key, value)]
-            self.tb.zfs.run(*(argv + ["%s@%s" % (dataset, name)]))
-        return name
+        return hand_made_set(self.tb, self.datasets, "%s_%s" % (prefix, stamp))
 
     def snapshots(self):
         return sorted(s for s in self.tb.zfs.snapshots() if s.split("@")[0] in self.datasets)
@@ -117,7 +123,10 @@ def test_rollback_refuses_and_changes_nothing_when_a_later_snapshot_is_no_set_of
     first = own.take_set("20261125T040100Z")
     own.bump_txg(30)
     own.take_set("20261125T050100Z")
-    own.tb.zfs.run("snapshot", "%s@%s" % (own.datasets[0], stranger))
+    if stranger == "by_hand":
+        own.tb.zfs.run("snapshot", "%s@%s" % (own.datasets[0], stranger))
+    else:       # another config's set: another prefix on the same datasets
+        hand_made_set(own.tb, own.datasets, stranger)
     own.write("after_first", "x")
     before = own.snapshots()
 

@@ -535,3 +535,30 @@ def test_data_directory_and_shared_files_of_the_standby_are_commented_out():
 def test_a_setting_with_a_quote_or_a_backslash_reads_back_as_written():
     assert restore.quote_setting("it's") == "'it''s'"
     assert restore.quote_setting("C:\\wal") == "'C:\\\\wal'"
+
+
+def test_only_sets_of_this_prefix_and_of_its_datasets_are_ours():
+    mine = props("pgzfs_20261125T040100Z", "2026-11-25T04:01:02Z", "0/5000100")
+    other_prefix = props("other_20261125T070100Z", "2026-11-25T07:01:02Z", "0/F000100")
+    other_cluster = props("pgzfs_20261125T080100Z", "2026-11-25T08:01:02Z", "0/F000200",
+                          datasets="p/e1 p/e2", pgdata_dataset="p/e2")
+    hand_named = props("pgzfs_today", "2026-11-25T09:01:02Z", "0/F000300")
+    sets = restore.group_sets(rows_of(mine, other_prefix, other_cluster, hand_named))
+    assert [s.name for s in restore.sets_of_config(sets, "pgzfs", ["p/d1", "p/d2"])] == [
+        "pgzfs_20261125T040100Z"]
+    assert [s.name for s in restore.sets_of_config(sets, "other", ["p/d1", "p/d2"])] == [
+        "other_20261125T070100Z"]
+    assert [s.name for s in restore.sets_of_config(sets, "pgzfs", ["p/e2"])] == ["pgzfs_20261125T080100Z"]
+
+
+def test_only_clones_of_this_configs_sets_are_cleaned_up():
+    s = "pgzfs_20261125T040100Z"
+    mine = {"name": "p/d2_restore_" + s, "origin": "p/d2@" + s, "clone_of": s}
+    other_dataset = {"name": "p/e2_restore_" + s, "origin": "p/e2@" + s, "clone_of": s}
+    o = "other_20261125T040100Z"
+    other_prefix = {"name": "p/d2_drill_" + o, "origin": "p/d2@" + o, "clone_of": o}
+    assert restore.clone_of_config(mine, "pgzfs", ["p/d1", "p/d2"])
+    assert not restore.clone_of_config(other_dataset, "pgzfs", ["p/d1", "p/d2"])
+    assert not restore.clone_of_config(other_prefix, "pgzfs", ["p/d1", "p/d2"])
+    assert restore.clone_of_config(other_prefix, "other", ["p/d2"])
+
