@@ -97,7 +97,19 @@ What a restore does, in order (each step is timed and reported):
   recover  wait (bounded by [restore] timeout) until the target is reached:
            paused, promoted or shut down, then report the last replayed LSN and
            transaction time. If the archive ends before the target, say so with
-           the LSN reached, and fail.
+           the LSN reached, and fail. --latest: PostgreSQL opens at the first
+           segment it cannot get, so after it opened, pg_wal_fetch.py --check
+           (run as the PostgreSQL user) lists each source's newest segment; if
+           one is after the segment replay ended in (on that timeline, or a
+           later one with --timeline latest), the restore fails naming the
+           missing segment and the LSN reached. When pg_wal_fetch.py stopped
+           the recovery (exit 200: a source unreachable, only damaged copies),
+           its line in the server log is the reason given:
+             restore failed: recovery stopped at 000000010000000000000005:
+             [source host1] unreachable (probe ping); [source host2] absent
+             (LSN reached 0/5000000)
+           Any failure of the recovery quotes the server log line that says why
+           (pg_wal_fetch's stop line, else the FATAL, else the invalid record).
 On any failure the server is stopped, the clones destroyed and the WAL directory
 removed, unless --keep-on-failure.
 
@@ -229,6 +241,19 @@ TIME_RE = re.compile(
     r"\s*(Z|UTC|[+-]\d{2}(?::?\d{2})?)?$", re.IGNORECASE)
 SET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 LOG_LSN_RE = re.compile(r"([0-9A-F]{1,8}/[0-9A-F]{1,8})")
+# The one line pg_wal_fetch.py writes (into the copy's server log) before it
+# exits 200 and PostgreSQL's startup process ends with FATAL.
+FETCH_STOP_MARK = "pg_wal_fetch: ERROR: stopping recovery at "
+RESTORED_RE = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
+# What PostgreSQL logs where the WAL it reads ends or goes bad (xlogreader.c).
+WAL_PROBLEM_RE = re.compile(r"invalid record|invalid magic number|invalid info bits|incorrect resource "
+                            r"manager data checksum|incorrect prev-link|unexpected pageaddr|contrecord|"
+                            r"invalid resource manager|record length .* too long|out-of-sequence|"
+                            r"unexpected timeline|could not read|invalid checkpoint|checksum mismatch|"
+                            r"WAL file is from different database system", re.IGNORECASE)
+WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+CHECK_TIMEOUT = 300             # pg_wal_fetch.py --check, every source probed and listed
 
 # ---------------------------------------------------------------------------
 # The helpers every pg_zfs script carries (config, logging, commands).
@@ -825,6 +850,12 @@ def server_settings(port, socket_dir, major):
              ("external_pid_file", "''")]
     if major < (15, 0):
         pairs.append(("stats_temp_directory", quote_setting(socket_dir)))
+    else:
+        # 15+ reads WAL ahead of replay (recovery_prefetch = try): it would ask for
+        # the next segment before reaching a target in this one, and pg_wal_fetch
+        # stops a recovery when a segment it is asked for is in doubt (a host down).
+        # Off, every segment asked for is one replay needs.
+        pairs.append(("recovery_prefetch", "off"))
     return pairs
 
 
@@ -950,11 +981,19 @@ def read_recovery_log(text):
     stopping: the 'recovery stopping ...' message (the target was found);
     redo_lsn: the LSN of 'redo done at'; last_xact: 'last completed transaction
     was at log time ...'; ended_early: 13+ said the archive ended before the
-    target; shutdown: 'shutdown at recovery target'; fatal: the last FATAL/PANIC.
+    target; shutdown: 'shutdown at recovery target'; fatal: the last FATAL/PANIC;
+    fetch_stop: 'WALNAME: reason' of pg_wal_fetch's stop line (the cause of
+    that FATAL); restored: the last WAL segment restored from the archive;
+    wal_problem: the last line saying why the WAL read ended (an invalid
+    record, a bad checksum).
     """
     events = {"stopping": None, "redo_lsn": None, "last_xact": None, "ended_early": False,
-              "shutdown": False, "fatal": None, "paused": False}
+              "shutdown": False, "fatal": None, "paused": False, "fetch_stop": None,
+              "restored": None, "wal_problem": None}
     for line in text.splitlines():
+        if FETCH_STOP_MARK in line:
+            events["fetch_stop"] = line.split(FETCH_STOP_MARK, 1)[1].strip()
+            continue
         if "recovery stopping" in line:
             events["stopping"] = log_message(line)
         elif "redo done at" in line:
@@ -968,9 +1007,78 @@ def read_recovery_log(text):
             events["shutdown"] = True
         elif "pausing at the end of recovery" in line or "recovery has paused" in line:
             events["paused"] = True
+        elif RESTORED_RE.search(line):
+            events["restored"] = RESTORED_RE.search(line).group(1)
+        elif WAL_PROBLEM_RE.search(line) and "FATAL:" not in line and "PANIC:" not in line:
+            events["wal_problem"] = log_message(line)
         if "FATAL:" in line or "PANIC:" in line:
             events["fatal"] = log_message(line)
     return events
+
+
+def why_recovery_stopped(events):
+    """The server log's own reason, as ' (server log: ...)', or ''.
+
+    pg_wal_fetch's stop line is the cause when there is one (the FATAL that
+    follows it is the consequence); else the last FATAL; else the last line
+    saying why the WAL read ended.
+    """
+    why = (FETCH_STOP_MARK.strip() + " " + events["fetch_stop"] if events["fetch_stop"]
+           else events["fatal"] or events["wal_problem"])
+    return " (server log: %s)" % why if why else ""
+
+
+def segment_position(wal_name, segment_size=DEFAULT_SEGMENT_SIZE):
+    """(timeline, segment number) of a WAL segment name; ValueError if it is not one."""
+    if not WAL_NAME_RE.match(wal_name or ""):
+        raise ValueError("%r is not a WAL segment name" % wal_name)
+    per_id = 0x100000000 // segment_size
+    return int(wal_name[:8], 16), int(wal_name[8:16], 16) * per_id + int(wal_name[16:], 16)
+
+
+def segment_name(timeline, number, segment_size=DEFAULT_SEGMENT_SIZE):
+    """The WAL segment name of (timeline, segment number)."""
+    per_id = 0x100000000 // segment_size
+    return "%08X%08X%08X" % (timeline, number // per_id, number % per_id)
+
+
+def segment_of_lsn(timeline, lsn, segment_size=DEFAULT_SEGMENT_SIZE):
+    """The name of the segment holding WAL position lsn (an integer) on timeline."""
+    return segment_name(timeline, lsn // segment_size, segment_size)
+
+
+def parse_segment_size(text):
+    """Bytes per WAL segment from pg_controldata's line (16 MiB when unreadable)."""
+    return int(text) if text.strip().isdigit() and int(text) > 0 else DEFAULT_SEGMENT_SIZE
+
+
+def newest_in_check(output):
+    """The 'newest WAL file NAME' of each source in pg_wal_fetch.py --check's output."""
+    return re.findall(r"newest WAL file ([0-9A-F]{24})\b", output)
+
+
+def archive_gap(last_replayed, newest, follow_timelines, segment_size=DEFAULT_SEGMENT_SIZE):
+    """(missing segment, newest archived segment) when the archive holds WAL after the
+    segment replay ended in, else None.
+
+    last_replayed: the last segment restored (or the one holding the LSN
+    reached); newest: each source's newest segment (by position, any
+    timeline). A newer segment on the same timeline means a hole: the
+    segment after last_replayed is missing or damaged everywhere. With
+    recovery_target_timeline = latest, a newer segment on a later timeline
+    counts too (replay should have followed it); with current or an ID it
+    does not.
+    """
+    timeline, number = segment_position(last_replayed, segment_size)
+    beyond = []
+    for name in newest:
+        other_timeline, other_number = segment_position(name, segment_size)
+        if other_number > number and (other_timeline == timeline
+                                      or (follow_timelines and other_timeline > timeline)):
+            beyond.append((other_number, other_timeline, name))
+    if not beyond:
+        return None
+    return segment_name(timeline, number + 1, segment_size), max(beyond)[2]
 
 
 def status_sql(major):
@@ -1510,7 +1618,10 @@ class Server(object):
         self.log_file = log_file
 
     def _as_user(self, program, *args):
-        argv = [os.path.join(self.bindir, program)] + list(args)
+        return self.as_user([os.path.join(self.bindir, program)] + list(args))
+
+    def as_user(self, argv):
+        """argv run as the PostgreSQL user (through runuser when we are someone else)."""
         if pwd.getpwuid(os.geteuid()).pw_name != self.user:
             argv = ["runuser", "-u", self.user, "--"] + argv
         return argv
@@ -1812,7 +1923,8 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
     files = recovery_files(major, recovery_settings(major, target, action, command, timeline, inclusive),
                            server_settings(port, work_dir, major), header)
     return Plan(kind=kind, snapshot_set=snapshot_set, major=major, target=target, action=action,
-                clones=clones, mount_map=mount_map, pgdata=pgdata, work_dir=work_dir,
+                timeline=timeline, config_file=os.path.abspath(config.path), clones=clones,
+                mount_map=mount_map, pgdata=pgdata, work_dir=work_dir,
                 wal_root=options["wal_root"], wal_dir=os.path.join(work_dir, "pg_wal"),
                 log_file=os.path.join(work_dir, "server.log"), port=port,
                 timeout=options["timeout"], backup_label=backup_label,
@@ -2025,30 +2137,68 @@ class Restorer(object):
             return None
         deadline = time.monotonic() + plan.timeout
         status = None
+        lsn_reached = None
         while True:
             events = read_recovery_log(read_text_file(plan.log_file))
             running = self.server.running()
             status = self.server.status(plan.major) if running else None
+            if status and status[2]:
+                lsn_reached = status[2]
             if running and status is None:
                 outcome = "waiting"   # up, but not answering yet
             else:
                 outcome = recovery_outcome(plan.target.kind, status, events)
+            if outcome == "promoted" and plan.target.kind == "latest":
+                self._check_archive_end(status[2] or lsn_reached, events)
             if outcome in ("paused", "promoted", "shut down"):
                 return self._report(outcome, status, events)
+            lsn = lsn_reached or self.server.control_value("Minimum recovery ending location") \
+                or events["redo_lsn"] or "?"
+            if events["fetch_stop"] and outcome in ("failed", "ended early"):
+                raise Failure("restore failed: recovery stopped at %s (LSN reached %s)"
+                              % (events["fetch_stop"], lsn), 1)
             if outcome == "ended early":
-                lsn = (status[2] if status else "") or events["redo_lsn"] or "?"
                 raise Failure("the archive ended before the target %s was reached: replay stopped at "
-                              "LSN %s (last transaction %s)%s"
-                              % (plan.target, lsn, (status[3] if status else "") or events["last_xact"] or "?",
+                              "LSN %s (last transaction %s)%s%s"
+                              % (plan.target, (status[2] if status else "") or lsn,
+                                 (status[3] if status else "") or events["last_xact"] or "?",
                                  "; the copy opened there anyway (PostgreSQL %s)" % major_text(plan.major)
-                                 if status else ""), 1)
+                                 if status else "", why_recovery_stopped(events)), 1)
             if outcome == "failed":
-                raise Failure("the restored server stopped before the target: %s (log %s)"
-                              % (events["fatal"] or "no FATAL line", plan.log_file), 1)
+                raise Failure("the restored server stopped before the target at LSN %s: %s (log %s)"
+                              % (lsn, events["fatal"] or events["wal_problem"] or "no FATAL line",
+                                 plan.log_file), 1)
             if time.monotonic() > deadline:
                 raise Failure("target %s not reached within %d s: replay at LSN %s ([restore] timeout)"
-                              % (plan.target, plan.timeout, status[2] if status else "?"), 1)
+                              % (plan.target, plan.timeout, lsn_reached or "?"), 1)
             time.sleep(POLL_INTERVAL)
+
+    def _check_archive_end(self, lsn, events):
+        """--latest: a Failure unless replay ended in the newest segment the archive holds.
+
+        PostgreSQL takes the first segment no source has for the end of the
+        archive: with a hole (a segment missing or damaged in every archive)
+        it opens there. pg_wal_fetch.py --check names each source's newest
+        segment; anything after the segment replay ended in is the hole's proof.
+        """
+        plan = self.plan
+        segment_size = parse_segment_size(self.server.control_value("Bytes per WAL segment"))
+        last = events["restored"]
+        if not last:
+            last = segment_of_lsn(plan.snapshot_set.timeline or 1, parse_lsn(lsn), segment_size)
+        code, out, err = run(self.server.as_user([plan.fetch_script, "-c", plan.config_file, "--check"]),
+                             timeout=CHECK_TIMEOUT, check=False)
+        newest = newest_in_check(out)
+        if not newest:
+            raise Failure("restore failed: replay ended at LSN %s in %s, and no source could be listed to "
+                          "confirm that is the end of the archive (pg_wal_fetch.py --check: %s)"
+                          % (lsn, last, ((err + out).strip().splitlines() or ["exit code %d" % code])[-1]), 1)
+        gap = archive_gap(last, newest, plan.timeline in (None, "latest"), segment_size)
+        if gap:
+            raise Failure("restore failed: replay ended at LSN %s in %s, but the archive holds WAL up to %s: "
+                          "%s is missing or damaged in every archive%s"
+                          % (lsn, last, gap[1], gap[0], why_recovery_stopped(events)), 1)
+        log.info("replay ended in %s, the newest segment in the archive (%s)", last, " ".join(sorted(set(newest))))
 
     def _report(self, outcome, status, events):
         if status is not None:

@@ -452,3 +452,82 @@ def test_another_configs_newer_sets_are_never_listed_chosen_drilled_or_cleaned_u
     assert tb.zfs.exists(other_cluster.clone)
     assert our_clones(tb) == [other_cluster.clone]
 
+
+# -- the end of the archive: holes, damaged copies, a source that stops recovery --
+
+@pytest.fixture
+def three_more_segments(story):
+    """Three more archived segments after the story, with 100 rows of later_rows each."""
+    tb = story.tb
+    tb.primary.psql("CREATE TABLE later_rows (n int)")
+    try:
+        names = []
+        for _ in range(3):
+            tb.primary.psql("INSERT INTO later_rows SELECT generate_series(1, 100)")
+            names.append(tb.switch_wal())
+        yield names
+    finally:
+        tb.primary.psql("DROP TABLE later_rows")
+
+
+@contextlib.contextmanager
+def archive_changed(story, wal_name, hosts, damage=False):
+    """wal_name taken out of these hosts' archives (or, with damage, a copy with a
+    page in its middle overwritten); put back as it was afterwards."""
+    kept = []
+    try:
+        for host in hosts:
+            path = os.path.join(host.wal_dir, wal_name)
+            aside = os.path.join(story.tb.run_dir, "%s.%s.aside" % (wal_name, host.name))
+            os.rename(path, aside)
+            kept.append((aside, path))
+            if damage:
+                data = bytearray(open(aside, "rb").read())
+                data[len(data) // 2:len(data) // 2 + 8192] = b"\xa5" * 8192
+                with open(path, "wb") as out:
+                    out.write(bytes(data))
+        yield
+    finally:
+        for aside, path in kept:
+            os.rename(aside, path)
+
+
+def assert_failed_in_one_line_leaving_nothing(story, proc):
+    """The restore exited 1, its reason is one ERROR line (returned), nothing is left."""
+    if proc.returncode == 0:        # wrongly whole: remove the copy before failing
+        restore_script(story.config, "cleanup", "--all")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if ": ERROR: " in line]
+    assert len(errors) == 2 and errors[0].startswith("pg_zfs_restore: ERROR: restore of set"), proc.stderr
+    assert story.leftovers() == []
+    return errors[1]
+
+
+def test_latest_at_a_hole_in_every_archive_fails_naming_the_missing_segment(story, three_more_segments):
+    hole = three_more_segments[1]
+    with archive_changed(story, hole, story.tb.hosts):
+        proc = restore_script(story.config, "restore", "--latest")
+    error = assert_failed_in_one_line_leaving_nothing(story, proc)
+    assert re.search(r"restore failed: replay ended at LSN [0-9A-F]+/[0-9A-F]+ in %s, but the archive holds "
+                     r"WAL up to %s: %s is missing or damaged in every archive"
+                     % (three_more_segments[0], three_more_segments[2], hole), error), error
+
+
+def test_latest_with_a_damaged_copy_in_one_archive_restores_from_the_other(story, three_more_segments):
+    with archive_changed(story, three_more_segments[1], story.tb.hosts[:1], damage=True):
+        with restored(story, "--latest") as copy:
+            assert copy.psql("SELECT count(*) FROM later_rows") == "300"
+            assert copy.rows() == story.rows
+
+
+def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached(story, three_more_segments):
+    tb = story.tb
+    hole = three_more_segments[1]
+    with archive_changed(story, hole, tb.hosts[1:]):
+        with tb.hosts[0].dead():
+            proc = restore_script(story.config, "restore", "--latest")
+    error = assert_failed_in_one_line_leaving_nothing(story, proc)
+    assert re.search(r"restore failed: recovery stopped at %s: .* \(LSN reached [0-9A-F]+/[0-9A-F]+\)$" % hole,
+                     error), error
+    assert "[source %s] unreachable" % tb.hosts[0].name in error and "[source %s] absent" % tb.hosts[1].name \
+        in error

@@ -562,3 +562,70 @@ def test_only_clones_of_this_configs_sets_are_cleaned_up():
     assert not restore.clone_of_config(other_prefix, "pgzfs", ["p/d1", "p/d2"])
     assert restore.clone_of_config(other_prefix, "other", ["p/d2"])
 
+
+# -- why a recovery stopped, and holes in the archive --------------------------------
+
+LOG_FETCH_STOPPED = """\
+2026-11-25 04:40:00.1 UTC [12] LOG:  restored log file "000000010000000000000004" from archive
+pg_wal_fetch: ERROR: stopping recovery at 000000010000000000000005: [source host1] unreachable (probe ping); [source host2] absent
+2026-11-25 04:40:02.0 UTC [12] FATAL:  could not restore file "000000010000000000000005" from archive: child process exited with exit code 200
+2026-11-25 04:40:02.0 UTC [10] LOG:  startup process (PID 12) exited with exit code 1
+"""
+LOG_OPENED_AT_A_HOLE = """\
+2026-11-25 04:40:00.1 UTC [12] LOG:  restored log file "000000010000000000000004" from archive
+2026-11-25 04:40:00.2 UTC [12] LOG:  invalid record length at 0/5000060: expected at least 24, got 0
+2026-11-25 04:40:00.2 UTC [12] LOG:  redo done at 0/5000028 system usage: CPU: user: 0.00 s
+2026-11-25 04:40:00.3 UTC [12] LOG:  selected new timeline ID: 2
+"""
+
+
+def test_pg_wal_fetch_stop_line_is_the_reason_and_the_fatal_only_its_consequence():
+    events = restore.read_recovery_log(LOG_FETCH_STOPPED)
+    assert events["fetch_stop"] == ("000000010000000000000005: [source host1] unreachable (probe ping); "
+                                    "[source host2] absent")
+    assert events["restored"] == "000000010000000000000004"
+    assert events["fatal"].startswith("FATAL:  could not restore file")
+    assert restore.why_recovery_stopped(events) == (
+        " (server log: pg_wal_fetch: ERROR: stopping recovery at 000000010000000000000005: "
+        "[source host1] unreachable (probe ping); [source host2] absent)")
+    assert restore.recovery_outcome("latest", None, events) == "failed"
+
+
+def test_the_line_saying_where_the_wal_went_bad_is_kept():
+    events = restore.read_recovery_log(LOG_OPENED_AT_A_HOLE)
+    assert events["wal_problem"] == "LOG:  invalid record length at 0/5000060: expected at least 24, got 0"
+    assert events["fetch_stop"] is None and events["fatal"] is None
+    assert "invalid record length" in restore.why_recovery_stopped(events)
+    assert restore.why_recovery_stopped(restore.read_recovery_log("")) == ""
+
+
+def test_segment_names_and_positions_round_trip_for_any_segment_size():
+    assert restore.segment_position("0000000200000001000000FF") == (2, 0x1FF)
+    assert restore.segment_name(2, 0x1FF) == "0000000200000001000000FF"
+    assert restore.segment_name(1, 0x100) == "000000010000000100000000"
+    size = 64 * 1024 * 1024
+    assert restore.segment_position("000000010000000100000003", size) == (1, 64 + 3)
+    assert restore.segment_name(1, 64 + 3, size) == "000000010000000100000003"
+    assert restore.segment_of_lsn(1, restore.parse_lsn("0/5000000")) == "000000010000000000000005"
+    assert restore.segment_of_lsn(1, restore.parse_lsn("1/4FFFFFF")) == "000000010000000100000004"
+    with pytest.raises(ValueError):
+        restore.segment_position("00000001000000000000000G")
+    assert restore.parse_segment_size("16777216") == 16777216
+    assert restore.parse_segment_size("") == restore.DEFAULT_SEGMENT_SIZE
+
+
+def test_a_newer_segment_in_any_archive_after_where_replay_ended_is_a_hole():
+    check = ("host1 (127.0.0.2:2222): reachable, /a/* matches 1 directory, newest WAL file "
+             "000000010000000000000009, round trip 40 ms\n"
+             "host2 (127.0.0.3:2222): unreachable (probe = ping)\n")
+    newest = restore.newest_in_check(check)
+    assert newest == ["000000010000000000000009"]
+    assert restore.archive_gap("000000010000000000000004", newest, True) == (
+        "000000010000000000000005", "000000010000000000000009")
+    assert restore.archive_gap("000000010000000000000009", newest, True) is None
+    # Another timeline: followed with --timeline latest, not with current or an ID.
+    later_timeline = ["000000020000000000000007"]
+    assert restore.archive_gap("000000010000000000000004", later_timeline, True) == (
+        "000000010000000000000005", "000000020000000000000007")
+    assert restore.archive_gap("000000010000000000000004", later_timeline, False) is None
+    assert restore.archive_gap("000000020000000000000004", ["000000010000000000000009"], True) is None
