@@ -15,7 +15,12 @@ and as a monitoring check (Nagios/Icinga command line, e.g. daily):
 Commands:
     list [--json]        the snapshot sets found in the pool (pgzfs:* properties
                          written by pg_zfs_snap.py), the earliest target time each
-                         can serve (its stop time), and the clones made from each
+                         can serve (its stop time), and the clones made from each.
+                         A complete set whose stop segment no archive holds yet
+                         (taken on an idle primary: the segment is archived at the
+                         next WAL switch, archive_timeout) is WAITING for WAL
+                         (--json: waiting_for_wal); pg_wal_fetch.py --check, run as
+                         the PostgreSQL user, lists the archive
     restore TARGET       clone a set, make it a recovery to TARGET, start it on a
                          new port and wait until the target is reached.
                          TARGET is exactly one of:
@@ -32,7 +37,9 @@ Commands:
                                               complete set whose stop point is at or
                                               before the target (for --target-xid and
                                               --target-name, which the pool cannot
-                                              place, the OLDEST complete set)
+                                              place, the OLDEST complete set). A set
+                                              waiting for WAL (see list) is passed
+                                              over with a warning, refused by --set
                          --to DIR             root of the clones' mountpoints
                                               (default [restore] mount_root)
                          --port N             (default: the first free port from
@@ -51,7 +58,7 @@ Commands:
                          throwaway clones (DATASET_drill_SET) on a free port,
                          promote, run SELECT 1 and SQL (and pg_amcheck, 14+, on
                          request), stop, destroy; one Nagios line with the time
-                         of each step
+                         of each step (and the newer sets waiting for WAL)
     cleanup NAME|--all   stop the server running on clones made by this tool and
                          destroy them (NAME: a set name or one of its clones)
     rollback --set NAME [--force]
@@ -1057,6 +1064,55 @@ def newest_in_check(output):
     return re.findall(r"newest WAL file ([0-9A-F]{24})\b", output)
 
 
+def segment_size_of(start_wal, start_lsn):
+    """The WAL segment size a set was taken with, as pgzfs:start_wal and start_lsn agree
+    (16 MiB whenever that fits, or they cannot tell)."""
+    try:
+        position = parse_lsn(start_lsn)
+        for size in [DEFAULT_SEGMENT_SIZE] + [1 << bits for bits in range(20, 31)]:
+            if segment_position(start_wal, size)[1] == position // size:
+                return size
+    except ValueError:
+        pass
+    return DEFAULT_SEGMENT_SIZE
+
+
+def stop_segment(snapshot_set):
+    """The last WAL segment a restore of the set needs to become consistent, or None.
+
+    backup: the one holding the last byte before pgzfs:stop_lsn (the end of
+    the backup); shutdown: the one holding the checkpoint record at stop_lsn.
+    """
+    position, timeline = snapshot_set.stop_lsn, snapshot_set.timeline
+    if position is None or timeline is None:
+        return None
+    if snapshot_set.get("mode") == "backup" and position > 0:
+        position -= 1
+    return segment_of_lsn(timeline, position, segment_size_of(snapshot_set.get("start_wal", ""),
+                                                               snapshot_set.get("start_lsn", "")))
+
+
+def waiting_for_wal(sets, newest):
+    """{set name: stop segment} of the complete sets whose stop segment is in no archive yet.
+
+    newest: each source's newest segment (pg_wal_fetch.py --check). A set
+    taken on an idle primary ends in the primary's current segment, archived
+    only at the next WAL switch (archive_timeout): until then no restore of it
+    can become consistent. Empty newest (no source listed) tells nothing: {}.
+    """
+    waiting = {}
+    for one in sets:
+        segment = stop_segment(one) if one.complete and newest else None
+        if segment is None:
+            continue
+        size = segment_size_of(one.get("start_wal", ""), one.get("start_lsn", ""))
+        timeline, number = segment_position(segment, size)
+        if not any(other[0] >= timeline and other[1] >= number
+                   for other in (segment_position(name, size) for name in newest)):
+            waiting[one.name] = segment
+    return waiting
+
+
 def archive_gap(last_replayed, newest, follow_timelines, segment_size=DEFAULT_SEGMENT_SIZE):
     """(missing segment, newest archived segment) when the archive holds WAL after the
     segment replay ended in, else None.
@@ -1254,14 +1310,22 @@ def btrfs_rollback_paths(subvolume, set_name, stamp):
     return ("%s_rollback_%s" % (subvolume, set_name), "%s_before_rollback_%s" % (subvolume, stamp))
 
 
-def set_summary(snapshot_set, clones):
-    """The dict `list --json` prints for a set (no base64 files)."""
+def set_summary(snapshot_set, clones, waiting_segment=None):
+    """The dict `list --json` prints for a set (no base64 files); waiting_for_wal is
+    the stop segment no archive holds yet (waiting_for_wal), else None."""
     summary = dict((key, snapshot_set.get(key)) for key in LIST_KEYS if key != "set")
     summary.update({"name": snapshot_set.name, "complete": snapshot_set.complete,
                     "problems": set_problems(snapshot_set),
                     "earliest_target": snapshot_set.get("stop_time"),
+                    "waiting_for_wal": waiting_segment,
                     "clones": sorted(clones)})
     return summary
+
+
+def waiting_note(set_name, segment):
+    """One line: why a complete set cannot be restored yet."""
+    return ("set %s is waiting for WAL: its stop segment %s is in no archive yet (the primary's current "
+            "segment; archived at its next WAL switch, see archive_timeout)" % (set_name, segment))
 
 
 # ---------------------------------------------------------------------------
@@ -1621,10 +1685,7 @@ class Server(object):
         return self.as_user([os.path.join(self.bindir, program)] + list(args))
 
     def as_user(self, argv):
-        """argv run as the PostgreSQL user (through runuser when we are someone else)."""
-        if pwd.getpwuid(os.geteuid()).pw_name != self.user:
-            argv = ["runuser", "-u", self.user, "--"] + argv
-        return argv
+        return as_user(self.user, argv)
 
     def start(self, timeout):
         """pg_ctl start -w; (exit code, last stderr line). A failure is judged by the caller."""
@@ -1694,6 +1755,42 @@ class Server(object):
             if line.startswith(key + ":"):
                 return line.split(":", 1)[1].strip()
         return ""
+
+
+def as_user(user, argv):
+    """argv run as user (through runuser when we are someone else)."""
+    if pwd.getpwuid(os.geteuid()).pw_name != user:
+        argv = ["runuser", "-u", user, "--"] + argv
+    return argv
+
+
+def fetch_script_path():
+    """pg_wal_fetch.py beside this script: the copies' restore_command."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "pg_wal_fetch.py")
+
+
+def sets_waiting(config, sets):
+    """waiting_for_wal of the sets, the archive listed by pg_wal_fetch.py --check (a warning
+    and {} when no source could be listed)."""
+    if not [one for one in sets if one.complete]:
+        return {}
+    newest, last_line = archive_newest(fetch_script_path(), os.path.abspath(config.path),
+                                       config.str("postgres", "user", "postgres"))
+    if not newest:
+        log.warning("no archive source could be listed (pg_wal_fetch.py --check: %s): whether each set's "
+                    "stop segment is archived is unknown", last_line)
+    return waiting_for_wal(sets, newest)
+
+
+def archive_newest(fetch_script, config_file, user):
+    """(each source's newest WAL segment, pg_wal_fetch.py --check's last line), run as
+    the PostgreSQL user as restore_command is; [] when no source could be listed."""
+    try:
+        code, out, err = run(as_user(user, [fetch_script, "-c", config_file, "--check"]),
+                             timeout=CHECK_TIMEOUT, check=False)
+    except Failure as failure:
+        return [], str(failure)
+    return newest_in_check(out), ((err + out).strip().splitlines() or ["exit code %d" % code])[-1]
 
 
 def owner_of(user):
@@ -1917,7 +2014,7 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
             mount_map[source_mounts[dataset]] = mountpoint
     pgdata_clone = [m for s, c, m in clones if s.rpartition("@")[0] == pgdata_dataset][0]
     pgdata = os.path.normpath(os.path.join(pgdata_clone, snapshot_set.get("pgdata_rel")))
-    fetch_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pg_wal_fetch.py")
+    fetch_script = fetch_script_path()
     command = restore_command_for(fetch_script, os.path.abspath(config.path))
     header = "pg_zfs_restore %s: %s of set %s to %s" % (VERSION, kind, snapshot_set.name, target)
     files = recovery_files(major, recovery_settings(major, target, action, command, timeline, inclusive),
@@ -1975,6 +2072,7 @@ class Restorer(object):
         self.made_clones = []
         self.made_work_dir = False
         self.started = False
+        self.waiting = {}       # newer sets passed over: {name: stop segment not archived}
 
     @contextlib.contextmanager
     def step(self, name):
@@ -2186,13 +2284,11 @@ class Restorer(object):
         last = events["restored"]
         if not last:
             last = segment_of_lsn(plan.snapshot_set.timeline or 1, parse_lsn(lsn), segment_size)
-        code, out, err = run(self.server.as_user([plan.fetch_script, "-c", plan.config_file, "--check"]),
-                             timeout=CHECK_TIMEOUT, check=False)
-        newest = newest_in_check(out)
+        newest, last_line = archive_newest(plan.fetch_script, plan.config_file, self.server.user)
         if not newest:
             raise Failure("restore failed: replay ended at LSN %s in %s, and no source could be listed to "
                           "confirm that is the end of the archive (pg_wal_fetch.py --check: %s)"
-                          % (lsn, last, ((err + out).strip().splitlines() or ["exit code %d" % code])[-1]), 1)
+                          % (lsn, last, last_line), 1)
         gap = archive_gap(last, newest, plan.timeline in (None, "latest"), segment_size)
         if gap:
             raise Failure("restore failed: replay ended at LSN %s in %s, but the archive holds WAL up to %s: "
@@ -2274,7 +2370,8 @@ def cmd_list(config, args):
                         "cleanup %s`)", fs["marker"], fs["name"], PROG, fs["clone_of"])
     clones = clones_by_set([fs for fs in filesystems
                             if (fs["origin"] or "").rpartition("@")[0] in scope_of(config)[1]])
-    summaries = [set_summary(s, clones.get(s.name, [])) for s in sets]
+    waiting = sets_waiting(config, sets)
+    summaries = [set_summary(s, clones.get(s.name, []), waiting.get(s.name)) for s in sets]
     if args.json:
         print(json.dumps(summaries, indent=2, sort_keys=True))
         return 0
@@ -2284,8 +2381,11 @@ def cmd_list(config, args):
         print("%-32s %-8s %-21s %-12s %-3s %-4s %-8s %s" % (
             summary["name"], summary["mode"] or "-", summary["earliest_target"] or "-",
             summary["stop_lsn"] or "-", summary["timeline"] or "-", summary["pg_version"] or "-",
+            "WAITING" if summary["waiting_for_wal"] else
             "yes" if summary["complete"] and not summary["problems"] else "NO",
             " ".join(summary["clones"]) or "-"))
+    for name in sorted(waiting):
+        print("WAITING %s" % waiting_note(name, waiting[name]))
     prefix = scope_of(config)[0]
     for snapshot, why in [(s, w) for s, w in zfs.unreadable if is_set_name(s.rpartition("@")[2], prefix)]:
         log.warning("%s has no readable metadata (%s): not a backup", snapshot, why)
@@ -2314,7 +2414,13 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
             timeline = parse_timeline(args.timeline)
         except ValueError as error:
             raise Failure(str(error), 2)
-    snapshot_set = choose_set(load_sets(zfs, pools, config), target, args.set, timeline)
+    sets = load_sets(zfs, pools, config)
+    waiting = sets_waiting(config, [one for one in sets if not args.set or one.name == args.set])
+    if args.set in waiting:
+        raise Failure("cannot restore yet: " + waiting_note(args.set, waiting[args.set]), 1)
+    for name in sorted(waiting):
+        log.warning("%s: not chosen", waiting_note(name, waiting[name]))
+    snapshot_set = choose_set([one for one in sets if one.name not in waiting], target, args.set, timeline)
     log.info("set %s (stop %s, LSN %s) serves target %s", snapshot_set.name,
              snapshot_set.get("stop_time"), snapshot_set.get("stop_lsn"), target)
     options = restore_options(config)
@@ -2332,7 +2438,9 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
     user = config.str("postgres", "user", "postgres")
     server = Server(find_bindir(config.str("postgres", "bindir", ""), plan.major), user, plan.pgdata,
                     plan.work_dir, port, config.str("postgres", "dbname", "postgres"), plan.log_file)
-    return Restorer(plan, zfs, server, owner_of(user), dry_run)
+    restorer = Restorer(plan, zfs, server, owner_of(user), dry_run)
+    restorer.waiting = waiting
+    return restorer
 
 
 def cmd_restore(config, args):
@@ -2420,8 +2528,9 @@ def cmd_drill(config, args):
         print("CRITICAL: drill of set %s failed: %s; %s" % (
             set_name, failure, format_timings(restorer.timings if restorer else [])))
         return 2
-    print("OK: drill of set %s restored, promoted and queried; %s"
-          % (set_name, format_timings(restorer.timings)))
+    print("OK: drill of set %s restored, promoted and queried; %s%s"
+          % (set_name, format_timings(restorer.timings), "".join(
+              "; newer set %s waits for WAL %s" % item for item in sorted(restorer.waiting.items()))))
     return 0
 
 

@@ -531,3 +531,37 @@ def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached
                      error), error
     assert "[source %s] unreachable" % tb.hosts[0].name in error and "[source %s] absent" % tb.hosts[1].name \
         in error
+
+
+# -- a set whose stop segment is not archived yet --------------------------------
+
+def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(story):
+    tb = story.tb
+    tb.switch_wal()     # archive_timeout (60 s) counts from here: the next segment stays unarchived
+    switched = time.monotonic()
+    note = "unarchived %s" % utc_now().isoformat()
+    tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
+             30, "the standby to replay the row")
+    before = set(set_names(tb))
+    snap(tb, story.config)
+    newest = [name for name in set_names(tb) if name not in before][0]
+    try:
+        listing = dict((s["name"], s) for s in json.loads(restore_script(story.config, "list", "--json").stdout))
+        table = restore_script(story.config, "list").stdout
+        drill = restore_script(story.config, "drill")
+        refused = restore_script(story.config, "restore", "--immediate", "--set", newest)
+        assert time.monotonic() - switched < 55, "archive_timeout may have archived the segment meanwhile"
+    finally:
+        for dataset in tb.datasets:
+            tb.zfs.destroy("%s@%s" % (dataset, newest))
+    assert re.match(r"^[0-9A-F]{24}$", listing[newest]["waiting_for_wal"] or "")
+    assert listing[story.sets[1]]["waiting_for_wal"] is None
+    assert re.search(r"^%s .* WAITING " % newest, table, re.M), table
+    assert "WAITING set %s is waiting for WAL: its stop segment %s" % (newest, listing[newest]["waiting_for_wal"]) \
+        in table
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert drill.stdout.startswith("OK: drill of set %s " % story.sets[1]), drill.stdout
+    assert "newer set %s waits for WAL %s" % (newest, listing[newest]["waiting_for_wal"]) in drill.stdout
+    assert refused.returncode == 1 and "cannot restore yet: set %s is waiting for WAL" % newest in refused.stderr
+    assert our_clones(tb) == []

@@ -629,3 +629,33 @@ def test_a_newer_segment_in_any_archive_after_where_replay_ended_is_a_hole():
         "000000010000000000000005", "000000020000000000000007")
     assert restore.archive_gap("000000010000000000000004", later_timeline, False) is None
     assert restore.archive_gap("000000020000000000000004", ["000000010000000000000009"], True) is None
+
+
+def test_a_set_whose_stop_segment_no_archive_holds_is_waiting_for_wal():
+    backup = restore.group_sets(rows_of(props("pgzfs_20261125T040100Z", "2026-11-25T04:01:02Z", "0/5000100",
+                                              start_wal="000000010000000000000002")))[0]
+    at_boundary = restore.group_sets(rows_of(props("pgzfs_20261125T050100Z", "2026-11-25T05:01:02Z",
+                                                   "0/6000000", start_wal="000000010000000000000002")))[0]
+    shutdown = restore.group_sets(rows_of(props("pgzfs_20261125T060100Z", "2026-11-25T06:01:02Z",
+                                                "0/7000000", mode="shutdown",
+                                                start_wal="000000010000000000000007", start_lsn="0/7000000")))[0]
+    assert restore.stop_segment(backup) == "000000010000000000000005"
+    assert restore.stop_segment(at_boundary) == "000000010000000000000005"    # ends with segment 5
+    assert restore.stop_segment(shutdown) == "000000010000000000000007"       # its checkpoint record
+    sets = [backup, at_boundary, shutdown]
+    assert restore.waiting_for_wal(sets, ["000000010000000000000005"]) == {
+        "pgzfs_20261125T060100Z": "000000010000000000000007"}
+    assert restore.waiting_for_wal(sets, ["000000010000000000000004", "000000010000000000000007"]) == {}
+    assert restore.waiting_for_wal(sets, ["000000010000000000000004"]) == {
+        "pgzfs_20261125T040100Z": "000000010000000000000005", "pgzfs_20261125T050100Z": "000000010000000000000005",
+        "pgzfs_20261125T060100Z": "000000010000000000000007"}
+    assert restore.waiting_for_wal(sets, ["000000020000000000000009"]) == {}   # a later timeline holds it
+    assert restore.waiting_for_wal(sets, []) == {}      # nothing listed: nothing known
+
+
+def test_the_segment_size_is_the_one_start_wal_and_start_lsn_agree_on():
+    assert restore.segment_size_of("000000010000000000000005", "0/5000028") == 16 * 1024 * 1024
+    assert restore.segment_size_of("000000010000000000000002", "0/5000028") == 32 * 1024 * 1024
+    assert restore.segment_size_of("000000010000000000000001", "0/5000028") == 64 * 1024 * 1024
+    assert restore.segment_size_of("", "0/5000028") == 16 * 1024 * 1024
+    assert restore.segment_size_of("000000010000000000000005", "bad") == 16 * 1024 * 1024
