@@ -80,7 +80,8 @@ cluster's, even with the same prefix). All four keys 0 keeps only the newest set
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [postgres] pgdata, bindir, user, host, port, dbname
     [snapshot] backend, datasets, prefix, keep_hourly, keep_daily,
-               keep_weekly, keep_monthly, lock_file, warn_age, crit_age
+               keep_weekly, keep_monthly, lock_file, warn_age, crit_age, wal_wait
+    (check: [archive] and [source *] as pg_wal_fetch.py reads them)
 
 Exit codes (snapshot, prune, list, oldest-wal, the cron run):
     0  done (also: another run holds the lock and --wait was not given)
@@ -88,7 +89,12 @@ Exit codes (snapshot, prune, list, oldest-wal, the cron run):
        is no complete set (oldest-wal)
     2  bad arguments or bad config
 Exit codes of `check` (Nagios): 0 OK, 1 WARNING (newest set older than
-warn_age), 2 CRITICAL (older than crit_age, or no complete set), 3 UNKNOWN.
+warn_age, or waiting for WAL longer than wal_wait, default 3600 s), 2 CRITICAL
+(older than crit_age, or no complete set), 3 UNKNOWN. Waiting for WAL: the
+newest set's stop segment is in no archive yet (pg_wal_fetch.py --check, run
+as [postgres] user, lists each source's newest segment): a set taken on an idle
+primary ends in its current segment, archived only at the next WAL switch, and
+no restore of it can become consistent before; the line says so.
 
 For tests only: --now YYYYmmddTHHMMSSZ shifts this run's clock to that UTC
 time (set names, retention, check).
@@ -162,6 +168,9 @@ BTRFS_METADATA_SUFFIX = ".json"
 BTRFS_SUBVOLUME_INODE = 256  # the root directory of every btrfs subvolume
 
 NAGIOS_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+DEFAULT_WAL_WAIT = 3600      # check: a newest set waiting this long for its stop WAL warns
+ARCHIVE_CHECK_TIMEOUT = 120  # pg_wal_fetch.py --check: every source probed and listed
 
 
 # ---------------------------------------------------------------------------
@@ -593,8 +602,55 @@ def oldest_needed_wal(sets):
     return None
 
 
-def check_state(sets, now, warn_age, crit_age):
-    """(Nagios state index 0-2, text, perfdata) from the newest complete set."""
+def segment_size_of(start_wal, start_lsn):
+    """The WAL segment size pgzfs:start_wal and start_lsn agree on (16 MiB whenever
+    that fits, or they cannot tell): pg_zfs_restore.py's rule."""
+    if WAL_NAME_RE.match(start_wal) and LSN_RE.match(start_lsn):
+        for size in [DEFAULT_SEGMENT_SIZE] + [1 << bits for bits in range(20, 31)]:
+            per_id = 0x100000000 // size
+            if int(start_wal[8:16], 16) * per_id + int(start_wal[16:], 16) == lsn_value(start_lsn) // size:
+                return size
+    return DEFAULT_SEGMENT_SIZE
+
+
+def stop_segment(one):
+    """(timeline, segment number) of the last WAL segment a restore of the set needs to
+    become consistent (backup: the byte before stop_lsn; shutdown: the checkpoint at it),
+    or None; pg_zfs_restore.py's rule."""
+    props = one.properties
+    if not (LSN_RE.match(props.get("stop_lsn", "")) and props.get("timeline", "").isdigit()):
+        return None
+    stop = lsn_value(props["stop_lsn"])
+    if props.get("mode") == "backup" and stop > 0:
+        stop -= 1
+    return int(props["timeline"]), stop // segment_size_of(props.get("start_wal", ""),
+                                                            props.get("start_lsn", ""))
+
+
+def waiting_segment(one, newest_archived):
+    """The stop segment's name of set one when no source holds it yet, else None.
+
+    newest_archived: each source's newest segment name (pg_wal_fetch.py
+    --check); empty or None (not listed) tells nothing: None.
+    """
+    wanted = stop_segment(one)
+    if wanted is None or not newest_archived:
+        return None
+    size = segment_size_of(one.properties.get("start_wal", ""), one.properties.get("start_lsn", ""))
+    per_id = 0x100000000 // size
+    for name in newest_archived:
+        if int(name[:8], 16) >= wanted[0] and int(name[8:16], 16) * per_id + int(name[16:], 16) >= wanted[1]:
+            return None
+    return "%08X%08X%08X" % (wanted[0], wanted[1] // per_id, wanted[1] % per_id)
+
+
+def check_state(sets, now, warn_age, crit_age, newest_archived=None, wal_wait=DEFAULT_WAL_WAIT):
+    """(Nagios state index 0-2, text, perfdata) from the newest complete set.
+
+    A newest set whose stop segment no archive holds yet (newest_archived:
+    each source's newest segment) cannot be restored: noted, and WARNING once
+    it has waited wal_wait seconds (an idle primary without archive_timeout).
+    """
     complete = [one for one in sets if one.complete]
     if not complete:
         return 2, "no complete snapshot set", "sets=0"
@@ -604,7 +660,13 @@ def check_state(sets, now, warn_age, crit_age):
     if age < 0:
         return 1, "newest set %s is dated %ds in the future (clock?)" % (newest.name, -age), perf
     state = 2 if age >= crit_age else 1 if age >= warn_age else 0
-    return state, "newest set %s is %ds old, %d complete sets" % (newest.name, age, len(complete)), perf
+    text = "newest set %s is %ds old, %d complete sets" % (newest.name, age, len(complete))
+    segment = waiting_segment(newest, newest_archived)
+    if segment:
+        text += "; it is waiting for WAL %s, in no archive yet (not restorable until the primary " \
+                "archives it: archive_timeout?)" % segment
+        state = max(state, 1 if age >= wal_wait else 0)
+    return state, text, perf
 
 
 # ---------------------------------------------------------------------------
@@ -1344,6 +1406,8 @@ class Job(object):
         self.lock_file = config.str("snapshot", "lock_file", "/run/pg_zfs_snap.lock")
         self.warn_age = config.int("snapshot", "warn_age", 93600)
         self.crit_age = config.int("snapshot", "crit_age", 180000)
+        self.wal_wait = config.int("snapshot", "wal_wait", DEFAULT_WAL_WAIT)
+        self.user = config.str("postgres", "user", "postgres")
         self.pgdata = config.str("postgres", "pgdata")
         if not os.path.isabs(self.pgdata):
             raise config.error("postgres", "pgdata", "%r is not an absolute path" % self.pgdata)
@@ -1625,11 +1689,34 @@ def cmd_list(job, as_json):
                          + ["NO-METADATA " + snapshot]))
 
 
+def archive_newest(job):
+    """Each source's newest WAL segment, from pg_wal_fetch.py --check (beside this
+    script) run as the PostgreSQL user, as restore_command runs; None without an
+    [archive] section or when it cannot run (check then judges by age alone)."""
+    fetch_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pg_wal_fetch.py")
+    if not job.config.has_section("archive") or not os.path.exists(fetch_script):
+        return None
+    demote, env = as_user(job.user)
+    try:
+        proc = subprocess.Popen([fetch_script, "-c", os.path.abspath(job.config.path), "--check"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, preexec_fn=demote, env=env, cwd="/")
+        out, _ = proc.communicate(timeout=ARCHIVE_CHECK_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        with contextlib.suppress(Exception):
+            proc.kill()
+            proc.communicate()
+        log.warning("pg_wal_fetch.py --check: %s: the sets' WAL is not checked", error)
+        return None
+    return re.findall(r"newest WAL file ([0-9A-F]{24})\b", out)
+
+
 def run_check(args):
     """The Nagios check: one line, exit 0/1/2/3, UNKNOWN on any error."""
     try:
         job = Job(Config.load(config_path(args.config)), Clock(args.now))
-        state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age)
+        state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age,
+                                        archive_newest(job), job.wal_wait)
     except Failure as failure:
         state, text, perf = 3, str(failure), "sets=0"
     except Exception as error:      # a monitoring check says UNKNOWN, never a traceback

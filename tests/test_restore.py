@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from testbed import PG_USER, sh, wait_for
+from testbed import PG_USER, run_script, sh, wait_for
 
 SCRIPT = "pg_zfs_restore"
 # One statement (psql -c sends one query string; COMMIT inside DO needs that).
@@ -551,6 +551,8 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
         table = restore_script(story.config, "list").stdout
         drill = restore_script(story.config, "drill")
         refused = restore_script(story.config, "restore", "--immediate", "--set", newest)
+        checked = run_script("pg_zfs_snap", "check", config=story.tb.write_config(
+            os.path.join(tb.run_dir, "wal_wait.conf"), {"snapshot": {"wal_wait": "0"}}))
         assert time.monotonic() - switched < 55, "archive_timeout may have archived the segment meanwhile"
     finally:
         for dataset in tb.datasets:
@@ -564,4 +566,7 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
     assert drill.stdout.startswith("OK: drill of set %s " % story.sets[1]), drill.stdout
     assert "newer set %s waits for WAL %s" % (newest, listing[newest]["waiting_for_wal"]) in drill.stdout
     assert refused.returncode == 1 and "cannot restore yet: set %s is waiting for WAL" % newest in refused.stderr
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert checked.stdout.startswith("PG_ZFS_SNAP WARNING - newest set %s " % newest)
+    assert "waiting for WAL %s" % listing[newest]["waiting_for_wal"] in checked.stdout
     assert our_clones(tb) == []

@@ -384,6 +384,24 @@ def test_check_states():
     assert perf == "age=%ds sets=1" % age
 
 
+def test_check_notes_a_newest_set_waiting_for_wal_and_warns_once_it_waited_wal_wait():
+    sets = sets_at("2026-11-25 04:00:00", stop_lsn="0/3000100", timeline="1", start_lsn="0/3000028")
+    age = NOW - utc("2026-11-25 04:00:00")
+    assert snap.waiting_segment(sets[-1], ["000000010000000000000002"]) == "000000010000000000000003"
+    assert snap.waiting_segment(sets[-1], ["000000010000000000000003"]) is None
+    assert snap.waiting_segment(sets[-1], ["000000020000000000000004"]) is None   # a later timeline
+    assert snap.waiting_segment(sets[-1], None) is None                          # archive not listed
+    state, text, _ = snap.check_state(sets, NOW, age + 10, age + 20, ["000000010000000000000002"], age + 1)
+    assert state == 0 and "waiting for WAL 000000010000000000000003" in text
+    state, text, _ = snap.check_state(sets, NOW, age + 10, age + 20, ["000000010000000000000002"], age)
+    assert state == 1 and "waiting for WAL 000000010000000000000003" in text
+    state, text, _ = snap.check_state(sets, NOW, age + 10, age + 20, ["000000010000000000000003"], 0)
+    assert state == 0 and "waiting" not in text
+    # A stop LSN at a segment's first byte: the backup ended with the segment before.
+    at_boundary = sets_at("2026-11-25 04:00:00", stop_lsn="0/4000000", timeline="1", start_lsn="0/3000028")
+    assert snap.waiting_segment(at_boundary[-1], ["000000010000000000000003"]) is None
+
+
 def test_check_without_complete_sets_is_critical():
     sets = snap.group_sets(rows_for("pgzfs_20261125T040100Z", stop_lsn=""), "pgzfs")
     assert snap.check_state(sets, NOW, 10, 20) == (2, "no complete snapshot set", "sets=0")
