@@ -3,7 +3,7 @@
 
 Run as root, from the repository:
 
-    python3 bench/wal_fetch.py [--segments 64] [--pg 15]
+    python3 bench/wal_fetch.py [--segments 64] [--pg 15] [--baseline-rev REV]
 
 Builds everything under a fresh /tmp directory and removes it at the end: a
 PostgreSQL primary archiving into ARCH/primary/, a base backup taken before
@@ -26,8 +26,17 @@ refuses it).
    (d) pg_wal_fetch.py, prefetch = 0; (e) pg_wal_fetch.py, prefetch = 8.
    Targets: (e) within 1.3x of (c), at least 5x faster than (b).
 2. Recovery of the base backup replaying the segments with restore_command
-   (a) and (e), from `pg_ctl start` to the end of recovery.
-   Target: (e) within 1.2x of (a).
+   (a) and (e), from `pg_ctl start` to the end of recovery; with
+   --baseline-rev REV also (f): pg_wal_fetch.py as it was at git revision REV
+   (e.g. the one before whole-segment validation), prefetch = 8.
+   Targets: (e) within 1.2x of (a); (e) within 1.1x of (f).
+3. Whole-segment validation, per segment, in the client's Python: the page
+   headers (check_pages), the records by pg_waldump (one process per
+   segment), the records in Python (walk_records, where there is no
+   pg_waldump; on three segments); against cp of the segment.
+4. Delivery from a warm spool (the segment waiting in the spool, one process
+   per file, as PostgreSQL calls it) against cp of the same file, both run as
+   postgres through runuser. Target: within 2.5x of cp.
 """
 
 import argparse
@@ -231,6 +240,37 @@ class Bench(object):
         shutil.rmtree(data)
         return elapsed, restored
 
+    # -- validation and the spool -------------------------------------------
+
+    def validation_costs(self):
+        """[(label, median seconds per segment)] of each check, timed in the client's Python."""
+        code = VALIDATION_TIMER % {"script": SCRIPT, "wal_dir": self.wal_dir, "pgdata": self.pgdata,
+                                   "scratch": self.run_dir, "names": " ".join(self.names)}
+        out = sh([self.python, "-c", code], user=PG_USER, timeout=3600).stdout
+        return [(line.split("\t")[0], float(line.split("\t")[1])) for line in out.splitlines() if "\t" in line]
+
+    def spool_deliveries(self):
+        """(cp ms, pg_wal_fetch-from-the-spool ms): medians over every segment, the file put in
+        the spool (or a local directory) before each call, untimed."""
+        target = os.path.join(self.run_dir, "spooltarget")
+        shutil.rmtree(target, ignore_errors=True)
+        os.makedirs(os.path.join(target, "pg_wal"))
+        os.makedirs(os.path.join(target, "global"))
+        shutil.copy(os.path.join(self.pgdata, "global", "pg_control"), os.path.join(target, "global"))
+        shutil.copy(os.path.join(self.pgdata, "PG_VERSION"), target)
+        spool_root = os.path.join(self.run_dir, "spool_w")
+        config = self.write_config(8, spool_root, os.path.join(self.run_dir, "cw"))
+        stage = os.path.join(self.run_dir, "stage")
+        os.makedirs(stage)
+        sh(["chown", "-R", PG_USER, target, stage])
+        timer = SPOOL_TIMER % {"script": SCRIPT, "python": self.python, "config": config, "target": target,
+                               "wal_dir": self.wal_dir, "stage": stage, "spool_root": spool_root,
+                               "names": " ".join(self.names)}
+        out = sh([self.python, "-c", timer], user=PG_USER, timeout=3600).stdout.split()
+        shutil.rmtree(target)
+        shutil.rmtree(stage)
+        return float(out[0]) * 1000, float(out[1]) * 1000
+
     def teardown(self):
         for pid in self.sshd_pids:
             try:
@@ -238,6 +278,102 @@ class Bench(object):
             except OSError:
                 pass
         sh([self.pg("pg_ctl"), "stop", "-m", "immediate", "-D", self.pgdata], user=PG_USER, check=False)
+
+
+VALIDATION_TIMER = r"""
+import importlib.util, os, shutil, sys, time
+spec = importlib.util.spec_from_file_location("fetch", "%(script)s")
+fetch = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fetch)
+with open(os.path.join("%(pgdata)s", "PG_VERSION")) as version:
+    major = version.read().strip()
+cluster = fetch.Cluster(None, major)
+waldump = fetch.find_waldump("", major)
+names = "%(names)s".split()
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+def staged(name):
+    file = fetch.StagedFile("%(scratch)s")
+    with open(os.path.join("%(wal_dir)s", name), "rb") as segment:
+        file.write(segment.read())
+    file.file.flush()
+    return file
+
+cp, pages, dump, walk = [], [], [], []
+import mmap
+for index, name in enumerate(names):
+    started = time.time()
+    shutil.copy(os.path.join("%(wal_dir)s", name), os.path.join("%(scratch)s", "cp.tmp"))
+    cp.append(time.time() - started)
+    file = staged(name)
+    with mmap.mmap(file.file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        started = time.time()
+        assert fetch.check_pages(data, name, cluster.magics) is None
+        pages.append(time.time() - started)
+        if waldump:
+            started = time.time()
+            code, message = fetch.run_waldump(waldump, file, name, 60)
+            dump.append(time.time() - started)
+            assert code == 0, message
+        if index < 3:
+            engine = fetch.crc32c_engine()
+            started = time.time()
+            assert fetch.walk_records(data, name, "segment", engine) is None
+            walk.append(time.time() - started)
+    file.discard()
+os.unlink(os.path.join("%(scratch)s", "cp.tmp"))
+print("cp of the segment	%%f" %% median(cp))
+print("page headers (check_pages)	%%f" %% median(pages))
+if dump:
+    print("records by %%s	%%f" %% (os.path.basename(waldump), median(dump)))
+print("records in Python (walk_records)	%%f" %% median(walk))
+"""
+
+SPOOL_TIMER = r"""
+import hashlib, os, shutil, subprocess, time
+names = "%(names)s".split()
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+target = "%(target)s"
+spool = None
+cp, spool_times = [], []
+for name in names:
+    source = os.path.join("%(wal_dir)s", name)
+    dest = os.path.join(target, "pg_wal", "RECOVERYXLOG")
+    started = time.time()
+    subprocess.check_call(["cp", source, dest])
+    cp.append(time.time() - started)
+    os.unlink(dest)
+    if spool is None:
+        # The first call fetches over ssh and makes this data directory's spool.
+        subprocess.check_call(["%(python)s", "%(script)s", "-c", "%(config)s", name, "pg_wal/RECOVERYXLOG"],
+                              cwd=target)
+        os.unlink(dest)
+        spool = [os.path.join("%(spool_root)s", d) for d in os.listdir("%(spool_root)s")][0]
+        # Hold the prefetch lock (once the prefetcher this call started has ended):
+        # no prefetcher competes for the 2 cores while deliveries are timed.
+        import fcntl
+        lock = open(os.path.join(spool, ".prefetch.lock"), "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        continue
+    # Stage on the spool's file system, then into the spool: a warm spool, as a
+    # prefetcher leaves it.
+    staged = os.path.join(spool, ".bench.tmp")
+    shutil.copy(source, staged)
+    os.rename(staged, os.path.join(spool, name))
+    started = time.time()
+    subprocess.check_call(["%(python)s", "%(script)s", "-c", "%(config)s", name, "pg_wal/RECOVERYXLOG"],
+                          cwd=target)
+    spool_times.append(time.time() - started)
+    os.unlink(dest)
+print(median(cp), median(spool_times))
+"""
 
 
 def shell_quote(text):
@@ -248,6 +384,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--segments", type=int, default=64)
     parser.add_argument("--pg", default="15")
+    parser.add_argument("--baseline-rev", help="also recover with bin/pg_wal_fetch.py of this git revision")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (sshd, runuser)")
@@ -300,6 +437,30 @@ def main():
             print("  (%s) %-36s %7.2f s  (%d files restored)" % (key, labels[key], recovery[key][0],
                                                               recovery[key][1]))
         print("  (e)/(a) = %.2f (target <= 1.2)" % (recovery["e"][0] / recovery["a"][0]))
+        if args.baseline_rev:
+            old_script = os.path.join(run_dir, "pg_wal_fetch_%s.py" % args.baseline_rev[:12])
+            with open(old_script, "w") as out:
+                out.write(sh(["git", "-C", REPO, "show", "%s:bin/pg_wal_fetch.py" % args.baseline_rev]).stdout)
+            os.chmod(old_script, 0o755)
+            config = bench.write_config(8, os.path.join(run_dir, "spool_f"), os.path.join(run_dir, "cf"))
+            try:
+                recovery["f"] = bench.recover("%s %s -c %s %%f %%p" % (bench.python, old_script, config))
+            finally:
+                bench.close_masters(os.path.join(run_dir, "cf"))
+            print("  (f) pg_wal_fetch.py at %-14s       %7.2f s  (%d files restored)"
+                  % (args.baseline_rev[:12], recovery["f"][0], recovery["f"][1]))
+            print("  (e)/(f) = %.2f (target <= 1.1: validation costs at most 10%%)"
+                  % (recovery["e"][0] / recovery["f"][0]))
+
+        print("\n3. whole-segment validation, per 16 MiB segment (median; client Python)")
+        for label, seconds in bench.validation_costs():
+            print("  %-44s %8.1f ms" % (label, seconds * 1000))
+
+        cp_ms, spool_ms = bench.spool_deliveries()
+        print("\n4. delivery from a warm spool, one process per file (median of %d)" % n)
+        print("  cp of the same file (runuser)              %8.1f ms" % cp_ms)
+        print("  pg_wal_fetch.py from the spool (runuser)   %8.1f ms" % spool_ms)
+        print("  spool/cp = %.2f (target <= 2.5)" % (spool_ms / cp_ms))
     finally:
         bench.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -16,36 +16,69 @@ What it does, in order:
   1. Refuse any WALNAME that is not a segment (24 hex digits), a .partial
      segment, a TTTTTTTT.history or a .backup file, before anything runs.
   2. Deliver from the prefetch spool if a valid copy is there (no network).
-  3. Otherwise try each source in order (one whose probe failed in the last
-     60 s goes last, never skipped: a dead host does not cost its probe
-     timeout on every file): a quick probe (ping, tcp or none), then ONE
-     ssh command over a shared connection (ControlMaster) that finds the first
-     NAME, NAME.gz, NAME.bz2 or NAME.xz under the source's directory glob and
-     streams it. A local source (empty host) reads the glob directly.
-  4. Check a segment before PostgreSQL sees it: size as its page header says
-     (xlp_seg_size), page magic of the cluster's version, first page address
-     and timeline matching the name, system identifier of the cluster
-     (global/pg_control of the data directory, or [postgres]
-     system_identifier). A bad copy counts as absent on that source.
-  5. Deliver atomically: an unnamed temporary file beside DEST, linked into
+  3. Otherwise try each source in order (one that failed in the last 60 s,
+     by its probe, a stall or no answer, goes last, never skipped): a quick
+     probe (ping; tcp waits for sshd's banner; or none), then ONE ssh command
+     over a shared connection (ControlMaster) that streams the first copy
+     of the name under the source's directory glob. Every copy is tried, in
+     order, until one is valid: each directory the glob matches, and in each
+     NAME, NAME.gz, NAME.bz2, NAME.xz. A local source (empty host) reads the
+     glob directly.
+  4. Limits per source: no byte for [archive] stall_timeout seconds, or its
+     share of [archive] timeout used up (the time left divided by the sources
+     left), and the source is given up for the next one.
+  5. Check a segment whole before PostgreSQL sees it: its size (as its first
+     page states, checked while it arrives, decompressed output capped
+     there), every page header (magic of the cluster's version, address,
+     timeline, flags; zero pages only at the end), the system identifier,
+     and every record that lies wholly inside it (length, link to the
+     previous record, CRC-32C) by the cluster's pg_waldump ([postgres] bindir,
+     the running server's, /usr/pgsql-N/bin or /usr/lib/postgresql/N/bin), or
+     in Python (seconds per segment) where there is none. A segment must run
+     to its end or end with a WAL switch. A bad copy counts as absent on that
+     source. What cannot be checked: the one record that continues into the
+     next segment (PostgreSQL checks it when it reads it), and of a .history
+     file only its format.
+  6. Deliver atomically: an unnamed temporary file beside DEST, linked into
      place when complete; nothing at DEST on any failure, SIGTERM included.
-  6. After a segment, start (detached, one at a time) a prefetch of the next
+  7. After a segment, start (detached, one at a time) a prefetch of the next
      [archive] prefetch segments of the timeline into a spool of this data
-     directory's own below [archive] spool_dir (a restored clone and the
-     standby share a config, not a prefetch window).
+     directory's own below [archive] spool_dir, each checked whole before it
+     is spooled. A spool whose data directory is gone is removed by the next
+     call that fetches from a source.
+
+Doubt stops a point-in-time restore: PostgreSQL reads every exit code up to
+125 as "not found", and in archive recovery (recovery.signal without
+standby.signal; recovery.conf without standby_mode = on) "not found" means
+"the archive ends here: open the database". So "not found" (1) is said only
+when every source cleanly answered that it has no copy. When a segment is
+missing in archive recovery and a source was unreachable, stalled, matched
+no directory, or had only bad copies, the exit code is 200: PostgreSQL stops
+the recovery (FATAL) instead of opening a copy short of what the archive
+holds, and this line in its log says why:
+
+    pg_wal_fetch: ERROR: stopping recovery at 000000010000000000000005: [source host25] unreachable (probe ping); [source host26] absent
+
+A standby (standby.signal, standby_mode = on) keeps retrying instead: there
+every exit code stays at 125 or below. History files never stop a recovery
+(PostgreSQL probes for timelines that do not exist at every start and end).
 
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
-    [archive] sources, spool_dir, prefetch, timeout,
+    [archive] sources, spool_dir, prefetch, timeout, stall_timeout,
               control_dir, control_persist, connect_timeout
     [source NAME] host, port, user, path, probe, identity_file, ssh_options
-    [postgres] pgdata, system_identifier
+    [postgres] pgdata, system_identifier, bindir
 
-Exit codes (PostgreSQL aborts recovery on a signal or a code above 125; no
-path of this command exits above 125):
-    0  delivered
-    1  not found on any reachable source (normal at the end of the archive)
-    2  bad arguments, bad config, or an invalid WAL name
-    3  no source reachable, or every transfer failed, or [archive] timeout hit
+Exit codes:
+    0    delivered
+    1    not found: every source answered that it has no copy (the normal
+         end of the archive)
+    2    bad arguments, bad config, or an invalid WAL name (in archive
+         recovery: 200)
+    3    not delivered, and not every source said absent (a source
+         unreachable or stalled, only bad copies, no archive directory,
+         [archive] timeout); in archive recovery of a segment: 200
+    200  archive recovery of a segment in doubt (see above): PostgreSQL stops
     SIGTERM (PostgreSQL shutting down): clean up, then end by SIGTERM itself.
 """
 
@@ -69,9 +102,15 @@ DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 log = logging.getLogger(PROG)
 
 DELIVERED, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
+# Above 125: PostgreSQL's startup process ends with FATAL instead of taking
+# "not found" for the end of the archive (RestoreArchivedFile, 9.6 to 18).
+STOP_RECOVERY = 200
 
-# Outcome of one source for one file.
-FOUND, ABSENT, INVALID, UNREACHABLE, FAILED = "found", "absent", "invalid", "unreachable", "failed"
+# Outcome of one source for one file. Only FOUND and ABSENT are certain:
+# every other one leaves the question "is this the end of the archive?" open.
+FOUND, ABSENT, INVALID = "found", "absent", "invalid"
+UNREACHABLE, STALLED, FAILED, NO_DIRECTORY = "unreachable", "stalled", "failed", "no archive directory"
+NO_MORE = "no more copies"   # asked for copy k of a name that has fewer
 
 HEX = frozenset("0123456789ABCDEF")
 SEGMENT_NAME_LEN = 24
@@ -97,6 +136,9 @@ SPOOL_WANT = ".prefetch.want"
 SPOOL_LOG = ".prefetch.log"
 PREFETCH_LINGER = 2.0    # seconds an idle prefetcher waits for the next request
 DOWN_MEMO = 60.0         # seconds a source whose probe failed is tried last
+SPOOL_OWNER = ".pgdata"  # in each spool: the data directory it serves
+STOP_MARK = "stopping recovery at"
+
 
 # ---------------------------------------------------------------------------
 # The helpers every pg_zfs script carries (config, logging, commands).
@@ -345,8 +387,14 @@ def check_segment(header, size, wal_name, system_identifier, magics):
     return None
 
 
-def check_text_file(kind, content, size):
-    """None if content (the whole file) is a plausible .history or .backup file; else why not."""
+def check_text_file(kind, content, size, timeline=None):
+    """None if content (the whole file) is a plausible .history or .backup file; else why not.
+
+    A .history file is read as PostgreSQL reads it (readTimeLineHistory): each
+    line not blank or a comment is "TLI<tab>X/Y<tab>reason", the timeline IDs
+    increasing and below the file's own (timeline), the switch points not going
+    back. Whether those switch points are the right ones cannot be checked.
+    """
     if size == 0:
         return "empty file"
     if size > MAX_TEXT_FILE:
@@ -356,10 +404,33 @@ def check_text_file(kind, content, size):
     if kind == "backup" and not content.startswith(b"START WAL LOCATION:"):
         return "not a backup history file (no START WAL LOCATION)"
     if kind == "history":
-        for line in content.splitlines():
-            line = line.strip()
-            if line and not line.startswith(b"#") and not line[:1].isdigit():
-                return "not a timeline history file (line %r)" % line[:40]
+        return check_history(content, timeline)
+    return None
+
+
+def check_history(content, timeline):
+    """None if content is a timeline history file of timeline (an int, or None); else why not."""
+    last_tli, last_lsn = 0, -1
+    for number, raw in enumerate(content.splitlines(), 1):
+        line = raw.split(b"#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        try:
+            tli = int(fields[0])
+            high, low = fields[1].split(b"/")
+            lsn = (int(high, 16) << 32) | int(low, 16)
+        except (ValueError, IndexError):
+            return "not a timeline history file (line %d: %r)" % (number, raw[:40])
+        if tli <= last_tli:
+            return "timeline IDs not increasing at line %d" % number
+        if timeline is not None and tli >= timeline:
+            return "line %d names timeline %d, not below the file's %d" % (number, tli, timeline)
+        if lsn < last_lsn:
+            return "switch points going back at line %d" % number
+        last_tli, last_lsn = tli, lsn
+    if not last_tli:
+        return "no timeline in the history file"
     return None
 
 
@@ -368,16 +439,668 @@ def check_file(kind, wal_name, head, size, cluster):
     if kind in ("segment", "partial"):
         return check_segment(head, size, wal_name[:SEGMENT_NAME_LEN],
                              cluster.system_identifier, cluster.magics)
-    return check_text_file(kind, head, size)
+    return check_text_file(kind, head, size, int(wal_name[:8], 16) if kind == "history" else None)
 
 
-def exit_code_for(outcomes):
-    """The exit code for the outcomes of the sources tried, in order."""
+# Whole-segment checks: every page header, every record. Pure (no I/O), but
+# for crc32c_engine's kernel socket. Modules other than struct are imported
+# where they are used, as in the rest of pg_wal_fetch.py.
+#
+# Layout (src/include/access/xlog_internal.h, xlogrecord.h; the same from 9.5
+# to 18): a segment is pages of XLOG_BLCKSZ bytes; each page starts with a
+# header (40 bytes on the segment's first page, 24 on the others). Records
+# start MAXALIGNed (8) and run across pages: a page that continues a record
+# has XLP_FIRST_IS_CONTRECORD and xlp_rem_len = the bytes of it still to
+# come. A record is a 24-byte header (xl_tot_len, xl_xid, xl_prev, xl_info,
+# xl_rmid, 2 pad bytes, xl_crc) and its data; xl_crc is CRC-32C over the data,
+# then over the header's first 20 bytes.
+# ---------------------------------------------------------------------------
+
+# XLogPageHeaderData without its MAXALIGN padding: xlp_magic, xlp_info,
+# xlp_tli, xlp_pageaddr, xlp_rem_len.
+PAGE_HEADER = struct.Struct("=HHIQI")
+SHORT_HEADER_SIZE = 24           # SizeOfXLogShortPHD = MAXALIGN(20)
+LONG_HEADER_SIZE = 40            # SizeOfXLogLongPHD
+XLP_FIRST_IS_CONTRECORD = 0x0001
+XLP_BKP_REMOVABLE = 0x0004
+XLP_FIRST_IS_OVERWRITE_CONTRECORD = 0x0008
+XLP_ALL_FLAGS = 0x000F
+# XLogRecord: xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid, 2 pad, xl_crc.
+RECORD_HEADER = struct.Struct("=IIQBB2xI")
+RECORD_HEADER_SIZE = 24
+RECORD_CRC_SPAN = 20             # offsetof(XLogRecord, xl_crc)
+RM_XLOG_ID = 0
+XLOG_SWITCH = 0x40
+MAX_RECORD_LEN = 0x3FFFFFFF      # MaxAllocSize: no reader accepts more
+ZERO_PAGE = bytes(8192)
+CRC_BATCH = 65536                # records whose CRCs are computed together
+
+
+def format_lsn(lsn):
+    """An LSN as PostgreSQL prints it: X/X in upper-case hex."""
+    return "%X/%X" % (lsn >> 32, lsn & 0xFFFFFFFF)
+
+
+def page_geometry(segment):
+    """(XLOG_BLCKSZ, None) from the long header of a segment's first page, or
+    (None, reason) when the bytes cannot be cut into such pages."""
+    if len(segment) < LONG_HEADER.size:
+        return None, "only %d bytes, not a WAL segment" % len(segment)
+    blcksz = LONG_HEADER.unpack_from(segment)[7]
+    if not (is_power_of_two(blcksz) and 1024 <= blcksz <= 65536):
+        return None, "implausible WAL block size %d in the header" % blcksz
+    if len(segment) % blcksz:
+        return None, "%d bytes is not a whole number of %d-byte pages" % (len(segment), blcksz)
+    return blcksz, None
+
+
+def page_place(offset, blcksz):
+    return "page %d (offset %d)" % (offset // blcksz, offset)
+
+
+def is_stale_page(pageaddr, offset, segment_lsn, seg_size):
+    """True if a page header at offset with this address belongs to an older
+    segment: what a recycled segment file holds where nothing was written."""
+    return pageaddr < segment_lsn + offset and (segment_lsn + offset - pageaddr) % seg_size == 0
+
+
+def check_pages(segment, wal_name, magics, kind="segment"):
+    """None if every page of segment (the whole file, decompressed: bytes,
+    memoryview or mmap) is a valid page header of this segment or all zeros,
+    with no page header after a zero page; else the first problem, naming the
+    page: "page 100 (offset 819200): page address 0/20C8001, expected 0/20C8000".
+
+    A valid header has a magic of magics, the address of its place in the
+    segment, a timeline from 1 to the name's that never goes down (the first
+    segment of a timeline starts with its parent's pages), only known
+    xlp_info bits (XLP_LONG_HEADER on the first page only) and no xlp_rem_len
+    without XLP_FIRST_IS_CONTRECORD. Kind "partial" (a .partial file) also
+    takes, where it takes zeros, pages of an older segment: a .partial is the
+    file the server was writing, often a recycled one, whose pages after the
+    last one written are still the older segment's. Call it after
+    check_segment accepted the first page and the size.
+    """
+    blcksz, problem = page_geometry(segment)
+    if problem:
+        return problem
+    size = len(segment)
+    name_timeline, log_id, seg = parse_segment_name(wal_name)
+    segment_lsn = log_id * 0x100000000 + seg * size
+    zero_page = ZERO_PAGE if blcksz == len(ZERO_PAGE) else bytes(blcksz)
+    unpack = PAGE_HEADER.unpack_from
+    other_flags = XLP_ALL_FLAGS & ~XLP_LONG_HEADER
+    partial = kind == "partial"
+    last_timeline = 1
+    unwritten_since = None        # the first page of zeros (or, in a .partial, stale)
+    for offset in range(0, size, blcksz):
+        magic, xlp_info, timeline, pageaddr, rem_len = unpack(segment, offset)
+        # One test for the usual page; the details only when it fails.
+        if (unwritten_since is None and magic in magics and offset
+                and pageaddr == segment_lsn + offset
+                and last_timeline <= timeline <= name_timeline
+                and not xlp_info & ~other_flags
+                and (xlp_info & XLP_FIRST_IS_CONTRECORD or not rem_len)):
+            last_timeline = timeline
+            continue
+        place = page_place(offset, blcksz)
+        if offset and ((magic == 0 and segment[offset:offset + blcksz] == zero_page)
+                       or (partial and magic in magics
+                           and is_stale_page(pageaddr, offset, segment_lsn, size))):
+            if unwritten_since is None:
+                unwritten_since = offset
+            continue
+        if unwritten_since is not None:
+            return "%s: data after the %s %s (a hole)" % (
+                place, "unwritten" if partial else "zero-filled", page_place(unwritten_since, blcksz))
+        if magic not in magics:
+            return "%s: page magic 0x%04X, expected %s" % (
+                place, magic, " or ".join("0x%04X" % m for m in sorted(magics)[:3])
+                + (" ..." if len(magics) > 3 else ""))
+        if pageaddr != segment_lsn + offset:
+            return "%s: page address %s, expected %s" % (
+                place, format_lsn(pageaddr), format_lsn(segment_lsn + offset))
+        if not 1 <= timeline <= name_timeline:
+            return "%s: timeline %d does not fit timeline %d of the name" % (place, timeline, name_timeline)
+        if timeline < last_timeline:
+            return "%s: timeline %d after timeline %d" % (place, timeline, last_timeline)
+        allowed = XLP_ALL_FLAGS if offset == 0 else other_flags
+        if xlp_info & ~allowed:
+            return "%s: unknown page flags 0x%04X" % (place, xlp_info & ~allowed)
+        if offset == 0 and not xlp_info & XLP_LONG_HEADER:
+            return "%s: first page has no long header" % place
+        if rem_len and not xlp_info & XLP_FIRST_IS_CONTRECORD:
+            return "%s: %d bytes of a record to come, but no continuation flag" % (place, rem_len)
+        last_timeline = timeline
+    return None
+
+
+def written_end(segment, blcksz, segment_lsn):
+    """(end of the data, end of the pages) a server wrote into a .partial
+    segment (bytes), as offsets: its trailing pages of zeros or of an older
+    segment (a recycled file) were never written, nor were the zeros at the
+    end of its last written page."""
+    zero_page = ZERO_PAGE if blcksz == len(ZERO_PAGE) else bytes(blcksz)
+    end = len(segment)
+    while end > blcksz:
+        page = end - blcksz
+        if segment[page:end] != zero_page and not is_stale_page(
+                PAGE_HEADER.unpack_from(segment, page)[3], page, segment_lsn, len(segment)):
+            break
+        end = page
+    page = end - blcksz
+    return page + len(segment[page:end].rstrip(b"\0")), end
+
+
+def check_tail(segment, offset, blcksz, segment_lsn, what, partial=False):
+    """None if every byte of segment (bytes) from offset to its end is zero,
+    but for headers of empty pages (9.6 and 10 leave those after a switch
+    record) and, in a .partial, pages of an older segment; else the reason,
+    naming the place and what the data follows."""
+    page_end = offset - offset % blcksz + blcksz if offset % blcksz else offset
+    zero_page = ZERO_PAGE if blcksz == len(ZERO_PAGE) else bytes(blcksz)
+    rest = segment[offset:page_end]
+    if rest != zero_page[:page_end - offset]:
+        return "data after %s, at %s" % (
+            what, format_lsn(segment_lsn + offset + len(rest) - len(rest.lstrip(b"\0"))))
+    for page in range(page_end, len(segment), blcksz):
+        if segment[page:page + blcksz] == zero_page:
+            continue
+        _magic, xlp_info, _tli, pageaddr, rem_len = PAGE_HEADER.unpack_from(segment, page)
+        if partial and is_stale_page(pageaddr, page, segment_lsn, len(segment)):
+            continue
+        header_size = LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+        if (xlp_info & (XLP_FIRST_IS_CONTRECORD | XLP_FIRST_IS_OVERWRITE_CONTRECORD) or rem_len
+                or segment[page + header_size:page + blcksz] != zero_page[header_size:]):
+            return "%s: data after %s" % (page_place(page, blcksz), what)
+    return None
+
+
+def first_crc_mismatch(records, crc32c):
+    """The reason for the first of records [(lsn, parts, xl_crc)] whose
+    CRC-32C (crc32c: see crc32c_engine) is not its xl_crc, else None."""
+    if not records:
+        return None
+    messages = [record[1] for record in records]
+    many = getattr(crc32c, "many", None)
+    computed = many(messages) if many else [crc32c(parts) for parts in messages]
+    if computed == [record[2] for record in records]:
+        return None
+    for (lsn, _parts, stored), crc in zip(records, computed):
+        if crc != stored:
+            return "record at %s: CRC mismatch (xl_crc %08X, computed %08X)" % (format_lsn(lsn), stored, crc)
+    return None
+
+
+def walk_records(segment, wal_name, kind, crc32c):
+    """None if the chain of XLOG records in segment (the whole file,
+    decompressed: bytes, memoryview or mmap) is intact; else the first problem, naming the
+    LSN: "record at 0/24C4A68: CRC mismatch (...)". Never raises on bad bytes.
+
+    Checks what PostgreSQL's reader checks (xlogreader.c, 9.6 to 18): from the
+    first record that starts in the segment (the tail of a record from the
+    previous segment is skipped, its page chain checked), each record's
+    length, its xl_prev link to the record before (the first one's only below
+    its own LSN), its CRC-32C (crc32c: see crc32c_engine), and every
+    continuation page's flag and remaining length. A record that goes on into
+    the next segment is checked as far as it goes, without its CRC; a
+    segment entirely inside one record is valid when its page chain is.
+
+    Where it ends: kind "segment" must end with its last page full or with an
+    XLOG_SWITCH record followed only by zeros (or empty page headers, 9.6 and
+    10); WAL that stops earlier is a zero-filled or truncated copy. Kind
+    "partial" (a .partial file) may stop after any record, zeros following,
+    and its last record may be cut off where the file's written pages end
+    (zeros, or an older segment's pages: see written_end).
+    Expects the page headers to have passed check_pages.
+    """
+    blcksz, problem = page_geometry(segment)
+    if problem:
+        return problem
+    if not isinstance(segment, bytes):
+        segment = bytes(segment)      # slices of bytes are the cheapest to take and join
+    size = len(segment)
+    _timeline, log_id, seg = parse_segment_name(wal_name)
+    segment_lsn = log_id * 0x100000000 + seg * size
+    partial = kind == "partial"
+    # A .partial ends where its server stopped writing: zeros after data_end,
+    # then (from pages_end) pages of zeros or of an older segment, into which
+    # its last record may run. A complete segment is never cut off.
+    data_end, pages_end = written_end(segment, blcksz, segment_lsn) if partial else (size, size)
+    unpack_record = RECORD_HEADER.unpack_from
+    unpack_page = PAGE_HEADER.unpack_from
+    checked = []              # [(lsn, CRC parts, xl_crc)] of records waiting for their CRC
+
+    def finish(problem):
+        """The earliest problem: a CRC mismatch before the structural one wins."""
+        return first_crc_mismatch(checked, crc32c) or problem
+
+    def end_of_wal(offset, record_lsn=None):
+        if partial and offset >= data_end:
+            return finish(None)
+        inside = " inside the record at %s" % format_lsn(record_lsn) if record_lsn is not None else ""
+        if partial:
+            return finish("WAL ends at %s%s, but the file has data up to %s" % (
+                format_lsn(segment_lsn + offset), inside, format_lsn(segment_lsn + data_end)))
+        return finish("WAL ends at %s%s without a switch record: zero-filled or truncated copy" % (
+            format_lsn(segment_lsn + offset), inside))
+
+    # Skip the tail of the record that began in an earlier segment.
+    magic, xlp_info, _tli, _addr, remaining = unpack_page(segment, 0)
+    pos = LONG_HEADER_SIZE
+    page = 0
+    while xlp_info & XLP_FIRST_IS_CONTRECORD:
+        header_size = LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+        if remaining <= blcksz - header_size:
+            pos = (page + header_size + remaining + 7) & ~7
+            break
+        remaining -= blcksz - header_size
+        page += blcksz
+        if page >= pages_end:
+            return None            # the whole segment (all of it written) is inside one record
+        magic, xlp_info, _tli, _addr, rem_len = unpack_page(segment, page)
+        pos = page + SHORT_HEADER_SIZE
+        if magic == 0:
+            return end_of_wal(page)
+        if xlp_info & XLP_FIRST_IS_CONTRECORD and rem_len != remaining:
+            return "%s: %d bytes of the first record to come, expected %d" % (
+                page_place(page, blcksz), rem_len, remaining)
+        if not xlp_info & (XLP_FIRST_IS_CONTRECORD | XLP_FIRST_IS_OVERWRITE_CONTRECORD):
+            return "%s: no continuation flag, %d bytes of the first record to come" % (
+                page_place(page, blcksz), remaining)
+
+    prev_lsn = None
+    while True:
+        if len(checked) >= CRC_BATCH:
+            problem = first_crc_mismatch(checked, crc32c)
+            if problem:
+                return problem
+            checked = []
+        if pos % blcksz == 0:
+            # A record ended at a page end: the next one starts after the header.
+            if pos >= pages_end:
+                return finish(None)
+            magic, xlp_info, _tli, _addr, _rem = unpack_page(segment, pos)
+            if magic == 0:
+                return end_of_wal(pos)
+            if xlp_info & XLP_FIRST_IS_CONTRECORD:
+                return finish("%s: continuation flag, but the record before %s ended on the page before" % (
+                    page_place(pos, blcksz), format_lsn(segment_lsn + pos)))
+            pos += LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+        page_end = pos - pos % blcksz + blcksz
+        # The usual records: whole on this page, each linked to the one before.
+        # (The hot loop of the walk: constants as locals, 24 = the header size.)
+        append, crc_span = checked.append, RECORD_CRC_SPAN
+        while page_end - pos >= 24:
+            tot_len, _xid, xl_prev, xl_info, xl_rmid, xl_crc = unpack_record(segment, pos)
+            end = pos + tot_len
+            if xl_prev != prev_lsn or end > page_end or tot_len < 24:
+                break
+            prev_lsn = segment_lsn + pos
+            append((prev_lsn, (segment[pos + 24:end], segment[pos:pos + crc_span]), xl_crc))
+            if xl_rmid == 0 and xl_info & 0xF0 == XLOG_SWITCH:
+                return finish(check_tail(segment, end, blcksz, segment_lsn,
+                                         "the switch record at %s" % format_lsn(prev_lsn), partial))
+            pos = (end + 7) & ~7
+        if pos == page_end:
+            continue
+
+        # Anything else: the first record, one across pages, the end of WAL, damage.
+        lsn = segment_lsn + pos
+        if page_end - pos < 8:
+            return finish("record at %s: starts %d bytes before a page end" % (format_lsn(lsn), page_end - pos))
+        tot_len = struct.unpack_from("=I", segment, pos)[0]
+        if tot_len == 0:
+            return end_of_wal(pos)
+        if not RECORD_HEADER_SIZE <= tot_len <= MAX_RECORD_LEN:
+            return finish("record at %s: invalid record length %d" % (format_lsn(lsn), tot_len))
+        pieces = [segment[pos:min(page_end, pos + tot_len)]]
+        got = len(pieces[0])
+        end = pos + got
+        page = page_end
+        aborted = False
+        while got < tot_len and page < size:
+            if page >= pages_end:
+                return finish(None)            # the .partial stops inside its last record
+            magic, xlp_info, _tli, _addr, rem_len = unpack_page(segment, page)
+            if magic == 0:
+                return end_of_wal(page, lsn)
+            if not xlp_info & XLP_FIRST_IS_CONTRECORD:
+                if xlp_info & XLP_FIRST_IS_OVERWRITE_CONTRECORD:
+                    # The rest of this record was never written (WAL ended
+                    # inside it and a later server wrote over its place): the
+                    # page says so, and reading goes on after its header.
+                    aborted = True
+                    break
+                return finish("record at %s: %s has no continuation flag" % (
+                    format_lsn(lsn), page_place(page, blcksz)))
+            if rem_len != tot_len - got:
+                return finish("record at %s: %s says %d bytes to come, expected %d" % (
+                    format_lsn(lsn), page_place(page, blcksz), rem_len, tot_len - got))
+            header_size = LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+            take = min(blcksz - header_size, tot_len - got)
+            pieces.append(segment[page + header_size:page + header_size + take])
+            got += take
+            end = page + header_size + take
+            page += blcksz
+        if aborted:
+            pos = page + (LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE)
+            prev_lsn = None
+            continue
+        record = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(record) < RECORD_HEADER_SIZE:
+            return finish(None)       # only the start of a header before the segment's end
+        _len, _xid, xl_prev, xl_info, xl_rmid, xl_crc = unpack_record(record)
+        if prev_lsn is None and not xl_prev < lsn:
+            return finish("record at %s: previous record link %s is not before it" % (
+                format_lsn(lsn), format_lsn(xl_prev)))
+        if prev_lsn is not None and xl_prev != prev_lsn:
+            return finish("record at %s: previous record link %s, expected %s" % (
+                format_lsn(lsn), format_lsn(xl_prev), format_lsn(prev_lsn)))
+        if got < tot_len:
+            return finish(None)       # goes on in the next segment: no CRC to check
+        checked.append((lsn, (record[RECORD_HEADER_SIZE:], record[:RECORD_CRC_SPAN]), xl_crc))
+        if xl_rmid == RM_XLOG_ID and xl_info & 0xF0 == XLOG_SWITCH:
+            return finish(check_tail(segment, end, blcksz, segment_lsn,
+                                     "the switch record at %s" % format_lsn(lsn), partial))
+        prev_lsn = lsn
+        pos = (end + 7) & ~7
+
+
+# ---------------------------------------------------------------------------
+# CRC-32C (Castagnoli), as in xl_crc.
+# ---------------------------------------------------------------------------
+
+CRC32C_POLY = 0x82F63B78         # reflected
+CRC32C_CHECK = 0xE3069283        # crc32c(b"123456789")
+# The 4 bytes after which a CRC-32C register started at 0 holds 0xFFFFFFFF:
+# put before a message (behind any number of zeros, which leave a register
+# at 0 unchanged) they stand for the initial value, so that messages of any
+# length can be computed side by side, right-aligned in lanes.
+CRC32C_INIT_PREFIX = b"\x54\x64\x1f\x64"
+CRC_LANE = 256                   # a longer message is cut into lanes of this size
+_crc32c_tables = []
+
+
+def crc32c_tables():
+    """(byte table, 4 translate tables, 4 tables of the CRC_LANE-zero-byte
+    shift, pads), built on first use. pads[n] right-aligns a message of n
+    bytes in a lane of n + 4 rounded up to 8: zeros, then the prefix."""
+    if _crc32c_tables:
+        return _crc32c_tables[0]
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _bit in range(8):
+            crc = (crc >> 1) ^ (CRC32C_POLY if crc & 1 else 0)
+        table.append(crc)
+    planes = tuple(bytes((entry >> shift) & 0xFF for entry in table) for shift in (0, 8, 16, 24))
+    # Moving a register over CRC_LANE zero bytes is linear: tabulate it per
+    # register byte from the images of the 32 single bits.
+    bits = []
+    for bit in range(32):
+        crc = 1 << bit
+        for _byte in range(CRC_LANE):
+            crc = table[crc & 0xFF] ^ (crc >> 8)
+        bits.append(crc)
+    shift = []
+    for byte_index in range(4):
+        column = [0] * 256
+        for byte in range(1, 256):
+            low = byte & -byte
+            column[byte] = column[byte ^ low] ^ bits[8 * byte_index + low.bit_length() - 1]
+        shift.append(column)
+    prefix = CRC32C_INIT_PREFIX
+    pads = tuple(bytes(-(length + len(prefix)) % 8) + prefix
+                 for length in range(CRC_LANE - len(prefix) + 1))
+    _crc32c_tables.append((table, planes, tuple(shift), pads))
+    return _crc32c_tables[0]
+
+
+def crc32c_lanes(buffer, width, starts, planes):
+    """The CRC-32C registers (started at 0, not inverted) of every width-byte
+    lane of buffer, in order. Each lane holds its bytes right-aligned behind
+    zeros; starts maps a length to the number of lanes that long, and no lane
+    is longer than one before it.
+
+    One table step per byte column, for all lanes at once: bytes.translate
+    looks the column up, int XORs it; a column only involves the lanes whose
+    bytes have begun (a prefix of them, as the longest come first).
+    """
+    lanes = len(buffer) // width
+    if not lanes:
+        return ()
+    from_bytes = int.from_bytes
+    plane0, plane1, plane2, plane3 = planes
+    reg0 = reg1 = reg2 = reg3 = 0      # byte k of every active lane's register
+    active = 0
+    for column in range(width):
+        active += starts.get(width - column, 0)
+        if not active:
+            continue
+        index = (reg0 ^ from_bytes(buffer[column:active * width:width], "little")).to_bytes(active, "little")
+        reg0 = from_bytes(index.translate(plane0), "little") ^ reg1
+        reg1 = from_bytes(index.translate(plane1), "little") ^ reg2
+        reg2 = from_bytes(index.translate(plane2), "little") ^ reg3
+        reg3 = from_bytes(index.translate(plane3), "little")
+    registers = bytearray(4 * lanes)
+    for byte_index, reg in enumerate((reg0, reg1, reg2, reg3)):
+        registers[byte_index::4] = reg.to_bytes(lanes, "little")
+    return struct.unpack("<%dI" % lanes, registers)
+
+
+def crc32c_python_many(messages):
+    """The CRC-32C (as stored in xl_crc) of each message, a sequence of
+    bytes-like parts, in pure Python, computed together (crc32c_lanes).
+
+    Each message gets a lane: the prefix and its bytes, right-aligned in a
+    lane of their length rounded up to 8 (lanes of one width are computed
+    together). A message longer than CRC_LANE keeps there only its head (its
+    first bytes); the rest of it goes whole into CRC_LANE-byte lanes whose
+    registers are then chained onto the head's.
+    """
+    import collections
+    import itertools
+    _table, planes, shift, pads = crc32c_tables()
+    shift0, shift1, shift2, shift3 = shift
+    chain = itertools.chain
+    prefixed = len(CRC32C_INIT_PREFIX)
+    bodies = list(map(b"".join, messages))
+    lengths = list(map(len, bodies))            # lane length: 4 more, the prefix
+    longer = []
+    if bodies and max(lengths) > CRC_LANE - prefixed:
+        longer = [number for number, length in enumerate(lengths) if length > CRC_LANE - prefixed]
+    lane_lengths = lengths[:]
+    full_lanes = []
+    for number in longer:
+        joined = CRC32C_INIT_PREFIX + bodies[number]
+        head = len(joined) - (len(joined) - 1) // CRC_LANE * CRC_LANE
+        full_lanes.append(joined[head:])
+        bodies[number] = joined[:head]
+        lane_lengths[number] = head - prefixed
+    lane_pads = list(map(pads.__getitem__, lane_lengths))
+    for number in longer:                # the prefix is in the head already
+        lane_pads[number] = bytes(-(lane_lengths[number] + prefixed) % 8)
+
+    result = [0] * len(messages)
+    order = sorted(range(len(messages)), key=lane_lengths.__getitem__, reverse=True)
+    counts = collections.Counter(lane_lengths)
+    done = 0
+    for width in range(CRC_LANE, 0, -8):
+        starts = dict((length, counts[length - prefixed])
+                      for length in range(width - 7, width + 1) if length - prefixed in counts)
+        count = sum(starts.values())
+        if not count:
+            continue
+        run = order[done:done + count]
+        done += count
+        buffer = b"".join(chain.from_iterable(zip(
+            map(lane_pads.__getitem__, run), map(bodies.__getitem__, run))))
+        for number, crc in zip(run, crc32c_lanes(buffer, width, starts, planes)):
+            result[number] = crc ^ 0xFFFFFFFF
+    full_buffer = b"".join(full_lanes)
+    full = crc32c_lanes(full_buffer, CRC_LANE, {CRC_LANE: len(full_buffer) // CRC_LANE}, planes)
+    lane = 0
+    for number in longer:
+        crc = result[number] ^ 0xFFFFFFFF
+        count = (lengths[number] + prefixed - 1) // CRC_LANE
+        for following in full[lane:lane + count]:
+            crc = (shift0[crc & 0xFF] ^ shift1[(crc >> 8) & 0xFF]
+                   ^ shift2[(crc >> 16) & 0xFF] ^ shift3[crc >> 24] ^ following)
+        result[number] = crc ^ 0xFFFFFFFF
+        lane += count
+    return result
+
+
+def crc32c_python(parts):
+    """The CRC-32C of the concatenation of parts (bytes-like), in pure Python."""
+    return crc32c_python_many([parts])[0]
+
+
+crc32c_python.many = crc32c_python_many
+
+
+def crc32c_kernel():
+    """A CRC-32C function computed by the Linux kernel's crypto API (AF_ALG),
+    or None when this kernel or Python has none or it fails its self-test."""
+    import socket
+    try:
+        algorithm = socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET)
+    except (AttributeError, OSError):
+        return None
+    try:
+        algorithm.bind(("hash", "crc32c"))
+        operation, _address = algorithm.accept()
+    except OSError:
+        algorithm.close()
+        return None
+    more = getattr(socket, "MSG_MORE", 0x8000)
+    broken = []         # after a failed call the socket may hold half a digest
+
+    def crc32c(parts):
+        """The CRC-32C of the concatenation of parts (bytes-like)."""
+        parts = list(parts)
+        if broken:
+            return crc32c_python(parts)
+        try:
+            # One sendmsg takes at most IOV_MAX (1024) parts; MSG_MORE keeps
+            # the digest open across calls.
+            for start in range(0, max(len(parts), 1), 512):
+                chunk = parts[start:start + 512]
+                sent = operation.sendmsg(chunk, [], more if start + 512 < len(parts) else 0)
+                if sent != sum(len(part) for part in chunk):
+                    raise OSError("short send")
+            digest = operation.recv(4)
+            if len(digest) != 4:
+                raise OSError("short digest")
+            return int.from_bytes(digest, "little")
+        except OSError:
+            broken.append(True)
+            return crc32c_python(parts)
+
+    crc32c.sockets = (algorithm, operation)      # alive as long as the function
+    crc32c.many = lambda messages: [crc32c(parts) for parts in messages]
+    # A kernel or Python that gets it wrong (or half right: multi-part
+    # messages, a digest per message) is not used.
+    samples = [[b"123456789"], [b"12", memoryview(b"3456"), b"789"], [bytes(range(256)) * 9, b"x" * 20]]
+    try:
+        works = (crc32c(samples[0]) == CRC32C_CHECK and not broken
+                 and [crc32c(parts) for parts in samples] == crc32c_python_many(samples) and not broken)
+    except Exception:
+        works = False
+    if not works:
+        operation.close()
+        algorithm.close()
+        return None
+    return crc32c
+
+
+def crc32c_engine():
+    """The fastest CRC-32C function this machine offers: crc(parts) returns the
+    CRC-32C (final, as stored in xl_crc) of the concatenation of a list of
+    bytes-like parts; crc.many(messages) the list for many such lists. The
+    kernel's (AF_ALG, opens a socket) when it works, else pure Python."""
+    return crc32c_kernel() or crc32c_python
+
+
+def exit_code_for(outcomes, stop_on_doubt=False):
+    """The exit code for the outcomes of the sources tried, in order.
+
+    "Not found" (1) only when every source cleanly said absent: PostgreSQL
+    takes it for the end of the archive. Any other miss is doubt: 3, or
+    STOP_RECOVERY when stop_on_doubt (a segment in archive recovery, where
+    "not found" would open the database short of what the archive holds).
+    """
     if FOUND in outcomes:
         return DELIVERED
-    if ABSENT in outcomes or INVALID in outcomes:
+    if outcomes and all(outcome == ABSENT for outcome in outcomes):
         return NOT_FOUND
-    return UNAVAILABLE
+    return STOP_RECOVERY if stop_on_doubt else UNAVAILABLE
+
+
+def recovery_mode(files, recovery_conf):
+    """'standby', 'archive' or None: how the PostgreSQL running us recovers.
+
+    files: which of standby.signal and recovery.signal are in the data
+    directory (12+); recovery_conf: the text of recovery.conf (9.6-11) or
+    None. standby.signal wins over recovery.signal, as in PostgreSQL. In
+    archive recovery "not found" ends recovery and opens the database; a
+    standby only retries later.
+    """
+    if "standby.signal" in files:
+        return "standby"
+    if "recovery.signal" in files:
+        return "archive"
+    if recovery_conf is None:
+        return None
+    for line in recovery_conf.splitlines():
+        words = line.split("#", 1)[0].replace("=", " ").split()
+        if len(words) == 2 and words[0] == "standby_mode":
+            return "standby" if words[1].strip("'").lower() in ("on", "true", "yes", "1") else "archive"
+    return "archive"
+
+
+def timeline_begins(history_text):
+    """The LSN (an int) where the timeline whose .history file this is begins: the
+    switch point of its last line; None if there is none."""
+    begins = None
+    for line in history_text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and "/" in fields[1]:
+            high, _, low = fields[1].partition("/")
+            try:
+                begins = (int(high, 16) << 32) | int(low, 16)
+            except ValueError:
+                return None
+    return begins
+
+
+def before_its_timeline(wal_name, begins):
+    """True if segment wal_name lies wholly before its timeline began: no such file
+    can exist. PostgreSQL 9.6-13 still asks for it (every timeline of the history,
+    newest first); the answer is a certain "absent", whatever the sources say.
+
+    The segment size is not known here: the largest one the name allows is
+    assumed, so the answer is never wrong, only sometimes too cautious.
+    """
+    if begins is None:
+        return False
+    _timeline, log_id, seg = parse_segment_name(wal_name)
+    seg_size = MAX_SEG_SIZE
+    while seg_size > MIN_SEG_SIZE and (seg + 1) * seg_size > 0x100000000:
+        seg_size //= 2
+    return log_id * 0x100000000 + (seg + 1) * seg_size <= begins
+
+
+def source_deadline(now, deadline, sources_left):
+    """When the next source must be given up: an equal share of the time left, so
+    one stalled or crawling source never leaves the last one without its turn."""
+    return now + max(0.0, deadline - now) / max(1, sources_left)
+
+
+def doubt_summary(results):
+    """One line for the log: '[source a] unreachable (probe ping); [source b] absent'."""
+    return "; ".join("[source %s] %s%s" % (name, outcome, " (%s)" % detail if detail else "")
+                     for name, outcome, detail in results)
 
 
 def strip_compression(name):
@@ -395,7 +1118,7 @@ def newest_wal(names):
 
 def spool_plan(spooled, window):
     """(files to remove, segments to fetch): the spool keeps only the window's segments."""
-    keep = set(window) | {SPOOL_LOCK, SPOOL_WANT, SPOOL_LOG}
+    keep = set(window) | {SPOOL_LOCK, SPOOL_WANT, SPOOL_LOG, SPOOL_OWNER}
     remove = sorted(name for name in spooled if name not in keep)
     missing = [name for name in window if name not in spooled]
     return remove, missing
@@ -406,21 +1129,50 @@ def should_start_prefetch(spooled_in_window, prefetch):
     return prefetch > 0 and spooled_in_window * 2 <= prefetch
 
 
-def remote_fetch_script(path_glob, wal_names):
-    """The sh script that streams wal_names from path_glob, in order, framed.
+def remote_fetch_script(path_glob, wal_names, candidate=1):
+    """The sh script that streams copy number `candidate` of each of wal_names, framed.
 
-    For each name: "FILE NAME SUFFIX SIZE" and SIZE bytes, SUFFIX being -, .gz,
-    .bz2 or .xz, from the first directory of the glob that has it; at the
-    first name found nowhere: "MISSING NAME" and the end. The glob is expanded
-    with IFS empty, so it is matched but never split or otherwise evaluated.
+    A name's copies are every readable NAME, NAME.gz, NAME.bz2 and NAME.xz in
+    every directory of the glob, in glob order, that suffix order within a
+    directory. First "DIRS N" (directories the glob matches); then per name
+    "FILE NAME SUFFIX SIZE INDEX COUNT PATH" and SIZE bytes (SUFFIX -, .gz,
+    .bz2 or .xz; INDEX of COUNT copies); at the first name with no copy
+    "MISSING NAME", with fewer than `candidate` copies "NOMORE NAME COUNT",
+    and the end. The glob is expanded with IFS empty, so it is matched but
+    never split or otherwise evaluated.
     """
     import shlex
-    return ("IFS=; p=%s; for w in %s; do f=; for d in $p; do for s in '' .gz .bz2 .xz; do "
-            "if [ -f \"$d/$w$s\" ] && [ -r \"$d/$w$s\" ]; then f=$d/$w$s; x=${s:--}; break 2; fi; "
-            "done; done; if [ -z \"$f\" ]; then echo \"MISSING $w\"; exit 0; fi; "
-            "n=$(wc -c < \"$f\") || exit 3; n=$((n+0)); echo \"FILE $w $x $n\"; "
-            "head -c \"$n\" \"$f\" || exit 3; done"
-            % (shlex.quote(path_glob), " ".join(shlex.quote(name) for name in wal_names)))
+    return ("IFS=; p=%s; k=%d; n=0; for d in $p; do if [ -d \"$d\" ]; then n=$((n+1)); fi; done; "
+            "echo \"DIRS $n\"; for w in %s; do c=0; f=; for d in $p; do for s in '' .gz .bz2 .xz; do "
+            "if [ -f \"$d/$w$s\" ] && [ -r \"$d/$w$s\" ]; then c=$((c+1)); "
+            "if [ $c -eq $k ]; then f=$d/$w$s; x=${s:--}; fi; fi; done; done; "
+            "if [ $c -eq 0 ]; then echo \"MISSING $w\"; exit 0; fi; "
+            "if [ -z \"$f\" ]; then echo \"NOMORE $w $c\"; exit 0; fi; "
+            "b=$(wc -c < \"$f\") || exit 3; b=$((b+0)); echo \"FILE $w $x $b $k $c $f\"; "
+            "head -c \"$b\" \"$f\" || exit 3; done"
+            % (shlex.quote(path_glob), candidate, " ".join(shlex.quote(name) for name in wal_names)))
+
+
+def parse_frame(line, wal_name):
+    """The framing line before wal_name's bytes, as a tuple, or None if it is not one.
+
+    ("MISSING",), ("NOMORE", count) or ("FILE", suffix, size, index, count, path);
+    suffix is "" for a plain file.
+    """
+    try:
+        text = line.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError:
+        text = line.decode("utf-8", "replace").rstrip("\n")
+    words = text.split(" ", 6)
+    if words == ["MISSING", wal_name]:
+        return ("MISSING",)
+    if len(words) == 3 and words[:2] == ["NOMORE", wal_name] and words[2].isdigit():
+        return ("NOMORE", int(words[2]))
+    if (len(words) == 7 and words[:2] == ["FILE", wal_name]
+            and words[2] in ("-",) + COMPRESSION_SUFFIXES[1:] and all(w.isdigit() for w in words[3:6])):
+        return ("FILE", "" if words[2] == "-" else words[2], int(words[3]), int(words[4]),
+                int(words[5]), words[6])
+    return None
 
 
 def remote_list_script(path_glob):
@@ -487,7 +1239,9 @@ class Settings(object):
         self.control_dir = config.str("archive", "control_dir", "") or "/tmp/pg_zfs-ssh-%d" % os.getuid()
         self.control_persist = config.int("archive", "control_persist", 60)
         self.connect_timeout = config.int("archive", "connect_timeout", 5, minimum=1)
+        self.stall_timeout = config.int("archive", "stall_timeout", 5, minimum=1)
         self.pgdata = config.str("postgres", "pgdata", "")
+        self.bindir = config.str("postgres", "bindir", "")
         text = config.str("postgres", "system_identifier", "")
         try:
             self.system_identifier = int(text) if text else None
@@ -623,14 +1377,20 @@ class StagedFile(object):
         fd = None
         if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
             try:
-                fd = os.open(self.directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+                fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR, 0o600)
             except OSError:
                 fd = None
         if fd is None:
             self.temp_path = os.path.join(self.directory, ".%s.%d.tmp" % (PROG, os.getpid()))
             remove_quietly(self.temp_path)      # left by an earlier process with this pid
-            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.file = os.fdopen(fd, "wb")
+
+    def path_for_readers(self):
+        """A path another process of this user can open the (maybe unnamed) file by."""
+        if self.temp_path is not None:
+            return os.path.abspath(self.temp_path)
+        return "/proc/%d/fd/%d" % (os.getpid(), self.file.fileno())
 
     def write(self, data):
         self.file.write(data)
@@ -696,52 +1456,92 @@ def make_decompressor(suffix):
 
 
 class Receiver(object):
-    """Writes one file's bytes, decompressed, into a StagedFile; keeps what validation needs."""
+    """Writes one file's bytes, decompressed, into a StagedFile, and never more than
+    the file may hold: a segment the size its first page states, a .history or
+    .backup file MAX_TEXT_FILE. A copy too big is refused before it fills the
+    disk, a small archive that inflates to gigabytes before it fills memory.
+    Keeps the file's head for the checks."""
 
-    def __init__(self, staged, suffix, keep):
+    def __init__(self, staged, suffix, kind):
         self.staged = staged
         self.suffix = suffix
         self.decompressor = make_decompressor(suffix)
-        self.keep = keep
+        self.text = kind not in ("segment", "partial")
+        self.limit = MAX_TEXT_FILE if self.text else MAX_SEG_SIZE
+        self.keep = MAX_TEXT_FILE + 1 if self.text else LONG_HEADER.size
         self.head = b""
         self.size = 0
         self.problem = None
 
     def feed(self, data):
+        """Take the next bytes of the file as sent. OSError: the staged file cannot be written."""
         if self.problem:
-            return                       # drain the rest of a bad file, write nothing
-        if self.decompressor is not None:
+            return
+        if self.decompressor is None:
+            self.take(data)
+            return
+        pieces = self.inflate(data)
+        while not self.problem:
             try:
-                data = self.decompress(data)
-            except Exception as error:   # zlib.error, OSError (bz2), lzma.LZMAError
+                piece = next(pieces)
+            except StopIteration:
+                return
+            except Exception as error:   # zlib.error, OSError (bz2), lzma.LZMAError, EOFError
                 self.problem = "cannot decompress: %s" % error
                 return
-        if len(self.head) < self.keep:
-            self.head += data[:self.keep - len(self.head)]
-        self.size += len(data)
-        if self.size > MAX_SEG_SIZE:
-            self.problem = "more than %d bytes" % MAX_SEG_SIZE
-            return
-        self.staged.write(data)
+            self.take(piece)
 
-    def decompress(self, data):
-        """The bytes data decompresses to. A file may hold several streams back to
-        back (pbzip2, pigz -i, `cat a.gz b.gz`): gzip, bzip2 and xz read them all."""
-        out = b""
-        while data:
-            if self.decompressor.eof:
-                self.decompressor = make_decompressor(self.suffix)
-            out += self.decompressor.decompress(data)
-            data = self.decompressor.unused_data if self.decompressor.eof else b""
-        return out
+    def inflate(self, data):
+        """The decompressed pieces of data, CHUNK bytes at most each. A file may hold
+        several streams back to back (pbzip2, pigz -i, `cat a.gz b.gz`): gzip,
+        bzip2 and xz read them all, and so do we."""
+        while True:
+            decompressor = self.decompressor
+            if decompressor.eof:
+                data = decompressor.unused_data + data
+                if not data:
+                    return
+                decompressor = self.decompressor = make_decompressor(self.suffix)
+            piece = decompressor.decompress(data, CHUNK)
+            if self.suffix == ".gz":
+                data = decompressor.unconsumed_tail
+                more = bool(data) or len(piece) == CHUNK
+            else:
+                data = b""
+                more = not decompressor.needs_input
+            if piece:
+                yield piece
+            if not more and not decompressor.eof:
+                return
+
+    def take(self, piece):
+        if len(self.head) < self.keep:
+            self.head += piece[:self.keep - len(self.head)]
+            if not self.text and len(self.head) >= LONG_HEADER.size:
+                seg_size = LONG_HEADER.unpack_from(self.head)[6]
+                if is_power_of_two(seg_size) and MIN_SEG_SIZE <= seg_size <= MAX_SEG_SIZE:
+                    self.limit = seg_size
+        self.size += len(piece)
+        if self.size > self.limit:
+            self.problem = "more than %d bytes, %s" % (
+                self.limit, "too big for a history or backup file" if self.text
+                else "the segment size its first page states")
+            return
+        self.staged.write(piece)
 
     def finish(self):
         if self.problem or self.decompressor is None:
             return
-        decompressor, self.decompressor = self.decompressor, None
-        if hasattr(decompressor, "flush"):          # zlib keeps a tail
-            self.feed(decompressor.flush())
-        if not decompressor.eof and not self.problem:
+        decompressor = self.decompressor
+        if self.suffix == ".gz" and not decompressor.eof:
+            try:
+                tail = decompressor.flush()
+            except Exception as error:   # zlib.error
+                self.problem = "cannot decompress: %s" % error
+                return
+            if tail:
+                self.take(tail)
+        if not self.problem and not decompressor.eof:
             self.problem = "compressed stream ends early"
 
 
@@ -759,36 +1559,143 @@ def read_header(path):
         os.close(fd)
 
 
-def store(wal_name, suffix, size, read, target, durable, cluster, where):
+def store(wal_name, suffix, size, read, target, durable, cluster, verify):
     """Receive size bytes from read() as wal_name, check them, and put them at target.
 
-    Returns FOUND, INVALID (a bad copy: nothing written) or FAILED (the bytes
-    stopped coming). Nothing is left at target or beside it unless FOUND.
+    Returns (outcome, reason, drained): FOUND, INVALID (a bad copy: nothing
+    written) or FAILED (the bytes stopped coming, or could not be written);
+    drained is False when the rest of the file was left unread, so a stream of
+    several files is out of step. verify(staged, wal_name) checks a whole
+    segment. Nothing is left at target or beside it unless FOUND.
     """
     kind = wal_kind(wal_name)
+    most = MAX_TEXT_FILE if kind in ("history", "backup") else MAX_SEG_SIZE
+    if not suffix and size > most:
+        return INVALID, "%d bytes, more than a %s file can hold" % (size, kind), False
     staged = StagedFile(os.path.dirname(target), durable)
     try:
-        receiver = Receiver(staged, suffix, LONG_HEADER.size if kind in ("segment", "partial")
-                            else MAX_TEXT_FILE + 1)
+        receiver = Receiver(staged, suffix, kind)
         remaining = size
-        while remaining > 0:
-            chunk = read(min(CHUNK, remaining))
-            if not chunk:
-                log.warning("%s from %s: transfer broke off after %d of %d bytes",
-                            wal_name, where, size - remaining, size)
-                return FAILED
-            remaining -= len(chunk)
-            receiver.feed(chunk)
-        receiver.finish()
+        try:
+            while remaining > 0:
+                chunk = read(min(CHUNK, remaining))
+                if not chunk:
+                    return FAILED, "transfer broke off after %d of %d bytes" % (size - remaining, size), False
+                remaining -= len(chunk)
+                receiver.feed(chunk)
+                if receiver.problem:
+                    return INVALID, receiver.problem, remaining == 0
+            receiver.finish()
+        except (OSError, IOError) as error:
+            return FAILED, "cannot write beside %s: %s" % (target, error.strerror or error), False
         problem = receiver.problem or check_file(kind, wal_name, receiver.head, receiver.size, cluster)
+        if not problem and kind == "segment":
+            problem = verify(staged, wal_name)
         if problem:
-            log.warning("%s%s from %s is not valid: %s; treated as absent there",
-                        wal_name, suffix, where, problem)
-            return INVALID
+            return INVALID, problem, True
         staged.commit(target)
-        return FOUND
+        return FOUND, "", True
     finally:
         staged.discard()
+
+
+# ---------------------------------------------------------------------------
+# Whole-segment checks: every page here, every record by pg_waldump
+# ---------------------------------------------------------------------------
+
+def caller_bindir():
+    """The bindir of the PostgreSQL that runs us (restore_command: postgres, then sh,
+    then us), from /proc; None when no postgres is among our ancestors."""
+    pid = os.getppid()
+    for _ in range(4):
+        try:
+            exe = os.readlink("/proc/%d/exe" % pid)
+            with open("/proc/%d/stat" % pid) as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IOError, ValueError, IndexError):
+            return None
+        if os.path.basename(exe) in ("postgres", "postmaster"):
+            return os.path.dirname(exe)
+        if parent <= 1:
+            return None
+        pid = parent
+    return None
+
+
+def waldump_places(bindir, running_bindir, pg_major):
+    """Where to look for the cluster's pg_waldump, most certain first: [postgres]
+    bindir, the running server's, then the packages' directories of its version."""
+    places = [place for place in (bindir, running_bindir) if place]
+    if pg_major:
+        places += ["/usr/pgsql-%s/bin" % pg_major, "/usr/lib/postgresql/%s/bin" % pg_major]
+    return places
+
+
+def find_waldump(bindir, pg_major):
+    """pg_waldump (pg_xlogdump on 9.6) of the cluster's version, or None."""
+    name = "pg_xlogdump" if pg_major == "9.6" else "pg_waldump"
+    for place in waldump_places(bindir, caller_bindir(), pg_major):
+        path = os.path.join(place, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def waldump_verdict(returncode, message, covered_by_one_record):
+    """pg_waldump's verdict on one segment: None (sound), a reason, or False (it could
+    not tell: check the records here instead)."""
+    if returncode == 0:
+        return None
+    lowered = message.lower()
+    if "could not find a valid record" in lowered and covered_by_one_record:
+        return None                      # one record longer than the segment: pages checked
+    if "error in wal record" in lowered or "error in xlog record" in lowered \
+            or "could not find a valid record" in lowered:
+        return "pg_waldump: " + message.split("error: ", 1)[-1].split("FATAL:", 1)[-1].strip()
+    return False
+
+
+def run_waldump(waldump, staged, wal_name, timeout):
+    """(exit code, last stderr line) of pg_waldump -z on the staged file, read under
+    the segment's own name (pg_waldump takes the timeline and position from it)."""
+    import shutil
+    import tempfile
+    need_subprocess()
+    directory = tempfile.mkdtemp(prefix="pg_wal_fetch-")
+    try:
+        link = os.path.join(directory, wal_name)
+        os.symlink(staged.path_for_readers(), link)
+        code, _out, err = run([waldump, "-z", link], timeout=timeout, check=False)
+        return code, (err.strip().splitlines() or [""])[-1]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def make_verifier(cluster, waldump, timeout):
+    """verify(staged, wal_name) for store(): None if the whole segment is one PostgreSQL
+    reads to its end, else why not. Every page header is checked here; the records
+    (lengths, links, CRC) by pg_waldump, or here in Python (slow) without one."""
+    def verify(staged, wal_name):
+        import mmap
+        staged.file.flush()
+        with mmap.mmap(staged.file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            problem = check_pages(data, wal_name, cluster.magics)
+            if problem:
+                return problem
+            if waldump:
+                try:
+                    code, message = run_waldump(waldump, staged, wal_name, timeout)
+                except (Failure, OSError) as error:
+                    code, message = -1, str(error)
+                seg_size = len(data)
+                rem_len = LONG_HEADER.unpack_from(data)[4]
+                verdict = waldump_verdict(code, message, rem_len >= seg_size - LONG_HEADER.size)
+                if verdict is not False:
+                    return verdict
+                log.warning("%s could not check %s (%s): checking its records here, slowly",
+                            waldump, wal_name, message)
+            return walk_records(data, wal_name, "segment", crc32c_engine())
+    return verify
 
 
 # ---------------------------------------------------------------------------
@@ -796,15 +1703,20 @@ def store(wal_name, suffix, size, read, target, durable, cluster, where):
 # ---------------------------------------------------------------------------
 
 def probe(source, deadline):
-    """True if source's host seems up (or there is nothing to probe)."""
+    """True if source's host seems up (or there is nothing to probe). probe = tcp
+    waits for sshd's banner: a host that accepts connections and never speaks is down."""
     if source.is_local or source.probe == "none":
         return True
     wait = max(0.1, min(1.0, deadline - time.time()))
     if source.probe == "tcp":
         import socket
         try:
-            socket.create_connection((source.host, source.port), timeout=wait).close()
-            return True
+            connection = socket.create_connection((source.host, source.port), timeout=wait)
+            try:
+                connection.settimeout(max(0.1, min(2.0, deadline - time.time())))
+                return connection.recv(64).startswith(b"SSH-")
+            finally:
+                connection.close()
         except (OSError, IOError):
             return False
     need_subprocess()
@@ -817,15 +1729,16 @@ def probe(source, deadline):
 
 
 def down_memo(settings, source):
-    """The file in the private control dir whose mtime says when source's probe last
-    failed; None without a usable control dir or for an odd source name."""
+    """The file in the private control dir whose mtime says when source last failed
+    (probe, stall, or no answer); None without a usable control dir or for an odd
+    source name."""
     if not settings.control_dir or not all(c.isalnum() or c in "._-" for c in source.name):
         return None
     return os.path.join(settings.control_dir, "down-" + source.name)
 
 
 def down_since(settings):
-    """{source name: time its probe last failed} for the sources with a memo."""
+    """{source name: time it last failed} for the sources with a memo."""
     result = {}
     for source in settings.sources:
         path = down_memo(settings, source)
@@ -837,19 +1750,27 @@ def down_since(settings):
     return result
 
 
-def reachable(source, settings, deadline):
-    """probe(source), remembered for the next calls (source_order puts it last)."""
-    up = probe(source, deadline)
+def remember(settings, source, down):
+    """Note that source failed now (source_order then asks it last for a while), or
+    forget it once it answered. Only a hint: never fails a fetch."""
     path = down_memo(settings, source)
-    if path:
-        try:
-            if not up:
-                with open(path, "a"):
-                    os.utime(path, None)
-            elif os.path.exists(path):
-                os.unlink(path)
-        except OSError:
-            pass                         # only a hint: never fail a fetch over it
+    if not path:
+        return
+    try:
+        if down:
+            with open(path, "a"):
+                os.utime(path, None)
+        elif os.path.exists(path):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def reachable(source, settings, deadline):
+    """probe(source); a failure is remembered (source_order puts the source last)."""
+    up = probe(source, deadline)
+    if not up:
+        remember(settings, source, True)
     return up
 
 
@@ -890,37 +1811,92 @@ def last_line(scratch):
     return lines[-1] if lines else ""
 
 
-def fetch_local(source, wal_names, deliver):
-    """Fetch wal_names, in order, from a local directory glob: {name: outcome}."""
+class Stalled(Exception):
+    """A source sent nothing for [archive] stall_timeout, or its share of the time ran out."""
+
+
+class Stream(object):
+    """A child's stdout read with limits: no byte for `stall` seconds (`first_wait`
+    before the first byte: ssh may still be connecting) or past `deadline`
+    raises Stalled, so a frozen or crawling host is given up and the next asked."""
+
+    def __init__(self, fd, stall, first_wait, deadline):
+        self.fd, self.stall, self.first_wait, self.deadline = fd, stall, first_wait, deadline
+        self.started = False
+        self.buffer = b""
+
+    def _more(self):
+        import select
+        limit = self.stall if self.started else self.first_wait
+        wait = min(limit, self.deadline - time.time())
+        if wait <= 0 or not select.select([self.fd], [], [], wait)[0]:
+            if time.time() >= self.deadline - 0.01:
+                raise Stalled("its share of [archive] timeout ran out")
+            raise Stalled("no byte for %d s" % limit)
+        self.started = True
+        return os.read(self.fd, CHUNK)
+
+    def readline(self, limit=4096):
+        while b"\n" not in self.buffer and len(self.buffer) < limit:
+            data = self._more()
+            if not data:
+                break
+            self.buffer += data
+        end = self.buffer.find(b"\n")
+        end = min(limit, len(self.buffer) if end < 0 else end + 1)
+        line, self.buffer = self.buffer[:end], self.buffer[end:]
+        return line
+
+    def read(self, size):
+        if not self.buffer:
+            self.buffer = self._more()
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+
+def local_copies(directories, wal_name):
+    """[(path, suffix)] of every copy of wal_name in directories, in the order they are tried."""
+    return [(os.path.join(directory, wal_name + suffix), suffix)
+            for directory in directories for suffix in COMPRESSION_SUFFIXES
+            if os.path.isfile(os.path.join(directory, wal_name + suffix))]
+
+
+def fetch_local(source, wal_names, deliver, candidate):
+    """Copy number `candidate` of wal_names, in order, from a local directory glob:
+    {name: (outcome, detail, index, count)} up to the first name it lacks."""
     import glob
     directories = sorted(d for d in glob.glob(source.path) if os.path.isdir(d))
     if not directories:
-        log.warning("[source %s] no directory matches %s", source.name, source.path)
-        return {wal_names[0]: UNREACHABLE}
-    outcomes = {}
+        return {wal_names[0]: (NO_DIRECTORY, "no directory matches %s" % source.path, 0, 0)}
+    results = {}
     for wal_name in wal_names:
-        found = None
-        for directory in directories:
-            for suffix in COMPRESSION_SUFFIXES:
-                path = os.path.join(directory, wal_name + suffix)
-                if os.path.isfile(path):
-                    found = (path, suffix)
-                    break
-            if found:
-                break
-        if not found:
-            outcomes[wal_name] = ABSENT
+        copies = local_copies(directories, wal_name)
+        if not copies:
+            results[wal_name] = (ABSENT, "", 0, 0)
             break
-        with open(found[0], "rb") as wal_file:
-            size = os.fstat(wal_file.fileno()).st_size
-            outcomes[wal_name] = deliver(wal_name, found[1], size, wal_file.read)
-    return outcomes
+        if candidate > len(copies):
+            results[wal_name] = (NO_MORE, "", candidate, len(copies))
+            break
+        path, suffix = copies[candidate - 1]
+        try:
+            wal_file = open(path, "rb")
+        except (IOError, OSError) as error:
+            results[wal_name] = (FAILED, "%s: %s" % (path, error.strerror or error), candidate, len(copies))
+            break
+        with wal_file:
+            outcome, detail, _drained = deliver(wal_name, suffix, os.fstat(wal_file.fileno()).st_size,
+                                                wal_file.read, path)
+        results[wal_name] = (outcome, detail, candidate, len(copies))
+        if outcome == FAILED:
+            break
+    return results
 
 
-def fetch_remote(source, settings, wal_names, deliver):
-    """Fetch wal_names, in order, from source in ONE ssh session: {name: outcome}."""
+def fetch_remote(source, settings, wal_names, deliver, deadline, candidate):
+    """Copy number `candidate` of wal_names, in order, from source in ONE ssh session:
+    {name: (outcome, detail, index, count)} up to the first name it lacks."""
     need_subprocess()
-    argv = ssh_argv(source, settings, remote_fetch_script(source.path, wal_names))
+    argv = ssh_argv(source, settings, remote_fetch_script(source.path, wal_names, candidate))
     log.debug("run: %s", " ".join(argv))
     errors = scratch_file()
     try:
@@ -928,46 +1904,76 @@ def fetch_remote(source, settings, wal_names, deliver):
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=errors, cwd="/")
         except OSError as error:
-            log.warning("[source %s] cannot run ssh: %s", source.name, error.strerror or error)
-            return {wal_names[0]: UNREACHABLE}
+            return {wal_names[0]: (UNREACHABLE, "cannot run ssh: %s" % (error.strerror or error), 0, 0)}
         RUNNING.append(proc)
-        outcomes = {}
-        for wal_name in wal_names:
-            line = proc.stdout.readline(256)
-            if not line:
-                break
-            words = line.decode("ascii", "replace").split()
-            if words == ["MISSING", wal_name]:
-                outcomes[wal_name] = ABSENT
-                break
-            suffix = words[2] if len(words) == 4 else None
-            if (words[:2] != ["FILE", wal_name] or suffix not in ("-",) + COMPRESSION_SUFFIXES[1:]
-                    or not words[3].isdigit()):
-                log.warning("[source %s] unexpected answer %r", source.name, line[:80])
-                break
-            outcomes[wal_name] = deliver(wal_name, "" if suffix == "-" else suffix, int(words[3]),
-                                         proc.stdout.read)
-            if outcomes[wal_name] == FAILED:
-                break
-        if len(outcomes) < len(wal_names) and ABSENT not in outcomes.values():
-            proc.kill()             # we stopped reading: do not let it block on the pipe
+        stream = Stream(proc.stdout.fileno(), settings.stall_timeout,
+                        settings.connect_timeout + settings.stall_timeout, deadline)
+        results = {}
+        in_step = True               # what is left to read is still framed
+        try:
+            in_step = read_frames(source, stream, wal_names, deliver, results)
+        except Stalled as stall:
+            unanswered = [name for name in wal_names if name not in results]
+            if unanswered:
+                results[unanswered[0]] = (STALLED, str(stall), 0, 0)
+            in_step = False
+        if not in_step:
+            proc.kill()              # we stopped reading: do not let it block on the pipe
         code = proc.wait()
         RUNNING.remove(proc)
-        unanswered = [name for name in wal_names if name not in outcomes]
-        if code != 0 and unanswered and ABSENT not in outcomes.values() and FAILED not in outcomes.values():
+        unanswered = [name for name in wal_names if name not in results]
+        answered_all = any(result[0] in (ABSENT, NO_MORE, NO_DIRECTORY) for result in results.values())
+        if in_step and code != 0 and unanswered and not answered_all:
             reason = last_line(errors) or "exit code %d" % code
-            log.warning("[source %s] ssh %s: %s", source.name, source.host, reason)
-            outcomes[unanswered[0]] = UNREACHABLE if code == 255 and not outcomes else FAILED
-        return outcomes
+            outcome = UNREACHABLE if code == 255 and not results else FAILED
+            results[unanswered[0]] = (outcome, "ssh %s: %s" % (source.host, reason), 0, 0)
+        return results
     finally:
         errors.close()
 
 
-def fetch_files(source, settings, wal_names, deliver):
-    """{name: outcome} for the names source answered, in order, up to the first it lacks."""
+def read_frames(source, stream, wal_names, deliver, results):
+    """Read the remote script's answer into results; False once out of step."""
+    line = stream.readline()
+    words = line.split()
+    if len(words) != 2 or words[0] != b"DIRS" or not words[1].isdigit():
+        if line:
+            log.warning("[source %s] unexpected answer %r", source.name, line[:80])
+            results[wal_names[0]] = (FAILED, "unexpected answer %r" % line[:40], 0, 0)
+        return bool(not line)
+    if int(words[1]) == 0:
+        results[wal_names[0]] = (NO_DIRECTORY, "no directory matches %s on %s" % (source.path, source.host),
+                                 0, 0)
+        return True
+    for wal_name in wal_names:
+        line = stream.readline()
+        if not line:
+            return True              # ssh ended: its exit code tells why
+        frame = parse_frame(line, wal_name)
+        if frame is None:
+            log.warning("[source %s] unexpected answer %r", source.name, line[:80])
+            results[wal_name] = (FAILED, "unexpected answer %r" % line[:40], 0, 0)
+            return False
+        if frame[0] == "MISSING":
+            results[wal_name] = (ABSENT, "", 0, 0)
+            return True
+        if frame[0] == "NOMORE":
+            results[wal_name] = (NO_MORE, "", 0, frame[1])
+            return True
+        _file, suffix, size, index, count, path = frame
+        outcome, detail, drained = deliver(wal_name, suffix, size, stream.read, path)
+        results[wal_name] = (outcome, detail, index, count)
+        if not drained or outcome == FAILED:
+            return False
+    return True
+
+
+def fetch_files(source, settings, wal_names, deliver, deadline, candidate=1):
+    """{name: (outcome, detail, index, count)} for the names source answered, in
+    order, up to the first it lacks: copy number `candidate` of each."""
     if source.is_local:
-        return fetch_local(source, wal_names, deliver)
-    return fetch_remote(source, settings, wal_names, deliver)
+        return fetch_local(source, wal_names, deliver, candidate)
+    return fetch_remote(source, settings, wal_names, deliver, deadline, candidate)
 
 
 def list_archive(source, settings):
@@ -1024,7 +2030,8 @@ def deliver_from_spool(settings, wal_name, dest, cluster):
         if error.errno != errno.EXDEV:
             raise
         with open(path, "rb") as spooled:
-            if store(wal_name, "", size, spooled.read, dest, False, cluster, "the spool") != FOUND:
+            # Checked whole when it was spooled: only copied here.
+            if store(wal_name, "", size, spooled.read, dest, False, cluster, lambda *_: None)[0] != FOUND:
                 return False
         remove_quietly(path)
     log.debug("%s delivered from the spool", wal_name)
@@ -1072,13 +2079,21 @@ def wait_for_prefetcher(settings, wal_name, deadline):
         os.close(fd)
 
 
-def start_prefetch(settings, wal_name, dest, cluster, verbose):
+def start_prefetch(settings, wal_name, dest, cluster, waldump, verbose):
     """After delivering segment wal_name: ask for the next segments, starting a
     detached prefetcher unless one runs or the spool is well filled."""
     header, _size = read_header(dest)
     seg_size = LONG_HEADER.unpack_from(header)[6]
     if not os.path.isdir(settings.spool_dir):
         os.makedirs(settings.spool_dir, 0o700)      # the root too, when missing
+        # Which data directory this spool serves: a later call removes the
+        # spool once that directory is gone (a restored copy cleaned up).
+        owner = StagedFile(settings.spool_dir, durable=True)
+        try:
+            owner.write((os.getcwd() + "\n").encode("utf-8", "surrogateescape"))
+            owner.commit(spool_file(settings, SPOOL_OWNER))
+        finally:
+            owner.discard()
     want_fd = os.open(spool_file(settings, SPOOL_WANT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(want_fd, ("%s %d\n" % (wal_name, seg_size)).encode("ascii"))
@@ -1098,6 +2113,10 @@ def start_prefetch(settings, wal_name, dest, cluster, verbose):
                 "--system-identifier", str(cluster.system_identifier)]
         if cluster.pg_major:
             argv += ["--pg-major", cluster.pg_major]
+        # Found only now: delivery from the spool must stay cheap.
+        waldump = waldump or find_waldump(settings.bindir, cluster.pg_major)
+        if waldump:
+            argv += ["--waldump", waldump]
         if verbose:
             argv.append("--verbose")
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -1107,27 +2126,32 @@ def start_prefetch(settings, wal_name, dest, cluster, verbose):
         os.close(lock_fd)
 
 
-def prefetch_window(settings, want, cluster):
-    """Fill the spool with the segments after want; remove everything else from it."""
+def prefetch_window(settings, want, cluster, verify):
+    """Fill the spool with the segments after want, each checked whole before it is
+    spooled; remove everything else from it. A name that has only bad copies on a
+    source is left for the delivery call, which tries every copy."""
     window = following_segments(want[0], want[1], settings.prefetch)
     remove, missing = spool_plan(set(os.listdir(settings.spool_dir)), window)
     for name in remove:
         remove_quietly(spool_file(settings, name))
     deadline = time.time() + settings.timeout
-    for source in source_order(settings.sources, down_since(settings), time.time()):
+    order = source_order(settings.sources, down_since(settings), time.time())
+    for index, source in enumerate(order):
         if not missing:
             return
-        if not reachable(source, settings, deadline):
+        share = source_deadline(time.time(), deadline, len(order) - index)
+        if not reachable(source, settings, share):
             log.info("[source %s] does not answer", source.name)
             continue
 
-        def deliver(wal_name, suffix, size, read):
-            return store(wal_name, suffix, size, read, spool_file(settings, wal_name), True,
-                         cluster, "[source %s]" % source.name)
-        outcomes = fetch_files(source, settings, missing, deliver)
+        def deliver(wal_name, suffix, size, read, path):
+            return report_copy(wal_name, source, path, store(
+                wal_name, suffix, size, read, spool_file(settings, wal_name), True, cluster, verify))
+        results = fetch_files(source, settings, missing, deliver, share)
+        remember(settings, source, any(result[0] in (STALLED, UNREACHABLE) for result in results.values()))
         log.info("[source %s] %s", source.name,
-                 " ".join("%s:%s" % (name, outcomes[name]) for name in missing if name in outcomes))
-        missing = [name for name in missing if outcomes.get(name) != FOUND]
+                 " ".join("%s:%s" % (name, results[name][0]) for name in missing if name in results))
+        missing = [name for name in missing if results.get(name, (None,))[0] != FOUND]
 
 
 # ---------------------------------------------------------------------------
@@ -1135,7 +2159,8 @@ def prefetch_window(settings, want, cluster):
 # ---------------------------------------------------------------------------
 
 def fetch_command(args, config):
-    """Deliver args.wal_name at args.dest: from the spool, else from the first source that has it."""
+    """Deliver args.wal_name at args.dest: from the spool, else from the first source
+    that has a valid copy; every copy on every source is tried before giving up."""
     kind = wal_kind(args.wal_name)      # main() refused any other name already
     if not args.dest or os.path.isdir(args.dest):
         raise Failure("destination %r must be a file path (%%p)" % args.dest, USAGE)
@@ -1146,52 +2171,126 @@ def fetch_command(args, config):
     deadline = time.time() + settings.timeout
     cluster = read_cluster(settings)
     # PostgreSQL runs restore_command in the data directory.
-    settings.spool_dir = spool_for(settings.spool_dir, os.getcwd())
+    spool_root = settings.spool_dir
+    settings.spool_dir = spool_for(spool_root, os.getcwd())
     prefetching = kind == "segment" and settings.prefetch > 0
     if prefetching:
         wait_for_prefetcher(settings, args.wal_name, deadline)
         if deliver_from_spool(settings, args.wal_name, args.dest, cluster):
-            after_delivery(settings, args, cluster)
+            after_delivery(settings, args, cluster, None)
             return DELIVERED
+    if kind == "segment" and before_its_timeline(args.wal_name, timeline_begins(history_here(args.wal_name))):
+        log.debug("%s lies before its timeline began: absent", args.wal_name)
+        return NOT_FOUND
     settings.control_dir = prepare_control_dir(settings.control_dir)
-    outcomes = []
-    for source in source_order(settings.sources, down_since(settings), time.time()):
-        outcome = fetch_from(source, settings, args, cluster, deadline)
-        outcomes.append(outcome)
+    waldump = find_waldump(settings.bindir, cluster.pg_major) if kind == "segment" else None
+    verify = make_verifier(cluster, waldump, settings.timeout)
+    results = []
+    order = source_order(settings.sources, down_since(settings), time.time())
+    for index, source in enumerate(order):
+        share = source_deadline(time.time(), deadline, len(order) - index)
+        outcome, detail = fetch_from(source, settings, args, cluster, share, verify)
+        results.append((source.name, outcome, detail))
         if outcome == FOUND:
             log.debug("%s delivered from [source %s]", args.wal_name, source.name)
             break
-    code = exit_code_for(outcomes)
+    code = exit_code_for([outcome for _name, outcome, _detail in results], args.stop_on_doubt)
     if code == DELIVERED and prefetching:
-        after_delivery(settings, args, cluster)
+        after_delivery(settings, args, cluster, waldump)
     elif code == NOT_FOUND:
-        log.info("%s not found on any reachable source", args.wal_name)
-    elif code == UNAVAILABLE:
-        log.error("%s: no source reachable or every transfer failed", args.wal_name)
+        log.info("%s not found on any source", args.wal_name)
+    elif code == STOP_RECOVERY:
+        log.error("%s %s: %s", STOP_MARK, args.wal_name, doubt_summary(results))
+    else:
+        log.error("%s not delivered, and not every source said it is absent: %s",
+                  args.wal_name, doubt_summary(results))
+    remove_orphan_spools(spool_root, settings.spool_dir)
     return code
 
 
-def fetch_from(source, settings, args, cluster, deadline):
-    """The outcome of asking one source for args.wal_name."""
+def report_copy(wal_name, source, path, stored):
+    """Log a rejected copy once, with where it is and why; pass store()'s result on."""
+    outcome, detail, _drained = stored
+    if outcome == INVALID:
+        log.warning("%s: [source %s] %s is not valid: %s; trying the next copy",
+                    wal_name, source.name, path, detail)
+    elif outcome == FAILED:
+        log.warning("%s: [source %s] %s: %s", wal_name, source.name, path, detail)
+    return stored
+
+
+def fetch_from(source, settings, args, cluster, deadline, verify):
+    """(outcome, detail) of asking one source for args.wal_name: every copy it holds,
+    in order, until one is valid. A source that stalls or does not answer is
+    remembered as down; one that answers is forgotten as down."""
     if not reachable(source, settings, deadline):
         log.warning("[source %s] %s does not answer (probe = %s)", source.name, source.host, source.probe)
-        return UNREACHABLE
+        return UNREACHABLE, "probe %s" % source.probe
+    rejected = []
+    candidate = 1
+    while True:
+        def deliver(wal_name, suffix, size, read, path):
+            return report_copy(wal_name, source, path, store(
+                wal_name, suffix, size, read, args.dest, False, cluster, verify))
+        results = fetch_files(source, settings, [args.wal_name], deliver, deadline, candidate)
+        outcome, detail, index, count = results.get(args.wal_name, (FAILED, "no answer", 0, 0))
+        if outcome == INVALID:
+            rejected.append(detail)
+            if index < count:
+                candidate = index + 1
+                continue
+        remember(settings, source, outcome in (STALLED, UNREACHABLE))
+        if outcome in (STALLED, UNREACHABLE, FAILED, NO_DIRECTORY):
+            log.warning("[source %s] %s: %s%s", source.name, args.wal_name, outcome,
+                        ": " + detail if detail else "")
+            return outcome, detail
+        if outcome in (INVALID, NO_MORE) or (outcome == ABSENT and rejected):
+            return INVALID, "%d cop%s, none valid; the last: %s" % (
+                len(rejected), "y" if len(rejected) == 1 else "ies", rejected[-1] if rejected else "?")
+        return outcome, detail
 
-    def deliver(wal_name, suffix, size, read):
-        return store(wal_name, suffix, size, read, args.dest, False, cluster, "[source %s]" % source.name)
-    outcomes = fetch_files(source, settings, [args.wal_name], deliver)
-    return outcomes.get(args.wal_name, FAILED)
 
-
-def after_delivery(settings, args, cluster):
+def after_delivery(settings, args, cluster, waldump):
     """Start the prefetch; its failure never fails the delivery that already happened
     (not even [archive] timeout expiring now: exit 3 would leave a file at DEST)."""
     try:
-        start_prefetch(settings, args.wal_name, args.dest, cluster, args.verbose)
+        start_prefetch(settings, args.wal_name, args.dest, cluster, waldump, args.verbose)
     except (Failure, OSError, IOError) as error:
         log.warning("prefetch not started: %s", error)
     except TimedOut:
         log.warning("prefetch not started: [archive] timeout expired")
+
+
+def remove_orphan_spools(spool_root, own):
+    """Remove the spools of data directories that are gone (restored copies cleaned
+    up), never one a prefetcher holds. Each names its data directory in SPOOL_OWNER;
+    a spool without that file is left alone."""
+    import shutil
+    try:
+        entries = os.listdir(spool_root)
+    except OSError:
+        return
+    for entry in entries:
+        spool = os.path.join(spool_root, entry)
+        if spool == own:
+            continue
+        try:
+            with open(os.path.join(spool, SPOOL_OWNER), "rb") as owner_file:
+                owner = owner_file.read().decode("utf-8", "surrogateescape").strip()
+        except (IOError, OSError):
+            continue
+        if not owner or os.path.exists(os.path.join(owner, "PG_VERSION")):
+            continue
+        try:
+            lock_fd = os.open(os.path.join(spool, SPOOL_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            if try_lock(lock_fd):
+                shutil.rmtree(spool, ignore_errors=True)
+                log.info("removed the spool of %s (no longer a data directory)", owner)
+        finally:
+            os.close(lock_fd)
 
 
 def prefetch_command(args, config):
@@ -1204,6 +2303,7 @@ def prefetch_command(args, config):
     handler.setFormatter(logging.Formatter("%(asctime)s " + PROG + " prefetch: %(levelname)s: %(message)s"))
     log.handlers = [handler]
     cluster = Cluster(args.system_identifier, args.pg_major)
+    verify = make_verifier(cluster, args.waldump, settings.timeout)
     settings.control_dir = prepare_control_dir(settings.control_dir)
     lock_fd = args.lock_fd
     if lock_fd is None:                 # started by hand
@@ -1220,7 +2320,7 @@ def prefetch_command(args, config):
             served = want
             signal.setitimer(signal.ITIMER_REAL, settings.timeout)
             try:
-                prefetch_window(settings, want, cluster)
+                prefetch_window(settings, want, cluster, verify)
             except (Failure, TimedOut, OSError, IOError) as error:
                 log.warning("prefetch after %s stopped: %s", want[0], error or "timeout")
             finally:
@@ -1251,7 +2351,8 @@ def needs_refill(settings, want, missing=None):
 
 
 def check_command(settings):
-    """--check: print each source's state; 0 if at least one source works."""
+    """--check: print each source's state, how segments are checked, and the spool's
+    use; 0 if at least one source works."""
     settings.control_dir = prepare_control_dir(settings.control_dir)
     working = 0
     for source in settings.sources:
@@ -1273,7 +2374,61 @@ def check_command(settings):
             "matches %d director%s" % (directories, "y" if directories == 1 else "ies")
             if directories else "matches NO directory",
             newest_wal(names) or "none", round_trip))
+        if not directories:
+            print("WARNING: [source %s] %s matches no directory%s (archive disk not mounted?): a "
+                  "point-in-time restore stops when it needs a file this source may hold"
+                  % (source.name, source.path, "" if source.is_local else " on " + source.host))
+    print(verifier_line(settings))
+    print(spool_line(settings.spool_dir))
     return DELIVERED if working else UNAVAILABLE
+
+
+def verifier_line(settings):
+    """How fetched segments are checked, for --check."""
+    try:
+        pg_major = read_cluster(settings).pg_major
+    except Failure:
+        pg_major = None
+    waldump = find_waldump(settings.bindir, pg_major)
+    if waldump:
+        return "segments: every page checked here, every record by %s" % waldump
+    return ("WARNING: segments: no pg_waldump of PostgreSQL %s found: records are checked in Python "
+            "(seconds per segment); set [postgres] bindir" % (pg_major or "(version unknown)"))
+
+
+def spool_line(spool_root):
+    """The spool's use, for --check: each data directory's spool and its size."""
+    try:
+        entries = sorted(os.listdir(spool_root))
+    except OSError:
+        return "spool %s: empty" % spool_root
+    parts, total = [], 0
+    for entry in entries:
+        spool = os.path.join(spool_root, entry)
+        size = 0
+        for name in list_or_empty(spool):
+            try:
+                size += os.lstat(os.path.join(spool, name)).st_size
+            except OSError:
+                pass
+        total += size
+        try:
+            with open(os.path.join(spool, SPOOL_OWNER), "rb") as owner_file:
+                owner = owner_file.read().decode("utf-8", "replace").strip()
+        except (IOError, OSError):
+            owner = "?"
+        gone = owner != "?" and not os.path.exists(os.path.join(owner, "PG_VERSION"))
+        parts.append("%s (%s%s) %.1f MiB" % (entry, owner, ", gone: removed by the next fetch" if gone else "",
+                                              size / 1048576.0))
+    return "spool %s: %d spool%s, %.1f MiB%s" % (spool_root, len(parts), "" if len(parts) == 1 else "s",
+                                                 total / 1048576.0, ": " + "; ".join(parts) if parts else "")
+
+
+def list_or_empty(directory):
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 # ---------------------------------------------------------------------------
@@ -1286,6 +2441,7 @@ class Arguments(object):
     def __init__(self, config, wal_name, dest):
         self.config, self.wal_name, self.dest = config, wal_name, dest
         self.verbose = self.check = self.prefetch = False
+        self.waldump = None
 
 
 def quick_args(argv):
@@ -1318,10 +2474,45 @@ def parse_args(argv):
     parser.add_argument("--spool-dir", help=argparse.SUPPRESS)
     parser.add_argument("--system-identifier", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pg-major", help=argparse.SUPPRESS)
+    parser.add_argument("--waldump", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.check and not args.prefetch and (args.wal_name is None or args.dest is None):
         parser.error("WALNAME and DEST are required (restore_command = '%s %%f %%p')" % sys.argv[0])
     return args
+
+
+def history_here(wal_name):
+    """The .history file of wal_name's timeline in this data directory's pg_wal
+    (pg_xlog on 9.6), where PostgreSQL keeps those it restored; "" if none."""
+    for wal_dir in ("pg_wal", "pg_xlog"):
+        try:
+            with open(os.path.join(wal_dir, wal_name[:8] + ".history"), "rb") as history:
+                return history.read(MAX_TEXT_FILE).decode("ascii", "replace")
+        except (IOError, OSError):
+            continue
+    return ""
+
+
+def recovery_mode_here():
+    """recovery_mode() of the working directory: PostgreSQL runs restore_command
+    in its data directory."""
+    files = [name for name in ("standby.signal", "recovery.signal") if os.path.exists(name)]
+    try:
+        with open("recovery.conf", "rb") as conf:
+            text = conf.read().decode("utf-8", "replace")
+    except (IOError, OSError):
+        text = None
+    return recovery_mode(files, text)
+
+
+def stop_or(args, code, reason):
+    """code, or STOP_RECOVERY with the one line that says why, when doubt must stop
+    an archive recovery (every error is doubt: exit 2 or 3 would read as "absent")."""
+    if not getattr(args, "stop_on_doubt", False):
+        log.error("%s", reason)
+        return code
+    log.error("%s %s: %s", STOP_MARK, args.wal_name, reason)
+    return STOP_RECOVERY
 
 
 def main(argv=None):
@@ -1331,11 +2522,17 @@ def main(argv=None):
     except SystemExit as done:      # argparse: --help, --version, or a usage error (2)
         return done.code if isinstance(done.code, int) and 0 <= done.code <= 2 else USAGE
     setup_logging(args.verbose)
+    args.stop_on_doubt = False
     try:
-        if not args.check and not args.prefetch and wal_kind(args.wal_name) is None:
-            # Before anything else, the config included.
-            raise Failure("refusing %r: not a WAL segment, .partial, .history or .backup name"
-                          % args.wal_name, USAGE)
+        if not args.check and not args.prefetch:
+            kind = wal_kind(args.wal_name)
+            if kind is None:
+                # Before anything else, the config included.
+                raise Failure("refusing %r: not a WAL segment, .partial, .history or .backup name"
+                              % args.wal_name, USAGE)
+            # A segment in archive recovery: "not found" would end the recovery
+            # and open the database, so only a clean "absent" may say it.
+            args.stop_on_doubt = kind == "segment" and recovery_mode_here() == "archive"
         config = Config.load(config_path(args.config))
         if args.prefetch:
             return prefetch_command(args, config)
@@ -1343,19 +2540,17 @@ def main(argv=None):
             return check_command(Settings(config))
         return fetch_command(args, config)
     except Failure as failure:
-        log.error("%s", failure)
-        return failure.code if 0 < failure.code <= 3 else UNAVAILABLE
+        return stop_or(args, failure.code if 0 < failure.code <= 3 else UNAVAILABLE, failure)
     except TimedOut:
-        log.error("%s: gave up after [archive] timeout", getattr(args, "wal_name", "") or "check")
-        return UNAVAILABLE
+        return stop_or(args, UNAVAILABLE, "%s: gave up after [archive] timeout"
+                       % (getattr(args, "wal_name", "") or "check"))
     except Interrupted as stop:
         signal.setitimer(signal.ITIMER_REAL, 0)
         stop_children()
         log.warning("stopped by signal %d; nothing delivered", stop.signum)
         return end_by_signal(stop.signum)
-    except Exception as error:      # a bug must not abort recovery: report and say "unavailable"
-        log.error("internal error: %s: %s", type(error).__name__, error)
-        return UNAVAILABLE
+    except Exception as error:      # a bug: report it; in archive recovery it stops the recovery
+        return stop_or(args, UNAVAILABLE, "internal error: %s: %s" % (type(error).__name__, error))
     finally:
         if not _stopping:
             signal.setitimer(signal.ITIMER_REAL, 0)

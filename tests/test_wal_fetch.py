@@ -243,7 +243,7 @@ def test_segment_found_nowhere_exits_1_and_writes_nothing(wal):
     name = wal.segments[-1][:16] + "%08X" % (int(wal.segments[-1][16:], 16) + 40)
     proc = wal.run(name, "pg_wal/RECOVERYXLOG")
     assert proc.returncode == 1, proc.stderr
-    assert "INFO" in proc.stderr and "not found on any reachable source" in proc.stderr
+    assert "INFO" in proc.stderr and "not found on any source" in proc.stderr
     assert "ERROR" not in proc.stderr
     assert os.listdir(wal.pg_wal) == []
 
@@ -298,7 +298,8 @@ def test_copy_of_another_cluster_is_never_delivered(wal):
     wal.replace(0, name, bytes(foreign))
     wal.replace(1, name, bytes(foreign))
     proc = wal.run(name, "pg_wal/RECOVERYXLOG")
-    assert proc.returncode == 1, proc.stderr
+    # Copies exist, none valid: not "absent" (1), which would end an archive recovery.
+    assert proc.returncode == 3, proc.stderr
     assert "system identifier 42" in proc.stderr
     assert os.listdir(wal.pg_wal) == []
 
@@ -413,7 +414,7 @@ def test_check_reports_each_source_and_fails_only_when_none_works(wal, tb):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.timeout(600)
-def test_real_recovery_replays_30_segments_with_host1_dead_half_way(tb, wal):
+def test_real_recovery_replays_30_segments_with_host1_dead_for_a_while(tb, wal):
     primary = tb.primary
     primary.psql("CREATE TABLE IF NOT EXISTS wf_recovery (id int, note text)")
     backup = os.path.join(wal.root, "restored")
@@ -442,12 +443,15 @@ def test_real_recovery_replays_30_segments_with_host1_dead_half_way(tb, wal):
         def restored_count():
             with open(restored.logfile) as log_file:
                 return log_file.read().count("restored log file")
-        wait_for(lambda: restored_count() >= 15, 240, "15 segments restored")
+        wait_for(lambda: restored_count() >= 10, 240, "10 segments restored")
         with tb.hosts[0].dead():
-            assert restored_count() < 32, "recovery was over before host1 died"
-            wait_for(lambda: restored.is_running() and restored.psql(
-                "SELECT NOT pg_is_in_recovery()", check=False).stdout.strip() == "t",
-                300, "the end of recovery", interval=1)
+            assert restored_count() < 22, "recovery was nearly over before host1 died"
+            wait_for(lambda: restored_count() >= 22, 240, "22 segments restored with host1 dead")
+        # Back before the end: at the end of the archive "absent" must come from
+        # every source, or the recovery would stop rather than open (see the faults tests).
+        wait_for(lambda: restored.is_running() and restored.psql(
+            "SELECT NOT pg_is_in_recovery()", check=False).stdout.strip() == "t",
+            300, "the end of recovery", interval=1)
         with open(restored.logfile) as log_file:
             log_text = log_file.read()
         assert 'restored log file "%s" from archive' % last in log_text

@@ -162,6 +162,13 @@ def test_history_and_backup_files_are_checked_as_text():
     assert fetch.check_text_file("history", b"", 0) == "empty file"
     assert "binary" in fetch.check_text_file("history", b"1\0", 2)
     assert "not a timeline history" in fetch.check_text_file("history", b"<html>\n", 7)
+    history = b"1\t0/3000000\tno recovery target specified\n\n2\t0/5000000\tat restore point x\n"
+    assert fetch.check_text_file("history", history, len(history), 3) is None
+    assert "not below the file's 2" in fetch.check_text_file("history", history, len(history), 2)
+    assert "not increasing" in fetch.check_text_file("history", b"2\t0/5000000\tx\n1\t0/6000000\tx\n", 30, 3)
+    assert "going back" in fetch.check_text_file("history", b"1\t0/5000000\tx\n2\t0/4000000\tx\n", 30, 3)
+    assert "line 1" in fetch.check_text_file("history", b"1\t0/X\tx\n", 9, 3)
+    assert "no timeline" in fetch.check_text_file("history", b"# only a comment\n", 17, 3)
     assert fetch.check_text_file("backup", b"START WAL LOCATION: 0/2000028\n", 30) is None
     assert "backup" in fetch.check_text_file("backup", b"hello\n", 6)
 
@@ -170,19 +177,55 @@ def test_history_and_backup_files_are_checked_as_text():
 # Decisions
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("outcomes, code", [
-    (["found"], 0),
-    (["unreachable", "found"], 0),
-    (["absent", "absent"], 1),
-    (["unreachable", "absent"], 1),
-    (["invalid", "absent"], 1),
-    (["failed", "absent"], 1),
-    (["unreachable", "unreachable"], 3),
-    (["unreachable", "failed"], 3),
-    ([], 3),
+@pytest.mark.parametrize("outcomes, code, in_archive_recovery", [
+    (["found"], 0, 0),
+    (["unreachable", "found"], 0, 0),
+    (["absent", "absent"], 1, 1),
+    # Only a clean "absent" from every source may say "the archive ends here".
+    (["unreachable", "absent"], 3, 200),
+    (["invalid", "absent"], 3, 200),
+    (["failed", "absent"], 3, 200),
+    (["stalled", "absent"], 3, 200),
+    (["no archive directory", "absent"], 3, 200),
+    (["unreachable", "unreachable"], 3, 200),
+    (["unreachable", "failed"], 3, 200),
+    ([], 3, 200),
 ])
-def test_exit_code_for_the_sources_outcomes(outcomes, code):
+def test_exit_code_for_the_sources_outcomes(outcomes, code, in_archive_recovery):
     assert fetch.exit_code_for(outcomes) == code
+    assert fetch.exit_code_for(outcomes, stop_on_doubt=True) == in_archive_recovery
+
+
+def test_exit_codes_above_125_stop_postgresql_and_ours_is_not_a_shell_code():
+    # RestoreArchivedFile: an exit status above 125 is FATAL for the startup
+    # process (9.6-18); 126/127 would read as "not executable"/"not found".
+    assert 125 < fetch.STOP_RECOVERY < 256 and fetch.STOP_RECOVERY not in (126, 127)
+
+
+@pytest.mark.parametrize("files, conf, mode", [
+    ([], None, None),
+    (["standby.signal"], None, "standby"),
+    (["recovery.signal"], None, "archive"),
+    (["standby.signal", "recovery.signal"], None, "standby"),
+    ([], "restore_command = 'x'\n", "archive"),
+    ([], "standby_mode = 'on'\nrestore_command = 'x'\n", "standby"),
+    ([], "standby_mode=true\n", "standby"),
+    ([], "standby_mode = off  # no\n", "archive"),
+    ([], "# standby_mode = on\n", "archive"),
+])
+def test_recovery_mode_from_signal_files_or_recovery_conf(files, conf, mode):
+    assert fetch.recovery_mode(files, conf) == mode
+
+
+def test_each_source_gets_a_share_of_the_time_left_so_the_last_gets_its_turn():
+    assert fetch.source_deadline(100.0, 160.0, 2) == 130.0
+    assert fetch.source_deadline(130.0, 160.0, 1) == 160.0
+    assert fetch.source_deadline(170.0, 160.0, 1) == 170.0
+
+
+def test_doubt_summary_names_each_source_and_why():
+    assert fetch.doubt_summary([("host1", "unreachable", "probe ping"), ("host2", "absent", "")]) == \
+        "[source host1] unreachable (probe ping); [source host2] absent"
 
 
 def test_spool_keeps_only_the_window():
@@ -246,38 +289,80 @@ def test_missing_source_section_is_a_config_error(tmp_path):
 # The remote script, run by a real sh on a hostile directory tree
 # ---------------------------------------------------------------------------
 
-def frames(stream):
-    """[(name, suffix, bytes)] and the trailing MISSING name (or None) of a framed stream."""
-    found, missing = [], None
-    while stream:
+def frames(stream, names):
+    """(directories, [(name, suffix, index, count, path, bytes)], last frame) of a framed stream,
+    read with the script's own parse_frame."""
+    line, stream = stream.split(b"\n", 1)
+    assert line.startswith(b"DIRS ")
+    directories, found = int(line.split()[1]), []
+    for name in names:
+        if not stream:
+            return directories, found, None
         line, stream = stream.split(b"\n", 1)
-        words = line.decode().split()
-        if words[0] == "MISSING":
-            missing = words[1]
-            break
-        size = int(words[3])
-        found.append((words[1], words[2], stream[:size]))
+        frame = fetch.parse_frame(line + b"\n", name)
+        assert frame is not None, line
+        if frame[0] != "FILE":
+            return directories, found, frame
+        _, suffix, size, index, count, path = frame
+        found.append((name, suffix, index, count, os.path.basename(path), stream[:size]))
         stream = stream[size:]
-    return found, missing
+    return directories, found, None
 
 
-def test_remote_script_finds_first_match_streams_in_order_and_never_evaluates_the_glob(tmp_path):
+NAMES = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000003",
+         "000000010000000000000004"]
+
+
+def hostile_archive(tmp_path):
     root = tmp_path / "arch $(touch PWNED) `touch PWNED2`; x"
     (root / "a dir").mkdir(parents=True)
     (root / "b").mkdir()
-    (root / "a dir" / "000000010000000000000001").write_bytes(b"one\n" * 3)
-    (root / "b" / "000000010000000000000001").write_bytes(b"second copy")
-    (root / "b" / "000000010000000000000002.gz").write_bytes(b"\x1f\x8bzz")
-    script = fetch.remote_fetch_script(str(root) + "/*", [
-        "000000010000000000000001", "000000010000000000000002", "000000010000000000000003",
-        "000000010000000000000004"])
-    out = subprocess.run(["sh", "-c", script], cwd=str(tmp_path), stdout=subprocess.PIPE,
-                         check=True).stdout
-    found, missing = frames(out)
-    assert found == [("000000010000000000000001", "-", b"one\n" * 3),
-                     ("000000010000000000000002", ".gz", b"\x1f\x8bzz")]
-    assert missing == "000000010000000000000003"
+    (root / "a dir" / NAMES[0]).write_bytes(b"one\n" * 3)
+    (root / "b" / NAMES[0]).write_bytes(b"second copy")
+    (root / "b" / (NAMES[0] + ".xz")).write_bytes(b"third copy")
+    (root / "b" / (NAMES[1] + ".gz")).write_bytes(b"\x1f\x8bzz")
+    return str(root) + "/*"
+
+
+def run_remote(tmp_path, path_glob, names, candidate=1):
+    script = fetch.remote_fetch_script(path_glob, names, candidate)
+    return subprocess.run(["sh", "-c", script], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          check=True).stdout
+
+
+def test_remote_script_streams_the_first_copy_of_each_in_order_and_never_evaluates_the_glob(tmp_path):
+    out = run_remote(tmp_path, hostile_archive(tmp_path), NAMES)
+    directories, found, last = frames(out, NAMES)
+    assert directories == 2
+    assert found == [(NAMES[0], "", 1, 3, NAMES[0], b"one\n" * 3),
+                     (NAMES[1], ".gz", 1, 1, NAMES[1] + ".gz", b"\x1f\x8bzz")]
+    assert last == ("MISSING",)
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
+
+
+def test_remote_script_streams_any_later_copy_on_request_and_says_when_there_is_none(tmp_path):
+    path_glob = hostile_archive(tmp_path)
+    copies = []
+    for candidate in (1, 2, 3):
+        _, found, _ = frames(run_remote(tmp_path, path_glob, NAMES[:1], candidate), NAMES[:1])
+        copies.append(found[0][1:])
+    # Every directory of the glob, every suffix: a bad first copy hides nothing.
+    assert copies == [("", 1, 3, NAMES[0], b"one\n" * 3), ("", 2, 3, NAMES[0], b"second copy"),
+                      (".xz", 3, 3, NAMES[0] + ".xz", b"third copy")]
+    assert frames(run_remote(tmp_path, path_glob, NAMES[:1], 4), NAMES[:1])[2] == ("NOMORE", 3)
+
+
+def test_remote_script_says_when_the_glob_matches_no_directory(tmp_path):
+    out = run_remote(tmp_path, str(tmp_path / "not-mounted") + "/*", NAMES[:1])
+    assert out == b"DIRS 0\nMISSING " + NAMES[0].encode() + b"\n"
+
+
+@pytest.mark.parametrize("line", [
+    b"FILE 000000010000000000000001 - 12 1\n", b"FILE 000000010000000000000009 - 12 1 1 /a\n",
+    b"FILE 000000010000000000000001 .zip 12 1 1 /a\n", b"FILE 000000010000000000000001 - x 1 1 /a\n",
+    b"MISSING 000000010000000000000002\n", b"\n", b"NOMORE 000000010000000000000001 x\n"])
+def test_a_frame_for_another_name_or_malformed_is_not_taken(line):
+    assert fetch.parse_frame(line, "000000010000000000000001") is None
 
 
 def test_remote_list_script_counts_directories(tmp_path):
@@ -319,7 +404,7 @@ def test_compressed_copies_are_decompressed_and_broken_ones_refused(tmp_path, su
     packed = compress(original)
     for data, ok in ((packed, True), (packed[:len(packed) // 2], False), (b"garbage" * 10, False)):
         staged = fetch.StagedFile(str(tmp_path))
-        receiver = fetch.Receiver(staged, suffix, 40)
+        receiver = fetch.Receiver(staged, suffix, "segment")
         for start in range(0, len(data), 7000):
             receiver.feed(data[start:start + 7000])
         receiver.finish()
@@ -348,7 +433,7 @@ def test_multi_stream_compressed_copies_are_decompressed_whole(tmp_path, suffix,
     original = os.urandom(100000) + bytes(200000)
     data = compress(original[:120000]) + compress(original[120000:])
     staged = fetch.StagedFile(str(tmp_path))
-    receiver = fetch.Receiver(staged, suffix, 40)
+    receiver = fetch.Receiver(staged, suffix, "segment")
     for start in range(0, len(data), 7000):
         receiver.feed(data[start:start + 7000])
     receiver.finish()
@@ -363,7 +448,7 @@ def test_the_time_limit_hit_after_delivery_does_not_fail_the_delivery(monkeypatc
     def times_out(*args):
         raise fetch.TimedOut()
     monkeypatch.setattr(fetch, "start_prefetch", times_out)
-    fetch.after_delivery(None, fetch.Arguments(None, "000000010000000000000003", "x"), None)
+    fetch.after_delivery(None, fetch.Arguments(None, "000000010000000000000003", "x"), None, None)
 
 
 def test_a_source_whose_probe_failed_recently_is_tried_last_never_skipped():
@@ -379,3 +464,50 @@ def test_a_source_whose_probe_failed_recently_is_tried_last_never_skipped():
     assert fetch.source_order(sources, {"host1": 1100.0}, 1000.0) == sources
     assert fetch.source_order(sources, {"host1": 995.0, "host2": 999.0}, 1000.0) == [
         host3, host1, host2]
+
+
+@pytest.mark.parametrize("suffix, compress", [
+    (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)])
+def test_a_small_archive_that_inflates_past_the_segment_size_is_refused_there(tmp_path, suffix, compress):
+    # A first page stating 1 MiB segments, then 64 MiB of zeros: a few kB compressed.
+    header = fetch.LONG_HEADER.pack(0xD110, 2, 1, 0, 0, 1, 1 << 20, 8192)
+    bomb = compress(header + bytes(64 << 20))
+    staged = fetch.StagedFile(str(tmp_path))
+    receiver = fetch.Receiver(staged, suffix, "segment")
+    written = []
+    staged.write = lambda data: written.append(len(data))
+    receiver.feed(bomb)
+    receiver.finish()
+    staged.discard()
+    assert receiver.problem == "more than 1048576 bytes, the segment size its first page states"
+    assert sum(written) <= 1 << 20 and max(written) <= fetch.CHUNK
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_a_plain_copy_bigger_than_any_segment_is_refused_before_a_byte_is_written(tmp_path):
+    def never_read(size):
+        raise AssertionError("read %d bytes of a copy that cannot be a segment" % size)
+    result = fetch.store("000000010000000000000001", "", 3 << 30, never_read, str(tmp_path / "RECOVERYXLOG"),
+                         False, None, None)
+    assert result == ("invalid", "3221225472 bytes, more than a segment file can hold", False)
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_the_begin_of_a_timeline_is_the_last_switch_point_of_its_history():
+    history = "1\t0/3000000\tno recovery target specified\n\n2\t1/5A000028\tbefore 2026-11-25\n"
+    assert fetch.timeline_begins(history) == (1 << 32) | 0x5A000028
+    assert fetch.timeline_begins("") is None and fetch.timeline_begins("# only a comment\n") is None
+
+
+@pytest.mark.parametrize("name, before", [
+    ("000000030000000000000010", True),          # log 0: long before 1/5A000028
+    ("000000030000000100000000", True),           # ends by 1/40000000 even with 1 GiB segments
+    ("000000030000000100000001", False),          # with 1 GiB segments it would hold 1/5A000028
+    ("000000030000000100000059", False),          # could end past 1/5A000028 (32 MiB segments)
+    ("00000003000000010000005A", False),          # holds the switch point
+    ("000000030000000200000000", False),
+])
+def test_a_segment_wholly_before_its_timeline_began_cannot_exist(name, before):
+    begins = (1 << 32) | 0x5A000028
+    assert fetch.before_its_timeline(name, begins) is before
+    assert fetch.before_its_timeline(name, None) is False

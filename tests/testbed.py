@@ -279,8 +279,10 @@ class ZfsPool(object):
                     break
                 time.sleep(0.2)
             if self.started_daemon:
-                others = sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
-                if not others:
+                # Only a clean, empty answer means no other session has a pool: a
+                # busy daemon's failed `zpool list` must not stop it under their feet.
+                others = sh(["zpool", "list", "-H", "-o", "name"], check=False, timeout=60)
+                if others.returncode == 0 and not others.stdout.split():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.daemon_pid, 15)
                     wait_for(lambda: not _pid_alive(self.daemon_pid), 30, "zfs-fuse to stop")
