@@ -151,11 +151,22 @@ Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [restore]  mount_root, wal_root, port_start, timeout
     (pg_wal_fetch.py, run by the restored copy, reads [archive] and [source *])
 
+Signals: SIGTERM, SIGHUP and SIGINT (Ctrl-C) end a restore or drill like any
+failure: the server is stopped, the clones destroyed, their mountpoint
+directories and the work directory removed (a zfs or btrfs call under way
+finishes first); a rollback under way finishes whole.
+
 Exit codes:
+    (every error is one line; the clones are removed unless --keep-on-failure)
     0  done (drill: OK)
-    1  the restore, cleanup or rollback failed or was refused (the clones are
-       removed unless --keep-on-failure); also: the archive ended before the target
-    2  bad arguments or bad config; drill: CRITICAL (any failure)
+    1  the restore, cleanup or rollback failed or was refused; also: the
+       archive ended before the target or has a hole (--latest), a source
+       stopped the recovery (pg_wal_fetch), an OS error (its text and file: a
+       --to that is a file, a full or read-only wal_root), a signal
+       ("stopped by SIGTERM")
+    2  bad arguments (--port outside 1-65535, an empty --set or --timeline, a
+       time or xid out of range: refused before anything is made) or bad
+       config; drill: CRITICAL (any failure, a full pool and a signal included)
 """
 
 import argparse
@@ -171,6 +182,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -439,9 +451,10 @@ def parse_time(text):
         moment = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute),
                                    int(second or 0), int((fraction or "0").ljust(6, "0")),
                                    tzinfo=zone_of(zone))
-    except ValueError as error:
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError) as error:
+        # 9999-12-31T23:59:59-15:00 is a valid local time past the last UTC one.
         raise ValueError("%r is not a valid time: %s" % (text, error))
-    return moment.astimezone(UTC)
 
 
 def pg_time(moment):
@@ -504,8 +517,8 @@ def parse_target(kind, text=None):
     if kind == "lsn":
         return Target(kind, parse_lsn(text))
     if kind == "xid":
-        if not re.match(r"^[0-9]{1,20}$", text.strip()) or int(text) < 3:
-            raise ValueError("%r is not a transaction id (a whole number of 3 or more)" % text)
+        if not re.match(r"^[0-9]{1,20}$", text.strip()) or not 3 <= int(text) < 2 ** 64:
+            raise ValueError("%r is not a transaction id (a whole number from 3 to 2^64-1)" % text)
         return Target(kind, int(text))
     if kind == "name":
         if not text or len(text.encode("utf-8")) > 63:
@@ -1435,8 +1448,17 @@ class Zfs(object):
                 if line.strip().rpartition("@")[0] == dataset]
 
     def clone(self, snapshot, clone, mountpoint, set_name):
-        self._run("clone", "-o", "mountpoint=" + mountpoint, "-o", "%s=%s" % (CLONE_OF, set_name),
-                  snapshot, clone)
+        """zfs clone; when zfs made the clone but could not mount it, destroy it (unrecorded,
+        it would block the next restore) and fail."""
+        code, _, err = self._run("clone", "-o", "mountpoint=" + mountpoint, "-o", "%s=%s" % (CLONE_OF, set_name),
+                                 snapshot, clone, check=False)
+        if code == 0:
+            return
+        found, origin, _ = self._run("get", "-H", "-o", "value", "origin", clone, check=False)
+        if found == 0 and origin.strip() == snapshot:
+            self.destroy(clone)
+        raise Failure("zfs clone %s %s failed: %s" % (snapshot, clone, (err.strip().splitlines()
+                                                                        or ["exit code %d" % code])[-1]), 1)
 
     def destroy(self, dataset):
         """Destroy a clone, retrying while it is busy (right after pg_ctl stop)."""
@@ -1886,6 +1908,12 @@ def list_dir(path):
         raise Failure("%s: %s" % (path, error.strerror), 1)
 
 
+def remove_empty_dir(path):
+    """rmdir path if it is an empty directory (a destroyed clone's mountpoint); never an error."""
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
 def make_private_dir(path):
     """Create path with mode 0700 unless it exists (the clone markers' directory)."""
     try:
@@ -1934,6 +1962,49 @@ def remove_file(path):
         if error.errno != errno.ENOENT:
             raise Failure("cannot remove %s: %s" % (path, error.strerror), 1)
     fsync_directory(os.path.dirname(path))
+
+
+# -- signals: SIGTERM, SIGHUP and SIGINT end a command as a Failure, so that a
+# restore or drill stops its server and removes its clones; while a zfs or btrfs
+# call runs (or the undo), they wait, so that nothing is made unrecorded.
+
+_signals_held = []
+_signals_pending = []
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP", signal.SIGINT: "SIGINT"}
+
+
+def signal_failure(signum):
+    return Failure("stopped by %s" % SIGNAL_NAMES.get(signum, "signal %d" % signum), 1)
+
+
+def on_signal(signum, frame):
+    """End the command as a Failure, or note the signal while signals are held."""
+    if _signals_held:
+        _signals_pending.append(signum)
+        return
+    raise signal_failure(signum)
+
+
+@contextlib.contextmanager
+def signals_held(deliver=True):
+    """Hold SIGTERM, SIGHUP and SIGINT while the block runs; after it, raise the first
+    one that came (deliver) or drop it (the undo: it is the end already)."""
+    _signals_held.append(True)
+    try:
+        yield
+    finally:
+        _signals_held.pop()
+        if not deliver and not _signals_held:
+            del _signals_pending[:]
+    if _signals_pending and not _signals_held:
+        raise signal_failure(_signals_pending.pop(0))
+
+
+def catch_signals():
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_signal)     # Ctrl-C: the same clean end, no traceback
 
 
 def system_ports():
@@ -2073,6 +2144,7 @@ class Restorer(object):
         self.made_work_dir = False
         self.started = False
         self.waiting = {}       # newer sets passed over: {name: stop segment not archived}
+        self.start_cut_short = False
 
     @contextlib.contextmanager
     def step(self, name):
@@ -2102,8 +2174,9 @@ class Restorer(object):
                  os.path.dirname(plan.clones[0][2]))
 
     def _clone(self, snapshot, clone, mountpoint):
-        self.zfs.clone(snapshot, clone, mountpoint, self.plan.snapshot_set.name)
-        self.made_clones.append(clone)
+        with signals_held():
+            self.zfs.clone(snapshot, clone, mountpoint, self.plan.snapshot_set.name)
+            self.made_clones.append(clone)
 
     def prepare(self):
         """Make the cloned PGDATA a recovery of its own (see the module docstring)."""
@@ -2217,9 +2290,11 @@ class Restorer(object):
     def start(self):
         plan = self.plan
         self.started = True
+        self.start_cut_short = True     # until pg_ctl start -w returns
         code, message = self.act("pg_ctl start -w -t %d -D %s -l %s as %s"
                                  % (plan.timeout, plan.pgdata, plan.log_file, self.server.user),
                                  self.server.start, plan.timeout) or (0, "")
+        self.start_cut_short = False
         if code != 0:
             # With --action shutdown, or when the archive ends early, the server
             # may be gone before pg_ctl sees it ready: wait_for_target judges.
@@ -2307,6 +2382,11 @@ class Restorer(object):
 
     def stop(self):
         if self.started and not self.dry_run:
+            if self.start_cut_short:
+                # pg_ctl start goes on without us: let its postmaster appear, then stop it.
+                deadline = time.monotonic() + 10
+                while not self.server.running() and time.monotonic() < deadline:
+                    time.sleep(POLL_INTERVAL)
             self.server.stop()
         elif self.dry_run:
             self.act("pg_ctl stop -m fast -D %s" % self.plan.pgdata, lambda: None)
@@ -2316,11 +2396,15 @@ class Restorer(object):
         ok = True
         for clone in reversed(list(self.made_clones)):
             try:
-                self.zfs.destroy(clone)
+                with signals_held():
+                    self.zfs.destroy(clone)
                 self.made_clones.remove(clone)
             except Failure as failure:
                 log.error("%s", failure)
                 ok = False
+        for _, clone, mountpoint in self.plan.clones:
+            if clone not in self.made_clones and not self.dry_run:
+                remove_empty_dir(mountpoint)
         if self.dry_run:
             for _, clone, _ in reversed(self.plan.clones):
                 self.act(self.zfs.describe_destroy(clone), lambda: None)
@@ -2336,9 +2420,10 @@ class Restorer(object):
                       "`%s.py cleanup %s`", " ".join(self.made_clones) or "none", self.plan.log_file,
                       PROG, self.plan.snapshot_set.name)
             return
-        with contextlib.suppress(Failure):
-            self.stop()
-        self.destroy()
+        with signals_held(deliver=False):
+            with contextlib.suppress(Failure):
+                self.stop()
+            self.destroy()
 
 
 # ---------------------------------------------------------------------------
@@ -2408,14 +2493,9 @@ def target_of(args):
 def prepare_restore(config, args, kind, target, action, mount_root, port_option, dry_run):
     """Choose the set and the port, make and check the plan; return a Restorer."""
     zfs, pools = backend_of(config)
-    timeline = None
-    if getattr(args, "timeline", None):
-        try:
-            timeline = parse_timeline(args.timeline)
-        except ValueError as error:
-            raise Failure(str(error), 2)
+    timeline = getattr(args, "timeline", None)
     sets = load_sets(zfs, pools, config)
-    waiting = sets_waiting(config, [one for one in sets if not args.set or one.name == args.set])
+    waiting = sets_waiting(config, [one for one in sets if args.set is None or one.name == args.set])
     if args.set in waiting:
         raise Failure("cannot restore yet: " + waiting_note(args.set, waiting[args.set]), 1)
     for name in sorted(waiting):
@@ -2425,7 +2505,7 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
              snapshot_set.get("stop_time"), snapshot_set.get("stop_lsn"), target)
     options = restore_options(config)
     used = system_ports()
-    if port_option:
+    if port_option is not None:
         if port_option in used:
             raise Failure("port %d is in use" % port_option, 1)
         port = port_option
@@ -2514,14 +2594,15 @@ def cmd_drill(config, args):
                 step = "amcheck"
                 with restorer.step("amcheck"):
                     restorer.server.amcheck()
-        except Failure as failure:
-            raise Failure("%s: %s" % (step, failure), 2)
+        except (Failure, EnvironmentError) as error:
+            raise Failure("%s: %s" % (step, error if isinstance(error, Failure) else unexpected_failure(error)), 2)
         finally:
-            with restorer.step("stop"):
-                with contextlib.suppress(Failure):
-                    restorer.stop()
-            with restorer.step("destroy"):
-                destroyed = restorer.destroy()
+            with signals_held(deliver=False):
+                with restorer.step("stop"):
+                    with contextlib.suppress(Failure):
+                        restorer.stop()
+                with restorer.step("destroy"):
+                    destroyed = restorer.destroy()
         if not destroyed:
             raise Failure("destroy: clones left behind: %s" % " ".join(restorer.made_clones), 2)
     except Failure as failure:
@@ -2560,11 +2641,15 @@ def cmd_cleanup(config, args):
         stop_servers_on([fs["mountpoint"] for fs in members if fs["mountpoint"]], config, sets.get(set_name))
         for fs in sorted(members, key=lambda fs: fs["name"], reverse=True):
             try:
-                zfs.destroy(fs["name"])
+                with signals_held():
+                    zfs.destroy(fs["name"])
                 print("destroyed %s" % fs["name"])
             except Failure as failure:
                 log.error("%s", failure)
                 failed.append(fs["name"])
+                continue
+            if fs["mountpoint"]:
+                remove_empty_dir(fs["mountpoint"])
         if kind:
             work_dir = work_dir_of(options["wal_root"], kind, set_name)
             if os.path.isdir(work_dir):
@@ -2631,21 +2716,45 @@ def cmd_rollback(config, args):
                       % running[0], 1)
     if not args.force:
         raise Failure("refusing to roll back without --force", 1)
-    zfs.rollback_set(snapshot_set, later)
     live_pgdata = os.path.normpath(os.path.join(mountpoints[snapshot_set.get("pgdata_dataset")],
                                                 snapshot_set.get("pgdata_rel")))
     owner = owner_of(config.str("postgres", "user", "postgres"))
-    for name in ("postmaster.pid", "postmaster.opts"):
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(live_pgdata, name))
-    if backup_label:
-        write_file(os.path.join(live_pgdata, "backup_label"), backup_label, 0o600, owner)
-    if tablespace_map.strip():
-        write_file(os.path.join(live_pgdata, "tablespace_map"), tablespace_map, 0o600, owner)
+    # Once it starts, the rollback and its backup_label go through whole: a signal waits.
+    with signals_held(deliver=False):
+        zfs.rollback_set(snapshot_set, later)
+        for name in ("postmaster.pid", "postmaster.opts"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(live_pgdata, name))
+        if backup_label:
+            write_file(os.path.join(live_pgdata, "backup_label"), backup_label, 0o600, owner)
+        if tablespace_map.strip():
+            write_file(os.path.join(live_pgdata, "tablespace_map"), tablespace_map, 0o600, owner)
     print("%s is at set %s%s; start it as before (it replays from %s on and follows the primary)"
           % (live_pgdata, args.set, " with its backup_label" if backup_label else "",
              snapshot_set.get("start_lsn")))
     return 0
+
+
+def port_argument(text):
+    """--port: a TCP port, 1 to 65535 (argparse refuses anything else, exit 2)."""
+    if not re.match(r"^[0-9]{1,5}$", text) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a TCP port (1 to 65535)" % text)
+    return int(text)
+
+
+def set_argument(text):
+    """--set: a set name as pg_zfs_snap.py makes them (never empty)."""
+    if not SET_NAME_RE.match(text):
+        raise argparse.ArgumentTypeError("%r is not a snapshot set name" % text)
+    return text
+
+
+def timeline_argument(text):
+    """--timeline: latest, current or a timeline ID (never empty)."""
+    try:
+        return parse_timeline(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
 
 
 def parse_args(argv):
@@ -2668,12 +2777,13 @@ def parse_args(argv):
     targets.add_argument("--target-name", metavar="NAME", help="restore point name")
     targets.add_argument("--immediate", action="store_true", help="the end of the backup")
     targets.add_argument("--latest", action="store_true", help="the end of the archive")
-    restore.add_argument("--set", metavar="NAME", help="the set to restore (default: chosen)")
+    restore.add_argument("--set", metavar="NAME", type=set_argument, help="the set to restore (default: chosen)")
     restore.add_argument("--to", metavar="DIR", help="root of the clones' mountpoints")
-    restore.add_argument("--port", type=int, metavar="N", help="port of the restored server")
+    restore.add_argument("--port", type=port_argument, metavar="N", help="port of the restored server")
     restore.add_argument("--action", choices=("pause", "promote", "shutdown"), default="pause",
                          help="at the target (default: pause)")
-    restore.add_argument("--timeline", metavar="TL", help="latest (default), current or an ID")
+    restore.add_argument("--timeline", metavar="TL", type=timeline_argument,
+                         help="latest (default), current or an ID")
     restore.add_argument("--exclusive", action="store_true", help="stop just before the target")
     restore.add_argument("--no-start", action="store_true", help="prepare, do not start")
     restore.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
@@ -2682,7 +2792,7 @@ def parse_args(argv):
     drill = commands.add_parser("drill", help="restore test of the newest set (Nagios line)")
     drill.add_argument("--query", metavar="SQL", help="a query that must succeed on the copy")
     drill.add_argument("--amcheck", action="store_true", help="also run pg_amcheck (14+)")
-    drill.add_argument("--set", metavar="NAME", help="drill this set instead of the newest")
+    drill.add_argument("--set", metavar="NAME", type=set_argument, help="drill this set instead of the newest")
 
     cleanup = commands.add_parser("cleanup", help="stop and destroy clones made by this tool")
     which = cleanup.add_mutually_exclusive_group(required=True)
@@ -2690,7 +2800,7 @@ def parse_args(argv):
     which.add_argument("--all", action="store_true", help="every clone made by this tool")
 
     rollback = commands.add_parser("rollback", help="roll the live datasets back to a set")
-    rollback.add_argument("--set", metavar="NAME", required=True)
+    rollback.add_argument("--set", metavar="NAME", type=set_argument, required=True)
     rollback.add_argument("--force", action="store_true", help="really do it")
     args = parser.parse_args(argv)
     if not args.command:
@@ -2705,15 +2815,27 @@ COMMANDS = {"list": cmd_list, "restore": cmd_restore, "drill": cmd_drill,
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
+    if args.command != "list":
+        catch_signals()
     try:
         config = Config.load(config_path(args.config))
         return COMMANDS[args.command](config, args)
-    except Failure as failure:
+    except Exception as error:      # Failure, and any other error as one line
+        failure = error if isinstance(error, Failure) else unexpected_failure(error)
         if args.command == "drill":
             print("CRITICAL: drill failed: %s" % failure)
             return 2
         log.error("%s", failure)
         return failure.code
+
+
+def unexpected_failure(error):
+    """A Failure (exit 1) of an error no step turned into one: one line, no traceback.
+    An OSError names its file (--to a file, a full or read-only wal_root)."""
+    if isinstance(error, EnvironmentError) and error.strerror:
+        where = " ".join(str(name) for name in (error.filename, getattr(error, "filename2", None)) if name)
+        return Failure("%s%s" % (error.strerror, ": " + where if where else ""), 1)
+    return Failure("internal error: %s: %s" % (type(error).__name__, error), 1)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ that state is ambiguous.
 
 All or nothing: if any snapshot of a set fails, the ones made are destroyed,
 backup mode is ended, the run exits 1 and does not prune. So on SIGTERM, SIGHUP
-or SIGINT, once the zfs or btrfs call under way has finished.
+or SIGINT, once the zfs or btrfs call under way has finished. A signal during
+prune lets the set being destroyed go whole, then ends the run (exit 1); the
+sets not reached are kept.
 
 Each snapshot carries ZFS user properties pgzfs:* (on btrfs: its JSON file):
 start/stop LSN, start WAL file, timeline, start/stop time, major version,
@@ -1643,13 +1645,18 @@ def cmd_prune(job, dry_run):
         if dry_run:
             print("would destroy %s" % name)
             continue
-        try:
-            for snapshot in snapshots:
-                job.backend.destroy(snapshot)
-            log.info("pruned set %s%s", name, "" if one.complete else " (incomplete)")
-        except Failure as failure:
-            log.error("could not prune set %s: %s", name, failure)
-            failed += 1
+        # A signal lets the set under way go whole, then ends the prune: never half a set.
+        with signals_held():
+            try:
+                for snapshot in snapshots:
+                    job.backend.destroy(snapshot)
+                log.info("pruned set %s%s", name, "" if one.complete else " (incomplete)")
+            except Failure as failure:
+                log.error("could not prune set %s: %s", name, failure)
+                failed += 1
+        if pending_signal():
+            raise Failure("stopped by signal %d after set %s: the remaining sets are kept"
+                          % (pending_signal(), name), 1)
     return failed
 
 

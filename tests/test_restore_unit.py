@@ -61,7 +61,7 @@ def test_target_time_without_a_zone_is_refused_with_a_clear_reason():
 
 
 @pytest.mark.parametrize("text", ["yesterday", "2026-13-01T00:00:00Z", "2026-11-25T04:30:00+16:00",
-                                  "2026-11-25"])
+                                  "2026-11-25", "9999-12-31T23:59:59-15:00", "0001-01-01T00:00:00+15:00"])
 def test_malformed_target_time_is_refused(text):
     with pytest.raises(ValueError):
         restore.parse_time(text)
@@ -84,9 +84,25 @@ def test_lsn_parses_and_formats_back():
 def test_xid_and_name_targets_are_checked():
     assert target("xid", "1234").value == 1234
     assert target("name", "before_upgrade").value == "before_upgrade"
-    for kind, bad in (("xid", "abc"), ("xid", "1"), ("name", ""), ("name", "x" * 64)):
+    assert target("xid", str(2 ** 64 - 1)).value == 2 ** 64 - 1
+    for kind, bad in (("xid", "abc"), ("xid", "1"), ("xid", str(2 ** 64)), ("name", ""), ("name", "x" * 64)):
         with pytest.raises(ValueError):
             target(kind, bad)
+
+
+@pytest.mark.parametrize("args", [["--port", "65536"], ["--port", "-1"], ["--port", "0"], ["--port", ""],
+                                  ["--set", ""], ["--set", "a b"], ["--timeline", ""], ["--timeline", "0"]])
+def test_a_bad_port_set_or_timeline_is_refused_by_the_argument_parser(args, capsys):
+    with pytest.raises(SystemExit) as end:
+        restore.parse_args(["restore", "--immediate"] + args)
+    assert end.value.code == 2
+    assert "error: argument %s: " % args[0] in capsys.readouterr().err
+
+
+def test_good_port_set_and_timeline_arguments_pass():
+    args = restore.parse_args(["restore", "--immediate", "--port", "65535", "--set", "pgzfs_20261125T040100Z",
+                               "--timeline", "current"])
+    assert (args.port, args.set, args.timeline) == (65535, "pgzfs_20261125T040100Z", "current")
 
 
 def test_timeline_option():
