@@ -2460,10 +2460,10 @@ def cmd_list(config, args):
     if args.json:
         print(json.dumps(summaries, indent=2, sort_keys=True))
         return 0
-    print("%-32s %-8s %-21s %-12s %-3s %-4s %-8s %s" % ("SET", "MODE", "EARLIEST TARGET", "STOP LSN",
+    print("%-32s %-8s %-27s %-12s %-3s %-4s %-8s %s" % ("SET", "MODE", "EARLIEST TARGET", "STOP LSN",
                                                         "TL", "PG", "COMPLETE", "CLONES"))
     for summary in summaries:
-        print("%-32s %-8s %-21s %-12s %-3s %-4s %-8s %s" % (
+        print("%-32s %-8s %-27s %-12s %-3s %-4s %-8s %s" % (
             summary["name"], summary["mode"] or "-", summary["earliest_target"] or "-",
             summary["stop_lsn"] or "-", summary["timeline"] or "-", summary["pg_version"] or "-",
             "WAITING" if summary["waiting_for_wal"] else

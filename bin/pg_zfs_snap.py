@@ -61,7 +61,8 @@ prune lets the set being destroyed go whole, then ends the run (exit 1); the
 sets not reached are kept.
 
 Each snapshot carries ZFS user properties pgzfs:* (on btrfs: its JSON file):
-start/stop LSN, start WAL file, timeline, start/stop time, major version,
+start/stop LSN, start WAL file, timeline, start/stop time (UTC, to the
+microsecond: a target a moment after the stop can use the set), major version,
 system identifier, PGDATA relative to its dataset, backup label and tablespace
 map in base64, tool version, the datasets of the set; DEVELOPERS.md lists them. pgzfs:stop_lsn is
 written last: a set without it on every snapshot is incomplete (a run that died)
@@ -224,6 +225,13 @@ def parse_utc(text):
 def iso_utc(when):
     """UTC ISO 8601 to the second: 2026-11-25T04:01:00Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(when)))
+
+
+def iso_utc_exact(when):
+    """UTC ISO 8601 to the microsecond, 2026-11-25T04:01:00.250000Z: a set's start and
+    stop time, so that a target a moment after the stop can use the set."""
+    seconds = int(math.floor(when))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%06dZ" % int((when - seconds) * 1e6)
 
 
 def major_version(server_version_num):
@@ -1437,7 +1445,7 @@ def take_backup_mode_set(job, session, version_num, name, label, base_properties
     start_lsn = session.query(start_sql, timeout=BACKUP_CALL_TIMEOUT)[0].strip()
     # Label and map are written empty now (zfs set refuses an empty value) and
     # set after the stop when PostgreSQL returned something.
-    properties = dict(base_properties, start_lsn=start_lsn, start_time=iso_utc(started),
+    properties = dict(base_properties, start_lsn=start_lsn, start_time=iso_utc_exact(started),
                       backup_label="", tablespace_map="")
     try:
         made = job.backend.snapshot(order, name, properties)
@@ -1541,7 +1549,7 @@ def cmd_snapshot(job, label_text):
     try:
         facts = parse_backup_label(label_bytes.decode("utf-8"))
         final = {"start_wal": facts["start_wal"], "timeline": str(facts["timeline"]),
-                 "stop_time": iso_utc(math.ceil(job.clock.now())),
+                 "stop_time": iso_utc_exact(job.clock.now()),
                  "backup_label": encode_value(label_bytes),
                  "tablespace_map": encode_value(map_bytes), "stop_lsn": stop_lsn}
         # stop_lsn goes last: it is what makes the set complete.

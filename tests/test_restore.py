@@ -570,3 +570,27 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
     assert checked.stdout.startswith("PG_ZFS_SNAP WARNING - newest set %s " % newest)
     assert "waiting for WAL %s" % listing[newest]["waiting_for_wal"] in checked.stdout
     assert our_clones(tb) == []
+
+
+# -- the stop time to the microsecond ---------------------------------------------
+
+def test_a_target_a_moment_after_a_sets_stop_uses_that_set(story):
+    tb = story.tb
+    before = set(set_names(tb))
+    snap(tb, story.config)
+    newest = [name for name in set_names(tb) if name not in before][0]
+    try:
+        stop = props_of(tb, tb.datasets[1] + "@" + newest)["pgzfs:stop_time"]
+        stopped = datetime.datetime.strptime(stop, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+        target = stopped + datetime.timedelta(milliseconds=1)       # before the next whole second
+        note = "after the target %s" % target.isoformat()
+        tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+        tb.switch_wal()
+        with restored(story, "--target-time", target.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                      "--action", "promote") as copy:
+            assert "restored set %s to" % newest in copy.out
+            assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "0"
+            assert copy.rows() == story.rows
+    finally:
+        for dataset in tb.datasets:
+            tb.zfs.destroy("%s@%s" % (dataset, newest))

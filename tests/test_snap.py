@@ -117,7 +117,7 @@ def cleanup(tb):
 def assert_started_at_its_name(name, start_time):
     """A set named load_YYYYmmddTHHMMSSZ started within a minute of that time."""
     named = calendar.timegm(time.strptime(name, "load_%Y%m%dT%H%M%SZ"))
-    started = calendar.timegm(time.strptime(start_time, "%Y-%m-%dT%H:%M:%SZ"))
+    started = calendar.timegm(time.strptime(start_time.split(".")[0].rstrip("Z"), "%Y-%m-%dT%H:%M:%S"))
     assert 0 <= started - named < 60
 
 
@@ -157,7 +157,8 @@ def test_set_on_a_loaded_standby_is_self_describing(tb, tmp_path, cleanup):
         "SELECT system_identifier FROM pg_control_system()")
     assert re.match(r"^[0-9A-F]+/[0-9A-F]+$", props["pgzfs:start_lsn"])
     assert re.match(r"^[0-9A-F]+/[0-9A-F]+$", props["pgzfs:stop_lsn"])
-    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", props["pgzfs:start_time"])
+    for key in ("pgzfs:start_time", "pgzfs:stop_time"):     # to the microsecond
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$", props[key]), props[key]
     assert props["pgzfs:start_time"] <= props["pgzfs:stop_time"]
     assert_started_at_its_name(name, props["pgzfs:start_time"])
 

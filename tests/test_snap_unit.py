@@ -524,3 +524,12 @@ def test_check_says_unknown_not_a_traceback_on_an_unexpected_error(monkeypatch, 
     args = snap.parse_args(["-c", str(config), "check"])
     assert snap.run_check(args) == 3
     assert capsys.readouterr().out.startswith("PG_ZFS_SNAP UNKNOWN - internal error: KeyError")
+
+
+def test_start_and_stop_times_are_kept_to_the_microsecond_never_rounded_up():
+    when = utc("2026-11-25 04:01:00") + 0.25
+    assert snap.iso_utc_exact(when) == "2026-11-25T04:01:00.250000Z"
+    assert snap.iso_utc_exact(utc("2026-11-25 04:01:00") + 0.9999996) == "2026-11-25T04:01:00.999999Z"
+    assert snap.iso_utc_exact(utc("2026-11-25 04:01:00")) == "2026-11-25T04:01:00.000000Z"
+    # Read back by pg_zfs_restore.py, and ordered as text within one second.
+    assert snap.iso_utc_exact(when) < snap.iso_utc_exact(when + 0.5)
