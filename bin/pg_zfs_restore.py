@@ -100,7 +100,8 @@ What a restore does, in order (each step is timed and reported):
            WAL_ROOT/restore_SET/server.log), synchronous_standby_names = ''
            and no external_pid_file. Last, `postgres -C` must show that the
            copy runs on the clone's PGDATA with archive_mode off.
-  start    pg_ctl start -w as the PostgreSQL user (runuser -u USER --)
+  start    pg_ctl start -w as the PostgreSQL user (runuser -u USER --, found by its
+           full path, so cron's PATH does not matter; su where there is none)
   recover  wait (bounded by [restore] timeout) until the target is reached:
            paused, promoted or shut down, then report the last replayed LSN and
            transaction time. If the archive ends before the target, say so with
@@ -213,6 +214,8 @@ BTRFS_METADATA_SUFFIX = ".json"
 BTRFS_SUBVOLUME_INODE = 256     # the root directory of every btrfs subvolume
 BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
 BTRFS_TIMEOUT = 120
+RUNUSER_CANDIDATES = ("/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser", "/bin/runuser")
+SU = "/bin/su"
 SET_STAMP_RE = re.compile(r"(\d{8}T\d{6}Z)$")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")    # as pg_zfs_snap.py
 DEFAULT_PREFIX = "pgzfs"
@@ -1780,10 +1783,19 @@ class Server(object):
 
 
 def as_user(user, argv):
-    """argv run as user (through runuser when we are someone else)."""
-    if pwd.getpwuid(os.geteuid()).pw_name != user:
-        argv = ["runuser", "-u", user, "--"] + argv
-    return argv
+    """argv run as user when we are someone else: runuser by its full path (cron's PATH,
+    /usr/bin:/bin, lacks the sbin directories it lives in), else su."""
+    if pwd.getpwuid(os.geteuid()).pw_name == user:
+        return argv
+    return switch_user_argv(user, argv, next((p for p in RUNUSER_CANDIDATES if os.access(p, os.X_OK)),
+                                             shutil.which("runuser")))
+
+
+def switch_user_argv(user, argv, runuser):
+    """[runuser -u USER -- argv], or without runuser [su -s /bin/sh USER -c 'argv'] (quoted)."""
+    if runuser:
+        return [runuser, "-u", user, "--"] + argv
+    return [SU, "-s", "/bin/sh", user, "-c", " ".join(shlex.quote(arg) for arg in argv)]
 
 
 def fetch_script_path():

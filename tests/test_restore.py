@@ -594,3 +594,11 @@ def test_a_target_a_moment_after_a_sets_stop_uses_that_set(story):
     finally:
         for dataset in tb.datasets:
             tb.zfs.destroy("%s@%s" % (dataset, newest))
+
+
+def test_drill_runs_from_cron_with_only_usr_bin_and_bin_on_path(story):
+    from testbed import run_script
+    proc = run_script(SCRIPT, "drill", config=story.config, env={"PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("OK: drill of set %s " % story.sets[1])
+    assert our_clones(story.tb) == [] and story.leftovers() == []

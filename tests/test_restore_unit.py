@@ -675,3 +675,25 @@ def test_the_segment_size_is_the_one_start_wal_and_start_lsn_agree_on():
     assert restore.segment_size_of("000000010000000000000001", "0/5000028") == 64 * 1024 * 1024
     assert restore.segment_size_of("", "0/5000028") == 16 * 1024 * 1024
     assert restore.segment_size_of("000000010000000000000005", "bad") == 16 * 1024 * 1024
+
+
+# -- run as the PostgreSQL user from cron ------------------------------------------------
+
+def test_the_user_switch_needs_no_path_runuser_by_its_full_path_else_su():
+    assert restore.switch_user_argv("postgres", ["/usr/lib/postgresql/15/bin/pg_ctl", "status"],
+                                    "/usr/sbin/runuser") == [
+        "/usr/sbin/runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "status"]
+    assert restore.switch_user_argv("postgres", ["/opt/pg zfs/pg_wal_fetch.py", "-c", "/etc/a b.conf"], None) == [
+        "/bin/su", "-s", "/bin/sh", "postgres", "-c", "'/opt/pg zfs/pg_wal_fetch.py' -c '/etc/a b.conf'"]
+    found = restore.as_user("postgres", ["/bin/true"])
+    assert os.path.isabs(found[0]) and found[1:] == ["-u", "postgres", "--", "/bin/true"]
+
+
+def test_crontab_example_runs_the_weekly_drill_as_root_with_the_config():
+    example = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc",
+                                "crontab.example")).read()
+    drills = [line for line in example.splitlines() if " drill" in line and not line.startswith("#")]
+    assert len(drills) == 1
+    fields = drills[0].split()
+    assert len(fields[:5]) == 5 and fields[5] == "root"
+    assert fields[6:] == ["/opt/pg_zfs/bin/pg_zfs_restore.py", "-c", "/etc/pg_zfs/pg_zfs.conf", "drill"]
