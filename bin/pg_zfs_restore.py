@@ -202,7 +202,7 @@ LIST_KEYS = (
     "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
     "pg_version", "system_identifier",
 )
-FILE_KEYS = ("backup_label", "tablespace_map")
+FILE_KEYS = ("backup_label", "tablespace_map", "mountpoints")
 CLONE_OF = P + "clone_of"
 CLONE_KINDS = ("restore", "drill")
 
@@ -768,6 +768,36 @@ def is_our_clone(fs):
                 and clone_kind(fs["name"], set_name))
 
 
+def source_mountpoints(datasets, stored, properties, mounts_table):
+    """{dataset: [paths]}: where the dataset was mounted when the set was taken, as the
+    set's backup_label, tablespace_map and pg_tblspc links name it, each mapped
+    to the dataset's clone.
+
+    stored: pgzfs:mountpoints (the JSON bytes pg_zfs_snap.py wrote from the
+    mount table; b'' for an older set); also where the dataset is mounted now
+    (mounts_table, /proc/mounts text: a `legacy` dataset too) and its
+    mountpoint property (btrfs: the configured path) when that is a path.
+    """
+    try:
+        found = json.loads(stored.decode("utf-8")) if stored.strip() else {}
+    except ValueError:
+        found = {}
+    if not isinstance(found, dict):
+        found = {}
+    mounted = {}
+    for line in mounts_table.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] in ("zfs", "fuse.zfs") and fields[0] not in mounted:
+            mounted[fields[0]] = fields[1].replace("\\040", " ")
+    result = {}
+    for dataset in datasets:
+        for candidate in (found.get(dataset), mounted.get(dataset), properties.get(dataset)):
+            if isinstance(candidate, str) and candidate.startswith("/") \
+                    and os.path.normpath(candidate) not in result.get(dataset, []):
+                result.setdefault(dataset, []).append(os.path.normpath(candidate))
+    return result
+
+
 def map_path(path, mount_map):
     """path moved from a source mountpoint to its clone's (longest match), or None."""
     path = os.path.normpath(path)
@@ -1094,16 +1124,15 @@ def segment_size_of(start_wal, start_lsn):
 
 
 def stop_segment(snapshot_set):
-    """The last WAL segment a restore of the set needs to become consistent, or None.
-
-    backup: the one holding the last byte before pgzfs:stop_lsn (the end of
-    the backup); shutdown: the one holding the checkpoint record at stop_lsn.
+    """The last WAL segment a restore of the set needs, or None: the one holding
+    pgzfs:stop_lsn. Replay is consistent once it has replayed up to stop_lsn,
+    but stops there (--immediate, a drill) only on reading the record AT
+    stop_lsn: a backup that ended on a segment boundary needs the next
+    segment; a shutdown set's checkpoint record is at stop_lsn itself.
     """
     position, timeline = snapshot_set.stop_lsn, snapshot_set.timeline
     if position is None or timeline is None:
         return None
-    if snapshot_set.get("mode") == "backup" and position > 0:
-        position -= 1
     return segment_of_lsn(timeline, position, segment_size_of(snapshot_set.get("start_wal", ""),
                                                                snapshot_set.get("start_lsn", "")))
 
@@ -2088,13 +2117,15 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
         raise Failure("set %s is broken: %s" % (snapshot_set.name, "; ".join(problems)), 1)
     options = restore_options(config)
     work_dir = work_dir_of(options["wal_root"], kind, snapshot_set.name)
-    source_mounts = zfs.mountpoints(snapshot_set.datasets)
+    source_mounts = source_mountpoints(
+        snapshot_set.datasets, zfs.file_property(snapshot_set.snapshot(pgdata_dataset), "mountpoints"),
+        zfs.mountpoints(snapshot_set.datasets), read_text_file("/proc/mounts"))
     clones, mount_map = [], {}
     for dataset in snapshot_set.datasets:
         clone, mountpoint = zfs.clone_path(dataset, kind, snapshot_set.name, mount_root, explicit_root)
         clones.append((snapshot_set.snapshot(dataset), clone, mountpoint))
-        if source_mounts.get(dataset, "").startswith("/"):
-            mount_map[source_mounts[dataset]] = mountpoint
+        for path in source_mounts.get(dataset, []):
+            mount_map[path] = mountpoint
     pgdata_clone = [m for s, c, m in clones if s.rpartition("@")[0] == pgdata_dataset][0]
     pgdata = os.path.normpath(os.path.join(pgdata_clone, snapshot_set.get("pgdata_rel")))
     fetch_script = fetch_script_path()

@@ -64,7 +64,9 @@ Each snapshot carries ZFS user properties pgzfs:* (on btrfs: its JSON file):
 start/stop LSN, start WAL file, timeline, start/stop time (UTC, to the
 microsecond: a target a moment after the stop can use the set), major version,
 system identifier, PGDATA relative to its dataset, backup label and tablespace
-map in base64, tool version, the datasets of the set; DEVELOPERS.md lists them. pgzfs:stop_lsn is
+map in base64, where each dataset was mounted (pgzfs:mountpoints, base64 JSON,
+from the mount table: legacy mountpoints too), tool version, the datasets of
+the set; DEVELOPERS.md lists them. pgzfs:stop_lsn is
 written last: a set without it on every snapshot is incomplete (a run that died)
 and is never counted as a backup.
 
@@ -139,7 +141,7 @@ P = "pgzfs:"
 PROPERTY_KEYS = (
     "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
     "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
-    "pg_version", "system_identifier", "backup_label", "tablespace_map",
+    "pg_version", "system_identifier", "backup_label", "tablespace_map", "mountpoints",
 )
 # ZFS user property values must stay under 8 KiB (ZAP_MAXVALUELEN).
 MAX_PROPERTY_BYTES = 8191
@@ -485,6 +487,14 @@ def parse_du_exclusive(text):
     return result
 
 
+def mountpoints_value(mountpoints, datasets):
+    """pgzfs:mountpoints: base64 of the JSON {dataset: where it was mounted} at snapshot
+    time, from the mount table (a `legacy` dataset too): the paths the backup_label,
+    the tablespace_map and the pg_tblspc links of the set name."""
+    return encode_value(json.dumps(dict((dataset, mountpoints[dataset]) for dataset in datasets
+                                        if dataset in mountpoints), sort_keys=True).encode("utf-8"))
+
+
 def encode_value(raw):
     """base64 text of bytes, for a property value; ValueError if over 8 KiB."""
     text = base64.b64encode(raw).decode("ascii")
@@ -624,15 +634,14 @@ def segment_size_of(start_wal, start_lsn):
 
 
 def stop_segment(one):
-    """(timeline, segment number) of the last WAL segment a restore of the set needs to
-    become consistent (backup: the byte before stop_lsn; shutdown: the checkpoint at it),
-    or None; pg_zfs_restore.py's rule."""
+    """(timeline, segment number) of the last WAL segment a restore of the set needs:
+    the one holding stop_lsn, whose record there ends an --immediate recovery (a
+    backup ending on a segment boundary needs the next segment), or None;
+    pg_zfs_restore.py's rule."""
     props = one.properties
     if not (LSN_RE.match(props.get("stop_lsn", "")) and props.get("timeline", "").isdigit()):
         return None
     stop = lsn_value(props["stop_lsn"])
-    if props.get("mode") == "backup" and stop > 0:
-        stop -= 1
     return int(props["timeline"]), stop // segment_size_of(props.get("start_wal", ""),
                                                             props.get("start_lsn", ""))
 
@@ -1533,7 +1542,8 @@ def cmd_snapshot(job, label_text):
         time.sleep(1.01 - job.clock.now() % 1)
         name = set_name(job.prefix, job.clock.now())
     base = {"version": VERSION, "set": name, "datasets": " ".join(order),
-            "pgdata_dataset": pgdata_dataset, "pgdata_rel": pgdata_rel}
+            "pgdata_dataset": pgdata_dataset, "pgdata_rel": pgdata_rel,
+            "mountpoints": mountpoints_value(mountpoints, order)}
     session = open_session(job)
     if session is None:
         return take_shutdown_set(job, name, base, order, mountpoints)

@@ -656,14 +656,15 @@ def test_a_set_whose_stop_segment_no_archive_holds_is_waiting_for_wal():
                                                 "0/7000000", mode="shutdown",
                                                 start_wal="000000010000000000000007", start_lsn="0/7000000")))[0]
     assert restore.stop_segment(backup) == "000000010000000000000005"
-    assert restore.stop_segment(at_boundary) == "000000010000000000000005"    # ends with segment 5
+    # Consistent at the end of segment 5, but --immediate stops on reading the record at 0/6000000.
+    assert restore.stop_segment(at_boundary) == "000000010000000000000006"
     assert restore.stop_segment(shutdown) == "000000010000000000000007"       # its checkpoint record
     sets = [backup, at_boundary, shutdown]
     assert restore.waiting_for_wal(sets, ["000000010000000000000005"]) == {
-        "pgzfs_20261125T060100Z": "000000010000000000000007"}
+        "pgzfs_20261125T050100Z": "000000010000000000000006", "pgzfs_20261125T060100Z": "000000010000000000000007"}
     assert restore.waiting_for_wal(sets, ["000000010000000000000004", "000000010000000000000007"]) == {}
     assert restore.waiting_for_wal(sets, ["000000010000000000000004"]) == {
-        "pgzfs_20261125T040100Z": "000000010000000000000005", "pgzfs_20261125T050100Z": "000000010000000000000005",
+        "pgzfs_20261125T040100Z": "000000010000000000000005", "pgzfs_20261125T050100Z": "000000010000000000000006",
         "pgzfs_20261125T060100Z": "000000010000000000000007"}
     assert restore.waiting_for_wal(sets, ["000000020000000000000009"]) == {}   # a later timeline holds it
     assert restore.waiting_for_wal(sets, []) == {}      # nothing listed: nothing known
@@ -697,3 +698,23 @@ def test_crontab_example_runs_the_weekly_drill_as_root_with_the_config():
     fields = drills[0].split()
     assert len(fields[:5]) == 5 and fields[5] == "root"
     assert fields[6:] == ["/opt/pg_zfs/bin/pg_zfs_restore.py", "-c", "/etc/pg_zfs/pg_zfs.conf", "drill"]
+
+
+# -- where the datasets were mounted when the set was taken ----------------------------
+
+def test_tablespaces_on_a_legacy_dataset_map_by_the_mountpoints_stored_with_the_set():
+    stored = b'{"tank/ts": "/srv/ts", "tank/pg": "/var/lib/pg"}'
+    mounts = "tank/pg /var/lib/pg fuse.zfs rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
+    found = restore.source_mountpoints(["tank/ts", "tank/pg"], stored, {"tank/ts": "legacy", "tank/pg": "/var/lib/pg"},
+                                       mounts)
+    assert found == {"tank/ts": ["/srv/ts"], "tank/pg": ["/var/lib/pg"]}
+    mount_map = dict((path, "/restore/" + dataset.split("/")[1]) for dataset, paths in found.items() for path in paths)
+    assert restore.rewrite_tablespace_map("16390 /srv/ts/space\n", mount_map) == "16390 /restore/ts/space\n"
+    # An older set without pgzfs:mountpoints: a legacy dataset is found in the mount table.
+    older = restore.source_mountpoints(["tank/ts"], b"", {"tank/ts": "legacy"}, "tank/ts /srv/ts zfs rw 0 0\n")
+    assert older == {"tank/ts": ["/srv/ts"]}
+    # Unreadable stored bytes are ignored; nothing known leaves the dataset out (restore refuses the map).
+    assert restore.source_mountpoints(["tank/ts"], b"not json", {"tank/ts": "legacy"}, "") == {}
+    # Stored and current places differ (a symlinked path, a moved mountpoint): both lead to the clone.
+    assert restore.source_mountpoints(["/srv/bt/d"], b'{"/srv/bt/d": "/mnt/bt/d"}', {"/srv/bt/d": "/srv/bt/d"},
+                                      "") == {"/srv/bt/d": ["/mnt/bt/d", "/srv/bt/d"]}

@@ -397,9 +397,10 @@ def test_check_notes_a_newest_set_waiting_for_wal_and_warns_once_it_waited_wal_w
     assert state == 1 and "waiting for WAL 000000010000000000000003" in text
     state, text, _ = snap.check_state(sets, NOW, age + 10, age + 20, ["000000010000000000000003"], 0)
     assert state == 0 and "waiting" not in text
-    # A stop LSN at a segment's first byte: the backup ended with the segment before.
+    # A stop LSN at a segment's first byte: --immediate stops on reading the record there.
     at_boundary = sets_at("2026-11-25 04:00:00", stop_lsn="0/4000000", timeline="1", start_lsn="0/3000028")
-    assert snap.waiting_segment(at_boundary[-1], ["000000010000000000000003"]) is None
+    assert snap.waiting_segment(at_boundary[-1], ["000000010000000000000003"]) == "000000010000000000000004"
+    assert snap.waiting_segment(at_boundary[-1], ["000000010000000000000004"]) is None
 
 
 def test_check_without_complete_sets_is_critical():
