@@ -10,6 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import testbed  # noqa: E402
 
 
+def pytest_report_header(config):
+    return "pg_zfs testbed: ZFS = %s" % testbed.zfs_description()
+
+
 def pytest_addoption(parser):
     parser.addoption("--pg", default=None,
                      help="PostgreSQL major version to test against: 14, 15 (default) or 18; "

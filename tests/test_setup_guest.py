@@ -334,7 +334,7 @@ def test_init_refuses_a_waldir_on_zfs(own):
     config = own.write_config("walzfs.conf", {"guest": {"waldir": on_zfs}})
     proc = setup_guest("-c", config, "--init")
     assert proc.returncode == 1
-    assert "pg_wal must not live on ZFS or btrfs" in proc.stderr and "fuse.zfs" in proc.stderr
+    assert "pg_wal must not live on ZFS or btrfs" in proc.stderr and own.tb.zfs.fstype in proc.stderr
     assert not os.path.exists(on_zfs)
 
 
@@ -472,7 +472,8 @@ def test_check_names_pg_wal_moved_onto_zfs(own):
         report, checks = checks_of(proc)
         assert proc.returncode == 2
         assert checks["pg_wal"]["status"] == "CRITICAL"
-        assert "%s (-> %s) is on fuse.zfs (%s" % (wal_link, on_zfs, own.datasets[0]) in checks["pg_wal"]["detail"]
+        assert "%s (-> %s) is on %s (%s" % (wal_link, on_zfs, own.tb.zfs.fstype, own.datasets[0]) \
+            in checks["pg_wal"]["detail"]
         assert checks["postgres"]["status"] == "OK"
         assert "pg_wal: " in report["summary"]
     finally:

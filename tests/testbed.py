@@ -185,8 +185,23 @@ def pg_bindir(version):
 # ZFS
 # ---------------------------------------------------------------------------
 
+def kernel_zfs():
+    """True where the kernel's OpenZFS runs (/dev/zfs): then no zfs-fuse is started,
+    or installed (tools/install-deps.sh; zfsutils-linux conflicts with zfs-fuse)."""
+    return os.path.exists("/dev/zfs")
+
+
+def zfs_description():
+    """Which ZFS the tests run on, for the session header."""
+    if kernel_zfs():
+        version = sh(["zfs", "version"], check=False).stdout.split()
+        return "kernel OpenZFS (%s)" % (version[0] if version else "/dev/zfs")
+    return "zfs-fuse (FUSE; no kernel ZFS here)"
+
+
 class ZfsPool(object):
-    """A zfs-fuse pool on a sparse file, mounted under run_dir/mnt."""
+    """A pool on a sparse file, mounted under run_dir/mnt: kernel OpenZFS where
+    /dev/zfs exists, else zfs-fuse (its daemon shared by the sessions)."""
 
     def __init__(self, run_dir, name, size="2G"):
         self.run_dir = run_dir
@@ -195,7 +210,7 @@ class ZfsPool(object):
         self.mountroot = os.path.join(run_dir, "mnt")
         self.started_daemon = False
         with self._daemon_lock():
-            if not self._daemon_answers():
+            if not kernel_zfs() and not self._daemon_answers():
                 self._start_daemon()
             self._destroy_stale_pools()
             with open(self.image, "w") as image:
@@ -254,6 +269,16 @@ class ZfsPool(object):
 
     def mountpoint(self, dataset):
         return self.run("get", "-H", "-o", "value", "mountpoint", dataset).strip()
+
+    @property
+    def fstype(self):
+        """The mount table's type of this pool's file systems: fuse.zfs or zfs."""
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if fields[1] == self.mountroot:
+                    return fields[2]
+        return "zfs" if kernel_zfs() else "fuse.zfs"
 
     def exists(self, name):
         return sh(["zfs", "list", "-H", "-o", "name", name], check=False).returncode == 0

@@ -3,7 +3,14 @@
 # Run as root on Debian 12 (apt-get) with pip for the Python test tools.
 set -eu
 PYTHON=${PYTHON:-python3}
-packages="zfs-fuse btrfs-progs openssh-server openssh-client iputils-ping nftables libvirt-clients postgresql"
+packages="btrfs-progs openssh-server openssh-client iputils-ping nftables libvirt-clients postgresql"
+# Kernel OpenZFS (/dev/zfs, zfsutils-linux) is used where it runs: zfs-fuse is
+# installed only without it (apt would remove zfsutils-linux for it: Conflicts).
+if [ -e /dev/zfs ] || dpkg-query -W -f='${Status}' zfsutils-linux 2>/dev/null | grep -q "install ok installed"; then
+    echo "install-deps: kernel ZFS here (/dev/zfs or zfsutils-linux): not installing zfs-fuse"
+else
+    packages="zfs-fuse $packages"
+fi
 missing=""
 for pkg in $packages; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
