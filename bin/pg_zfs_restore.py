@@ -200,7 +200,7 @@ P = "pgzfs:"
 LIST_KEYS = (
     "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
     "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
-    "pg_version", "system_identifier",
+    "pg_version", "system_identifier", "db_time", "db_time_lsn",
 )
 FILE_KEYS = ("backup_label", "tablespace_map", "mountpoints")
 CLONE_OF = P + "clone_of"
@@ -564,10 +564,14 @@ class SnapshotSet(object):
 
     @property
     def stop_time(self):
-        try:
-            return parse_time(self.properties.get("stop_time", ""))
-        except ValueError:
-            return None
+        """The set's stop point in time: pgzfs:db_time, the database's own (the primary's
+        clock stamped every commit the set holds), else the guest's pgzfs:stop_time."""
+        for key in ("db_time", "stop_time"):
+            try:
+                return parse_time(self.properties.get(key, ""))
+            except ValueError:
+                continue
+        return None
 
     @property
     def stop_lsn(self):
@@ -633,6 +637,14 @@ def clone_of_config(fs, prefix, datasets):
                 and is_set_name(fs["clone_of"], prefix))
 
 
+def is_time(text):
+    try:
+        parse_time(text)
+        return True
+    except ValueError:
+        return False
+
+
 def set_problems(snapshot_set):
     """What keeps a set from being restored, as short phrases (empty: none)."""
     problems = []
@@ -652,8 +664,9 @@ def set_problems(snapshot_set):
     for key in ("start_lsn", "stop_lsn"):
         if snapshot_set.get(key) and not LSN_RE.match(snapshot_set.get(key)):
             problems.append("pgzfs:%s %r is not X/X" % (key, snapshot_set.get(key)))
-    if snapshot_set.get("stop_time") and snapshot_set.stop_time is None:
-        problems.append("pgzfs:stop_time %r is not a UTC time" % snapshot_set.get("stop_time"))
+    for key in ("stop_time", "db_time"):
+        if snapshot_set.get(key) and not is_time(snapshot_set.get(key)):
+            problems.append("pgzfs:%s %r is not a UTC time" % (key, snapshot_set.get(key)))
     if snapshot_set.get("timeline") and snapshot_set.timeline is None:
         problems.append("pgzfs:timeline %r is not a number" % snapshot_set.get("timeline"))
     try:
@@ -687,7 +700,8 @@ def choose_set(sets, target, set_name=None, timeline=None):
     """The set that serves target: a Failure (exit 1) naming why none does.
 
     --set wins if given (and must be complete and not stop after the target).
-    Otherwise the newest complete set whose stop point (pgzfs:stop_time, or
+    Otherwise the newest complete set whose stop point (pgzfs:db_time, else
+    pgzfs:stop_time: SnapshotSet.stop_time; or
     pgzfs:stop_lsn for an LSN target) is at or before the target; for
     --immediate and --latest the newest; for an xid or a restore point name,
     which the pool cannot place in time, the oldest. A numeric timeline keeps
@@ -1221,6 +1235,30 @@ def recovery_outcome(target_kind, status, events):
     return "ended early"
 
 
+def commit_after_target(last_transaction, target_time, inclusive, snapshot_set):
+    """Why a copy restored to target_time holds a transaction committed after it, or None.
+
+    The set's pgzfs:db_time is the latest commit it holds (the primary's
+    clock); last_transaction the copy's last replayed commit (text as the
+    server prints it, '?' when none was replayed).
+    """
+    try:
+        held = parse_time(snapshot_set.get("db_time", ""))
+    except ValueError:
+        held = None
+    if held is not None and held > target_time:
+        return "set %s holds transactions committed up to %s (pgzfs:db_time), after the target %s" % (
+            snapshot_set.name, iso_time(held), iso_time(target_time))
+    try:
+        last = parse_time(last_transaction or "")
+    except ValueError:
+        return None
+    if last > target_time or (last == target_time and not inclusive):
+        return "its last replayed transaction committed at %s, after the target %s" % (
+            iso_time(last), iso_time(target_time))
+    return None
+
+
 def format_timings(timings):
     """'clone 0.12s, start 1.40s; total 1.52s'."""
     parts = ["%s %.2fs" % (name, seconds) for name, seconds in timings]
@@ -1361,7 +1399,7 @@ def set_summary(snapshot_set, clones, waiting_segment=None):
     summary = dict((key, snapshot_set.get(key)) for key in LIST_KEYS if key != "set")
     summary.update({"name": snapshot_set.name, "complete": snapshot_set.complete,
                     "problems": set_problems(snapshot_set),
-                    "earliest_target": snapshot_set.get("stop_time"),
+                    "earliest_target": iso_time(snapshot_set.stop_time) if snapshot_set.stop_time else None,
                     "waiting_for_wal": waiting_segment,
                     "clones": sorted(clones)})
     return summary
@@ -2134,7 +2172,7 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
     files = recovery_files(major, recovery_settings(major, target, action, command, timeline, inclusive),
                            server_settings(port, work_dir, major), header)
     return Plan(kind=kind, snapshot_set=snapshot_set, major=major, target=target, action=action,
-                timeline=timeline, config_file=os.path.abspath(config.path), clones=clones,
+                timeline=timeline, inclusive=inclusive, config_file=os.path.abspath(config.path), clones=clones,
                 mount_map=mount_map, pgdata=pgdata, work_dir=work_dir,
                 wal_root=options["wal_root"], wal_dir=os.path.join(work_dir, "pg_wal"),
                 log_file=os.path.join(work_dir, "server.log"), port=port,
@@ -2367,7 +2405,14 @@ class Restorer(object):
             if outcome == "promoted" and plan.target.kind == "latest":
                 self._check_archive_end(status[2] or lsn_reached, events)
             if outcome in ("paused", "promoted", "shut down"):
-                return self._report(outcome, status, events)
+                report = self._report(outcome, status, events)
+                if plan.target.kind == "time":
+                    problem = commit_after_target(report["last_transaction"], plan.target.value, plan.inclusive,
+                                                  plan.snapshot_set)
+                    if problem:
+                        raise Failure("restore failed: %s: the copy is not the state at the target (a wrong "
+                                      "clock where the set was taken?)" % problem, 1)
+                return report
             lsn = lsn_reached or self.server.control_value("Minimum recovery ending location") \
                 or events["redo_lsn"] or "?"
             if events["fetch_stop"] and outcome in ("failed", "ended early"):
@@ -2545,7 +2590,8 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
         log.warning("%s: not chosen", waiting_note(name, waiting[name]))
     snapshot_set = choose_set([one for one in sets if one.name not in waiting], target, args.set, timeline)
     log.info("set %s (stop %s, LSN %s) serves target %s", snapshot_set.name,
-             snapshot_set.get("stop_time"), snapshot_set.get("stop_lsn"), target)
+             iso_time(snapshot_set.stop_time) if snapshot_set.stop_time else "?", snapshot_set.get("stop_lsn"),
+             target)
     options = restore_options(config)
     used = system_ports()
     if port_option is not None:

@@ -64,7 +64,10 @@ Each snapshot carries ZFS user properties pgzfs:* (on btrfs: its JSON file):
 start/stop LSN, start WAL file, timeline, start/stop time (UTC, to the
 microsecond: a target a moment after the stop can use the set), major version,
 system identifier, PGDATA relative to its dataset, backup label and tablespace
-map in base64, where each dataset was mounted (pgzfs:mountpoints, base64 JSON,
+map in base64, the database's own time at the stop (pgzfs:db_time, the last
+replayed commit's timestamp on a standby: the primary's clock, which a wrong
+guest clock does not shift; pgzfs:db_time_lsn where replay was), where each
+dataset was mounted (pgzfs:mountpoints, base64 JSON,
 from the mount table: legacy mountpoints too), tool version, the datasets of
 the set; DEVELOPERS.md lists them. pgzfs:stop_lsn is
 written last: a set without it on every snapshot is incomplete (a run that died)
@@ -142,6 +145,7 @@ PROPERTY_KEYS = (
     "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
     "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
     "pg_version", "system_identifier", "backup_label", "tablespace_map", "mountpoints",
+    "db_time", "db_time_lsn",
 )
 # ZFS user property values must stay under 8 KiB (ZAP_MAXVALUELEN).
 MAX_PROPERTY_BYTES = 8191
@@ -149,6 +153,7 @@ NAME_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
+DB_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 LABEL_TEXT_RE = re.compile(r"^[ -~]{0,200}$")
 SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([BKMGTPEZ]?)$")
 # Retention rules, in the order they are applied, with the period each counts.
@@ -249,9 +254,13 @@ def major_version(server_version_num):
 def backup_calls(server_version_num, label):
     """(start SQL, stop SQL) for this server: the non-exclusive backup functions.
 
-    The stop statement returns one line `lsn|labelfile|spcmapfile`, the two files
-    as base64 of their UTF-8 bytes with the line breaks removed, so they come
-    back byte for byte whatever they contain.
+    The stop statement returns one line `lsn|labelfile|spcmapfile|db_time|db_lsn`,
+    the two files as base64 of their UTF-8 bytes with the line breaks removed,
+    so they come back byte for byte whatever they contain. db_time is the
+    database's own time at the stop, read after it in the same statement: on a
+    standby the last replayed commit's timestamp (the primary's clock, which
+    stamped every commit the set holds; empty if none was replayed since the
+    standby started), on a primary its clock; db_lsn where replay (or WAL) was.
     """
     quoted = "'" + label.replace("'", "''") + "'"
     number = int(server_version_num)
@@ -265,16 +274,27 @@ def backup_calls(server_version_num, label):
         start = "SELECT pg_start_backup(%s, true, false)" % quoted
         stop_call = "pg_stop_backup(false)"
     encoded = "translate(encode(convert_to(coalesce(%s, ''), 'UTF8'), 'base64'), E'\\n', '')"
-    stop = "SELECT lsn, %s, %s FROM %s" % (encoded % "labelfile", encoded % "spcmapfile", stop_call)
+    if number >= 100000:
+        replayed, current = "pg_last_xact_replay_timestamp()", "pg_last_wal_replay_lsn(), pg_current_wal_lsn()"
+    else:
+        replayed, current = "pg_last_xact_replay_timestamp()", "pg_last_xlog_replay_location(), " \
+            "pg_current_xlog_location()"
+    db_time = ("coalesce(to_char((CASE WHEN pg_is_in_recovery() THEN %s ELSE clock_timestamp() END) "
+               "AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')" % replayed)
+    db_lsn = "CASE WHEN pg_is_in_recovery() THEN %s ELSE %s END" % tuple(current.split(", "))
+    stop = "SELECT lsn, %s, %s, %s, %s FROM %s" % (encoded % "labelfile", encoded % "spcmapfile", db_time,
+                                                   db_lsn, stop_call)
     return start, stop
 
 
 def parse_stop_row(line):
-    """(stop_lsn, label bytes, map bytes) from the stop statement's line."""
+    """(stop_lsn, label bytes, map bytes, db_time, db_lsn) from the stop statement's line;
+    db_time and db_lsn are '' when the server could not tell."""
     fields = line.strip().split("|")
-    if len(fields) != 3 or not LSN_RE.match(fields[0]):
+    if len(fields) != 5 or not LSN_RE.match(fields[0]) \
+            or not (fields[3] == "" or DB_TIME_RE.match(fields[3])) or not (fields[4] == "" or LSN_RE.match(fields[4])):
         raise ValueError("unexpected answer from the backup stop function: %r" % line[:200])
-    return fields[0], base64.b64decode(fields[1]), base64.b64decode(fields[2])
+    return fields[0], base64.b64decode(fields[1]), base64.b64decode(fields[2]), fields[3], fields[4]
 
 
 def parse_backup_label(label):
@@ -1444,7 +1464,8 @@ class Job(object):
 
 
 def take_backup_mode_set(job, session, version_num, name, label, base_properties, order):
-    """Snapshot the set inside backup mode: (snapshots, stop LSN, label, map bytes).
+    """Snapshot the set inside backup mode: (snapshots, stop LSN, label, map bytes,
+    db_time, db_lsn).
 
     On any failure the snapshots made are destroyed and backup mode is ended
     (by the stop call, or by closing the session) before the Failure goes up.
@@ -1552,7 +1573,7 @@ def cmd_snapshot(job, label_text):
         check_tablespaces(tablespaces, mountpoints, job.datasets)
         base.update(mode="backup", pg_version=pg_version, system_identifier=system_identifier)
         label = "%s %s%s" % (PROG, name, (" " + label_text) if label_text else "")
-        made, stop_lsn, label_bytes, map_bytes = take_backup_mode_set(
+        made, stop_lsn, label_bytes, map_bytes, db_time, db_lsn = take_backup_mode_set(
             job, session, version_num, name, label, base, order)
     finally:
         session.close()
@@ -1561,10 +1582,11 @@ def cmd_snapshot(job, label_text):
         final = {"start_wal": facts["start_wal"], "timeline": str(facts["timeline"]),
                  "stop_time": iso_utc_exact(job.clock.now()),
                  "backup_label": encode_value(label_bytes),
-                 "tablespace_map": encode_value(map_bytes), "stop_lsn": stop_lsn}
+                 "tablespace_map": encode_value(map_bytes), "db_time": db_time, "db_time_lsn": db_lsn,
+                 "stop_lsn": stop_lsn}
         # stop_lsn goes last: it is what makes the set complete.
         order = [key for key in ("start_wal", "timeline", "stop_time", "backup_label",
-                                 "tablespace_map", "stop_lsn") if final[key]]
+                                 "tablespace_map", "db_time", "db_time_lsn", "stop_lsn") if final[key]]
         job.backend.set_properties(made, final, order)
     except (ValueError, Failure) as error:
         destroy_made(job, made)

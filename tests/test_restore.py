@@ -40,6 +40,12 @@ END $$;
 COMMIT_SLACK = datetime.timedelta(milliseconds=200)
 
 
+def parse_iso(text):
+    """An aware datetime of a UTC ISO 8601 time as the scripts write it (fraction optional)."""
+    return datetime.datetime.strptime(text if "." in text else text.replace("Z", ".0Z"),
+                                      "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+
+
 def utc_now():
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -318,8 +324,11 @@ def test_list_shows_each_set_with_its_earliest_target(story):
     assert proc.returncode == 0, proc.stderr
     for name in story.sets:
         line = [l for l in proc.stdout.splitlines() if l.startswith(name)][0]
-        stop = props_of(story.tb, story.tb.datasets[1] + "@" + name)["pgzfs:stop_time"]
-        assert stop in line and " yes " in line
+        props = props_of(story.tb, story.tb.datasets[1] + "@" + name)
+        # The database's own time when the set has it, else the guest's stop time.
+        stop = parse_iso(props.get("pgzfs:db_time") or props["pgzfs:stop_time"])
+        shown = re.search(r" (\d{4}-\d\d-\d\dT[0-9:.]+Z) ", line).group(1)
+        assert parse_iso(shown) == stop and " yes " in line
 
 
 def pgdata_fingerprint(pgdata):
@@ -602,3 +611,39 @@ def test_drill_runs_from_cron_with_only_usr_bin_and_bin_on_path(story):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("OK: drill of set %s " % story.sets[1])
     assert our_clones(story.tb) == [] and story.leftovers() == []
+
+
+# -- a guest clock that is wrong --------------------------------------------------
+
+def test_a_set_taken_under_a_clock_an_hour_behind_serves_no_target_before_its_real_stop(story):
+    tb = story.tb
+    note = "before the set %s" % utc_now().isoformat()
+    tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
+             30, "the standby to replay the row")
+    before = set(set_names(tb))
+    behind = utc_now() - datetime.timedelta(hours=1)
+    proc = sh(["/root/.pyenv/versions/3.6.15/bin/python3",
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "pg_zfs_snap.py"),
+               "-c", story.config, "--now", behind.strftime("%Y%m%dT%H%M%SZ"), "snapshot", "--no-prune"],
+              check=False, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    wrong = [name for name in set_names(tb) if name not in before][0]
+    try:
+        props = props_of(tb, tb.datasets[1] + "@" + wrong)
+        db_time = parse_iso(props["pgzfs:db_time"])
+        assert parse_iso(props["pgzfs:stop_time"]) < db_time - datetime.timedelta(minutes=50)
+        assert abs(db_time - utc_now()) < datetime.timedelta(minutes=5)
+        tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the set')")
+        tb.switch_wal()
+        target = utc_now() - datetime.timedelta(minutes=30)    # after its guest stop time, before its rows
+        proc = restore_script(story.config, "restore", "--target-time", target.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                              "--action", "promote")
+        if proc.returncode == 0:
+            restore_script(story.config, "cleanup", "--all")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "earliest possible target is" in proc.stderr and "set %s" % wrong not in proc.stdout
+        assert our_clones(tb) == []
+    finally:
+        for dataset in tb.datasets:
+            tb.zfs.destroy("%s@%s" % (dataset, wrong))

@@ -43,7 +43,8 @@ def stalled(hosts):
         pids += [host.pid] + descendants(host.pid)
     try:
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):     # a session that just ended
+                os.kill(pid, signal.SIGSTOP)
         yield
     finally:
         for pid in pids:

@@ -718,3 +718,36 @@ def test_tablespaces_on_a_legacy_dataset_map_by_the_mountpoints_stored_with_the_
     # Stored and current places differ (a symlinked path, a moved mountpoint): both lead to the clone.
     assert restore.source_mountpoints(["/srv/bt/d"], b'{"/srv/bt/d": "/mnt/bt/d"}', {"/srv/bt/d": "/srv/bt/d"},
                                       "") == {"/srv/bt/d": ["/mnt/bt/d", "/srv/bt/d"]}
+
+
+# -- the database's own time per set --------------------------------------------------
+
+def test_a_sets_stop_point_is_the_databases_own_time_when_it_has_one():
+    wrong_clock = restore.group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/9000100",
+                                                   db_time="2026-11-25T04:01:01.500000Z")))
+    assert restore.iso_time(wrong_clock[0].stop_time) == "2026-11-25T04:01:01.5Z"
+    sets = SETS + wrong_clock
+    # The guest clock said 03:01, an hour behind: the set holds commits up to 04:01:01.5.
+    assert restore.choose_set(sets, target("time", "2026-11-25T04:01:01.7Z")).name == "pgzfs_20261125T030100Z"
+    assert restore.choose_set(sets, target("time", "2026-11-25T04:30:00Z")).name == "pgzfs_20261125T040100Z"
+    with pytest.raises(restore.Failure) as refused:
+        restore.choose_set(wrong_clock, target("time", "2026-11-25T03:30:00Z"))
+    assert "earliest possible target is 2026-11-25T04:01:01.5Z" in str(refused.value)
+    broken = restore.group_sets(rows_of(props("pgzfs_20261125T070100Z", "2026-11-25T07:01:02Z", "0/9000100",
+                                              db_time="yesterday")))[0]
+    assert "pgzfs:db_time 'yesterday' is not a UTC time" in restore.set_problems(broken)
+
+
+def test_a_copy_holding_a_commit_after_the_target_is_named():
+    at = restore.parse_time
+    old_set = SETS[0]
+    newer = restore.group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/9000100",
+                                             db_time="2026-11-25T04:01:01.5Z")))[0]
+    assert restore.commit_after_target("2026-11-25 04:29:59.9+00", at("2026-11-25T04:30:00Z"), True, old_set) is None
+    assert restore.commit_after_target("?", at("2026-11-25T04:30:00Z"), True, old_set) is None
+    assert "committed at 2026-11-25T04:30:00.1Z, after the target" in restore.commit_after_target(
+        "2026-11-25 04:30:00.1+00", at("2026-11-25T04:30:00Z"), True, old_set)
+    assert restore.commit_after_target("2026-11-25 04:30:00+00", at("2026-11-25T04:30:00Z"), True, old_set) is None
+    assert restore.commit_after_target("2026-11-25 04:30:00+00", at("2026-11-25T04:30:00Z"), False, old_set)
+    assert "holds transactions committed up to 2026-11-25T04:01:01.5Z (pgzfs:db_time)" in \
+        restore.commit_after_target("?", at("2026-11-25T04:00:00Z"), True, newer)

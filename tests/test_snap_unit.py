@@ -97,6 +97,9 @@ def test_15_and_later_use_pg_backup_start_and_stop():
     start, stop = snap.backup_calls(150004, "pg_zfs_snap it's")
     assert start == "SELECT pg_backup_start('pg_zfs_snap it''s', true)"
     assert "FROM pg_backup_stop(false)" in stop
+    # The database's own time, read in the same statement, after the stop.
+    assert "pg_last_xact_replay_timestamp()" in stop and "clock_timestamp()" in stop
+    assert "pg_last_wal_replay_lsn()" in stop
 
 
 def test_10_to_14_use_non_exclusive_pg_start_backup():
@@ -112,19 +115,20 @@ def test_9_6_stop_has_no_wait_for_archive_argument():
 def test_stop_answer_gives_label_and_map_byte_for_byte():
     label = "START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\nLABEL: \xe9t\xe9\n"
     tablespace_map = "16384 /mnt/data01/ts1\n"
-    line = "0/3000100|%s|%s" % (base64.b64encode(label.encode("utf-8")).decode(),
-                                base64.b64encode(tablespace_map.encode()).decode())
-    lsn, label_bytes, map_bytes = snap.parse_stop_row(line)
-    assert lsn == "0/3000100"
+    line = "0/3000100|%s|%s|2026-11-25T04:01:00.250000Z|0/3000100" % (
+        base64.b64encode(label.encode("utf-8")).decode(), base64.b64encode(tablespace_map.encode()).decode())
+    lsn, label_bytes, map_bytes, db_time, db_lsn = snap.parse_stop_row(line)
+    assert lsn == "0/3000100" and db_time == "2026-11-25T04:01:00.250000Z" and db_lsn == "0/3000100"
     assert label_bytes == label.encode("utf-8")
     assert map_bytes == tablespace_map.encode()
 
 
 def test_stop_answer_with_empty_map():
-    assert snap.parse_stop_row("0/3000100|QUJD|")[2] == b""
+    assert snap.parse_stop_row("0/3000100|QUJD|||")[2:] == (b"", "", "")
 
 
-@pytest.mark.parametrize("line", ["", "0/1|a", "garbage|QUJD|", "0/1|QUJD||x"])
+@pytest.mark.parametrize("line", ["", "0/1|a", "garbage|QUJD|||", "0/1|QUJD||x", "0/1|QUJD||yesterday|",
+                                  "0/1|QUJD|||nolsn", "0/1|QUJD|"])
 def test_unexpected_stop_answers_are_refused(line):
     with pytest.raises(ValueError):
         snap.parse_stop_row(line)
