@@ -135,3 +135,20 @@ def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_serve
     assert pool not in sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
     assert sh(["nft", "list", "table", "inet", table], check=False).returncode != 0
     assert run_dir not in open("/proc/mounts").read()
+
+
+@pytest.mark.parametrize("kernel_zfs", [True, False])
+def test_install_deps_never_installs_zfs_fuse_where_kernel_zfs_runs(tmp_path, kernel_zfs):
+    # zfsutils-linux declares Conflicts: zfs-fuse: installing it would remove OpenZFS.
+    device = tmp_path / "zfs"
+    if kernel_zfs:
+        device.write_text("")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                          "install-deps.sh")
+    proc = subprocess.run(["sh", script], env=dict(os.environ, DRY_RUN="1", ZFS_DEVICE=str(device)),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    packages = [line for line in proc.stdout.splitlines() if line.startswith("install-deps: packages:")]
+    assert len(packages) == 1
+    assert ("zfs-fuse" in packages[0].split()) is not kernel_zfs

@@ -1,12 +1,14 @@
 #!/bin/sh
 # Install what the tests and the demo need, only when it is missing.
 # Run as root on Debian 12 (apt-get) with pip for the Python test tools.
+# DRY_RUN=1: print what would be installed, install nothing.
 set -eu
 PYTHON=${PYTHON:-python3}
+ZFS_DEVICE=${ZFS_DEVICE:-/dev/zfs}
 packages="btrfs-progs openssh-server openssh-client iputils-ping nftables libvirt-clients postgresql"
 # Kernel OpenZFS (/dev/zfs, zfsutils-linux) is used where it runs: zfs-fuse is
 # installed only without it (apt would remove zfsutils-linux for it: Conflicts).
-if [ -e /dev/zfs ] || dpkg-query -W -f='${Status}' zfsutils-linux 2>/dev/null | grep -q "install ok installed"; then
+if [ -e "$ZFS_DEVICE" ] || dpkg-query -W -f='${Status}' zfsutils-linux 2>/dev/null | grep -q "install ok installed"; then
     echo "install-deps: kernel ZFS here (/dev/zfs or zfsutils-linux): not installing zfs-fuse"
 else
     packages="zfs-fuse $packages"
@@ -15,6 +17,11 @@ missing=""
 for pkg in $packages; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
+if [ -n "${DRY_RUN:-}" ]; then
+    echo "install-deps: packages: $packages"
+    echo "install-deps: would apt-get install:${missing:- nothing}"
+    exit 0
+fi
 if [ -n "$missing" ]; then
     echo "install-deps: apt-get install$missing"
     apt-get update -q
