@@ -104,7 +104,8 @@ What a restore does, in order (each step is timed and reported):
            full path, so cron's PATH does not matter; su where there is none)
   recover  wait (bounded by [restore] timeout) until the target is reached:
            paused, promoted or shut down, then report the last replayed LSN and
-           transaction time. If the archive ends before the target, say so with
+           transaction time. Every 10 s a progress line: the LSN replay reached,
+           the last commit's time, the segments restored from the archive. If the archive ends before the target, say so with
            the LSN reached, and fail. --latest: PostgreSQL opens at the first
            segment it cannot get, so after it opened, pg_wal_fetch.py --check
            (run as the PostgreSQL user) lists each source's newest segment; if
@@ -225,6 +226,7 @@ DEFAULT_WAL_ROOT = "/var/lib/pg_zfs/restore-wal"
 DEFAULT_TIMEOUT = 3600          # seconds from pg_ctl start to the target
 PORT_SPAN = 200                 # ports tried from port_start on
 POLL_INTERVAL = 0.5             # seconds between two looks at the recovering server
+PROGRESS_INTERVAL = 10          # seconds between two progress lines while it recovers
 BUSY_RETRIES = 40               # zfs destroy right after pg_ctl stop: "dataset is busy"
 BUSY_SLEEP = 0.25
 ZFS_TIMEOUT = 120
@@ -1050,13 +1052,14 @@ def read_recovery_log(text):
     was at log time ...'; ended_early: 13+ said the archive ended before the
     target; shutdown: 'shutdown at recovery target'; fatal: the last FATAL/PANIC;
     fetch_stop: 'WALNAME: reason' of pg_wal_fetch's stop line (the cause of
-    that FATAL); restored: the last WAL segment restored from the archive;
+    that FATAL); restored: the last WAL segment restored from the archive
+    (restored_count: how many);
     wal_problem: the last line saying why the WAL read ended (an invalid
     record, a bad checksum).
     """
     events = {"stopping": None, "redo_lsn": None, "last_xact": None, "ended_early": False,
               "shutdown": False, "fatal": None, "paused": False, "fetch_stop": None,
-              "restored": None, "wal_problem": None}
+              "restored": None, "restored_count": 0, "wal_problem": None}
     for line in text.splitlines():
         if FETCH_STOP_MARK in line:
             events["fetch_stop"] = line.split(FETCH_STOP_MARK, 1)[1].strip()
@@ -1076,6 +1079,7 @@ def read_recovery_log(text):
             events["paused"] = True
         elif RESTORED_RE.search(line):
             events["restored"] = RESTORED_RE.search(line).group(1)
+            events["restored_count"] += 1
         elif WAL_PROBLEM_RE.search(line) and "FATAL:" not in line and "PANIC:" not in line:
             events["wal_problem"] = log_message(line)
         if "FATAL:" in line or "PANIC:" in line:
@@ -1257,6 +1261,17 @@ def commit_after_target(last_transaction, target_time, inclusive, snapshot_set):
         return "its last replayed transaction committed at %s, after the target %s" % (
             iso_time(last), iso_time(target_time))
     return None
+
+
+def progress_line(status, events, elapsed):
+    """One line on a recovery under way (logged every PROGRESS_INTERVAL seconds)."""
+    if status is None:
+        where = "not answering yet (replaying up to consistency)"
+    else:
+        where = "replay at LSN %s, last commit %s" % (status[2] or "?", status[3] or "none yet")
+    return "recovering for %ds: %s; %d segment(s) restored from the archive%s" % (
+        elapsed, where, events["restored_count"],
+        ", the last %s" % events["restored"] if events["restored"] else "")
 
 
 def format_timings(timings):
@@ -2389,7 +2404,9 @@ class Restorer(object):
                 plan.timeout, "open" if plan.target.kind == "latest" else plan.action, plan.target),
                 lambda: None)
             return None
-        deadline = time.monotonic() + plan.timeout
+        started = time.monotonic()
+        deadline = started + plan.timeout
+        next_progress = started + PROGRESS_INTERVAL
         status = None
         lsn_reached = None
         while True:
@@ -2432,6 +2449,9 @@ class Restorer(object):
             if time.monotonic() > deadline:
                 raise Failure("target %s not reached within %d s: replay at LSN %s ([restore] timeout)"
                               % (plan.target, plan.timeout, lsn_reached or "?"), 1)
+            if time.monotonic() >= next_progress:
+                log.info("%s", progress_line(status, events, time.monotonic() - started))
+                next_progress += PROGRESS_INTERVAL
             time.sleep(POLL_INTERVAL)
 
     def _check_archive_end(self, lsn, events):

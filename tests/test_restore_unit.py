@@ -751,3 +751,13 @@ def test_a_copy_holding_a_commit_after_the_target_is_named():
     assert restore.commit_after_target("2026-11-25 04:30:00+00", at("2026-11-25T04:30:00Z"), False, old_set)
     assert "holds transactions committed up to 2026-11-25T04:01:01.5Z (pgzfs:db_time)" in \
         restore.commit_after_target("?", at("2026-11-25T04:00:00Z"), True, newer)
+
+
+def test_progress_names_the_lsn_the_last_commit_and_the_segments_restored():
+    events = restore.read_recovery_log(LOG_OPENED_AT_A_HOLE + LOG_OPENED_AT_A_HOLE)
+    assert events["restored_count"] == 2
+    line = restore.progress_line((True, False, "0/5000060", "2026-11-25 04:20:00+00"), events, 20.4)
+    assert line == ("recovering for 20s: replay at LSN 0/5000060, last commit 2026-11-25 04:20:00+00; "
+                    "2 segment(s) restored from the archive, the last 000000010000000000000004")
+    assert restore.progress_line(None, restore.read_recovery_log(""), 10) == (
+        "recovering for 10s: not answering yet (replaying up to consistency); 0 segment(s) restored from the archive")
