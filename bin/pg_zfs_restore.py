@@ -1000,10 +1000,15 @@ def used_ports(tcp_tables, unix_table):
 
 def choose_port(start, used, span=PORT_SPAN):
     """The first port from start on that nobody uses."""
-    for port in range(start, min(start + span, 65536)):
-        if port not in used:
-            return port
-    raise Failure("no free port in %d-%d" % (start, min(start + span, 65536) - 1), 1)
+    free = free_ports(start, used, span)
+    if not free:
+        raise Failure("no free port in %d-%d" % (start, min(start + span, 65536) - 1), 1)
+    return free[0]
+
+
+def free_ports(start, used, span=PORT_SPAN):
+    """The ports from start on (span of them, at most 65535) that nobody uses, in order."""
+    return [port for port in range(start, min(start + span, 65536)) if port not in used]
 
 
 def mount_of(path, mounts_table):
@@ -2101,6 +2106,61 @@ def catch_signals():
         signal.signal(signal.SIGINT, on_signal)     # Ctrl-C: the same clean end, no traceback
 
 
+def claim_port(directory, ports):
+    """(port, claim file): the first of ports no other restore has claimed.
+
+    Two restores started together see the same free ports: each claims its
+    port with a file DIRECTORY/.port-N made with O_EXCL (holding its pid) and
+    removes it once its server listens or it gave up. A claim whose process
+    is gone is stale and taken over.
+    """
+    if not os.path.isdir(directory):
+        make_dir(directory, 0o755)
+    for port in ports:
+        path = os.path.join(directory, ".port-%d" % port)
+        for _ in range(2):
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as error:
+                if error.errno != errno.EEXIST:
+                    raise
+                if claim_is_live(path):
+                    break
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                continue
+            with os.fdopen(descriptor, "w") as claim:
+                claim.write("%d\n" % os.getpid())
+            return port, path
+    raise Failure("no free port: each of %s is claimed by another restore"
+                  % ("%d-%d" % (ports[0], ports[-1]) if ports else "none"), 1)
+
+
+def claim_is_live(path):
+    """True while the process named in a port claim runs; a claim without a pid yet
+    (its writer is between create and write) counts as live for 10 s."""
+    try:
+        with open(path) as claim:
+            pid = int(claim.read().strip() or "0")
+        age = time.time() - os.path.getmtime(path)
+    except (OSError, IOError, ValueError):
+        return False
+    if pid <= 0:
+        return age < 10
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError as error:
+        return error.errno == errno.EPERM
+
+
+def release_port(claim):
+    """Remove a port claim (claim_port); None or gone already is fine."""
+    if claim:
+        with contextlib.suppress(OSError):
+            os.unlink(claim)
+
+
 def system_ports():
     tables = [read_text_file(path) for path in ("/proc/net/tcp", "/proc/net/tcp6")]
     return used_ports(tables, read_text_file("/proc/net/unix"))
@@ -2241,6 +2301,7 @@ class Restorer(object):
         self.started = False
         self.waiting = {}       # newer sets passed over: {name: stop segment not archived}
         self.start_cut_short = False
+        self.port_claim = None  # released once the server listens, or when we end
 
     @contextlib.contextmanager
     def step(self, name):
@@ -2617,18 +2678,33 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
     if port_option is not None:
         if port_option in used:
             raise Failure("port %d is in use" % port_option, 1)
-        port = port_option
+        ports = [port_option]
     else:
-        port = choose_port(options["port_start"], used)
-    plan = make_plan(zfs, config, snapshot_set, kind, target, action,
-                     os.path.abspath(mount_root or options["mount_root"]), port, timeline,
-                     not getattr(args, "exclusive", False), bool(mount_root))
+        ports = free_ports(options["port_start"], used)
+        choose_port(options["port_start"], used)        # none free: the Failure
+
+
+    def plan_on(port):
+        return make_plan(zfs, config, snapshot_set, kind, target, action,
+                         os.path.abspath(mount_root or options["mount_root"]), port, timeline,
+                         not getattr(args, "exclusive", False), bool(mount_root))
+    plan = plan_on(ports[0])
     check_plan(plan, zfs, pools)
-    user = config.str("postgres", "user", "postgres")
-    server = Server(find_bindir(config.str("postgres", "bindir", ""), plan.major), user, plan.pgdata,
-                    plan.work_dir, port, config.str("postgres", "dbname", "postgres"), plan.log_file)
-    restorer = Restorer(plan, zfs, server, owner_of(user), dry_run)
+    claim = None
+    if not dry_run:
+        port, claim = claim_port(options["wal_root"], ports)
+    try:
+        if not dry_run and port != plan.port:
+            plan = plan_on(port)        # another restore started at the same time took the first
+        user = config.str("postgres", "user", "postgres")
+        server = Server(find_bindir(config.str("postgres", "bindir", ""), plan.major), user, plan.pgdata,
+                        plan.work_dir, plan.port, config.str("postgres", "dbname", "postgres"), plan.log_file)
+        restorer = Restorer(plan, zfs, server, owner_of(user), dry_run)
+    except BaseException:
+        release_port(claim)
+        raise
     restorer.waiting = waiting
+    restorer.port_claim = claim
     return restorer
 
 
@@ -2636,6 +2712,14 @@ def cmd_restore(config, args):
     target = target_of(args)
     restorer = prepare_restore(config, args, "restore", target, args.action, args.to, args.port,
                                args.dry_run)
+    try:
+        return restore_with(restorer, args)
+    finally:
+        release_port(restorer.port_claim)   # the server listens on it by now, or it gave up
+
+
+def restore_with(restorer, args):
+    """The steps of cmd_restore, and its report."""
     plan = restorer.plan
     try:
         with restorer.step("clone"):
@@ -2706,6 +2790,7 @@ def cmd_drill(config, args):
         except (Failure, EnvironmentError) as error:
             raise Failure("%s: %s" % (step, error if isinstance(error, Failure) else unexpected_failure(error)), 2)
         finally:
+            release_port(restorer.port_claim)
             with signals_held(deliver=False):
                 with restorer.step("stop"):
                     with contextlib.suppress(Failure):

@@ -184,3 +184,26 @@ def test_a_clone_zfs_made_but_could_not_mount_is_destroyed(story):
     finally:
         assert restore_script(story.config, "cleanup", "--all").returncode == 0
     assert nothing_left(story) == []
+
+
+# -- two restores started together --------------------------------------------------
+
+def test_two_restores_started_together_run_on_different_ports(story):
+    procs = [subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config, "restore",
+                               "--immediate", "--set", name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+             for name in story.sets]
+    try:
+        results = [proc.communicate(timeout=300) for proc in procs]
+        for proc, (out, err) in zip(procs, results):
+            assert proc.returncode == 0, out + err
+        ports = [int(out.split("connect: psql -h ")[1].split(" -p ")[1].split()[0]) for out, _ in results]
+        assert len(set(ports)) == 2
+        assert not glob.glob(os.path.join(story.tb.run_dir, "restore_wal", ".port-*"))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert restore_script(story.config, "cleanup", "--all").returncode == 0
+    assert nothing_left(story) == []

@@ -3,6 +3,7 @@ set, recovery settings per version, configuration rewriting, ports, the log."""
 
 import datetime
 import os
+import subprocess
 
 import pytest
 
@@ -761,3 +762,27 @@ def test_progress_names_the_lsn_the_last_commit_and_the_segments_restored():
                     "2 segment(s) restored from the archive, the last 000000010000000000000004")
     assert restore.progress_line(None, restore.read_recovery_log(""), 10) == (
         "recovering for 10s: not answering yet (replaying up to consistency); 0 segment(s) restored from the archive")
+
+
+# -- two restores started together ---------------------------------------------------
+
+def test_two_restores_claim_different_ports_and_a_dead_ones_claim_is_taken_over(tmp_path):
+    directory = str(tmp_path / "wal_root")
+    ports = restore.free_ports(6000, {6001}, span=4)
+    assert ports == [6000, 6002, 6003]
+    first, first_claim = restore.claim_port(directory, ports)
+    second, second_claim = restore.claim_port(directory, ports)
+    assert (first, second) == (6000, 6002)
+    assert open(first_claim).read().strip() == str(os.getpid())
+    restore.release_port(first_claim)
+    assert not os.path.exists(first_claim)
+    assert restore.claim_port(directory, ports)[0] == 6000
+    # A restore that died (its pid is gone) leaves a stale claim: taken over.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(os.path.join(directory, ".port-6003"), "w") as claim:
+        claim.write("%d\n" % dead.pid)
+    assert restore.claim_port(directory, [6002, 6003])[0] == 6003
+    with pytest.raises(restore.Failure):
+        restore.claim_port(directory, [6000, 6002])
+    restore.release_port(None)
