@@ -13,7 +13,9 @@ Commands:
     (none)                     snapshot, then prune (the cron job)
     snapshot [--label TEXT] [--no-prune]
                                take one snapshot set, then prune unless --no-prune
-    list [--json]              every set rebuilt from the pool alone
+    list [--json]              every set rebuilt from the pool alone; a complete set
+                               whose stop segment no archive holds yet is shown
+                               WAITING for WAL (--json: waiting_for_wal)
     prune [--dry-run]          destroy the sets the retention policy lets go
     check                      Nagios line from the age of the newest complete set
     oldest-wal                 first WAL file the oldest kept set needs: archived
@@ -1711,11 +1713,14 @@ def cmd_list(job, as_json):
     for snapshot, why in unreadable:
         log.warning("%s has no readable metadata (%s): not a backup", snapshot, why)
     clones = job.backend.clones()
+    newest_archived = archive_newest(job) if [one for one in sets if one.complete] else None
+    waiting = dict((one.name, waiting_segment(one, newest_archived)) for one in sets if one.complete)
     if as_json:
         out = []
         for one in sets:
             entry = dict(one.properties)
             entry.update(name=one.name, time=iso_utc(one.time), complete=one.complete,
+                         waiting_for_wal=waiting.get(one.name),
                          datasets=list(one.datasets), present=list(one.present),
                          used_bytes=one.used,
                          clones=sorted(c for d in one.present
@@ -1729,7 +1734,8 @@ def cmd_list(job, as_json):
         print("\t".join([one.name, iso_utc(one.time), props.get("mode", "-"),
                          props.get("start_lsn", "-"), props.get("stop_lsn", "-"),
                          props.get("timeline", "-"), human_size(one.used),
-                         "complete" if one.complete else "INCOMPLETE"]))
+                         ("WAITING for WAL " + waiting[one.name]) if waiting.get(one.name)
+                         else "complete" if one.complete else "INCOMPLETE"]))
     for snapshot, _ in unreadable:
         name = snapshot.rpartition("@")[2]
         print("\t".join([name, iso_utc(parse_set_name(name, job.prefix))] + ["-"] * 5

@@ -562,6 +562,9 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
         refused = restore_script(story.config, "restore", "--immediate", "--set", newest)
         checked = run_script("pg_zfs_snap", "check", config=story.tb.write_config(
             os.path.join(tb.run_dir, "wal_wait.conf"), {"snapshot": {"wal_wait": "0"}}))
+        snap_listing = dict((s["name"], s) for s in json.loads(
+            run_script("pg_zfs_snap", "list", "--json", config=story.config).stdout))
+        snap_table = run_script("pg_zfs_snap", "list", config=story.config).stdout
         assert time.monotonic() - switched < 55, "archive_timeout may have archived the segment meanwhile"
     finally:
         for dataset in tb.datasets:
@@ -576,6 +579,10 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
     assert "newer set %s waits for WAL %s" % (newest, listing[newest]["waiting_for_wal"]) in drill.stdout
     assert refused.returncode == 1 and "cannot restore yet: set %s is waiting for WAL" % newest in refused.stderr
     assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert snap_listing[newest]["waiting_for_wal"] == listing[newest]["waiting_for_wal"]
+    assert snap_listing[story.sets[1]]["waiting_for_wal"] is None
+    assert re.search(r"^%s\t.*\tWAITING for WAL %s$" % (newest, listing[newest]["waiting_for_wal"]), snap_table,
+                     re.M), snap_table
     assert checked.stdout.startswith("PG_ZFS_SNAP WARNING - newest set %s " % newest)
     assert "waiting for WAL %s" % listing[newest]["waiting_for_wal"] in checked.stdout
     assert our_clones(tb) == []
