@@ -2195,8 +2195,9 @@ def fetch_command(args, config):
             log.debug("%s delivered from [source %s]", args.wal_name, source.name)
             break
     code = exit_code_for([outcome for _name, outcome, _detail in results], args.stop_on_doubt)
-    if code == DELIVERED and prefetching:
-        after_delivery(settings, args, cluster, waldump)
+    if code == DELIVERED:
+        if prefetching:
+            after_delivery(settings, args, cluster, waldump)
     elif code == NOT_FOUND:
         log.info("%s not found on any source", args.wal_name)
     elif code == STOP_RECOVERY:

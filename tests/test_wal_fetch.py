@@ -184,6 +184,7 @@ def test_segment_is_delivered_from_the_first_host(wal):
     assert proc.returncode == 0, proc.stderr
     assert wal.delivered() == wal.original(name)
     assert "delivered from [source host1]" in proc.stderr
+    assert "ERROR" not in proc.stderr and "WARNING" not in proc.stderr     # prefetch = 0 here
     assert os.listdir(wal.pg_wal) == ["RECOVERYXLOG"]
     assert sum(1 for c in wal.commands() if c.startswith("ssh")) == 1   # one ssh command
 
@@ -323,6 +324,7 @@ def test_history_file_is_delivered(wal):
     wal.replace(1, "00000002.history", history)
     proc = wal.run("00000002.history", "pg_wal/RECOVERYHISTORY")
     assert proc.returncode == 0, proc.stderr
+    assert "ERROR" not in proc.stderr and "WARNING" not in proc.stderr
     assert wal.delivered("RECOVERYHISTORY") == history
 
 
