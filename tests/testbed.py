@@ -42,6 +42,7 @@ WHEELS = {
 }
 ZFS_LOCK = "/tmp/pg_zfs-tests-zfsd.lock"
 ZFS_SOCKET = "/run/zfs/zfs_socket"
+ZFS_PIDFILE = "/run/pg_zfs-tests-zfs-fuse.pid"
 
 
 # ---------------------------------------------------------------------------
@@ -246,8 +247,11 @@ class ZfsPool(object):
                 sh(["zpool", "destroy", "-f", name], check=False, timeout=60)
 
     def _start_daemon(self):
-        pidfile = os.path.join(self.run_dir, "zfs-fuse.pid")
-        sh(["zfs-fuse", "--pidfile", pidfile, "--no-kstat-mount"])
+        # Nothing of this session in its command line or working directory: other
+        # sessions' pools live in it, and this session's teardown reaps every
+        # process that names its run dir.
+        pidfile = ZFS_PIDFILE
+        sh(["zfs-fuse", "--pidfile", pidfile, "--no-kstat-mount"], cwd="/")
         wait_for(self._daemon_answers, 30, "zfs-fuse to answer")
         self.started_daemon = True
         self.daemon_pid = int(open(pidfile).read().split()[0])
