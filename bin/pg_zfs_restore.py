@@ -698,7 +698,7 @@ def label_problems(mode, start_lsn, backup_label):
     return []
 
 
-def choose_set(sets, target, set_name=None, timeline=None):
+def choose_set(sets, target, set_name=None, timeline=None, inclusive=True):
     """The set that serves target: a Failure (exit 1) naming why none does.
 
     --set wins if given (and must be complete and not stop after the target).
@@ -707,7 +707,10 @@ def choose_set(sets, target, set_name=None, timeline=None):
     pgzfs:stop_lsn for an LSN target) is at or before the target; for
     --immediate and --latest the newest; for an xid or a restore point name,
     which the pool cannot place in time, the oldest. A numeric timeline keeps
-    only sets taken on that timeline or an earlier one.
+    only sets taken on that timeline or an earlier one. A time target with
+    inclusive False (--exclusive) needs a stop point before it: pgzfs:db_time
+    is the commit time of the last transaction the set holds, which
+    --exclusive at that time leaves out.
     """
     if set_name:
         named = [s for s in sets if s.name == set_name]
@@ -734,7 +737,8 @@ def choose_set(sets, target, set_name=None, timeline=None):
                 return s.stop_lsn
             show = format_lsn
         known = [s for s in candidates if stop(s) is not None]
-        fits = [s for s in known if stop(s) <= target.value]
+        fits = [s for s in known if stop(s) < target.value
+                or (stop(s) == target.value and (inclusive or target.kind != "time"))]
         if not fits:
             if not known:
                 raise Failure("no set has a usable pgzfs:stop_%s" % target.kind, 1)
@@ -1255,7 +1259,7 @@ def commit_after_target(last_transaction, target_time, inclusive, snapshot_set):
         held = parse_time(snapshot_set.get("db_time", ""))
     except ValueError:
         held = None
-    if held is not None and held > target_time:
+    if held is not None and (held > target_time or (held == target_time and not inclusive)):
         return "set %s holds transactions committed up to %s (pgzfs:db_time), after the target %s" % (
             snapshot_set.name, iso_time(held), iso_time(target_time))
     try:
@@ -2669,7 +2673,8 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
         raise Failure("cannot restore yet: " + waiting_note(args.set, waiting[args.set]), 1)
     for name in sorted(waiting):
         log.warning("%s: not chosen", waiting_note(name, waiting[name]))
-    snapshot_set = choose_set([one for one in sets if one.name not in waiting], target, args.set, timeline)
+    snapshot_set = choose_set([one for one in sets if one.name not in waiting], target, args.set, timeline,
+                              not getattr(args, "exclusive", False))
     log.info("set %s (stop %s, LSN %s) serves target %s", snapshot_set.name,
              iso_time(snapshot_set.stop_time) if snapshot_set.stop_time else "?", snapshot_set.get("stop_lsn"),
              target)

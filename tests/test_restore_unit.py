@@ -754,6 +754,21 @@ def test_a_copy_holding_a_commit_after_the_target_is_named():
         restore.commit_after_target("?", at("2026-11-25T04:00:00Z"), True, newer)
 
 
+def test_an_exclusive_target_at_a_sets_last_commit_does_not_use_that_set():
+    at = "2026-11-25T04:01:01.5Z"
+    newer = restore.group_sets(rows_of(props("pgzfs_20261125T040200Z", "2026-11-25T04:01:02Z", "0/9000100",
+                                             db_time="2026-11-25T04:01:01.500000Z")))
+    sets = restore.group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/5000100"))) + newer
+    # db_time is the commit time of the set's last transaction: --exclusive at it leaves that one out.
+    assert restore.choose_set(sets, target("time", at)).name == "pgzfs_20261125T040200Z"
+    assert restore.choose_set(sets, target("time", at), inclusive=False).name == "pgzfs_20261125T030100Z"
+    with pytest.raises(restore.Failure):
+        restore.choose_set(sets, target("time", at), "pgzfs_20261125T040200Z", inclusive=False)
+    assert "holds transactions committed up to 2026-11-25T04:01:01.5Z" in restore.commit_after_target(
+        "?", restore.parse_time(at), False, newer[0])
+    assert restore.commit_after_target("?", restore.parse_time(at), True, newer[0]) is None
+
+
 def test_progress_names_the_lsn_the_last_commit_and_the_segments_restored():
     events = restore.read_recovery_log(LOG_OPENED_AT_A_HOLE + LOG_OPENED_AT_A_HOLE)
     assert events["restored_count"] == 2

@@ -1,0 +1,93 @@
+"""pg_zfs_restore.py at the edges of what a user can ask, run as a process
+against the testbed (the story of test_restore.py): a time target exactly at
+the last commit a set holds, with --exclusive; Ctrl-C at the terminal, which
+signals the whole process group (pg_ctl, runuser and zfs too), not only the
+script.
+"""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from testbed import BIN, PY36, wait_for
+from test_restore import (our_clones, props_of, restore_script, restored, set_names, snap,  # noqa: F401
+                          story, utc_now)
+from test_restore_faults import nothing_left, stalled
+
+
+# -- a time target exactly at a set's last commit -----------------------------------
+
+def test_exclusive_target_at_a_sets_last_commit_leaves_that_commit_out(story):
+    """pgzfs:db_time of a set taken while the primary is idle is the commit time of the
+    last transaction the set holds. A restore to just before that transaction
+    (--exclusive at its commit time) must not use the set: the copy would hold the
+    transaction it was asked to leave out."""
+    tb = story.tb
+    note = "committed at the target %s" % utc_now().isoformat()
+    tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
+             30, "the standby to replay the row")
+    # A restartpoint after the commit: the set's backup starts after it, so no replay
+    # before consistency can show PostgreSQL that the target is inside the set.
+    tb.primary.psql("CHECKPOINT")
+    lsn = tb.primary.psql("SELECT pg_current_wal_lsn()")
+    wait_for(lambda: tb.standby.psql("SELECT pg_last_wal_replay_lsn() >= '%s'" % lsn) == "t", 30,
+             "the standby to replay the checkpoint")
+    tb.standby.psql("CHECKPOINT")
+    before = set(set_names(tb))
+    snap(tb, story.config)
+    idle = [name for name in set_names(tb) if name not in before][0]
+    try:
+        db_time = props_of(tb, tb.datasets[1] + "@" + idle)["pgzfs:db_time"]
+        tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the target')")
+        tb.switch_wal()
+        with restored(story, "--target-time", db_time, "--action", "promote") as copy:
+            assert "restored set %s to" % idle in copy.out
+            assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1"
+        with restored(story, "--target-time", db_time, "--exclusive", "--action", "promote") as copy:
+            assert "restored set %s to" % idle not in copy.out, copy.out
+            assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "0", \
+                "the transaction committed at the target is in an --exclusive copy"
+        # Asked for by name, the set is refused, and nothing is left.
+        proc = restore_script(story.config, "restore", "--set", idle, "--target-time", db_time, "--exclusive")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert our_clones(tb) == [] and nothing_left(story) == []
+    finally:
+        for dataset in tb.datasets:
+            tb.zfs.destroy("%s@%s" % (dataset, idle))
+
+
+# -- Ctrl-C: SIGINT to the whole process group --------------------------------------
+
+@pytest.mark.parametrize("command", ["restore", "drill"])
+def test_ctrl_c_at_the_terminal_while_the_copy_starts_stops_it_and_removes_the_clones(story, command):
+    tb = story.tb
+    args = ["restore", "--latest"] if command == "restore" else ["drill"]
+    pgdata = os.path.join(tb.run_dir, "restore_mnt", "data02_%s_%s" % (command, story.sets[1]), "pgdata")
+    with stalled(tb.hosts):     # pg_ctl start -w waits: the copy cannot become consistent yet
+        proc = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config] + args,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                start_new_session=True)
+        try:
+            wait_for(lambda: proc.poll() is not None or os.path.exists(os.path.join(pgdata, "postmaster.pid")),
+                     120, "the copy's server to start")
+            assert proc.poll() is None, proc.communicate()
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert "Traceback" not in err
+    if command == "restore":
+        assert proc.returncode == 1, out + err
+        assert err.strip().splitlines()[-1] == "pg_zfs_restore: ERROR: stopped by SIGINT", err
+    else:
+        assert proc.returncode == 2, out + err
+        assert len(out.strip().splitlines()) == 1 and "stopped by SIGINT" in out, out
+    wait_for(lambda: not os.path.exists(os.path.join(pgdata, "postmaster.pid")), 30, "no server on the clone")
+    assert nothing_left(story) == []
+    assert our_clones(tb) == []
