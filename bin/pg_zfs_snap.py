@@ -67,8 +67,9 @@ start/stop LSN, start WAL file, timeline, start/stop time (UTC, to the
 microsecond: a target a moment after the stop can use the set), major version,
 system identifier, PGDATA relative to its dataset, backup label and tablespace
 map in base64, the database's own time at the stop (pgzfs:db_time, the last
-replayed commit's timestamp on a standby: the primary's clock, which a wrong
-guest clock does not shift; pgzfs:db_time_lsn where replay was), where each
+replayed commit's timestamp on a standby, or the primary's last message when it
+replayed none since it started: the primary's clock, which a wrong guest clock
+does not shift; pgzfs:db_time_lsn where replay was), where each
 dataset was mounted (pgzfs:mountpoints, base64 JSON,
 from the mount table: legacy mountpoints too), tool version, the datasets of
 the set; DEVELOPERS.md lists them. pgzfs:stop_lsn is
@@ -261,8 +262,10 @@ def backup_calls(server_version_num, label):
     so they come back byte for byte whatever they contain. db_time is the
     database's own time at the stop, read after it in the same statement: on a
     standby the last replayed commit's timestamp (the primary's clock, which
-    stamped every commit the set holds; empty if none was replayed since the
-    standby started), on a primary its clock; db_lsn where replay (or WAL) was.
+    stamped every commit the set holds; when none was replayed since the standby
+    started, the send time of the primary's last message, later than every
+    commit received; empty when that is unknown too: no streaming), on a
+    primary its clock; db_lsn where replay (or WAL) was.
     """
     quoted = "'" + label.replace("'", "''") + "'"
     number = int(server_version_num)
@@ -277,10 +280,12 @@ def backup_calls(server_version_num, label):
         stop_call = "pg_stop_backup(false)"
     encoded = "translate(encode(convert_to(coalesce(%s, ''), 'UTF8'), 'base64'), E'\\n', '')"
     if number >= 100000:
-        replayed, current = "pg_last_xact_replay_timestamp()", "pg_last_wal_replay_lsn(), pg_current_wal_lsn()"
+        current = "pg_last_wal_replay_lsn(), pg_current_wal_lsn()"
     else:
-        replayed, current = "pg_last_xact_replay_timestamp()", "pg_last_xlog_replay_location(), " \
-            "pg_current_xlog_location()"
+        current = "pg_last_xlog_replay_location(), pg_current_xlog_location()"
+    # A restarted standby that replayed no commit yet has no replay timestamp: the
+    # primary stamped every commit it holds before its last message's send time.
+    replayed = "coalesce(pg_last_xact_replay_timestamp(), (SELECT last_msg_send_time FROM pg_stat_wal_receiver))"
     db_time = ("coalesce(to_char((CASE WHEN pg_is_in_recovery() THEN %s ELSE clock_timestamp() END) "
                "AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')" % replayed)
     db_lsn = "CASE WHEN pg_is_in_recovery() THEN %s ELSE %s END" % tuple(current.split(", "))

@@ -5,6 +5,7 @@ signals the whole process group (pg_ctl, runuser and zfs too), not only the
 script.
 """
 
+import datetime
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import subprocess
 import pytest
 
 from testbed import BIN, PY36, wait_for
-from test_restore import (our_clones, props_of, restore_script, restored, set_names, snap,  # noqa: F401
+from test_restore import (our_clones, parse_iso, props_of, restore_script, restored, set_names, snap,  # noqa: F401
                           story, utc_now)
 from test_restore_faults import nothing_left, stalled
 
@@ -91,3 +92,48 @@ def test_ctrl_c_at_the_terminal_while_the_copy_starts_stops_it_and_removes_the_c
     wait_for(lambda: not os.path.exists(os.path.join(pgdata, "postmaster.pid")), 30, "no server on the clone")
     assert nothing_left(story) == []
     assert our_clones(tb) == []
+
+
+# -- a set taken on a standby that replayed no commit since it started ---------------
+
+def test_a_set_on_a_restarted_idle_standby_under_a_wrong_clock_serves_no_target_before_its_rows(story):
+    """pg_last_xact_replay_timestamp() is NULL on a standby that replayed no commit since
+    it started (a reboot at night, no writes since). The set must still carry the
+    primary's time (the last message the primary sent), not only the guest's clock."""
+    tb = story.tb
+    # A restartpoint after the last commit: replay after the restart starts past it.
+    tb.primary.psql("CHECKPOINT")
+    lsn = tb.primary.psql("SELECT pg_current_wal_lsn()")
+    wait_for(lambda: tb.standby.psql("SELECT pg_last_wal_replay_lsn() >= '%s'" % lsn) == "t", 30,
+             "the standby to replay the checkpoint")
+    tb.standby.psql("CHECKPOINT")
+    tb.standby.stop()
+    tb.standby.start()
+    wait_for(lambda: tb.standby.psql("SELECT last_msg_send_time IS NOT NULL FROM pg_stat_wal_receiver") == "t",
+             60, "the restarted standby to stream")
+    assert tb.standby.psql("SELECT pg_last_xact_replay_timestamp() IS NULL") == "t"
+    before = set(set_names(tb))
+    behind = utc_now() - datetime.timedelta(hours=1)
+    proc = subprocess.run([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", story.config,
+                           "--now", behind.strftime("%Y%m%dT%H%M%SZ"), "snapshot", "--no-prune"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    wrong = [name for name in set_names(tb) if name not in before][0]
+    try:
+        tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the idle set')")
+        tb.switch_wal()
+        target = utc_now() - datetime.timedelta(minutes=30)    # after its guest stop time, before its rows
+        proc = restore_script(story.config, "restore", "--target-time", target.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                              "--action", "promote")
+        if proc.returncode == 0:
+            restore_script(story.config, "cleanup", "--all")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "earliest possible target is" in proc.stderr
+        assert our_clones(tb) == []
+        props = props_of(tb, tb.datasets[1] + "@" + wrong)
+        assert abs(parse_iso(props.get("pgzfs:db_time", "1970-01-01T00:00:00Z")) - utc_now()) \
+            < datetime.timedelta(minutes=5), props
+    finally:
+        for dataset in tb.datasets:
+            tb.zfs.destroy("%s@%s" % (dataset, wrong))
+

@@ -112,6 +112,14 @@ def test_9_6_stop_has_no_wait_for_archive_argument():
     assert snap.backup_calls(90624, "x")[1].endswith("FROM pg_stop_backup(false)")
 
 
+def test_db_time_of_a_standby_that_replayed_no_commit_since_it_started_is_the_primarys_last_message():
+    # pg_last_xact_replay_timestamp() is NULL then: the guest clock alone would stand for the primary's.
+    for number in (90624, 100000, 150000):
+        stop = snap.backup_calls(number, "x")[1]
+        assert "coalesce(pg_last_xact_replay_timestamp(), (SELECT last_msg_send_time FROM pg_stat_wal_receiver))" \
+            in stop
+
+
 def test_stop_answer_gives_label_and_map_byte_for_byte():
     label = "START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\nLABEL: \xe9t\xe9\n"
     tablespace_map = "16384 /mnt/data01/ts1\n"
