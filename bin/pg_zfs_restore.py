@@ -818,8 +818,13 @@ def source_mountpoints(datasets, stored, properties, mounts_table):
     return result
 
 
-def map_path(path, mount_map):
-    """path moved from a source mountpoint to its clone's (longest match), or None."""
+def map_path(path, mount_map, resolve=None):
+    """path moved from a source mountpoint to its clone's (longest match), or None.
+
+    When no source mountpoint holds path, resolve(path) is tried (os.path.realpath:
+    a tablespace located through a symlink into a dataset, which pg_zfs_snap.py
+    resolves when it takes the set).
+    """
     path = os.path.normpath(path)
     best = None
     for source, clone in mount_map.items():
@@ -828,12 +833,13 @@ def map_path(path, mount_map):
             if best is None or len(source) > len(best[0]):
                 best = (source, clone)
     if best is None:
-        return None
+        real = resolve(path) if resolve else path
+        return map_path(real, mount_map) if os.path.normpath(real) != path else None
     rest = path[len(best[0]):].lstrip("/")
     return os.path.join(best[1], rest) if rest else best[1]
 
 
-def rewrite_tablespace_map(text, mount_map):
+def rewrite_tablespace_map(text, mount_map, resolve=None):
     """tablespace_map text with each 'OID PATH' line's path moved into the clones.
 
     A tablespace on no dataset of the set is a Failure: the restored copy would
@@ -848,7 +854,7 @@ def rewrite_tablespace_map(text, mount_map):
         oid, space, path = body.partition(" ")
         if not space or not oid.isdigit():
             raise Failure("tablespace_map line %r is not 'OID PATH'" % body, 1)
-        moved = map_path(path, mount_map)
+        moved = map_path(path, mount_map, resolve)
         if moved is None:
             raise Failure("tablespace %s at %s is on no dataset of the set: a restore would "
                           "share it with the live standby" % (oid, path), 1)
@@ -2363,7 +2369,7 @@ class Restorer(object):
                      write_file, os.path.join(pgdata, "backup_label"), plan.backup_label, 0o600, self.owner)
         if plan.tablespace_map.strip():
             moved = rewrite_tablespace_map(plan.tablespace_map.decode("utf-8", "surrogateescape"),
-                                           plan.mount_map).encode("utf-8", "surrogateescape")
+                                           plan.mount_map, os.path.realpath).encode("utf-8", "surrogateescape")
             self.act("write %s/tablespace_map (0600, %s):\n%s"
                      % (pgdata, self.server.user, moved.decode("utf-8", "replace").rstrip()),
                      write_file, os.path.join(pgdata, "tablespace_map"), moved, 0o600, self.owner)
@@ -2414,7 +2420,7 @@ class Restorer(object):
             if not os.path.islink(link):
                 continue
             current = os.readlink(link)
-            moved = map_path(current, self.plan.mount_map)
+            moved = map_path(current, self.plan.mount_map, os.path.realpath)
             if moved is None:
                 raise Failure("tablespace %s at %s is on no dataset of the set: a restore would share "
                               "it with the live standby" % (oid, current), 1)

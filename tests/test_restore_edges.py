@@ -7,13 +7,14 @@ script.
 
 import datetime
 import os
+import shutil
 import signal
 import subprocess
 
 import pytest
 
-from testbed import BIN, PY36, wait_for
-from test_restore import (our_clones, parse_iso, props_of, restore_script, restored, set_names, snap,  # noqa: F401
+from testbed import BIN, PG_USER, PY36, chown_pg, run_script, wait_for
+from test_restore import (Restored, our_clones, parse_iso, props_of, restore_script, restored, set_names, snap,  # noqa: F401
                           story, utc_now)
 from test_restore_faults import nothing_left, stalled
 
@@ -137,3 +138,51 @@ def test_a_set_on_a_restarted_idle_standby_under_a_wrong_clock_serves_no_target_
         for dataset in tb.datasets:
             tb.zfs.destroy("%s@%s" % (dataset, wrong))
 
+
+# -- a tablespace created through a symlink to its dataset ----------------------------
+
+def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
+    """CREATE TABLESPACE ... LOCATION '/srv/ts1' where /srv/ts1 links into a dataset:
+    pg_zfs_snap.py accepts the set (it resolves the link), so the restore must map it."""
+    zfs = tb.zfs
+    datasets = [zfs.create("sl_ts"), zfs.create("sl_pg")]
+    for dataset in datasets:
+        chown_pg(zfs.mountpoint(dataset))
+    real_ts = os.path.join(zfs.mountpoint(datasets[0]), "ts1")
+    os.mkdir(real_ts, 0o700)
+    chown_pg(real_ts)
+    linked_ts = os.path.join(tb.run_dir, "sl_ts1_link")
+    os.symlink(real_ts, linked_ts)
+    standby = tb.make_standby("sl_standby", os.path.join(zfs.mountpoint(datasets[1]), "pgdata"), linked_ts)
+    sections = tb.archive_config()
+    sections.update({
+        "postgres": {"pgdata": standby.pgdata, "bindir": tb.pg_bindir, "user": PG_USER,
+                     "host": standby.socket_dir, "port": str(standby.port), "dbname": "postgres"},
+        "snapshot": {"backend": "zfs", "datasets": " ".join(datasets), "prefix": "sl",
+                     "lock_file": os.path.join(tb.run_dir, "sl.lock")},
+        "restore": {"mount_root": os.path.join(tb.run_dir, "sl_mnt"),
+                    "wal_root": os.path.join(tb.run_dir, "sl_wal"), "timeout": "240"}})
+    config = tb.write_config(os.path.join(tb.run_dir, "sl.conf"), sections=sections)
+    try:
+        proc = run_script("pg_zfs_snap", "snapshot", "--no-prune", config=config, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        name = [s.split("@")[1] for s in zfs.snapshots() if s.startswith(datasets[1] + "@sl_")][0]
+        tb.primary.psql("INSERT INTO smoke (note) VALUES ('after set %s')" % name)
+        tb.switch_wal()         # the segment holding the set's stop LSN, archived
+        proc = run_script("pg_zfs_restore", "restore", "--immediate", "--set", name, "--action", "promote",
+                          config=config, timeout=300)
+        try:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            copy = Restored(proc, tb)
+            assert int(copy.psql("SELECT count(*) FROM smoke")) >= 0      # its table is in ts1
+            links = [os.readlink(os.path.join(copy.pgdata, "pg_tblspc", oid))
+                     for oid in os.listdir(os.path.join(copy.pgdata, "pg_tblspc"))]
+            assert links and all(link.startswith(os.path.join(tb.run_dir, "sl_mnt")) for link in links)
+        finally:
+            assert run_script("pg_zfs_restore", "cleanup", "--all", config=config).returncode == 0
+        assert os.listdir(os.path.join(tb.run_dir, "sl_wal")) == []
+    finally:
+        standby.stop()
+        for dataset in datasets:
+            zfs.destroy(dataset, recursive=True)
+        shutil.rmtree(standby.waldir, ignore_errors=True)

@@ -312,6 +312,17 @@ def test_tablespace_map_paths_are_rewritten_and_a_foreign_tablespace_is_refused(
     assert "live standby" in str(error.value)
 
 
+def test_a_tablespace_located_through_a_symlink_maps_by_where_the_link_leads():
+    links = {"/srv/ts1": "/tank/data01/ts1", "/srv/loop": "/srv/loop"}
+    resolve = lambda path: links.get(path, path)    # noqa: E731  (os.path.realpath, without a disk)
+    assert restore.map_path("/srv/ts1", MOUNTS, resolve) == "/restore/data01_restore_s/ts1"
+    assert restore.map_path("/srv/loop", MOUNTS, resolve) is None
+    assert restore.map_path("/srv/ts1", MOUNTS) is None
+    assert restore.rewrite_tablespace_map("16384 /srv/ts1\n", MOUNTS, resolve) == "16384 /restore/data01_restore_s/ts1\n"
+    with pytest.raises(restore.Failure):
+        restore.rewrite_tablespace_map("16386 /srv/elsewhere\n", MOUNTS, resolve)
+
+
 def test_clone_names_and_mountpoints_follow_developers_md():
     clone = restore.clone_dataset("zp1/data02", "restore", "pgzfs_20261125T040100Z")
     assert clone == "zp1/data02_restore_pgzfs_20261125T040100Z"
