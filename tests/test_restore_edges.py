@@ -2,7 +2,8 @@
 against the testbed (the story of test_restore.py): a time target exactly at
 the last commit a set holds, with --exclusive; Ctrl-C at the terminal, which
 signals the whole process group (pg_ctl, runuser and zfs too), not only the
-script.
+script; a set taken on a restarted, idle standby under a wrong guest clock; a
+tablespace created through a symlink into a dataset.
 """
 
 import datetime
@@ -13,10 +14,29 @@ import subprocess
 
 import pytest
 
-from testbed import BIN, PG_USER, PY36, chown_pg, run_script, wait_for
-from test_restore import (Restored, our_clones, parse_iso, props_of, restore_script, restored, set_names, snap,  # noqa: F401
+from testbed import BIN, PY36, chown_pg, run_script, wait_for
+from test_restore import (our_clones, parse_iso, props_of, restore_script, restored, set_names, snap,  # noqa: F401
                           story, utc_now)
 from test_restore_faults import nothing_left, stalled
+from test_restore_mountpoints import assert_restores_with_tablespaces_in_the_clones, own_standby_config
+
+
+def set_taken_by_a_clock_behind(story, behind):
+    """The name of a set pg_zfs_snap.py took with its clock `behind` (--now)."""
+    before = set(set_names(story.tb))
+    taken = run_script("pg_zfs_snap", "--now", (utc_now() - behind).strftime("%Y%m%dT%H%M%SZ"), "snapshot",
+                       "--no-prune", config=story.config, timeout=180)
+    assert taken.returncode == 0, taken.stderr
+    return [name for name in set_names(story.tb) if name not in before][0]
+
+
+def restore_to(story, moment):
+    """restore --target-time moment --action promote; a copy made anyway is removed."""
+    proc = restore_script(story.config, "restore", "--target-time", moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                          "--action", "promote")
+    if proc.returncode == 0:
+        restore_script(story.config, "cleanup", "--all")
+    return proc
 
 
 # -- a time target exactly at a set's last commit -----------------------------------
@@ -113,21 +133,12 @@ def test_a_set_on_a_restarted_idle_standby_under_a_wrong_clock_serves_no_target_
     wait_for(lambda: tb.standby.psql("SELECT last_msg_send_time IS NOT NULL FROM pg_stat_wal_receiver") == "t",
              60, "the restarted standby to stream")
     assert tb.standby.psql("SELECT pg_last_xact_replay_timestamp() IS NULL") == "t"
-    before = set(set_names(tb))
-    behind = utc_now() - datetime.timedelta(hours=1)
-    proc = subprocess.run([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", story.config,
-                           "--now", behind.strftime("%Y%m%dT%H%M%SZ"), "snapshot", "--no-prune"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    wrong = [name for name in set_names(tb) if name not in before][0]
+    wrong = set_taken_by_a_clock_behind(story, datetime.timedelta(hours=1))
     try:
         tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the idle set')")
         tb.switch_wal()
-        target = utc_now() - datetime.timedelta(minutes=30)    # after its guest stop time, before its rows
-        proc = restore_script(story.config, "restore", "--target-time", target.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                              "--action", "promote")
-        if proc.returncode == 0:
-            restore_script(story.config, "cleanup", "--all")
+        # After its guest stop time, before its rows: no set fits.
+        proc = restore_to(story, utc_now() - datetime.timedelta(minutes=30))
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "earliest possible target is" in proc.stderr
         assert our_clones(tb) == []
@@ -154,33 +165,9 @@ def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
     linked_ts = os.path.join(tb.run_dir, "sl_ts1_link")
     os.symlink(real_ts, linked_ts)
     standby = tb.make_standby("sl_standby", os.path.join(zfs.mountpoint(datasets[1]), "pgdata"), linked_ts)
-    sections = tb.archive_config()
-    sections.update({
-        "postgres": {"pgdata": standby.pgdata, "bindir": tb.pg_bindir, "user": PG_USER,
-                     "host": standby.socket_dir, "port": str(standby.port), "dbname": "postgres"},
-        "snapshot": {"backend": "zfs", "datasets": " ".join(datasets), "prefix": "sl",
-                     "lock_file": os.path.join(tb.run_dir, "sl.lock")},
-        "restore": {"mount_root": os.path.join(tb.run_dir, "sl_mnt"),
-                    "wal_root": os.path.join(tb.run_dir, "sl_wal"), "timeout": "240"}})
-    config = tb.write_config(os.path.join(tb.run_dir, "sl.conf"), sections=sections)
+    config = own_standby_config(tb, standby, datasets, "sl")
     try:
-        proc = run_script("pg_zfs_snap", "snapshot", "--no-prune", config=config, timeout=180)
-        assert proc.returncode == 0, proc.stderr
-        name = [s.split("@")[1] for s in zfs.snapshots() if s.startswith(datasets[1] + "@sl_")][0]
-        tb.primary.psql("INSERT INTO smoke (note) VALUES ('after set %s')" % name)
-        tb.switch_wal()         # the segment holding the set's stop LSN, archived
-        proc = run_script("pg_zfs_restore", "restore", "--immediate", "--set", name, "--action", "promote",
-                          config=config, timeout=300)
-        try:
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            copy = Restored(proc, tb)
-            assert int(copy.psql("SELECT count(*) FROM smoke")) >= 0      # its table is in ts1
-            links = [os.readlink(os.path.join(copy.pgdata, "pg_tblspc", oid))
-                     for oid in os.listdir(os.path.join(copy.pgdata, "pg_tblspc"))]
-            assert links and all(link.startswith(os.path.join(tb.run_dir, "sl_mnt")) for link in links)
-        finally:
-            assert run_script("pg_zfs_restore", "cleanup", "--all", config=config).returncode == 0
-        assert os.listdir(os.path.join(tb.run_dir, "sl_wal")) == []
+        assert_restores_with_tablespaces_in_the_clones(tb, config, datasets, "sl")
     finally:
         standby.stop()
         for dataset in datasets:
