@@ -192,6 +192,8 @@ import time
 VERSION = "0.1.0"
 PROG = "pg_zfs_restore"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
+# The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
+CONFIG_READS = ("postgres", "snapshot", "restore")
 
 log = logging.getLogger(PROG)
 
@@ -325,6 +327,10 @@ class Config(object):
             parser.read_string(text, path)
         except configparser.Error as error:
             raise Failure("%s: %s" % (path, " ".join(str(error).split())), 2)
+        problem = config_problem([(section, [(key, parser.get(section, key)) for key in parser.options(section)])
+                                  for section in parser.sections()], CONFIG_READS)
+        if problem:
+            raise Failure("%s: %s" % (path, problem), 2)
         return cls(path, parser)
 
     def error(self, section, key, message):
@@ -359,6 +365,97 @@ class Config(object):
     def list(self, section, key, default=REQUIRED):
         return self.str(section, key, default).split()
 
+    def duration(self, section, key, default=REQUIRED):
+        """Seconds: a whole number, or one with a unit s, m, h, d or w (26h, 2d)."""
+        text = self.str(section, key, default if default is Config.REQUIRED else str(default))
+        seconds = parse_duration(text)
+        if seconds is None:
+            raise self.error(section, key, "%r is not a duration (seconds, or 90m, 26h, 2d, 1w)" % text)
+        return seconds
+
+
+# Every section and key of pg_zfs.conf, one file for the four scripts, and the
+# kind of value each takes ("source" stands for every [source NAME]). Any other
+# name is a typo: Config.load refuses it with the nearest valid one, so that
+# keep_dayly = 30 never silently means the default.
+CONFIG_SCHEMA = {
+    "postgres": {"pgdata": "text", "bindir": "text", "user": "text", "host": "text", "port": "int",
+                 "dbname": "text", "system_identifier": "int"},
+    "snapshot": {"backend": ("zfs", "btrfs"), "datasets": "text", "prefix": "text", "keep_hourly": "int",
+                 "keep_daily": "int", "keep_weekly": "int", "keep_monthly": "int", "lock_file": "text",
+                 "warn_age": "duration", "crit_age": "duration", "wal_wait": "duration"},
+    "archive": {"sources": "text", "spool_dir": "text", "prefetch": "int", "timeout": "int",
+                "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
+                "connect_timeout": "int"},
+    "source": {"host": "text", "port": "int", "user": "text", "path": "text", "probe": ("ping", "tcp", "none"),
+               "identity_file": "text", "ssh_options": "text"},
+    "guest": {"primary_conninfo": "text", "waldir": "text", "logfile": "text", "start_timeout": "int",
+              "systemd_unit": "text", "dataset_properties": "text", "tablespace_mapping": "text",
+              "cron_schedule": "text", "check_clock": ("yes", "no")},
+    "host": {"domain": "text", "libvirt_uri": "text", "start_timeout": "int", "guest_address": "text",
+             "guest_port": "int"},
+    "restore": {"mount_root": "text", "wal_root": "text", "port_start": "int", "timeout": "int"},
+}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text):
+    """Seconds of "3600", "90m", "26h", "2d" or "1w"; None if it is none of those."""
+    text = text.strip().lower()
+    unit = DURATION_UNITS.get(text[-1:], None) if text else None
+    number = text[:-1] if unit else text
+    if not number.isdigit():
+        return None
+    return int(number) * (unit or 1)
+
+
+def schema_section(section):
+    """The CONFIG_SCHEMA entry a file's section name stands for ("source NAME": "source")."""
+    words = section.split()
+    if words[:1] == ["source"] and len(words) == 2:
+        return "source"
+    return section if section in CONFIG_SCHEMA and section != "source" else None
+
+
+def nearest(name, names):
+    """' (did you mean X?)' for the valid name nearest to a typo, or ''."""
+    import difflib
+    match = difflib.get_close_matches(name, sorted(names), 1, 0.6)
+    return " (did you mean %s?)" % match[0] if match else ""
+
+
+def config_problem(sections, reads):
+    """The first typo or bad value in a config file, as one line, or None.
+
+    sections: [(section name, [(key, value)])] as in the file; reads: the
+    schema sections this script reads. An unknown section is this script's
+    business when it reads the section nearest to it (or none is near); keys
+    and values are checked in the sections it reads.
+    """
+    for section, items in sections:
+        kind = schema_section(section)
+        if kind is None:
+            hint = nearest(section, [name for name in CONFIG_SCHEMA if name != "source"] + ["source NAME"])
+            near = hint[len(" (did you mean "):-2].split()[0] if hint else None
+            if near is None or near in reads:
+                return "[%s]: no such section%s" % (section, hint)
+            continue
+        if kind not in reads:
+            continue
+        for key, value in items:
+            if key not in CONFIG_SCHEMA[kind]:
+                return "[%s] %s: no such key%s" % (section, key, nearest(key, CONFIG_SCHEMA[kind]))
+            expected, text = CONFIG_SCHEMA[kind][key], value.strip()
+            if not text or expected == "text":
+                continue
+            if expected == "int" and not (text.lstrip("-").isdigit()):
+                return "[%s] %s: %r is not a whole number" % (section, key, text)
+            if expected == "duration" and parse_duration(text) is None:
+                return "[%s] %s: %r is not a duration (seconds, or 90m, 26h, 2d, 1w)" % (section, key, text)
+            if isinstance(expected, tuple) and text not in expected:
+                return "[%s] %s: %r is not one of %s" % (section, key, text, ", ".join(expected))
+    return None
+
 
 def config_path(option):
     """The config file to read: -c/--config, else $PG_ZFS_CONFIG, else the default."""
@@ -379,6 +476,16 @@ def setup_logging(verbose=False, use_syslog=False):
         logger.addHandler(handler)
     return logger
 
+
+def unexpected_failure(error):
+    """A Failure (exit 1) of an error no step turned into one: one line for the
+    operator (an OSError names its file), the traceback only with --verbose."""
+    import traceback
+    log.debug("%s", "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
+    if isinstance(error, EnvironmentError) and error.strerror:
+        where = " ".join(str(name) for name in (error.filename, getattr(error, "filename2", None)) if name)
+        return Failure("%s%s" % (error.strerror, ": " + where if where else ""), 1)
+    return Failure("internal error: %s: %s" % (type(error).__name__, error), 1)
 
 def run(argv, timeout=None, input_text=None, check=True):
     """Run argv (a list, never a shell string); return (exit code, stdout, stderr).
@@ -3032,15 +3139,6 @@ def main(argv=None):
             return 2
         log.error("%s", failure)
         return failure.code
-
-
-def unexpected_failure(error):
-    """A Failure (exit 1) of an error no step turned into one: one line, no traceback.
-    An OSError names its file (--to a file, a full or read-only wal_root)."""
-    if isinstance(error, EnvironmentError) and error.strerror:
-        where = " ".join(str(name) for name in (error.filename, getattr(error, "filename2", None)) if name)
-        return Failure("%s%s" % (error.strerror, ": " + where if where else ""), 1)
-    return Failure("internal error: %s: %s" % (type(error).__name__, error), 1)
 
 
 if __name__ == "__main__":

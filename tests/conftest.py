@@ -11,7 +11,7 @@ import testbed  # noqa: E402
 
 
 def pytest_report_header(config):
-    return "pg_zfs testbed: ZFS = %s" % testbed.zfs_description()
+    return "pg_zfs testbed: ZFS = %s; scripts run under %s" % (testbed.zfs_description(), testbed.python_description())
 
 
 def pytest_addoption(parser):

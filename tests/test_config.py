@@ -61,17 +61,87 @@ def test_missing_required_key_names_file_section_and_key(script, tmp_path):
 
 
 def test_bad_number_names_the_key_and_the_value(script, tmp_path):
-    config = script.Config.load(write(tmp_path, "[archive]\ntimeout = soon\n"))
     with pytest.raises(script.Failure) as caught:
-        config.int("archive", "timeout", 60)
-    assert "[archive] timeout: 'soon' is not a whole number" in str(caught.value)
+        script.Config.load(write(tmp_path, "[archive]\ntimeout = soon\n"))
+    assert "pg_zfs.conf: [archive] timeout: 'soon' is not a whole number" in str(caught.value)
+    assert caught.value.code == 2
+    config = script.Config.load(write(tmp_path, "[archive]\ntimeout = -5\n"))
+    with pytest.raises(script.Failure) as caught:
+        config.int("archive", "timeout", 60, minimum=1)
+    assert "[archive] timeout: -5 is below the minimum 1" in str(caught.value)
 
 
 def test_unknown_backend_lists_the_choices(script, tmp_path):
-    config = script.Config.load(write(tmp_path, "[snapshot]\nbackend = lvm\n"))
     with pytest.raises(script.Failure) as caught:
-        config.choice("snapshot", "backend", ["zfs", "btrfs"], "zfs")
+        script.Config.load(write(tmp_path, "[snapshot]\nbackend = lvm\n"))
     assert "[snapshot] backend: 'lvm' is not one of zfs, btrfs" in str(caught.value)
+
+
+@pytest.mark.parametrize("script_name, text, message", [
+    ("pg_zfs_snap", "[snapshot]\nkeep_dayly = 30\n", "[snapshot] keep_dayly: no such key (did you mean keep_daily?)"),
+    ("pg_zfs_snap", "[snapshot]\nprefx = a\n", "[snapshot] prefx: no such key (did you mean prefix?)"),
+    ("pg_zfs_restore", "[restor]\nmount_root = /x\n", "[restor]: no such section (did you mean restore?)"),
+    ("pg_zfs_restore", "[restore]\nmount_roo = /x\n", "[restore] mount_roo: no such key (did you mean mount_root?)"),
+    ("pg_wal_fetch", "[source a]\nhots = x\n", "[source a] hots: no such key (did you mean host?)"),
+    ("pg_wal_fetch", "[archive]\nstal_timeout = 3\n", "[archive] stal_timeout: no such key (did you mean stall_timeout?)"),
+    ("setup_guest", "[gust]\nwaldir = /x\n", "[gust]: no such section (did you mean guest?)"),
+    ("setup_guest", "[bogus]\n", "[bogus]: no such section"),
+    ("pg_zfs_snap", "[snapshot]\nwarn_age = a day\n", "[snapshot] warn_age: 'a day' is not a duration"),
+])
+def test_a_typo_is_refused_naming_file_section_key_and_the_nearest_valid_name(script_name, text, message, tmp_path):
+    script = load_script(script_name)
+    with pytest.raises(script.Failure) as caught:
+        script.Config.load(write(tmp_path, text))
+    assert caught.value.code == 2
+    assert str(caught.value).startswith(str(tmp_path / "pg_zfs.conf") + ": " + message.split(" (")[0])
+    assert message in str(caught.value)
+
+
+def test_a_typo_in_a_section_a_script_does_not_read_is_left_to_the_scripts_that_do(tmp_path):
+    # The restore_command must not stop over a typo in the restore's section.
+    path = write(tmp_path, "[restore]\nmount_roo = /x\n[restor]\n")
+    assert load_script("pg_wal_fetch").Config.load(path).has_section("restore")
+    with pytest.raises(Exception):
+        load_script("pg_zfs_restore").Config.load(path)
+
+
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_every_key_of_the_example_config_is_in_the_schema_and_every_schema_key_in_the_example(script_name):
+    script = load_script(script_name)
+    import configparser
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(EXAMPLE)
+    documented = set((script.schema_section(section), key) for section in parser.sections()
+                     for key in parser.options(section))
+    schema = set((section, key) for section, keys in script.CONFIG_SCHEMA.items() for key in keys)
+    assert documented == schema
+    assert script.Config.load(EXAMPLE)
+
+
+def test_every_key_a_script_reads_is_in_the_schema():
+    import glob
+    for path in glob.glob(os.path.join(BIN, "*.py")):
+        source = open(path).read()
+        script = load_script(os.path.basename(path)[:-3])
+        for section, key in re.findall(r'\.(?:str|int|choice|list|duration)\(\s*"(\w+)",\s*"(\w+)"', source):
+            assert section in script.CONFIG_READS, (path, section, key)
+            if key.endswith("_"):          # "keep_" + rule
+                assert [name for name in script.CONFIG_SCHEMA[section] if name.startswith(key)], key
+                continue
+            assert key in script.CONFIG_SCHEMA[section], (path, section, key)
+        for key in re.findall(r'config\.\w+\(section,\s*"(\w+)"', source):
+            assert key in script.CONFIG_SCHEMA["source"], (path, key)
+
+
+@pytest.mark.parametrize("text, seconds", [("93600", 93600), ("26h", 93600), ("2d", 172800), ("90m", 5400),
+                                           ("1w", 604800), ("30s", 30), (" 2D ", 172800)])
+def test_durations_take_units(script, text, seconds):
+    assert script.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "2x", "-1h", "1.5h", "2 d"])
+def test_a_duration_without_a_number_or_with_an_unknown_unit_is_none(script, text):
+    assert script.parse_duration(text) is None
 
 
 def test_defaults_apply_when_a_key_is_absent(script, tmp_path):
@@ -137,3 +207,29 @@ def test_a_byte_that_is_not_utf8_is_one_line_naming_file_and_line(script_name, t
     assert done.returncode == 2
     assert done.stdout.strip() == ("%s: line 2 is not UTF-8 text (byte 0xE9); save the file as UTF-8"
                                    % path)
+
+
+MAIN_ARGS = {"pg_wal_fetch": ["000000010000000000000001", "pg_wal/RECOVERYXLOG"], "pg_zfs_snap": ["list"],
+             "pg_zfs_restore": ["list"], "setup_guest": ["--role", "guest", "--start"]}
+
+
+@pytest.mark.parametrize("script_name", SCRIPTS)
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/etc/pg_zfs/x"),
+                                   ZeroDivisionError("division by zero")])
+def test_an_unexpected_error_is_one_line_and_an_exit_code_never_a_traceback(script_name, error, monkeypatch,
+                                                                           capsys, tmp_path):
+    # No real component raises a bug on demand: the config loader stands in for "anything".
+    script = load_script(script_name)
+
+    def broken(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(script.Config, "load", broken)
+    monkeypatch.chdir(tmp_path)
+    code = script.main(["-c", "/nonexistent.conf"] + MAIN_ARGS[script_name])
+    err = capsys.readouterr().err
+    assert code in (1, 3), err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "ERROR" in line]
+    assert len(lines) == 1, err
+    assert ("Permission denied: /etc/pg_zfs/x" if isinstance(error, PermissionError)
+            else "internal error: ZeroDivisionError: division by zero") in lines[0]

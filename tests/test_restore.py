@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from testbed import PG_USER, run_script, sh, wait_for
+from testbed import PG_USER, PY36, run_script, sh, wait_for
 
 SCRIPT = "pg_zfs_restore"
 # One statement (psql -c sends one query string; COMMIT inside DO needs that).
@@ -65,7 +65,7 @@ class Story(object):
 
 
 def snap(tb, config):
-    proc = sh(["/root/.pyenv/versions/3.6.15/bin/python3",
+    proc = sh([PY36,
                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin",
                             "pg_zfs_snap.py"), "-c", config, "snapshot", "--no-prune"],
               check=False, timeout=180)
@@ -630,7 +630,7 @@ def test_a_set_taken_under_a_clock_an_hour_behind_serves_no_target_before_its_re
              30, "the standby to replay the row")
     before = set(set_names(tb))
     behind = utc_now() - datetime.timedelta(hours=1)
-    proc = sh(["/root/.pyenv/versions/3.6.15/bin/python3",
+    proc = sh([PY36,
                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "pg_zfs_snap.py"),
                "-c", story.config, "--now", behind.strftime("%Y%m%dT%H%M%SZ"), "snapshot", "--no-prune"],
               check=False, timeout=180)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PG_USER, chown_pg, load_script, python36_for_postgres, sh, wait_for
+from testbed import BIN, PG_USER, PY36, PY36_PYENV, chown_pg, load_script, python36_for_postgres, sh, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -21,7 +21,10 @@ FETCH = load_script("pg_wal_fetch")
 def py36():
     python = python36_for_postgres()
     version = sh([python, "-c", "import sys; print(sys.version.split()[0])"], user=PG_USER).stdout
-    assert version.strip() == "3.6.15"
+    # pyenv's 3.6.15 where it is (RHEL 8's Python), else the system's python3.
+    if PY36 == PY36_PYENV:
+        assert version.strip() == "3.6.15"
+    assert version.strip().startswith("3.")
     return python
 
 
@@ -307,8 +310,6 @@ def test_copy_of_another_cluster_is_never_delivered(wal):
 
 @pytest.mark.parametrize("suffix, program", [(".gz", "gzip"), (".xz", "xz"), (".bz2", "bzip2")])
 def test_compressed_archive_is_delivered_decompressed(wal, suffix, program):
-    if shutil.which(program) is None:
-        pytest.skip("no %s here" % program)
     name = wal.segments[4]
     packed = subprocess.run([program, "-c", os.path.join(wal.archive[0], name)],
                             stdout=subprocess.PIPE, check=True).stdout

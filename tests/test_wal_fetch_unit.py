@@ -397,10 +397,16 @@ def test_staged_file_appears_only_on_commit_and_discard_leaves_nothing(tmp_path)
     assert os.listdir(str(tmp_path)) == ["RECOVERYXLOG"]
 
 
+def segment_like(size, random_bytes):
+    """size bytes starting with a first page header that states size, then random bytes, then zeros."""
+    header = fetch.LONG_HEADER.pack(0xD110, 2, 1, 0, 0, 1, size, 8192)
+    return header + os.urandom(random_bytes) + bytes(size - len(header) - random_bytes)
+
+
 @pytest.mark.parametrize("suffix, compress", [
     (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)])
 def test_compressed_copies_are_decompressed_and_broken_ones_refused(tmp_path, suffix, compress):
-    original = os.urandom(100000) + bytes(200000)
+    original = segment_like(1 << 20, 100000)
     packed = compress(original)
     for data, ok in ((packed, True), (packed[:len(packed) // 2], False), (b"garbage" * 10, False)):
         staged = fetch.StagedFile(str(tmp_path))
@@ -430,7 +436,7 @@ def test_each_data_directory_has_its_own_spool_below_spool_dir():
 def test_multi_stream_compressed_copies_are_decompressed_whole(tmp_path, suffix, compress):
     # pbzip2, pigz -i, xz -T and `cat a.gz b.gz` write several streams in one file;
     # gzip, bzip2 and xz decompress all of them, and so must we.
-    original = os.urandom(100000) + bytes(200000)
+    original = segment_like(1 << 20, 100000)
     data = compress(original[:120000]) + compress(original[120000:])
     staged = fetch.StagedFile(str(tmp_path))
     receiver = fetch.Receiver(staged, suffix, "segment")
@@ -511,3 +517,31 @@ def test_a_segment_wholly_before_its_timeline_began_cannot_exist(name, before):
     begins = (1 << 32) | 0x5A000028
     assert fetch.before_its_timeline(name, begins) is before
     assert fetch.before_its_timeline(name, None) is False
+
+
+def test_a_copy_whose_first_page_states_no_segment_size_is_refused_at_once(tmp_path):
+    staged = fetch.StagedFile(str(tmp_path))
+    receiver = fetch.Receiver(staged, ".bz2", "segment")
+    written = []
+    staged.write = lambda data: written.append(len(data))
+    receiver.feed(bz2.compress(bytes(64 << 20)))
+    staged.discard()
+    assert receiver.problem == "implausible segment size 0 in the first page header"
+    assert sum(written) == 0
+
+
+def test_gzip_streams_back_to_back_of_a_mostly_zero_segment_are_decompressed_once_each(tmp_path):
+    # What follows a stream's end was taken twice (unused_data and unconsumed_tail):
+    # pigz -i or `cat a.gz b.gz` of a good segment was refused, or grew past its size.
+    original = segment_like(16 << 20, 100000)
+    quarter = len(original) // 4
+    data = b"".join(gzip.compress(original[i * quarter:(i + 1) * quarter]) for i in range(4))
+    staged = fetch.StagedFile(str(tmp_path))
+    receiver = fetch.Receiver(staged, ".gz", "segment")
+    for start in range(0, len(data), 65536):       # as the bytes come from ssh
+        receiver.feed(data[start:start + 65536])
+    receiver.finish()
+    assert receiver.problem is None
+    staged.commit(str(tmp_path / "out"))
+    staged.discard()
+    assert (tmp_path / "out").read_bytes() == original

