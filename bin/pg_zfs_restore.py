@@ -1947,6 +1947,8 @@ class Server(object):
         """parse_status of the recovery status row, or None if it does not answer yet."""
         try:
             code, out, _ = self._psql(status_sql(major), check=False)
+        except Stopped:
+            raise
         except Failure:
             return None
         return parse_status(out) if code == 0 and out.strip() else None
@@ -2026,6 +2028,8 @@ def archive_newest(fetch_script, config_file, user):
     try:
         code, out, err = run(as_user(user, [fetch_script, "-c", config_file, "--check"]),
                              timeout=CHECK_TIMEOUT, check=False)
+    except Stopped:
+        raise
     except Failure as failure:
         return [], str(failure)
     return newest_in_check(out), ((err + out).strip().splitlines() or ["exit code %d" % code])[-1]
@@ -2189,8 +2193,13 @@ _signals_pending = []
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP", signal.SIGINT: "SIGINT"}
 
 
+class Stopped(Failure):
+    """The Failure a signal ends the command with: never taken for a command that failed
+    (archive_newest, Server.status turn those into "unknown" and go on)."""
+
+
 def signal_failure(signum):
-    return Failure("stopped by %s" % SIGNAL_NAMES.get(signum, "signal %d" % signum), 1)
+    return Stopped("stopped by %s" % SIGNAL_NAMES.get(signum, "signal %d" % signum), 1)
 
 
 def on_signal(signum, frame):

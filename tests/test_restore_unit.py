@@ -811,3 +811,24 @@ def test_two_restores_claim_different_ports_and_a_dead_ones_claim_is_taken_over(
     with pytest.raises(restore.Failure):
         restore.claim_port(directory, [6000, 6002])
     restore.release_port(None)
+
+
+# -- a signal is never taken for a command that failed -------------------------------
+
+def test_a_signal_while_the_archive_is_listed_or_the_copy_is_asked_ends_the_command(monkeypatch):
+    def stopped(*args, **kwargs):
+        raise restore.signal_failure(15)
+
+    def failed(*args, **kwargs):
+        raise restore.Failure("psql did not finish within 30 s", 1)
+
+    server = restore.Server("/usr/lib/postgresql/15/bin", "postgres", "/x/pgdata", "/x", 5499)
+    monkeypatch.setattr(restore, "run", failed)
+    assert restore.archive_newest("/x/pg_wal_fetch.py", "/x/pg_zfs.conf", "postgres")[0] == []
+    assert server.status((15, 0)) is None
+    monkeypatch.setattr(restore, "run", stopped)
+    for ask in (lambda: restore.archive_newest("/x/pg_wal_fetch.py", "/x/pg_zfs.conf", "postgres"),
+                lambda: server.status((15, 0))):
+        with pytest.raises(restore.Failure) as error:
+            ask()
+        assert str(error.value) == "stopped by SIGTERM"

@@ -1,0 +1,85 @@
+"""SIGTERM to pg_zfs_restore.py at every moment of a restore and a drill (a
+delay swept from the start to the end, and while pg_wal_fetch.py --check
+lists a stalled archive): each run either finishes or ends in one line, exit
+1 (drill: CRITICAL, 2), with no clone, server, work directory, mountpoint
+directory or port claim left behind. The sweep takes about two minutes.
+"""
+
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from testbed import BIN, PY36, wait_for
+from test_restore import our_clones, restore_script, story  # noqa: F401
+from test_restore_faults import descendants, nothing_left, stalled
+
+
+@pytest.mark.parametrize("command", ["restore", "drill"])
+def test_sigterm_at_any_step_leaves_nothing(story, command):
+    args = ["restore", "--immediate", "--set", story.sets[0], "--action", "promote"] \
+        if command == "restore" else ["drill"]
+    outcomes = []
+    for delay in [0.1 * n for n in range(1, 30)]:
+        proc = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config] + args,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+        outcomes.append((delay, proc.returncode))
+        assert "Traceback" not in err, err
+        if proc.returncode == -signal.SIGTERM:
+            pass        # before the handler was set: nothing was made yet (checked below)
+        elif proc.returncode == 0:
+            if command == "restore":
+                assert restore_script(story.config, "cleanup", "--all").returncode == 0
+            if delay > 2:
+                break
+        elif command == "restore":
+            assert proc.returncode == 1, (delay, out, err)
+            assert err.strip().splitlines()[-1].startswith("pg_zfs_restore: ERROR: "), (delay, err)
+        else:
+            assert proc.returncode == 2 and out.startswith("CRITICAL: "), (delay, out, err)
+        assert nothing_left(story) == [], (delay, out, err)
+        assert our_clones(story.tb) == [], (delay, out, err)
+        assert glob.glob(os.path.join(story.tb.run_dir, "restore_wal", ".port-*")) == [], (delay, out, err)
+    print(outcomes)
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as text:
+            return text.read().split(b"\0")
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("command", ["restore", "drill"])
+def test_sigterm_while_the_archive_is_listed_ends_the_command_before_anything_is_made(story, command):
+    """pg_wal_fetch.py --check (is each set's WAL archived?) answering slowly: a SIGTERM
+    then was taken for "no source could be listed" and the restore went on."""
+    args = ["restore", "--latest"] if command == "restore" else ["drill"]
+    with stalled(story.tb.hosts):       # --check waits on both archives
+        proc = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config] + args,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        try:
+            wait_for(lambda: proc.poll() is not None or any(b"--check" in cmdline(pid)
+                                                            for pid in descendants(proc.pid)),
+                     60, "pg_wal_fetch.py --check to run")
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                out, err = proc.communicate()
+    if command == "restore":
+        assert proc.returncode == 1, out + err
+        assert err.strip().splitlines()[-1] == "pg_zfs_restore: ERROR: stopped by SIGTERM", err
+    else:
+        assert proc.returncode == 2 and out.startswith("CRITICAL: ") and "stopped by SIGTERM" in out, out + err
+    assert "cloned" not in err, err
+    assert nothing_left(story) == [] and our_clones(story.tb) == []
