@@ -406,11 +406,20 @@ def main():
         results["a"] = bench.deliver_all("cp %s/primary/%%f %%p" % bench.arch)
         results["b"] = bench.deliver_all(article)
         results["c"] = bench.stream_all()
-        for key, prefetch in (("d", 0), ("e", 8)):
+        old_script = None
+        if args.baseline_rev:
+            old_script = os.path.join(run_dir, "pg_wal_fetch_%s.py" % args.baseline_rev[:12])
+            with open(old_script, "w") as out:
+                out.write(sh(["git", "-C", REPO, "show", "%s:bin/pg_wal_fetch.py" % args.baseline_rev]).stdout)
+            os.chmod(old_script, 0o755)
+        runs = [("d", 0, SCRIPT), ("e", 8, SCRIPT)]
+        if old_script:
+            runs += [("d_base", 0, old_script), ("e_base", 8, old_script)]
+        for key, prefetch, script in runs:
             spool = os.path.join(run_dir, "spool_" + key)
             control = os.path.join(run_dir, "c" + key)
             config = bench.write_config(prefetch, spool, control)
-            fetch = "%s %s -c %s %%f %%p" % (bench.python, SCRIPT, config)
+            fetch = "%s %s -c %s %%f %%p" % (bench.python, script, config)
             try:
                 results[key] = bench.deliver_all(fetch)
             finally:
@@ -424,6 +433,11 @@ def main():
                                                            results[key] * 1000 / n))
         print("  (e)/(c) = %.2f (target <= 1.3)   (b)/(e) = %.1f (target >= 5)   (d)/(c) = %.2f"
               % (results["e"] / results["c"], results["b"] / results["e"], results["d"] / results["c"]))
+        if old_script:
+            for key in ("d", "e"):
+                print("  (%s) at %-12s %24s %7.2f s  %6.1f ms/segment; now/then = %.2f"
+                      % (key, args.baseline_rev[:12], "", results[key + "_base"],
+                         results[key + "_base"] * 1000 / n, results[key] / results[key + "_base"]))
 
         recovery = {}
         recovery["a"] = bench.recover("cp %s/primary/%%f %%p" % bench.arch)
@@ -437,11 +451,7 @@ def main():
             print("  (%s) %-36s %7.2f s  (%d files restored)" % (key, labels[key], recovery[key][0],
                                                               recovery[key][1]))
         print("  (e)/(a) = %.2f (target <= 1.2)" % (recovery["e"][0] / recovery["a"][0]))
-        if args.baseline_rev:
-            old_script = os.path.join(run_dir, "pg_wal_fetch_%s.py" % args.baseline_rev[:12])
-            with open(old_script, "w") as out:
-                out.write(sh(["git", "-C", REPO, "show", "%s:bin/pg_wal_fetch.py" % args.baseline_rev]).stdout)
-            os.chmod(old_script, 0o755)
+        if old_script:
             config = bench.write_config(8, os.path.join(run_dir, "spool_f"), os.path.join(run_dir, "cf"))
             try:
                 recovery["f"] = bench.recover("%s %s -c %s %%f %%p" % (bench.python, old_script, config))

@@ -2018,6 +2018,11 @@ def fetch_remote(source, settings, wal_names, deliver, deadline, candidate):
         except OSError as error:
             return {wal_names[0]: (UNREACHABLE, "cannot run ssh: %s" % (error.strerror or error), 0, 0)}
         RUNNING.append(proc)
+        try:
+            # A 1 MiB pipe (F_SETPIPE_SZ): fewer, larger reads while ssh streams.
+            fcntl.fcntl(proc.stdout.fileno(), 1031, CHUNK)
+        except (OSError, IOError):
+            pass
         stream = Stream(proc.stdout.fileno(), settings.stall_timeout,
                         settings.connect_timeout + settings.stall_timeout, deadline)
         results = {}
