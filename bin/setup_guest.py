@@ -802,7 +802,10 @@ class Guest(object):
             section = "source " + name
             self.sources.append({
                 "name": name, "host": cfg.str(section, "host", ""),
-                "port": cfg.int(section, "port", 22, minimum=1), "user": cfg.str(section, "user", "root"),
+                # Empty: ssh's default, the local user pg_wal_fetch.py runs as
+                # ([postgres] user), as pg_wal_fetch.py reads it.
+                "port": cfg.int(section, "port", 22, minimum=1),
+                "user": cfg.str(section, "user", "") or self.user,
                 "identity_file": cfg.str(section, "identity_file", ""),
                 "options": parse_ssh_options(cfg.str(section, "ssh_options", ""))})
 

@@ -325,3 +325,15 @@ def test_all_ok_counts_the_checks_and_skipped_ones_do_not_count(sg):
 def test_is_under_respects_path_boundaries(sg):
     assert sg.is_under("/a/b", "/a") and sg.is_under("/a", "/a/") and sg.is_under("/x", "/")
     assert not sg.is_under("/ab", "/a")
+
+
+def test_an_archive_source_without_user_is_the_local_postgres_user_as_pg_wal_fetch_reads_it(sg, tmp_path):
+    # pg_wal_fetch.py leaves ssh's default (the user it runs as); --install must
+    # name the same account on the archive host, not root.
+    config = tmp_path / "c.conf"
+    config.write_text("[postgres]\npgdata = /d/pgdata\nuser = pgsql\n[snapshot]\ndatasets = zp1/data02\n"
+                      "[guest]\nprimary_conninfo = host=h\nwaldir = /w\n[archive]\nsources = a b\n"
+                      "[source a]\nhost = 10.0.0.1\npath = /arch/*\n"
+                      "[source b]\nhost = 10.0.0.2\nuser = archiver\npath = /arch/*\n")
+    guest = sg.Guest(sg.Config.load(str(config)))
+    assert [source["user"] for source in guest.sources] == ["pgsql", "archiver"]
