@@ -1656,13 +1656,14 @@ class Zfs(object):
 
     def clone(self, snapshot, clone, mountpoint, set_name):
         """zfs clone; when zfs made the clone but could not mount it, destroy it (unrecorded,
-        it would block the next restore) and fail."""
+        it would block the next restore) and fail. A clone that existed already is another
+        restore's or drill's of the same set, started at the same moment: never destroyed."""
         code, _, err = self._run("clone", "-o", "mountpoint=" + mountpoint, "-o", "%s=%s" % (CLONE_OF, set_name),
                                  snapshot, clone, check=False)
         if code == 0:
             return
         found, origin, _ = self._run("get", "-H", "-o", "value", "origin", clone, check=False)
-        if found == 0 and origin.strip() == snapshot:
+        if found == 0 and origin.strip() == snapshot and "already exists" not in err:
             self.destroy(clone)
         raise Failure("zfs clone %s %s failed: %s" % (snapshot, clone, (err.strip().splitlines()
                                                                         or ["exit code %d" % code])[-1]), 1)

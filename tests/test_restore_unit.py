@@ -832,3 +832,32 @@ def test_a_signal_while_the_archive_is_listed_or_the_copy_is_asked_ends_the_comm
         with pytest.raises(restore.Failure) as error:
             ask()
         assert str(error.value) == "stopped by SIGTERM"
+
+
+# -- a clone that another restore made a moment before ---------------------------------
+
+class FakeZfs(object):
+    """restore.Zfs with its zfs calls answered from a list and recorded."""
+
+    def __init__(self, answers):
+        self.zfs = restore.Zfs()
+        self.answers = list(answers)
+        self.calls = []
+        self.zfs._run = self.run
+
+    def run(self, *args, **kwargs):
+        self.calls.append(args[0])
+        return self.answers.pop(0)
+
+
+def test_a_clone_that_exists_already_is_never_destroyed_and_one_zfs_could_not_mount_is():
+    snapshot, clone = "tank/data01@pgzfs_20261125T040100Z", "tank/data01_drill_pgzfs_20261125T040100Z"
+    theirs = FakeZfs([(1, "", "cannot create '%s': dataset already exists\n" % clone), (0, snapshot + "\n", "")])
+    with pytest.raises(restore.Failure) as error:
+        theirs.zfs.clone(snapshot, clone, "/r/data01_drill_s", "pgzfs_20261125T040100Z")
+    assert "already exists" in str(error.value) and "destroy" not in theirs.calls
+    ours = FakeZfs([(1, "", "cannot mount '/r/data01_drill_s': directory is not empty\n"), (0, snapshot + "\n", ""),
+                    (0, "", "")])
+    with pytest.raises(restore.Failure):
+        ours.zfs.clone(snapshot, clone, "/r/data01_drill_s", "pgzfs_20261125T040100Z")
+    assert ours.calls == ["clone", "get", "destroy"]
