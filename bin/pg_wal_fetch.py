@@ -2471,6 +2471,9 @@ def needs_refill(settings, want, missing=None):
 def check_command(settings):
     """--check: print each source's state, how segments are checked, and the spool's
     use; 0 if at least one source works."""
+    # The ssh master this may start lingers (ControlPersist): never in a directory
+    # someone may want to unmount, such as a data directory on a dataset.
+    os.chdir("/")
     settings.control_dir = prepare_control_dir(settings.control_dir)
     working = 0
     for source in settings.sources:

@@ -303,12 +303,22 @@ class ZfsPool(object):
 
     def destroy(self, name, recursive=False):
         argv = ["zfs", "destroy"] + (["-r"] if recursive else []) + [name]
-        for _ in range(50):
+        for attempt in range(100):
             proc = sh(argv, check=False)
             if proc.returncode == 0 or not self.exists(name):
                 return
+            if attempt == 50 and "busy" in proc.stderr:
+                # Still busy after 10 s: a process of the test holds a file or its
+                # working directory there. Name it, and end it.
+                holders = holders_of(self.mountpoint(name))
+                print("testbed: %s busy, held by %s: ending them" % (name, holders or "nothing visible"),
+                      file=sys.stderr)
+                for pid, _what in holders:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
             time.sleep(0.2)
-        raise RuntimeError("cannot destroy %s: %s" % (name, proc.stderr.strip()))
+        raise RuntimeError("cannot destroy %s: %s (held by %s)"
+                           % (name, proc.stderr.strip(), holders_of(self.mountpoint(name))))
 
     def snapshots(self):
         out = sh(["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", self.name]).stdout
@@ -329,6 +339,33 @@ class ZfsPool(object):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.daemon_pid, 15)
                     wait_for(lambda: not _pid_alive(self.daemon_pid), 30, "zfs-fuse to stop")
+
+
+def holders_of(path):
+    """[(pid, 'command: cwd|fd|root path')] of the processes using something below path."""
+    found = []
+    prefix = path.rstrip("/") + "/"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        links = []
+        for link in ("cwd", "root"):
+            links.append((link, "/proc/%s/%s" % (entry, link)))
+        try:
+            links += [("fd", "/proc/%s/fd/%s" % (entry, fd)) for fd in os.listdir("/proc/%s/fd" % entry)]
+            with open("/proc/%s/comm" % entry) as comm:
+                command = comm.read().strip()
+        except OSError:
+            continue
+        for kind, link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == path or target.startswith(prefix):
+                found.append((int(entry), "%s: %s %s" % (command, kind, target)))
+                break
+    return found
 
 
 def _size_bytes(size):
