@@ -2388,8 +2388,10 @@ def check_plan(plan, zfs, pools):
     existing = set(fs["name"] for fs in zfs.filesystems(pools))
     taken = [clone for _, clone, _ in plan.clones if clone in existing]
     if taken:
+        # The clone's name, not the set's: `cleanup SET` also removes the other kind's
+        # clones (a drill's advice would end someone's restored copy of the set).
         raise Failure("%s exists already: remove it with `%s cleanup %s`"
-                      % (taken[0], PROG + ".py", plan.snapshot_set.name), 1)
+                      % (taken[0], PROG + ".py", taken[0]), 1)
     mountpoints = [mountpoint for _, _, mountpoint in plan.clones]
     if len(set(mountpoints)) != len(mountpoints):
         raise Failure("two clones of set %s would share a place: %s" % (plan.snapshot_set.name,

@@ -7,10 +7,11 @@ here, that this pool's zfs says so).
 """
 
 import os
+import re
 import subprocess
 
 from testbed import BIN, PY36
-from test_restore import our_clones, story  # noqa: F401
+from test_restore import our_clones, restore_script, story  # noqa: F401
 from test_restore_faults import nothing_left
 
 
@@ -40,3 +41,26 @@ def test_this_pools_zfs_says_already_exists_for_a_clone_made_a_moment_before(sto
         assert proc.returncode != 0 and "already exists" in proc.stderr, proc.stderr
     finally:
         tb.zfs.destroy(clone)
+
+
+def test_the_cleanup_a_failed_drill_advises_leaves_a_restored_copy_of_the_same_set_alone(story):
+    """A drill's CRITICAL line goes to whoever is on call; the command it names must
+    remove the drill's clones only, not a PITR copy someone restored from that set."""
+    tb = story.tb
+    newest = story.sets[1]
+    restore = restore_script(story.config, "restore", "--immediate", "--set", newest, "--no-start")
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    kept = sorted(clone for clone in our_clones(tb) if "_restore_" in clone)
+    stale = "%s_drill_%s" % (tb.datasets[0], newest)     # what a drill killed by -9 leaves
+    tb.zfs.run("clone", "-o", "pgzfs:clone_of=%s" % newest, "%s@%s" % (tb.datasets[0], newest), stale)
+    try:
+        drill = restore_script(story.config, "drill")
+        assert drill.returncode == 2, drill.stdout + drill.stderr
+        advised = re.search(r"remove it with `pg_zfs_restore\.py (cleanup \S+)`", drill.stdout)
+        assert advised, drill.stdout
+        assert restore_script(story.config, *advised.group(1).split()).returncode == 0
+        assert stale not in our_clones(tb)
+        assert sorted(clone for clone in our_clones(tb) if "_restore_" in clone) == kept
+    finally:
+        assert restore_script(story.config, "cleanup", "--all").returncode == 0
+    assert nothing_left(story) == []
