@@ -3,7 +3,8 @@ against the testbed (the story of test_restore.py): a time target exactly at
 the last commit a set holds, with --exclusive; Ctrl-C at the terminal, which
 signals the whole process group (pg_ctl, runuser and zfs too), not only the
 script; a set taken on a restarted, idle standby under a wrong guest clock; a
-tablespace created through a symlink into a dataset.
+tablespace created through a symlink into a dataset; a set waiting for WAL,
+chosen once its stop segment is archived.
 """
 
 import datetime
@@ -11,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -173,3 +175,29 @@ def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
         for dataset in datasets:
             zfs.destroy(dataset, recursive=True)
         shutil.rmtree(standby.waldir, ignore_errors=True)
+
+
+# -- a set waiting for WAL, then archived -----------------------------------------------
+
+def test_a_set_waiting_for_wal_is_chosen_once_its_stop_segment_is_archived(story):
+    tb = story.tb
+    tb.switch_wal()     # archive_timeout (60 s) counts from here: the next segment stays unarchived
+    switched = time.monotonic()
+    note = "in the waiting set %s" % utc_now().isoformat()
+    tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
+             30, "the standby to replay the row")
+    before = set(set_names(tb))
+    snap(tb, story.config)
+    waiting = [name for name in set_names(tb) if name not in before][0]
+    try:
+        with restored(story, "--immediate") as copy:
+            assert time.monotonic() - switched < 55, "archive_timeout may have archived the segment meanwhile"
+            assert "restored set %s" % story.sets[1] in copy.out
+        tb.switch_wal()
+        with restored(story, "--immediate") as copy:
+            assert "restored set %s" % waiting in copy.out
+            assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1"
+    finally:
+        for dataset in tb.datasets:
+            tb.zfs.destroy("%s@%s" % (dataset, waiting))
