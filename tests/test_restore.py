@@ -544,7 +544,9 @@ def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached
 
 # -- a set whose stop segment is not archived yet --------------------------------
 
-def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(story):
+def set_waiting_for_wal(story):
+    """(set name, a row only it holds, when the WAL was switched): a set whose stop
+    segment is not archived yet, for about 55 s after that (archive_timeout)."""
     tb = story.tb
     tb.switch_wal()     # archive_timeout (60 s) counts from here: the next segment stays unarchived
     switched = time.monotonic()
@@ -554,7 +556,12 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
              30, "the standby to replay the row")
     before = set(set_names(tb))
     snap(tb, story.config)
-    newest = [name for name in set_names(tb) if name not in before][0]
+    return [name for name in set_names(tb) if name not in before][0], note, switched
+
+
+def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(story):
+    tb = story.tb
+    newest, _, switched = set_waiting_for_wal(story)
     try:
         listing = dict((s["name"], s) for s in json.loads(restore_script(story.config, "list", "--json").stdout))
         table = restore_script(story.config, "list").stdout

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from testbed import BIN, PY36, chown_pg, run_script, wait_for
-from test_restore import (our_clones, parse_iso, props_of, restore_script, restored, set_names, snap,  # noqa: F401
-                          story, utc_now)
+from test_restore import (our_clones, parse_iso, props_of, restore_script, restored, set_names,  # noqa: F401
+                          set_waiting_for_wal, snap, story, utc_now)
 from test_restore_faults import nothing_left, stalled
 from test_restore_mountpoints import assert_restores_with_tablespaces_in_the_clones, own_standby_config
 
@@ -181,15 +181,7 @@ def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
 
 def test_a_set_waiting_for_wal_is_chosen_once_its_stop_segment_is_archived(story):
     tb = story.tb
-    tb.switch_wal()     # archive_timeout (60 s) counts from here: the next segment stays unarchived
-    switched = time.monotonic()
-    note = "in the waiting set %s" % utc_now().isoformat()
-    tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
-    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
-             30, "the standby to replay the row")
-    before = set(set_names(tb))
-    snap(tb, story.config)
-    waiting = [name for name in set_names(tb) if name not in before][0]
+    waiting, note, switched = set_waiting_for_wal(story)
     try:
         with restored(story, "--immediate") as copy:
             assert time.monotonic() - switched < 55, "archive_timeout may have archived the segment meanwhile"
