@@ -36,8 +36,6 @@ BEGIN
   END LOOP;
 END $$;
 """
-# Rows stamped this close before T may have committed just after it.
-COMMIT_SLACK = datetime.timedelta(milliseconds=200)
 
 
 def parse_iso(text):
@@ -121,11 +119,14 @@ def pitr_story(tb, s, take_set, point_name):
         assert loop.poll() is None, loop.communicate()
         take_set()
         time.sleep(2.5)
-        s.target_time = utc_now()
-        s.target_lsn = primary.psql("SELECT pg_current_wal_lsn()")
+        # T, the LSN at T and the newest row committed by then, in ONE statement on
+        # the primary's clock: no Python clock, no psql latency, no slack.
+        s.target_time, s.target_lsn, s.target_committed = moment_of(
+            primary, "SELECT clock_timestamp(), pg_current_wal_lsn(), coalesce(max(id), 0) FROM pitr")
         time.sleep(1.5)
-        s.point_time = utc_now()
-        primary.psql("SELECT pg_create_restore_point('%s')" % point_name)
+        s.point_time, _lsn, s.point_committed = moment_of(
+            primary, "SELECT clock_timestamp(), pg_create_restore_point('%s'), coalesce(max(id), 0) FROM pitr"
+            % point_name)
         time.sleep(1.5)
         take_set()
         time.sleep(1.0)
@@ -135,6 +136,12 @@ def pitr_story(tb, s, take_set, point_name):
     assert loop.returncode == 0, err
     tb.switch_wal()
     s.rows = rows_of(primary)
+
+
+def moment_of(primary, sql):
+    """(time, text, int) of one row: a timestamptz, any value, a row id."""
+    at, value, ident = primary.psql("SET TimeZone = 'UTC'; " + sql).splitlines()[-1].split("|")
+    return parse_pg_time(at), value, int(ident)
 
 
 def rows_of(cluster_or_args):
@@ -195,15 +202,17 @@ def restored(story, *args):
         assert story.leftovers() == []
 
 
-def assert_rows_up_to(story, rows, moment):
-    """rows are exactly a prefix of the primary's rows, ending at `moment`."""
+def assert_rows_up_to(story, rows, moment, committed):
+    """rows are exactly a prefix of the primary's rows: every row committed by `moment`
+    (ids up to `committed`, read with it in one statement) and none stamped after it
+    (a row is stamped before its commit). Rows stamped before and committed after are
+    either way."""
     primary_rows = story.rows
     assert rows == primary_rows[:len(rows)], "not a prefix of the primary's rows"
     assert all(at <= moment for _, at in rows), "a row stamped after the target is present"
-    missing = primary_rows[len(rows):]
-    assert all(at > moment - COMMIT_SLACK for _, at in missing), \
+    assert all(ident > committed for ident, _ in primary_rows[len(rows):]), \
         "a row committed before the target is missing"
-    assert missing, "the primary has rows after the target"
+    assert primary_rows[len(rows):], "the primary has rows after the target"
 
 
 # -- the product --------------------------------------------------------------
@@ -216,7 +225,7 @@ def test_pitr_restore_to_a_time_between_two_sets_has_exactly_the_rows_committed_
         assert "recovery stopping before commit" in copy.out
         assert re.search(r"steps: clone [0-9.]+s, prepare [0-9.]+s, start [0-9.]+s, recover", copy.out)
         assert copy.psql("SELECT pg_is_in_recovery()") == "f"
-        assert_rows_up_to(story, copy.rows(), story.target_time)
+        assert_rows_up_to(story, copy.rows(), story.target_time, story.target_committed)
         # The copy archives nothing and keeps its WAL off ZFS, away from the standby's.
         assert copy.psql("SHOW archive_mode") == "off"
         copy.psql("INSERT INTO pitr (at) VALUES (now()); SELECT pg_switch_wal()")
@@ -251,13 +260,13 @@ def test_target_lsn_stops_at_that_wal_location(story):
     with restored(story, "--target-lsn", story.target_lsn, "--action", "promote") as copy:
         assert "restored set %s" % story.sets[0] in copy.out
         assert "recovery stopping after WAL location (LSN) \"%s\"" % story.target_lsn in copy.out
-        assert_rows_up_to(story, copy.rows(), story.target_time + COMMIT_SLACK)
+        assert_rows_up_to(story, copy.rows(), story.target_time, story.target_committed)
 
 
 def test_target_name_stops_at_the_restore_point(story):
     with restored(story, "--target-name", "pitr_point", "--action", "promote") as copy:
         assert "recovery stopping at restore point \"pitr_point\"" in copy.out
-        assert_rows_up_to(story, copy.rows(), story.point_time + COMMIT_SLACK)
+        assert_rows_up_to(story, copy.rows(), story.point_time, story.point_committed)
 
 
 def test_action_shutdown_leaves_the_copy_stopped_at_the_target(story):

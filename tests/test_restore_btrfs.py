@@ -20,7 +20,7 @@ import time
 import pytest
 
 from testbed import PG_USER, chown_pg, run_script, sh, wait_for
-from test_restore import (COMMIT_SLACK, Story, assert_a_promoted_restore_leaves_untouched,
+from test_restore import (Story, assert_a_promoted_restore_leaves_untouched,
                           assert_rows_up_to, parse_iso, pgdata_fingerprint, pitr_story, restored)
 
 SCRIPT = "pg_zfs_restore"
@@ -132,7 +132,7 @@ def test_btrfs_pitr_restore_to_a_time_between_two_sets_has_exactly_the_rows_comm
         assert "recovery stopping before commit" in copy.out
         assert re.search(r"steps: clone [0-9.]+s, prepare [0-9.]+s, start [0-9.]+s, recover", copy.out)
         assert copy.psql("SELECT pg_is_in_recovery()") == "f"
-        assert_rows_up_to(story, copy.rows(), story.target_time)
+        assert_rows_up_to(story, copy.rows(), story.target_time, story.target_committed)
         # The clones are writable snapshots in mount_root, each with its marker.
         clones = sorted(os.path.join(bt.clone_root, "%s_restore_%s" % (os.path.basename(s), story.sets[0]))
                         for s in bt.subvolumes)
@@ -172,7 +172,7 @@ def test_btrfs_latest_replays_the_whole_archive_and_opens(story):
 def test_btrfs_target_name_stops_at_the_restore_point(story):
     with restored(story, "--target-name", "pitr_point_bt", "--action", "promote") as copy:
         assert "recovery stopping at restore point \"pitr_point_bt\"" in copy.out
-        assert_rows_up_to(story, copy.rows(), story.point_time + COMMIT_SLACK)
+        assert_rows_up_to(story, copy.rows(), story.point_time, story.point_committed)
 
 
 def test_btrfs_target_before_every_set_is_refused_naming_the_earliest_possible(story):
