@@ -47,7 +47,9 @@ WHEELS = {
 }
 ZFS_LOCK = "/tmp/pg_zfs-tests-zfsd.lock"
 ZFS_SOCKET = "/run/zfs/zfs_socket"
-ZFS_PIDFILE = "/run/pg_zfs-tests-zfs-fuse.pid"
+# zfs-fuse refuses to start (exit 1, silently) while its pidfile exists, and
+# leaves it behind when it ends: one file per starting session, removed after.
+ZFS_PIDFILE = "/run/pg_zfs-tests-zfs-fuse-%d.pid"
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +266,9 @@ class ZfsPool(object):
         # Nothing of this session in its command line or working directory: other
         # sessions' pools live in it, and this session's teardown reaps every
         # process that names its run dir.
-        pidfile = ZFS_PIDFILE
+        pidfile = self.daemon_pidfile = ZFS_PIDFILE % os.getpid()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pidfile)
         sh(["zfs-fuse", "--pidfile", pidfile, "--no-kstat-mount"], cwd="/")
         wait_for(self._daemon_answers, 30, "zfs-fuse to answer")
         self.started_daemon = True
@@ -339,6 +343,8 @@ class ZfsPool(object):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.daemon_pid, 15)
                     wait_for(lambda: not _pid_alive(self.daemon_pid), 30, "zfs-fuse to stop")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.daemon_pidfile)
 
 
 def holders_of(path):
