@@ -567,7 +567,7 @@ def check_file(kind, wal_name, head, size, cluster):
 # xlp_tli, xlp_pageaddr, xlp_rem_len.
 PAGE_HEADER = struct.Struct("=HHIQI")
 SHORT_HEADER_SIZE = 24           # SizeOfXLogShortPHD = MAXALIGN(20)
-LONG_HEADER_SIZE = 40            # SizeOfXLogLongPHD
+LONG_HEADER_SIZE = LONG_HEADER.size   # SizeOfXLogLongPHD, 40
 XLP_FIRST_IS_CONTRECORD = 0x0001
 XLP_BKP_REMOVABLE = 0x0004
 XLP_FIRST_IS_OVERWRITE_CONTRECORD = 0x0008
@@ -581,6 +581,11 @@ XLOG_SWITCH = 0x40
 MAX_RECORD_LEN = 0x3FFFFFFF      # MaxAllocSize: no reader accepts more
 ZERO_PAGE = bytes(8192)
 CRC_BATCH = 65536                # records whose CRCs are computed together
+
+
+def page_header_size(xlp_info):
+    """The size of a page header: long on a segment's first page, short elsewhere."""
+    return LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
 
 
 def format_lsn(lsn):
@@ -715,7 +720,7 @@ def check_tail(segment, offset, blcksz, segment_lsn, what, partial=False):
         _magic, xlp_info, _tli, pageaddr, rem_len = PAGE_HEADER.unpack_from(segment, page)
         if partial and is_stale_page(pageaddr, page, segment_lsn, len(segment)):
             continue
-        header_size = LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+        header_size = page_header_size(xlp_info)
         if (xlp_info & (XLP_FIRST_IS_CONTRECORD | XLP_FIRST_IS_OVERWRITE_CONTRECORD) or rem_len
                 or segment[page + header_size:page + blcksz] != zero_page[header_size:]):
             return "%s: data after %s" % (page_place(page, blcksz), what)
@@ -796,7 +801,7 @@ def walk_records(segment, wal_name, kind, crc32c):
     pos = LONG_HEADER_SIZE
     page = 0
     while xlp_info & XLP_FIRST_IS_CONTRECORD:
-        header_size = LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+        header_size = page_header_size(xlp_info)
         if remaining <= blcksz - header_size:
             pos = (page + header_size + remaining + 7) & ~7
             break
@@ -832,7 +837,7 @@ def walk_records(segment, wal_name, kind, crc32c):
             if xlp_info & XLP_FIRST_IS_CONTRECORD:
                 return finish("%s: continuation flag, but the record before %s ended on the page before" % (
                     page_place(pos, blcksz), format_lsn(segment_lsn + pos)))
-            pos += LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+            pos += page_header_size(xlp_info)
         page_end = pos - pos % blcksz + blcksz
         # The usual records: whole on this page, each linked to the one before.
         # (The hot loop of the walk: constants as locals, 24 = the header size.)
@@ -883,14 +888,14 @@ def walk_records(segment, wal_name, kind, crc32c):
             if rem_len != tot_len - got:
                 return finish("record at %s: %s says %d bytes to come, expected %d" % (
                     format_lsn(lsn), page_place(page, blcksz), rem_len, tot_len - got))
-            header_size = LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
+            header_size = page_header_size(xlp_info)
             take = min(blcksz - header_size, tot_len - got)
             pieces.append(segment[page + header_size:page + header_size + take])
             got += take
             end = page + header_size + take
             page += blcksz
         if aborted:
-            pos = page + (LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE)
+            pos = page + page_header_size(xlp_info)
             prev_lsn = None
             continue
         record = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -2039,8 +2044,8 @@ def fetch_remote(source, settings, wal_names, deliver, deadline, candidate):
         code = proc.wait()
         RUNNING.remove(proc)
         unanswered = [name for name in wal_names if name not in results]
-        answered_all = any(result[0] in (ABSENT, NO_MORE, NO_DIRECTORY) for result in results.values())
-        if in_step and code != 0 and unanswered and not answered_all:
+        ended_cleanly = any(result[0] in (ABSENT, NO_MORE, NO_DIRECTORY) for result in results.values())
+        if in_step and code != 0 and unanswered and not ended_cleanly:
             reason = last_line(errors) or "exit code %d" % code
             outcome = UNREACHABLE if code == 255 and not results else FAILED
             results[unanswered[0]] = (outcome, "ssh %s: %s" % (source.host, reason), 0, 0)
@@ -2344,12 +2349,12 @@ def fetch_from(source, settings, args, cluster, deadline, verify):
     if not reachable(source, settings, deadline):
         log.warning("[source %s] %s does not answer (probe = %s)", source.name, source.host, source.probe)
         return UNREACHABLE, "probe %s" % source.probe
+    def deliver(wal_name, suffix, size, read, path):
+        return report_copy(wal_name, source, path, store(
+            wal_name, suffix, size, read, args.dest, False, cluster, verify))
     rejected = []
     candidate = 1
     while True:
-        def deliver(wal_name, suffix, size, read, path):
-            return report_copy(wal_name, source, path, store(
-                wal_name, suffix, size, read, args.dest, False, cluster, verify))
         results = fetch_files(source, settings, [args.wal_name], deliver, deadline, candidate)
         outcome, detail, index, count = results.get(args.wal_name, (FAILED, "no answer", 0, 0))
         if outcome == INVALID:
@@ -2379,6 +2384,15 @@ def after_delivery(settings, args, cluster, waldump):
         log.warning("prefetch not started: [archive] timeout expired")
 
 
+def spool_owner(spool):
+    """The data directory a spool serves (its SPOOL_OWNER file), or None."""
+    try:
+        with open(os.path.join(spool, SPOOL_OWNER), "rb") as owner_file:
+            return owner_file.read().decode("utf-8", "surrogateescape").strip() or None
+    except (IOError, OSError):
+        return None
+
+
 def remove_orphan_spools(spool_root, own):
     """Remove the spools of data directories that are gone (restored copies cleaned
     up), never one a prefetcher holds. Each names its data directory in SPOOL_OWNER;
@@ -2392,11 +2406,7 @@ def remove_orphan_spools(spool_root, own):
         spool = os.path.join(spool_root, entry)
         if spool == own:
             continue
-        try:
-            with open(os.path.join(spool, SPOOL_OWNER), "rb") as owner_file:
-                owner = owner_file.read().decode("utf-8", "surrogateescape").strip()
-        except (IOError, OSError):
-            continue
+        owner = spool_owner(spool)
         if not owner or os.path.exists(os.path.join(owner, "PG_VERSION")):
             continue
         try:
@@ -2533,11 +2543,7 @@ def spool_line(spool_root):
             except OSError:
                 pass
         total += size
-        try:
-            with open(os.path.join(spool, SPOOL_OWNER), "rb") as owner_file:
-                owner = owner_file.read().decode("utf-8", "replace").strip()
-        except (IOError, OSError):
-            owner = "?"
+        owner = spool_owner(spool) or "?"
         gone = owner != "?" and not os.path.exists(os.path.join(owner, "PG_VERSION"))
         parts.append("%s (%s%s) %.1f MiB" % (entry, owner, ", gone: removed by the next fetch" if gone else "",
                                               size / 1048576.0))
