@@ -588,9 +588,9 @@ def page_header_size(xlp_info):
     return LONG_HEADER_SIZE if xlp_info & XLP_LONG_HEADER else SHORT_HEADER_SIZE
 
 
-def format_lsn(lsn):
-    """An LSN as PostgreSQL prints it: X/X in upper-case hex."""
-    return "%X/%X" % (lsn >> 32, lsn & 0xFFFFFFFF)
+def format_lsn(position):
+    """'X/X' of an integer WAL position, as PostgreSQL prints it."""
+    return "%X/%X" % (position >> 32, position & 0xFFFFFFFF)
 
 
 def page_geometry(segment):

@@ -173,10 +173,13 @@ Exit codes:
 
 import argparse
 import base64
+import calendar
+import collections
 import configparser
 import contextlib
 import datetime
 import errno
+import glob
 import json
 import logging
 import os
@@ -197,30 +200,13 @@ CONFIG_READS = ("postgres", "snapshot", "restore")
 
 log = logging.getLogger(PROG)
 
-# ZFS user properties (DEVELOPERS.md). The two base64 files are fetched only
-# for the set being restored: they are the long ones.
-P = "pgzfs:"
-LIST_KEYS = (
-    "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
-    "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
-    "pg_version", "system_identifier", "db_time", "db_time_lsn",
-)
-FILE_KEYS = ("backup_label", "tablespace_map", "mountpoints")
-CLONE_OF = P + "clone_of"
+CLONE_OF = "pgzfs:clone_of"     # P + "clone_of" (P: the set-format block)
 CLONE_KINDS = ("restore", "drill")
 
-# btrfs layout (DEVELOPERS.md): SUBVOLUME@SET is PARENT/.pgzfs/NAME@SET with its
-# metadata in NAME@SET.json; a clone's marker is PARENT/.pgzfs/clones/CLONE.json.
-BTRFS_SNAPSHOT_DIR = ".pgzfs"
-BTRFS_CLONE_DIR = "clones"
-BTRFS_METADATA_SUFFIX = ".json"
-BTRFS_SUBVOLUME_INODE = 256     # the root directory of every btrfs subvolume
-BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
 BTRFS_TIMEOUT = 120
 RUNUSER_CANDIDATES = ("/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser", "/bin/runuser")
 SU = "/bin/su"
 SET_STAMP_RE = re.compile(r"(\d{8}T\d{6}Z)$")
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")    # as pg_zfs_snap.py
 DEFAULT_PREFIX = "pgzfs"
 
 DEFAULT_MOUNT_ROOT = "/var/lib/pg_zfs/restore"
@@ -229,7 +215,7 @@ DEFAULT_TIMEOUT = 3600          # seconds from pg_ctl start to the target
 PORT_SPAN = 200                 # ports tried from port_start on
 POLL_INTERVAL = 0.5             # seconds between two looks at the recovering server
 PROGRESS_INTERVAL = 10          # seconds between two progress lines while it recovers
-BUSY_RETRIES = 40               # zfs destroy right after pg_ctl stop: "dataset is busy"
+DESTROY_BUSY_RETRIES = 40               # zfs destroy right after pg_ctl stop: "dataset is busy"
 BUSY_SLEEP = 0.25
 ZFS_TIMEOUT = 120
 PSQL_TIMEOUT = 30
@@ -261,7 +247,6 @@ COMMENT_MARK = "#pg_zfs_restore: "
 STALE_FILES = ("postmaster.pid", "postmaster.opts", "standby.signal", "recovery.signal",
                "recovery.conf", "recovery.done", "backup_label.old", "tablespace_map.old")
 
-LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 TIME_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,6}))?)?"
     r"\s*(Z|UTC|[+-]\d{2}(?::?\d{2})?)?$", re.IGNORECASE)
@@ -277,8 +262,6 @@ WAL_PROBLEM_RE = re.compile(r"invalid record|invalid magic number|invalid info b
                             r"invalid resource manager|record length .* too long|out-of-sequence|"
                             r"unexpected timeline|could not read|invalid checkpoint|checksum mismatch|"
                             r"WAL file is from different database system", re.IGNORECASE)
-WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
-DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 CHECK_TIMEOUT = 300             # pg_wal_fetch.py --check, every source probed and listed
 
 # ---------------------------------------------------------------------------
@@ -520,6 +503,144 @@ def run(argv, timeout=None, input_text=None, check=True):
 UTC = datetime.timezone.utc
 
 
+# ---------------------------------------------------------------------------
+# The snapshot-set format: how pg_zfs_snap.py writes a set and
+# pg_zfs_restore.py reads it (DEVELOPERS.md), where each program of
+# PostgreSQL is found, and the mount table. Both scripts carry this block,
+# identical (tests/test_config.py): change it in both.
+# ---------------------------------------------------------------------------
+
+# ZFS user properties pgzfs:KEY (btrfs: the keys of NAME@SET.json). stop_lsn
+# is written last: a snapshot without it is not part of a complete set.
+P = "pgzfs:"
+PROPERTY_KEYS = (
+    "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
+    "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
+    "pg_version", "system_identifier", "backup_label", "tablespace_map", "mountpoints",
+    "db_time", "db_time_lsn",
+)
+# The long base64 ones: read only for the set being restored.
+FILE_KEYS = ("backup_label", "tablespace_map", "mountpoints")
+LIST_KEYS = tuple(key for key in PROPERTY_KEYS if key not in FILE_KEYS)
+NAME_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+ZFS_FSTYPES = ("zfs", "fuse.zfs")    # /proc/self/mounts: OpenZFS, zfs-fuse
+# btrfs: the snapshots of SUBVOLUME are PARENT/.pgzfs/NAME@SET, read-only, with
+# their metadata in NAME@SET.json; pg_zfs_restore.py's clone markers are
+# PARENT/.pgzfs/clones/CLONE.json.
+BTRFS_SNAPSHOT_DIR = ".pgzfs"
+BTRFS_CLONE_DIR = "clones"
+BTRFS_METADATA_SUFFIX = ".json"
+BTRFS_SUBVOLUME_INODE = 256          # the root directory of every btrfs subvolume
+BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
+
+
+class SnapshotSet(object):
+    """One backup: DATASET@NAME on every dataset of pgzfs:datasets.
+
+    time is the UTC epoch of the name; properties are pgzfs:* without the
+    prefix, from the snapshot of the PGDATA dataset; present lists the datasets
+    that have the snapshot; used is bytes, summed; complete means every dataset
+    has it and every snapshot carries pgzfs:stop_lsn (written last).
+    """
+
+    def __init__(self, name, time, datasets, present, properties, used, complete):
+        self.name, self.time, self.datasets, self.present = name, time, datasets, present
+        self.properties, self.used, self.complete = properties, used, complete
+
+    def __repr__(self):
+        return "SnapshotSet(%r, complete=%r)" % (self.name, self.complete)
+
+    def get(self, key, default=None):
+        return self.properties.get(key, default)
+
+    def snapshot(self, dataset):
+        return "%s@%s" % (dataset, self.name)
+
+    @property
+    def stop_lsn(self):
+        """pgzfs:stop_lsn as an integer, or None."""
+        try:
+            return parse_lsn(self.properties.get("stop_lsn", ""))
+        except ValueError:
+            return None
+
+    @property
+    def timeline(self):
+        """pgzfs:timeline as an integer, or None."""
+        text = self.properties.get("timeline", "")
+        return int(text) if text.isdigit() else None
+
+
+def check_prefix(prefix):
+    """Return prefix if it can start a snapshot name, else raise ValueError."""
+    if not PREFIX_RE.match(prefix):
+        raise ValueError("%r is not a snapshot name prefix (letters, digits, _ . : -)" % prefix)
+    return prefix
+
+
+def set_name(prefix, when):
+    """The set name for UTC epoch seconds `when`: PREFIX_YYYYmmddTHHMMSSZ."""
+    return "%s_%s" % (prefix, time.strftime(NAME_TIME_FORMAT, time.gmtime(int(when))))
+
+
+def parse_set_name(name, prefix):
+    """UTC epoch seconds of a set name with this prefix, or None if not ours."""
+    head = prefix + "_"
+    if not name.startswith(head) or len(name) != len(head) + 16:
+        return None
+    stamp = name[len(head):]
+    if not re.match(r"^[0-9]{8}T[0-9]{6}Z$", stamp):
+        return None
+    try:
+        return calendar.timegm(time.strptime(stamp, NAME_TIME_FORMAT))
+    except ValueError:
+        return None
+
+
+def group_sets(rows, prefix):
+    """Every set of this prefix, oldest first (by the name's time, then name).
+
+    rows: (dataset, snapshot name, used bytes, {property: value}) with the
+    pgzfs: prefix already removed and unset properties absent. A snapshot is ours
+    only if its name parses with the prefix AND its pgzfs:set equals the name
+    AND its dataset is in its pgzfs:datasets; anything else is never touched.
+    """
+    by_name = collections.OrderedDict()
+    for dataset, snapshot, used, properties in rows:
+        when = parse_set_name(snapshot, prefix)
+        if when is None or properties.get("set") != snapshot:
+            continue
+        if dataset not in properties.get("datasets", "").split():
+            continue
+        by_name.setdefault(snapshot, []).append((dataset, used, properties))
+    sets = []
+    for name, members in by_name.items():
+        present = tuple(dataset for dataset, _, _ in members)
+        main = members[-1][2]
+        for dataset, _, properties in members:
+            if dataset == properties.get("pgdata_dataset"):
+                main = properties
+        datasets = tuple(main.get("datasets", "").split())
+        complete = (set(datasets) <= set(present)
+                    and all(properties.get("stop_lsn") for _, _, properties in members))
+        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present,
+                                dict(main), sum(used for _, used, _ in members), complete))
+    sets.sort(key=lambda one: (one.time, one.name))
+    return sets
+
+
+def sets_of(sets, datasets):
+    """The sets that include one of these datasets: another config's sets with the
+    same prefix on the same pool (another cluster) are never listed, chosen,
+    pruned, counted or cleaned up."""
+    ours = set(datasets)
+    return [one for one in sets if ours & set(one.datasets)]
+
+
 def parse_lsn(text):
     """The integer position of a WAL location 'X/X'; ValueError if it is not one."""
     match = LSN_RE.match(text.strip())
@@ -529,8 +650,223 @@ def parse_lsn(text):
 
 
 def format_lsn(position):
-    """'X/X' of an integer WAL position."""
+    """'X/X' of an integer WAL position, as PostgreSQL prints it."""
     return "%X/%X" % (position >> 32, position & 0xFFFFFFFF)
+
+
+def segment_position(wal_name, segment_size=DEFAULT_SEGMENT_SIZE):
+    """(timeline, segment number) of a WAL segment name; ValueError if it is not one."""
+    if not WAL_NAME_RE.match(wal_name or ""):
+        raise ValueError("%r is not a WAL segment name" % wal_name)
+    per_id = 0x100000000 // segment_size
+    return int(wal_name[:8], 16), int(wal_name[8:16], 16) * per_id + int(wal_name[16:], 16)
+
+
+def segment_name(timeline, number, segment_size=DEFAULT_SEGMENT_SIZE):
+    """The WAL segment name of (timeline, segment number)."""
+    per_id = 0x100000000 // segment_size
+    return "%08X%08X%08X" % (timeline, number // per_id, number % per_id)
+
+
+def segment_of_lsn(timeline, lsn, segment_size=DEFAULT_SEGMENT_SIZE):
+    """The name of the segment holding WAL position lsn (an integer) on timeline."""
+    return segment_name(timeline, lsn // segment_size, segment_size)
+
+
+def segment_size_of(start_wal, start_lsn):
+    """The WAL segment size a set was taken with, as pgzfs:start_wal and start_lsn agree
+    (16 MiB whenever that fits, or they cannot tell)."""
+    try:
+        position = parse_lsn(start_lsn)
+        for size in [DEFAULT_SEGMENT_SIZE] + [1 << bits for bits in range(20, 31)]:
+            if segment_position(start_wal, size)[1] == position // size:
+                return size
+    except ValueError:
+        pass
+    return DEFAULT_SEGMENT_SIZE
+
+
+def stop_segment(one):
+    """The last WAL segment a restore of set one needs, or None: the one holding
+    pgzfs:stop_lsn. Replay is consistent once it has replayed up to stop_lsn,
+    but stops there (--immediate, a drill) only on reading the record AT
+    stop_lsn: a backup that ended on a segment boundary needs the next
+    segment; a shutdown set's checkpoint record is at stop_lsn itself.
+    """
+    if one.stop_lsn is None or one.timeline is None:
+        return None
+    return segment_of_lsn(one.timeline, one.stop_lsn,
+                          segment_size_of(one.get("start_wal", ""), one.get("start_lsn", "")))
+
+
+def waiting_segment(one, newest_archived):
+    """The stop segment of set one when no source holds it yet, else None.
+
+    newest_archived: each source's newest segment (pg_wal_fetch.py --check,
+    newest_in_check). A set taken on an idle primary ends in the primary's
+    current segment, archived only at the next WAL switch (archive_timeout):
+    until then no restore of it can become consistent. Empty or None (no
+    source listed) tells nothing: None. A later timeline's segment at or
+    after it counts as holding it.
+    """
+    segment = stop_segment(one) if one.complete else None
+    if segment is None or not newest_archived:
+        return None
+    size = segment_size_of(one.get("start_wal", ""), one.get("start_lsn", ""))
+    timeline, number = segment_position(segment, size)
+    for name in newest_archived:
+        other = segment_position(name, size)
+        if other[0] >= timeline and other[1] >= number:
+            return None
+    return segment
+
+
+def newest_in_check(output):
+    """The 'newest WAL file NAME' of each source in pg_wal_fetch.py --check's output."""
+    return re.findall(r"newest WAL file ([0-9A-F]{24})\b", output)
+
+
+def btrfs_snapshot_dir(subvolume):
+    """PARENT/.pgzfs for SUBVOLUME = PARENT/NAME: beside the subvolume, not in it.
+
+    Not inside: a nested subvolume is left out of a snapshot anyway and would
+    clutter PGDATA's subvolume; and a rollback can replace the subvolume (rename
+    it away, put a writable snapshot in its place) without touching the sets.
+    """
+    return os.path.join(os.path.dirname(subvolume), BTRFS_SNAPSHOT_DIR)
+
+
+def btrfs_snapshot_path(snapshot):
+    """The path of snapshot id SUBVOLUME@SET: PARENT/.pgzfs/NAME@SET."""
+    subvolume, _, name = snapshot.rpartition("@")
+    return os.path.join(btrfs_snapshot_dir(subvolume), "%s@%s" % (os.path.basename(subvolume), name))
+
+
+def btrfs_subvolume_problem(subvolume):
+    """Why SUBVOLUME cannot be a btrfs dataset name (config), or None."""
+    if not subvolume.startswith("/") or os.path.normpath(subvolume) != subvolume or subvolume == "/":
+        return "%r is not an absolute, normalised subvolume path" % subvolume
+    if "@" in os.path.basename(subvolume):
+        return "%r: a subvolume name must not contain @ (it separates NAME@SET)" % subvolume
+    return None
+
+
+def metadata_text(properties):
+    """The JSON of one btrfs snapshot's metadata: the pgzfs:* keys without the prefix."""
+    return json.dumps(dict((key, str(properties[key])) for key in PROPERTY_KEYS if key in properties),
+                      indent=1, sort_keys=True) + "\n"
+
+
+def parse_metadata(text):
+    """{key: value} of a btrfs snapshot's JSON; ValueError unless an object of strings with `set`."""
+    try:
+        found = json.loads(text)
+    except ValueError as error:
+        raise ValueError("not JSON: %s" % error)
+    if not isinstance(found, dict) or not isinstance(found.get("set"), str) or not found["set"]:
+        raise ValueError("not a JSON object with a set name")
+    result = {}
+    for key in PROPERTY_KEYS:
+        if key in found:
+            if not isinstance(found[key], str):
+                raise ValueError("%s is not a string" % key)
+            result[key] = found[key]
+    return result
+
+
+def parse_mounts(text):
+    """/proc/self/mounts as [(source, mountpoint, fstype)] in table order, octal
+    escapes (\\040 for a space) decoded."""
+    def unescape(field):
+        return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            mounts.append((unescape(fields[0]), unescape(fields[1]), fields[2]))
+    return mounts
+
+
+def read_mounts():
+    """This process's mount table (parse_mounts); [] when it cannot be read."""
+    try:
+        with open("/proc/self/mounts") as handle:
+            return parse_mounts(handle.read())
+    except (OSError, IOError):
+        return []
+
+
+def mount_of(path, mounts):
+    """(source, mountpoint, fstype) of the mount holding absolute path, or None:
+    the longest mountpoint, the last mounted of equals (parse_mounts' list)."""
+    path = os.path.normpath(path)
+    best = None
+    for source, mountpoint, fstype in mounts:
+        root = mountpoint.rstrip("/") or "/"
+        if path == root or path.startswith(root if root == "/" else root + "/"):
+            if best is None or len(mountpoint) >= len(best[1]):
+                best = (source, mountpoint, fstype)
+    return best
+
+
+def zfs_mountpoints(datasets, mounts):
+    """{dataset: where it is mounted} from the mount table, for the datasets that are.
+
+    Not the mountpoint property: a `legacy` dataset is mounted by fstab, and a
+    dataset that is not mounted leaves its mountpoint a plain directory of the
+    file system below, whose files its snapshot would not hold. A dataset
+    mounted more than once (bind mounts): its first mount.
+    """
+    result = {}
+    for source, mountpoint, fstype in mounts:
+        if source in datasets and fstype in ZFS_FSTYPES and source not in result:
+            result[source] = mountpoint
+    return result
+
+
+def program_major(text):
+    """'15' or '9.6' from a program's --version line ('pg_ctl (PostgreSQL) 15.4'), or None."""
+    found = re.search(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?", text)
+    if not found:
+        return None
+    return found.group(1) if int(found.group(1)) >= 10 else "%s.%s" % (found.group(1), found.group(2) or "0")
+
+
+def find_program(name, bindir, major=None):
+    """The path of PostgreSQL's program `name` ('15', '9.6' for major: that version's).
+
+    [postgres] bindir when set (nothing else); else for a major version its
+    package directories (/usr/pgsql-M/bin, /usr/lib/postgresql/M/bin), then
+    PATH's when its --version says that major; without one, PATH's, then the
+    newest installed package's. Failure (exit code 2) when there is none.
+    """
+    if bindir:
+        path = os.path.join(bindir, name)
+        if not os.access(path, os.X_OK):
+            raise Failure("%s not found in [postgres] bindir %s" % (name, bindir), 2)
+        return path
+    places = []
+    if major:
+        places += ["/usr/pgsql-%s/bin" % major, "/usr/lib/postgresql/%s/bin" % major]
+    on_path = shutil.which(name)
+    if on_path and not major:
+        return on_path
+    if on_path and program_major(run([on_path, "--version"], timeout=30, check=False)[1]) == major:
+        places.append(os.path.dirname(on_path))
+    if not major:
+        installed = glob.glob("/usr/pgsql-*/bin") + glob.glob("/usr/lib/postgresql/*/bin")
+        places += sorted(installed, reverse=True,
+                         key=lambda path: [int(n) for n in re.findall(r"[0-9]+", path)])
+    for directory in places:
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise Failure("%s%s not found: set [postgres] bindir"
+                  % (name, " of PostgreSQL %s" % major if major else ""), 2)
+
+# ---------------------------------------------------------------------------
+# End of the snapshot-set format block.
+# ---------------------------------------------------------------------------
 
 
 def zone_of(text):
@@ -650,100 +986,10 @@ def parse_timeline(text):
     raise ValueError("--timeline %r is not latest, current or a timeline ID" % text)
 
 
-class SnapshotSet(object):
-    """One backup: DATASET@NAME on every dataset of pgzfs:datasets.
-
-    properties are pgzfs:* without the prefix, from the snapshot of the PGDATA
-    dataset; present lists the datasets that have the snapshot; complete means
-    every dataset has it and every snapshot carries pgzfs:stop_lsn (written last).
-    """
-
-    def __init__(self, name, properties, present, complete):
-        self.name = name
-        self.properties = properties
-        self.present = present
-        self.complete = complete
-        self.datasets = properties.get("datasets", "").split()
-
-    def get(self, key, default=None):
-        return self.properties.get(key, default)
-
-    def snapshot(self, dataset):
-        return "%s@%s" % (dataset, self.name)
-
-    @property
-    def stop_time(self):
-        """The set's stop point in time: pgzfs:db_time, the database's own (the primary's
-        clock stamped every commit the set holds), else the guest's pgzfs:stop_time."""
-        for key in ("db_time", "stop_time"):
-            try:
-                return parse_time(self.properties.get(key, ""))
-            except ValueError:
-                continue
-        return None
-
-    @property
-    def stop_lsn(self):
-        try:
-            return parse_lsn(self.properties.get("stop_lsn", ""))
-        except ValueError:
-            return None
-
-    @property
-    def timeline(self):
-        text = self.properties.get("timeline", "")
-        return int(text) if text.isdigit() else None
-
-
-def group_sets(rows):
-    """Every set in the rows, oldest first (by start time, then name).
-
-    rows: (dataset, snapshot name, {property: value}) with the pgzfs: prefix
-    removed and unset properties absent. A snapshot belongs to a set only if
-    its pgzfs:set equals its name and its dataset is in its pgzfs:datasets (the
-    rule pg_zfs_snap.py uses).
-    """
-    members = {}
-    for dataset, name, properties in rows:
-        if properties.get("set") != name or dataset not in properties.get("datasets", "").split():
-            continue
-        members.setdefault(name, []).append((dataset, properties))
-    sets = []
-    for name, found in members.items():
-        main = found[-1][1]
-        for dataset, properties in found:
-            if dataset == properties.get("pgdata_dataset"):
-                main = properties
-        present = [dataset for dataset, _ in found]
-        wanted = main.get("datasets", "").split()
-        complete = (set(wanted) <= set(present)
-                    and all(properties.get("stop_lsn") for _, properties in found))
-        sets.append(SnapshotSet(name, main, present, complete))
-    sets.sort(key=lambda s: (s.get("start_time", ""), s.name))
-    return sets
-
-
-def is_set_name(name, prefix):
-    """True for PREFIX_YYYYmmddTHHMMSSZ, the name pg_zfs_snap.py gives this config's sets."""
-    head = prefix + "_"
-    return name.startswith(head) and re.match(r"^\d{8}T\d{6}Z$", name[len(head):]) is not None
-
-
-def sets_of_config(sets, prefix, datasets):
-    """The sets of this config: named PREFIX_STAMP and taken of one of its datasets.
-
-    Another cluster's sets on the same pool (another prefix, or the same
-    prefix on other datasets) are never listed, chosen, drilled or cleaned up
-    (pg_zfs_snap.py's rule).
-    """
-    ours = set(datasets)
-    return [one for one in sets if is_set_name(one.name, prefix) and ours & set(one.datasets)]
-
-
 def clone_of_config(fs, prefix, datasets):
     """True for a clone (is_our_clone) of a snapshot of one of datasets, of a set named PREFIX_STAMP."""
     return bool(is_our_clone(fs) and fs["origin"].rpartition("@")[0] in datasets
-                and is_set_name(fs["clone_of"], prefix))
+                and parse_set_name(fs["clone_of"], prefix) is not None)
 
 
 def is_time(text):
@@ -805,12 +1051,23 @@ def label_problems(mode, start_lsn, backup_label):
     return []
 
 
+def set_stop_time(one):
+    """Set one's stop point in time: pgzfs:db_time, the database's own (the primary's
+    clock stamped every commit the set holds), else the guest's pgzfs:stop_time."""
+    for key in ("db_time", "stop_time"):
+        try:
+            return parse_time(one.get(key, ""))
+        except ValueError:
+            continue
+    return None
+
+
 def choose_set(sets, target, set_name=None, timeline=None, inclusive=True):
     """The set that serves target: a Failure (exit 1) naming why none does.
 
     --set wins if given (and must be complete and not stop after the target).
     Otherwise the newest complete set whose stop point (pgzfs:db_time, else
-    pgzfs:stop_time: SnapshotSet.stop_time; or
+    pgzfs:stop_time: set_stop_time; or
     pgzfs:stop_lsn for an LSN target) is at or before the target; for
     --immediate and --latest the newest; for an xid or a restore point name,
     which the pool cannot place in time, the oldest. A numeric timeline keeps
@@ -837,7 +1094,7 @@ def choose_set(sets, target, set_name=None, timeline=None, inclusive=True):
     if target.kind in ("time", "lsn"):
         if target.kind == "time":
             def stop(s):
-                return s.stop_time
+                return set_stop_time(s)
             show = iso_time
         else:
             def stop(s):
@@ -895,14 +1152,14 @@ def is_our_clone(fs):
                 and clone_kind(fs["name"], set_name))
 
 
-def source_mountpoints(datasets, stored, properties, mounts_table):
+def source_mountpoints(datasets, stored, properties, mounts):
     """{dataset: [paths]}: where the dataset was mounted when the set was taken, as the
     set's backup_label, tablespace_map and pg_tblspc links name it, each mapped
     to the dataset's clone.
 
     stored: pgzfs:mountpoints (the JSON bytes pg_zfs_snap.py wrote from the
     mount table; b'' for an older set); also where the dataset is mounted now
-    (mounts_table, /proc/mounts text: a `legacy` dataset too) and its
+    (mounts, parse_mounts' table: a `legacy` dataset too) and its
     mountpoint property (btrfs: the configured path) when that is a path.
     """
     try:
@@ -911,11 +1168,7 @@ def source_mountpoints(datasets, stored, properties, mounts_table):
         found = {}
     if not isinstance(found, dict):
         found = {}
-    mounted = {}
-    for line in mounts_table.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] in ("zfs", "fuse.zfs") and fields[0] not in mounted:
-            mounted[fields[0]] = fields[1].replace("\\040", " ")
+    mounted = zfs_mountpoints(datasets, mounts)
     result = {}
     for dataset in datasets:
         for candidate in (found.get(dataset), mounted.get(dataset), properties.get(dataset)):
@@ -1128,30 +1381,16 @@ def free_ports(start, used, span=PORT_SPAN):
     return [port for port in range(start, min(start + span, 65536)) if port not in used]
 
 
-def mount_of(path, mounts_table):
-    """(source, fstype, mountpoint) of the mount that holds path, from /proc/mounts text."""
-    path = os.path.normpath(path)
-    best = ("", "", "")
-    for line in mounts_table.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = fields[1].replace("\\040", " ")
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[2]):
-            best = (fields[0], fields[2], point)
-    return best
-
-
 COW_FSTYPES = ("zfs", "fuse.zfs", "btrfs")     # zfs-fuse mounts as fuse.zfs
 
 
 def wal_root_problem(mount, own_filesystems):
-    """Why a restore's WAL must not go on mount (mount_of's tuple), or None.
+    """Why a restore's WAL must not go on mount (mount_of's tuple or None), or None.
 
     Any ZFS (also of another pool, or zfs-fuse's fuse.zfs) or btrfs: each WAL
     segment would be written anew into every snapshot of that file system.
     """
-    source, fstype, point = mount
+    source, point, fstype = mount or ("", "", "")
     if fstype in COW_FSTYPES or source in own_filesystems:
         return "%s (%s mounted at %s)" % (fstype, source, point)
     return None
@@ -1221,79 +1460,18 @@ def why_recovery_stopped(events):
     return " (server log: %s)" % why if why else ""
 
 
-def segment_position(wal_name, segment_size=DEFAULT_SEGMENT_SIZE):
-    """(timeline, segment number) of a WAL segment name; ValueError if it is not one."""
-    if not WAL_NAME_RE.match(wal_name or ""):
-        raise ValueError("%r is not a WAL segment name" % wal_name)
-    per_id = 0x100000000 // segment_size
-    return int(wal_name[:8], 16), int(wal_name[8:16], 16) * per_id + int(wal_name[16:], 16)
-
-
-def segment_name(timeline, number, segment_size=DEFAULT_SEGMENT_SIZE):
-    """The WAL segment name of (timeline, segment number)."""
-    per_id = 0x100000000 // segment_size
-    return "%08X%08X%08X" % (timeline, number // per_id, number % per_id)
-
-
-def segment_of_lsn(timeline, lsn, segment_size=DEFAULT_SEGMENT_SIZE):
-    """The name of the segment holding WAL position lsn (an integer) on timeline."""
-    return segment_name(timeline, lsn // segment_size, segment_size)
-
-
 def parse_segment_size(text):
     """Bytes per WAL segment from pg_controldata's line (16 MiB when unreadable)."""
     return int(text) if text.strip().isdigit() and int(text) > 0 else DEFAULT_SEGMENT_SIZE
 
 
-def newest_in_check(output):
-    """The 'newest WAL file NAME' of each source in pg_wal_fetch.py --check's output."""
-    return re.findall(r"newest WAL file ([0-9A-F]{24})\b", output)
-
-
-def segment_size_of(start_wal, start_lsn):
-    """The WAL segment size a set was taken with, as pgzfs:start_wal and start_lsn agree
-    (16 MiB whenever that fits, or they cannot tell)."""
-    try:
-        position = parse_lsn(start_lsn)
-        for size in [DEFAULT_SEGMENT_SIZE] + [1 << bits for bits in range(20, 31)]:
-            if segment_position(start_wal, size)[1] == position // size:
-                return size
-    except ValueError:
-        pass
-    return DEFAULT_SEGMENT_SIZE
-
-
-def stop_segment(snapshot_set):
-    """The last WAL segment a restore of the set needs, or None: the one holding
-    pgzfs:stop_lsn. Replay is consistent once it has replayed up to stop_lsn,
-    but stops there (--immediate, a drill) only on reading the record AT
-    stop_lsn: a backup that ended on a segment boundary needs the next
-    segment; a shutdown set's checkpoint record is at stop_lsn itself.
-    """
-    position, timeline = snapshot_set.stop_lsn, snapshot_set.timeline
-    if position is None or timeline is None:
-        return None
-    return segment_of_lsn(timeline, position, segment_size_of(snapshot_set.get("start_wal", ""),
-                                                               snapshot_set.get("start_lsn", "")))
-
-
 def waiting_for_wal(sets, newest):
-    """{set name: stop segment} of the complete sets whose stop segment is in no archive yet.
-
-    newest: each source's newest segment (pg_wal_fetch.py --check). A set
-    taken on an idle primary ends in the primary's current segment, archived
-    only at the next WAL switch (archive_timeout): until then no restore of it
-    can become consistent. Empty newest (no source listed) tells nothing: {}.
-    """
+    """{set name: stop segment} of the sets waiting for WAL (waiting_segment): their
+    stop segment is in no archive yet. Empty newest (no source listed): {}."""
     waiting = {}
     for one in sets:
-        segment = stop_segment(one) if one.complete and newest else None
-        if segment is None:
-            continue
-        size = segment_size_of(one.get("start_wal", ""), one.get("start_lsn", ""))
-        timeline, number = segment_position(segment, size)
-        if not any(other[0] >= timeline and other[1] >= number
-                   for other in (segment_position(name, size) for name in newest)):
+        segment = waiting_segment(one, newest)
+        if segment:
             waiting[one.name] = segment
     return waiting
 
@@ -1433,25 +1611,6 @@ def not_later_sets(later, snapshot_set, sets):
 
 # -- btrfs: where snapshots, clones and their markers live (DEVELOPERS.md) ------
 
-def btrfs_subvolume_problem(subvolume):
-    """Why SUBVOLUME cannot be a btrfs dataset name (config), or None."""
-    if not subvolume.startswith("/") or os.path.normpath(subvolume) != subvolume or subvolume == "/":
-        return "%r is not an absolute, normalised subvolume path" % subvolume
-    if "@" in os.path.basename(subvolume):
-        return "%r: a subvolume name must not contain @ (it separates NAME@SET)" % subvolume
-    return None
-
-
-def btrfs_snapshot_dir(subvolume):
-    """PARENT/.pgzfs for SUBVOLUME = PARENT/NAME (pg_zfs_snap.py makes it)."""
-    return os.path.join(os.path.dirname(subvolume), BTRFS_SNAPSHOT_DIR)
-
-
-def btrfs_snapshot_path(snapshot):
-    """The read-only snapshot of id SUBVOLUME@SET: PARENT/.pgzfs/NAME@SET."""
-    subvolume, _, name = snapshot.rpartition("@")
-    return os.path.join(btrfs_snapshot_dir(subvolume), "%s@%s" % (os.path.basename(subvolume), name))
-
 
 def btrfs_marker_path(subvolume, clone):
     """The marker of a clone made from a snapshot of subvolume: PARENT/.pgzfs/clones/CLONE.json."""
@@ -1459,7 +1618,7 @@ def btrfs_marker_path(subvolume, clone):
                         os.path.basename(clone) + BTRFS_METADATA_SUFFIX)
 
 
-def btrfs_clone_root(subvolume, mount_root, explicit, mounts_table):
+def btrfs_clone_root(subvolume, mount_root, explicit, mounts):
     """The directory that gets the clone (a writable snapshot) of subvolume's snapshot.
 
     A snapshot cannot cross file systems: mount_root (--to, [restore]
@@ -1469,14 +1628,14 @@ def btrfs_clone_root(subvolume, mount_root, explicit, mounts_table):
     directory was asked for explicitly (--to): that is refused (exit 2).
     """
     parent = os.path.dirname(subvolume)
-    here = mount_of(parent, mounts_table)
-    there = mount_of(mount_root, mounts_table)
-    if here[1] == "btrfs" and there[1] == "btrfs" and here[0] == there[0]:
+    here = mount_of(parent, mounts) or ("", "", "")
+    there = mount_of(mount_root, mounts) or ("", "", "")
+    if here[2] == "btrfs" and there[2] == "btrfs" and here[0] == there[0]:
         return mount_root
     if explicit:
         raise Failure("--to %s is on %s (%s), not on the btrfs of %s (%s): a snapshot cannot cross "
                       "file systems; give a directory on that btrfs, or leave out --to to put the "
-                      "clones beside the subvolumes" % (mount_root, there[1] or "?", there[2] or "?",
+                      "clones beside the subvolumes" % (mount_root, there[2] or "?", there[1] or "?",
                                                         subvolume, here[0] or "?"), 2)
     return parent
 
@@ -1485,23 +1644,6 @@ def snapshot_stamp(snapshot):
     """The UTC stamp that ends a set name ('20261125T040100Z'), '' if none: btrfs order."""
     match = SET_STAMP_RE.search(snapshot.rpartition("@")[2])
     return match.group(1) if match else ""
-
-
-def parse_metadata(text):
-    """{key: value} of a btrfs snapshot's JSON; ValueError unless an object of strings with `set`."""
-    try:
-        found = json.loads(text)
-    except ValueError as error:
-        raise ValueError("not JSON: %s" % error)
-    if not isinstance(found, dict) or not isinstance(found.get("set"), str) or not found["set"]:
-        raise ValueError("not a JSON object with a set name")
-    result = {}
-    for key in LIST_KEYS + FILE_KEYS:
-        if key in found:
-            if not isinstance(found[key], str):
-                raise ValueError("%s is not a string" % key)
-            result[key] = found[key]
-    return result
 
 
 def marker_text(set_name, snapshot, clone, kind, created):
@@ -1530,14 +1672,14 @@ def btrfs_rollback_paths(subvolume, set_name, stamp):
     return ("%s_rollback_%s" % (subvolume, set_name), "%s_before_rollback_%s" % (subvolume, stamp))
 
 
-def set_summary(snapshot_set, clones, waiting_segment=None):
+def set_summary(snapshot_set, clones, waiting=None):
     """The dict `list --json` prints for a set (no base64 files); waiting_for_wal is
     the stop segment no archive holds yet (waiting_for_wal), else None."""
     summary = dict((key, snapshot_set.get(key)) for key in LIST_KEYS if key != "set")
     summary.update({"name": snapshot_set.name, "complete": snapshot_set.complete,
                     "problems": set_problems(snapshot_set),
-                    "earliest_target": iso_time(snapshot_set.stop_time) if snapshot_set.stop_time else None,
-                    "waiting_for_wal": waiting_segment,
+                    "earliest_target": iso_time(set_stop_time(snapshot_set)) if set_stop_time(snapshot_set) else None,
+                    "waiting_for_wal": waiting,
                     "clones": sorted(clones)})
     return summary
 
@@ -1602,7 +1744,8 @@ class Zfs(object):
         return run([self.program] + list(args), timeout=ZFS_TIMEOUT, **kwargs)
 
     def snapshot_rows(self, pools):
-        """(dataset, snapshot name, {key: value}) of every snapshot under pools."""
+        """(dataset, snapshot name, 0, {key: value}) of every snapshot under pools
+        (group_sets' rows; the bytes used are pg_zfs_snap.py's to show)."""
         columns = ["name"] + [P + key for key in LIST_KEYS]
         _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", ",".join(columns), "-r", *pools)
         rows = []
@@ -1612,7 +1755,7 @@ class Zfs(object):
                 continue
             dataset, _, name = fields[0].partition("@")
             properties = dict((key, value) for key, value in zip(LIST_KEYS, fields[1:]) if value != "-")
-            rows.append((dataset, name, properties))
+            rows.append((dataset, name, 0, properties))
         return rows
 
     def file_property(self, snapshot, key):
@@ -1670,13 +1813,13 @@ class Zfs(object):
 
     def destroy(self, dataset):
         """Destroy a clone, retrying while it is busy (right after pg_ctl stop)."""
-        for attempt in range(BUSY_RETRIES):
+        for attempt in range(DESTROY_BUSY_RETRIES):
             code, _, err = self._run("destroy", dataset, check=False)
             if code == 0:
                 return
             if "does not exist" in err:
                 return
-            if "busy" not in err or attempt == BUSY_RETRIES - 1:
+            if "busy" not in err or attempt == DESTROY_BUSY_RETRIES - 1:
                 raise Failure("zfs destroy %s: %s" % (dataset, err.strip()), 1)
             time.sleep(BUSY_SLEEP)
 
@@ -1717,7 +1860,7 @@ class Btrfs(object):
                 and is_subvolume(os.path.join(directory, entry))]
 
     def snapshot_rows(self, subvolumes):
-        """(subvolume, set name, {key: value}) of every snapshot with readable metadata;
+        """(subvolume, set name, 0, {key: value}) of every snapshot with readable metadata;
         the others go into self.unreadable as (snapshot id, why): not backups."""
         rows = []
         self.unreadable = []
@@ -1728,7 +1871,7 @@ class Btrfs(object):
                 except (OSError, IOError, ValueError) as error:
                     self.unreadable.append((snapshot, getattr(error, "strerror", None) or str(error)))
                     continue
-                rows.append((subvolume, snapshot.rpartition("@")[2],
+                rows.append((subvolume, snapshot.rpartition("@")[2], 0,
                              dict((k, v) for k, v in properties.items() if k in LIST_KEYS)))
         return rows
 
@@ -1780,7 +1923,7 @@ class Btrfs(object):
         """(clone path, the same path): ROOT/NAME_KIND_SET, ROOT from btrfs_clone_root."""
         # /proc/mounts names real paths: compare those, place by the configured ones.
         real_root = os.path.realpath(mount_root)
-        root = btrfs_clone_root(os.path.realpath(subvolume), real_root, explicit, read_text_file("/proc/mounts"))
+        root = btrfs_clone_root(os.path.realpath(subvolume), real_root, explicit, read_mounts())
         root = mount_root if root == real_root else os.path.dirname(subvolume)
         path = os.path.join(root, "%s_%s_%s" % (os.path.basename(subvolume), kind, set_name))
         return path, path
@@ -1818,11 +1961,11 @@ class Btrfs(object):
         if os.path.lexists(clone):
             if not is_subvolume(clone):
                 raise Failure("%s is not a btrfs subvolume: not deleted" % clone, 1)
-            for attempt in range(BUSY_RETRIES):
+            for attempt in range(DESTROY_BUSY_RETRIES):
                 code, _, err = self._run("subvolume", "delete", clone, check=False)
                 if code == 0:
                     break
-                if "busy" not in err.lower() or attempt == BUSY_RETRIES - 1:
+                if "busy" not in err.lower() or attempt == DESTROY_BUSY_RETRIES - 1:
                     raise Failure("btrfs subvolume delete %s: %s" % (clone, err.strip()), 1)
                 time.sleep(BUSY_SLEEP)
         for fs in self.filesystems(self.subvolumes):
@@ -1877,25 +2020,9 @@ class Btrfs(object):
             print("rolled back %s: now a writable snapshot of %s; the old subvolume is kept as %s "
                   "(remove it with: btrfs subvolume delete %s)" % (subvolume, source, old, old))
 
-
-def find_bindir(configured, major):
-    """The directory of pg_ctl for this major version: [postgres] bindir, else the usual places."""
-    if configured:
-        if not os.access(os.path.join(configured, "pg_ctl"), os.X_OK):
-            raise Failure("pg_ctl not found in [postgres] bindir %s" % configured, 2)
-        return configured
-    text = major_text(major)
-    for place in ("/usr/lib/postgresql/%s/bin" % text, "/usr/pgsql-%s/bin" % text):
-        if os.access(os.path.join(place, "pg_ctl"), os.X_OK):
-            return place
-    for place in os.environ.get("PATH", "").split(os.pathsep):
-        program = os.path.join(place, "pg_ctl")
-        if place and os.access(program, os.X_OK):
-            _, out, _ = run([program, "--version"], timeout=30, check=False)
-            found = re.search(r"\) (\d+)(?:\.(\d+))?", out)
-            if found and parse_major(found.group(1) + "." + (found.group(2) or "0")) == major:
-                return place
-    raise Failure("no pg_ctl of PostgreSQL %s found: set [postgres] bindir" % text, 2)
+def pg_bindir(config, major):
+    """The directory of pg_ctl of this major version (find_program): the server's programs."""
+    return os.path.dirname(find_program("pg_ctl", config.str("postgres", "bindir", ""), major_text(major)))
 
 
 class Server(object):
@@ -2015,7 +2142,7 @@ def sets_waiting(config, sets):
     and {} when no source could be listed)."""
     if not [one for one in sets if one.complete]:
         return {}
-    newest, last_line = archive_newest(fetch_script_path(), os.path.abspath(config.path),
+    newest, last_line = archive_listing(fetch_script_path(), os.path.abspath(config.path),
                                        config.str("postgres", "user", "postgres"))
     if not newest:
         log.warning("no archive source could be listed (pg_wal_fetch.py --check: %s): whether each set's "
@@ -2023,7 +2150,7 @@ def sets_waiting(config, sets):
     return waiting_for_wal(sets, newest)
 
 
-def archive_newest(fetch_script, config_file, user):
+def archive_listing(fetch_script, config_file, user):
     """(each source's newest WAL segment, pg_wal_fetch.py --check's last line), run as
     the PostgreSQL user as restore_command is; [] when no source could be listed."""
     try:
@@ -2196,14 +2323,14 @@ SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP", signal.SIGIN
 
 class Stopped(Failure):
     """The Failure a signal ends the command with: never taken for a command that failed
-    (archive_newest, Server.status turn those into "unknown" and go on)."""
+    (archive_listing, Server.status turn those into "unknown" and go on)."""
 
 
 def signal_failure(signum):
     return Stopped("stopped by %s" % SIGNAL_NAMES.get(signum, "signal %d" % signum), 1)
 
 
-def on_signal(signum, frame):
+def on_stop_signal(signum, frame):
     """End the command as a Failure, or note the signal while signals are held."""
     if _signals_held:
         _signals_pending.append(signum)
@@ -2227,10 +2354,10 @@ def signals_held(deliver=True):
 
 
 def catch_signals():
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGHUP, on_stop_signal)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, on_signal)     # Ctrl-C: the same clean end, no traceback
+        signal.signal(signal.SIGINT, on_stop_signal)     # Ctrl-C: the same clean end, no traceback
 
 
 def claim_port(directory, ports):
@@ -2359,7 +2486,7 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
     work_dir = work_dir_of(options["wal_root"], kind, snapshot_set.name)
     source_mounts = source_mountpoints(
         snapshot_set.datasets, zfs.file_property(snapshot_set.snapshot(pgdata_dataset), "mountpoints"),
-        zfs.mountpoints(snapshot_set.datasets), read_text_file("/proc/mounts"))
+        zfs.mountpoints(snapshot_set.datasets), read_mounts())
     clones, mount_map = [], {}
     for dataset in snapshot_set.datasets:
         clone, mountpoint = zfs.clone_path(dataset, kind, snapshot_set.name, mount_root, explicit_root)
@@ -2406,7 +2533,7 @@ def check_plan(plan, zfs, pools):
     existing_root = plan.wal_root
     while not os.path.exists(existing_root):
         existing_root = os.path.dirname(existing_root)
-    problem = wal_root_problem(mount_of(os.path.realpath(existing_root), read_text_file("/proc/mounts")),
+    problem = wal_root_problem(mount_of(os.path.realpath(existing_root), read_mounts()),
                                existing)
     if problem:
         raise Failure("[restore] wal_root %s is on %s: the restored copy's WAL must not be on ZFS or btrfs; "
@@ -2657,7 +2784,7 @@ class Restorer(object):
         last = events["restored"]
         if not last:
             last = segment_of_lsn(plan.snapshot_set.timeline or 1, parse_lsn(lsn), segment_size)
-        newest, last_line = archive_newest(plan.fetch_script, plan.config_file, self.server.user)
+        newest, last_line = archive_listing(plan.fetch_script, plan.config_file, self.server.user)
         if not newest:
             raise Failure("restore failed: replay ended at LSN %s in %s, and no source could be listed to "
                           "confirm that is the end of the archive (pg_wal_fetch.py --check: %s)"
@@ -2731,7 +2858,7 @@ class Restorer(object):
 def load_sets(zfs, pools, config):
     """This config's sets in the pool (scope_of), oldest first."""
     prefix, datasets = scope_of(config)
-    return sets_of_config(group_sets(zfs.snapshot_rows(pools)), prefix, datasets)
+    return sets_of(group_sets(zfs.snapshot_rows(pools), prefix), datasets)
 
 
 def clones_by_set(filesystems):
@@ -2770,7 +2897,7 @@ def cmd_list(config, args):
     for name in sorted(waiting):
         print("WAITING %s" % waiting_note(name, waiting[name]))
     prefix = scope_of(config)[0]
-    for snapshot, why in [(s, w) for s, w in zfs.unreadable if is_set_name(s.rpartition("@")[2], prefix)]:
+    for snapshot, why in [(s, w) for s, w in zfs.unreadable if parse_set_name(s.rpartition("@")[2], prefix) is not None]:
         log.warning("%s has no readable metadata (%s): not a backup", snapshot, why)
         print("NO-METADATA %s: not a backup (%s)" % (snapshot, why))
     return 0
@@ -2801,7 +2928,7 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
     snapshot_set = choose_set([one for one in sets if one.name not in waiting], target, args.set, timeline,
                               not getattr(args, "exclusive", False))
     log.info("set %s (stop %s, LSN %s) serves target %s", snapshot_set.name,
-             iso_time(snapshot_set.stop_time) if snapshot_set.stop_time else "?", snapshot_set.get("stop_lsn"),
+             iso_time(set_stop_time(snapshot_set)) if set_stop_time(snapshot_set) else "?", snapshot_set.get("stop_lsn"),
              target)
     options = restore_options(config)
     used = system_ports()
@@ -2827,7 +2954,7 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
         if not dry_run and port != plan.port:
             plan = plan_on(port)        # another restore started at the same time took the first
         user = config.str("postgres", "user", "postgres")
-        server = Server(find_bindir(config.str("postgres", "bindir", ""), plan.major), user, plan.pgdata,
+        server = Server(pg_bindir(config, plan.major), user, plan.pgdata,
                         plan.work_dir, plan.port, config.str("postgres", "dbname", "postgres"), plan.log_file)
         restorer = Restorer(plan, zfs, server, owner_of(user), dry_run)
     except BaseException:
@@ -2895,28 +3022,17 @@ def cmd_drill(config, args):
     try:
         restorer = prepare_restore(config, args, "drill", Target("immediate"), "promote", None, None, False)
         set_name = restorer.plan.snapshot_set.name
-        step = "clone"
+        steps = [("clone", restorer.clone), ("prepare", restorer.prepare), ("start", restorer.start),
+                 ("recover", restorer.wait_for_target),
+                 ("query", lambda: [restorer.server.execute(query) for query in ["SELECT 1"] + [args.query]
+                                    if query])]
+        if args.amcheck:
+            steps.append(("amcheck", lambda: restorer.server.amcheck()))
+        step = steps[0][0]
         try:
-            with restorer.step("clone"):
-                restorer.clone()
-            step = "prepare"
-            with restorer.step("prepare"):
-                restorer.prepare()
-            step = "start"
-            with restorer.step("start"):
-                restorer.start()
-            step = "recover"
-            with restorer.step("recover"):
-                restorer.wait_for_target()
-            step = "query"
-            with restorer.step("query"):
-                restorer.server.execute("SELECT 1")
-                if args.query:
-                    restorer.server.execute(args.query)
-            if args.amcheck:
-                step = "amcheck"
-                with restorer.step("amcheck"):
-                    restorer.server.amcheck()
+            for step, action in steps:
+                with restorer.step(step):
+                    action()
         except (Failure, EnvironmentError) as error:
             raise Failure("%s: %s" % (step, error if isinstance(error, Failure) else unexpected_failure(error)), 2)
         finally:
@@ -2989,7 +3105,7 @@ def stop_servers_on(mountpoints, config, snapshot_set):
     for pgdata, pid in live_postmasters(mountpoints):
         major = parse_major(read_text_file(os.path.join(pgdata, "PG_VERSION")) or
                             (snapshot_set.get("pg_version") if snapshot_set else ""))
-        server = Server(find_bindir(config.str("postgres", "bindir", ""), major),
+        server = Server(pg_bindir(config, major),
                         config.str("postgres", "user", "postgres"), pgdata)
         log.info("stopping the server on %s (pid %d)", pgdata, pid)
         server.stop()

@@ -144,20 +144,8 @@ CONFIG_READS = ("postgres", "snapshot", "archive")
 
 log = logging.getLogger(PROG)
 
-# ZFS user property names (DEVELOPERS.md). STOP_LSN is written last.
-P = "pgzfs:"
-PROPERTY_KEYS = (
-    "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
-    "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
-    "pg_version", "system_identifier", "backup_label", "tablespace_map", "mountpoints",
-    "db_time", "db_time_lsn",
-)
 # ZFS user property values must stay under 8 KiB (ZAP_MAXVALUELEN).
 MAX_PROPERTY_BYTES = 8191
-NAME_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
 DB_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 LABEL_TEXT_RE = re.compile(r"^[ -~]{0,200}$")
 SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([BKMGTPEZ]?)$")
@@ -171,19 +159,10 @@ ZFS_TIMEOUT = 120
 ZFS_CANDIDATES = ("/sbin/zfs", "/usr/sbin/zfs", "/usr/local/sbin/zfs")
 # What old ZFS (zfs-fuse) answers, exit code 2, to several names in one call.
 ZFS_ONE_NAME_ONLY = "too many arguments"
-ZFS_FSTYPES = ("zfs", "fuse.zfs")    # /proc/self/mounts: OpenZFS, zfs-fuse
 BUSY_RETRIES = 10            # "dataset is busy" right after pg_ctl stop
 BTRFS_TIMEOUT = 120
-BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
-# btrfs: the snapshots of SUBVOLUME live in PARENT/.pgzfs (DEVELOPERS.md), clone
-# markers of pg_zfs_restore in PARENT/.pgzfs/clones.
-BTRFS_SNAPSHOT_DIR = ".pgzfs"
-BTRFS_CLONE_DIR = "clones"
-BTRFS_METADATA_SUFFIX = ".json"
-BTRFS_SUBVOLUME_INODE = 256  # the root directory of every btrfs subvolume
 
 NAGIOS_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
-DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 DEFAULT_WAL_WAIT = 3600      # check: a newest set waiting this long for its stop WAL warns
 ARCHIVE_CHECK_TIMEOUT = 120  # pg_wal_fetch.py --check: every source probed and listed
 
@@ -192,39 +171,8 @@ ARCHIVE_CHECK_TIMEOUT = 120  # pg_wal_fetch.py --check: every source probed and 
 # Pure functions: names, times, parsing, the retention decision. No I/O.
 # ---------------------------------------------------------------------------
 
-SnapshotSet = collections.namedtuple(
-    "SnapshotSet", "name time datasets present properties used complete")
-"""One backup: name, time (UTC epoch from the name), datasets (pgzfs:datasets),
-present (datasets that have the snapshot), properties (pgzfs:* without the
-prefix, from the PGDATA dataset's snapshot), used (bytes, summed), complete."""
 
 Policy = collections.namedtuple("Policy", RETENTION_RULES)
-
-
-def check_prefix(prefix):
-    """Return prefix if it can start a snapshot name, else raise ValueError."""
-    if not PREFIX_RE.match(prefix):
-        raise ValueError("%r is not a snapshot name prefix (letters, digits, _ . : -)" % prefix)
-    return prefix
-
-
-def set_name(prefix, when):
-    """The set name for UTC epoch seconds `when`: PREFIX_YYYYmmddTHHMMSSZ."""
-    return "%s_%s" % (prefix, time.strftime(NAME_TIME_FORMAT, time.gmtime(int(when))))
-
-
-def parse_set_name(name, prefix):
-    """UTC epoch seconds of a set name with this prefix, or None if not ours."""
-    head = prefix + "_"
-    if not name.startswith(head) or len(name) != len(head) + 16:
-        return None
-    stamp = name[len(head):]
-    if not re.match(r"^[0-9]{8}T[0-9]{6}Z$", stamp):
-        return None
-    try:
-        return calendar.timegm(time.strptime(stamp, NAME_TIME_FORMAT))
-    except ValueError:
-        return None
 
 
 def parse_utc(text):
@@ -332,12 +280,6 @@ def parse_backup_label(label):
     return found
 
 
-def lsn_value(lsn):
-    """The integer position of an 'X/X' LSN."""
-    high, _, low = lsn.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
-
-
 def parse_controldata(text):
     """pg_controldata's output (LC_ALL=C) as {field: value}."""
     fields = {}
@@ -371,7 +313,7 @@ def shutdown_facts(controldata):
     # A stopped standby's files are consistent only from its minimum recovery
     # point, which may be past the REDO location: that is where the set stops.
     stop = redo
-    if LSN_RE.match(min_recovery) and lsn_value(min_recovery) > lsn_value(redo):
+    if LSN_RE.match(min_recovery) and parse_lsn(min_recovery) > parse_lsn(redo):
         stop = min_recovery
     return {"start_lsn": redo, "stop_lsn": stop, "start_wal": wal,
             "timeline": str(int(timeline)), "system_identifier": system_identifier}
@@ -395,97 +337,12 @@ def dataset_of(path, mountpoints):
     return best, os.path.relpath(path, mountpoints[best])
 
 
-def zfs_mountpoints(datasets, mounts):
-    """{dataset: where it is mounted} from the mount table, for the datasets that are.
-
-    Not the mountpoint property: a `legacy` dataset is mounted by fstab, and a
-    dataset that is not mounted leaves its mountpoint a plain directory of the
-    file system below, whose files its snapshot would not hold. A dataset
-    mounted more than once (bind mounts): its first mount.
-    """
-    result = {}
-    for source, mountpoint, fstype in mounts:
-        if source in datasets and fstype in ZFS_FSTYPES and source not in result:
-            result[source] = mountpoint
-    return result
-
-
 def snapshot_order(datasets, pgdata_dataset):
     """The datasets in the order they are snapshotted: PGDATA's dataset last."""
     return [d for d in datasets if d != pgdata_dataset] + [pgdata_dataset]
 
 
 # -- btrfs: where a subvolume's snapshots and their metadata live ---------------
-
-def btrfs_snapshot_dir(subvolume):
-    """PARENT/.pgzfs for SUBVOLUME = PARENT/NAME: beside the subvolume, not in it.
-
-    Not inside: a nested subvolume is left out of a snapshot anyway and would
-    clutter PGDATA's subvolume; and a rollback can replace the subvolume (rename
-    it away, put a writable snapshot in its place) without touching the sets.
-    """
-    return os.path.join(os.path.dirname(subvolume), BTRFS_SNAPSHOT_DIR)
-
-
-def btrfs_snapshot_path(snapshot):
-    """The path of snapshot id SUBVOLUME@SET: PARENT/.pgzfs/NAME@SET."""
-    subvolume, _, name = snapshot.rpartition("@")
-    return os.path.join(btrfs_snapshot_dir(subvolume), "%s@%s" % (os.path.basename(subvolume), name))
-
-
-def btrfs_subvolume_problem(subvolume):
-    """Why SUBVOLUME cannot be a btrfs dataset name (config), or None."""
-    if not subvolume.startswith("/") or os.path.normpath(subvolume) != subvolume or subvolume == "/":
-        return "%r is not an absolute, normalised subvolume path" % subvolume
-    if "@" in os.path.basename(subvolume):
-        return "%r: a subvolume name must not contain @ (it separates NAME@SET)" % subvolume
-    return None
-
-
-def metadata_text(properties):
-    """The JSON of one btrfs snapshot's metadata: the pgzfs:* keys without the prefix."""
-    return json.dumps(dict((key, str(properties[key])) for key in PROPERTY_KEYS if key in properties),
-                      indent=1, sort_keys=True) + "\n"
-
-
-def parse_metadata(text):
-    """{key: value} from a metadata file; ValueError unless a JSON object of strings with `set`."""
-    try:
-        found = json.loads(text)
-    except ValueError as error:
-        raise ValueError("not JSON: %s" % error)
-    if not isinstance(found, dict) or not isinstance(found.get("set"), str):
-        raise ValueError("not a JSON object with a set name")
-    result = {}
-    for key in PROPERTY_KEYS:
-        if key in found:
-            if not isinstance(found[key], str):
-                raise ValueError("%s is not a string" % key)
-            result[key] = found[key]
-    return result
-
-
-def mount_of(path, mounts):
-    """(source, mountpoint, fstype) of the mount holding absolute path: the longest, last one wins."""
-    best = None
-    for source, mountpoint, fstype in mounts:
-        root = mountpoint.rstrip("/") or "/"
-        if path == root or path.startswith(root if root == "/" else root + "/"):
-            if best is None or len(mountpoint) >= len(best[1]):
-                best = (source, mountpoint, fstype)
-    return best
-
-
-def parse_mounts(text):
-    """/proc/self/mounts as [(source, mountpoint, fstype)], octal escapes (\\040) decoded."""
-    def unescape(field):
-        return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 3:
-            mounts.append((unescape(fields[0]), unescape(fields[1]), fields[2]))
-    return mounts
 
 
 def btrfs_placement_problem(subvolume, mounts):
@@ -550,45 +407,6 @@ def human_size(count):
         count /= 1024.0
 
 
-def group_sets(rows, prefix):
-    """Every set of this prefix, oldest first, from snapshot rows.
-
-    rows: (dataset, snapshot name, used bytes, {property: value}) with the
-    pgzfs: prefix already removed and unset properties absent. A snapshot is ours
-    only if its name parses with the prefix AND its pgzfs:set equals the name
-    AND its dataset is in its pgzfs:datasets; anything else is never touched.
-    """
-    by_name = collections.OrderedDict()
-    for dataset, snapshot, used, properties in rows:
-        when = parse_set_name(snapshot, prefix)
-        if when is None or properties.get("set") != snapshot:
-            continue
-        if dataset not in properties.get("datasets", "").split():
-            continue
-        by_name.setdefault(snapshot, []).append((dataset, used, properties))
-    sets = []
-    for name, members in by_name.items():
-        present = tuple(dataset for dataset, _, _ in members)
-        main = members[-1][2]
-        for dataset, _, properties in members:
-            if dataset == properties.get("pgdata_dataset"):
-                main = properties
-        datasets = tuple(main.get("datasets", "").split())
-        complete = (set(datasets) <= set(present)
-                    and all(properties.get("stop_lsn") for _, _, properties in members))
-        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present,
-                                dict(main), sum(used for _, used, _ in members), complete))
-    sets.sort(key=lambda one: (one.time, one.name))
-    return sets
-
-
-def sets_of(sets, datasets):
-    """The sets that include one of these datasets: another config's sets with the
-    same prefix on the same pool (another cluster) are not ours to prune or count."""
-    ours = set(datasets)
-    return [one for one in sets if ours & set(one.datasets)]
-
-
 def period_key(rule, when):
     """The UTC hour, day, ISO week or month that epoch seconds `when` falls in."""
     moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
@@ -649,47 +467,6 @@ def oldest_needed_wal(sets):
         if one.complete and WAL_NAME_RE.match(one.properties.get("start_wal", "")):
             return one.properties["start_wal"]
     return None
-
-
-def segment_size_of(start_wal, start_lsn):
-    """The WAL segment size pgzfs:start_wal and start_lsn agree on (16 MiB whenever
-    that fits, or they cannot tell): pg_zfs_restore.py's rule."""
-    if WAL_NAME_RE.match(start_wal) and LSN_RE.match(start_lsn):
-        for size in [DEFAULT_SEGMENT_SIZE] + [1 << bits for bits in range(20, 31)]:
-            per_id = 0x100000000 // size
-            if int(start_wal[8:16], 16) * per_id + int(start_wal[16:], 16) == lsn_value(start_lsn) // size:
-                return size
-    return DEFAULT_SEGMENT_SIZE
-
-
-def stop_segment(one):
-    """(timeline, segment number) of the last WAL segment a restore of the set needs:
-    the one holding stop_lsn, whose record there ends an --immediate recovery (a
-    backup ending on a segment boundary needs the next segment), or None;
-    pg_zfs_restore.py's rule."""
-    props = one.properties
-    if not (LSN_RE.match(props.get("stop_lsn", "")) and props.get("timeline", "").isdigit()):
-        return None
-    stop = lsn_value(props["stop_lsn"])
-    return int(props["timeline"]), stop // segment_size_of(props.get("start_wal", ""),
-                                                            props.get("start_lsn", ""))
-
-
-def waiting_segment(one, newest_archived):
-    """The stop segment's name of set one when no source holds it yet, else None.
-
-    newest_archived: each source's newest segment name (pg_wal_fetch.py
-    --check); empty or None (not listed) tells nothing: None.
-    """
-    wanted = stop_segment(one)
-    if wanted is None or not newest_archived:
-        return None
-    size = segment_size_of(one.properties.get("start_wal", ""), one.properties.get("start_lsn", ""))
-    per_id = 0x100000000 // size
-    for name in newest_archived:
-        if int(name[:8], 16) >= wanted[0] and int(name[8:16], 16) * per_id + int(name[16:], 16) >= wanted[1]:
-            return None
-    return "%08X%08X%08X" % (wanted[0], wanted[1] // per_id, wanted[1] % per_id)
 
 
 def check_state(sets, now, warn_age, crit_age, newest_archived=None, wal_wait=DEFAULT_WAL_WAIT):
@@ -948,6 +725,372 @@ def run(argv, timeout=None, input_text=None, check=True):
     return proc.returncode, out, err
 
 
+# ---------------------------------------------------------------------------
+# The snapshot-set format: how pg_zfs_snap.py writes a set and
+# pg_zfs_restore.py reads it (DEVELOPERS.md), where each program of
+# PostgreSQL is found, and the mount table. Both scripts carry this block,
+# identical (tests/test_config.py): change it in both.
+# ---------------------------------------------------------------------------
+
+# ZFS user properties pgzfs:KEY (btrfs: the keys of NAME@SET.json). stop_lsn
+# is written last: a snapshot without it is not part of a complete set.
+P = "pgzfs:"
+PROPERTY_KEYS = (
+    "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
+    "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
+    "pg_version", "system_identifier", "backup_label", "tablespace_map", "mountpoints",
+    "db_time", "db_time_lsn",
+)
+# The long base64 ones: read only for the set being restored.
+FILE_KEYS = ("backup_label", "tablespace_map", "mountpoints")
+LIST_KEYS = tuple(key for key in PROPERTY_KEYS if key not in FILE_KEYS)
+NAME_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+ZFS_FSTYPES = ("zfs", "fuse.zfs")    # /proc/self/mounts: OpenZFS, zfs-fuse
+# btrfs: the snapshots of SUBVOLUME are PARENT/.pgzfs/NAME@SET, read-only, with
+# their metadata in NAME@SET.json; pg_zfs_restore.py's clone markers are
+# PARENT/.pgzfs/clones/CLONE.json.
+BTRFS_SNAPSHOT_DIR = ".pgzfs"
+BTRFS_CLONE_DIR = "clones"
+BTRFS_METADATA_SUFFIX = ".json"
+BTRFS_SUBVOLUME_INODE = 256          # the root directory of every btrfs subvolume
+BTRFS_CANDIDATES = ("/sbin/btrfs", "/usr/sbin/btrfs", "/bin/btrfs", "/usr/bin/btrfs")
+
+
+class SnapshotSet(object):
+    """One backup: DATASET@NAME on every dataset of pgzfs:datasets.
+
+    time is the UTC epoch of the name; properties are pgzfs:* without the
+    prefix, from the snapshot of the PGDATA dataset; present lists the datasets
+    that have the snapshot; used is bytes, summed; complete means every dataset
+    has it and every snapshot carries pgzfs:stop_lsn (written last).
+    """
+
+    def __init__(self, name, time, datasets, present, properties, used, complete):
+        self.name, self.time, self.datasets, self.present = name, time, datasets, present
+        self.properties, self.used, self.complete = properties, used, complete
+
+    def __repr__(self):
+        return "SnapshotSet(%r, complete=%r)" % (self.name, self.complete)
+
+    def get(self, key, default=None):
+        return self.properties.get(key, default)
+
+    def snapshot(self, dataset):
+        return "%s@%s" % (dataset, self.name)
+
+    @property
+    def stop_lsn(self):
+        """pgzfs:stop_lsn as an integer, or None."""
+        try:
+            return parse_lsn(self.properties.get("stop_lsn", ""))
+        except ValueError:
+            return None
+
+    @property
+    def timeline(self):
+        """pgzfs:timeline as an integer, or None."""
+        text = self.properties.get("timeline", "")
+        return int(text) if text.isdigit() else None
+
+
+def check_prefix(prefix):
+    """Return prefix if it can start a snapshot name, else raise ValueError."""
+    if not PREFIX_RE.match(prefix):
+        raise ValueError("%r is not a snapshot name prefix (letters, digits, _ . : -)" % prefix)
+    return prefix
+
+
+def set_name(prefix, when):
+    """The set name for UTC epoch seconds `when`: PREFIX_YYYYmmddTHHMMSSZ."""
+    return "%s_%s" % (prefix, time.strftime(NAME_TIME_FORMAT, time.gmtime(int(when))))
+
+
+def parse_set_name(name, prefix):
+    """UTC epoch seconds of a set name with this prefix, or None if not ours."""
+    head = prefix + "_"
+    if not name.startswith(head) or len(name) != len(head) + 16:
+        return None
+    stamp = name[len(head):]
+    if not re.match(r"^[0-9]{8}T[0-9]{6}Z$", stamp):
+        return None
+    try:
+        return calendar.timegm(time.strptime(stamp, NAME_TIME_FORMAT))
+    except ValueError:
+        return None
+
+
+def group_sets(rows, prefix):
+    """Every set of this prefix, oldest first (by the name's time, then name).
+
+    rows: (dataset, snapshot name, used bytes, {property: value}) with the
+    pgzfs: prefix already removed and unset properties absent. A snapshot is ours
+    only if its name parses with the prefix AND its pgzfs:set equals the name
+    AND its dataset is in its pgzfs:datasets; anything else is never touched.
+    """
+    by_name = collections.OrderedDict()
+    for dataset, snapshot, used, properties in rows:
+        when = parse_set_name(snapshot, prefix)
+        if when is None or properties.get("set") != snapshot:
+            continue
+        if dataset not in properties.get("datasets", "").split():
+            continue
+        by_name.setdefault(snapshot, []).append((dataset, used, properties))
+    sets = []
+    for name, members in by_name.items():
+        present = tuple(dataset for dataset, _, _ in members)
+        main = members[-1][2]
+        for dataset, _, properties in members:
+            if dataset == properties.get("pgdata_dataset"):
+                main = properties
+        datasets = tuple(main.get("datasets", "").split())
+        complete = (set(datasets) <= set(present)
+                    and all(properties.get("stop_lsn") for _, _, properties in members))
+        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present,
+                                dict(main), sum(used for _, used, _ in members), complete))
+    sets.sort(key=lambda one: (one.time, one.name))
+    return sets
+
+
+def sets_of(sets, datasets):
+    """The sets that include one of these datasets: another config's sets with the
+    same prefix on the same pool (another cluster) are never listed, chosen,
+    pruned, counted or cleaned up."""
+    ours = set(datasets)
+    return [one for one in sets if ours & set(one.datasets)]
+
+
+def parse_lsn(text):
+    """The integer position of a WAL location 'X/X'; ValueError if it is not one."""
+    match = LSN_RE.match(text.strip())
+    if not match:
+        raise ValueError("%r is not a WAL location (X/X, hexadecimal)" % text)
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+
+
+def format_lsn(position):
+    """'X/X' of an integer WAL position, as PostgreSQL prints it."""
+    return "%X/%X" % (position >> 32, position & 0xFFFFFFFF)
+
+
+def segment_position(wal_name, segment_size=DEFAULT_SEGMENT_SIZE):
+    """(timeline, segment number) of a WAL segment name; ValueError if it is not one."""
+    if not WAL_NAME_RE.match(wal_name or ""):
+        raise ValueError("%r is not a WAL segment name" % wal_name)
+    per_id = 0x100000000 // segment_size
+    return int(wal_name[:8], 16), int(wal_name[8:16], 16) * per_id + int(wal_name[16:], 16)
+
+
+def segment_name(timeline, number, segment_size=DEFAULT_SEGMENT_SIZE):
+    """The WAL segment name of (timeline, segment number)."""
+    per_id = 0x100000000 // segment_size
+    return "%08X%08X%08X" % (timeline, number // per_id, number % per_id)
+
+
+def segment_of_lsn(timeline, lsn, segment_size=DEFAULT_SEGMENT_SIZE):
+    """The name of the segment holding WAL position lsn (an integer) on timeline."""
+    return segment_name(timeline, lsn // segment_size, segment_size)
+
+
+def segment_size_of(start_wal, start_lsn):
+    """The WAL segment size a set was taken with, as pgzfs:start_wal and start_lsn agree
+    (16 MiB whenever that fits, or they cannot tell)."""
+    try:
+        position = parse_lsn(start_lsn)
+        for size in [DEFAULT_SEGMENT_SIZE] + [1 << bits for bits in range(20, 31)]:
+            if segment_position(start_wal, size)[1] == position // size:
+                return size
+    except ValueError:
+        pass
+    return DEFAULT_SEGMENT_SIZE
+
+
+def stop_segment(one):
+    """The last WAL segment a restore of set one needs, or None: the one holding
+    pgzfs:stop_lsn. Replay is consistent once it has replayed up to stop_lsn,
+    but stops there (--immediate, a drill) only on reading the record AT
+    stop_lsn: a backup that ended on a segment boundary needs the next
+    segment; a shutdown set's checkpoint record is at stop_lsn itself.
+    """
+    if one.stop_lsn is None or one.timeline is None:
+        return None
+    return segment_of_lsn(one.timeline, one.stop_lsn,
+                          segment_size_of(one.get("start_wal", ""), one.get("start_lsn", "")))
+
+
+def waiting_segment(one, newest_archived):
+    """The stop segment of set one when no source holds it yet, else None.
+
+    newest_archived: each source's newest segment (pg_wal_fetch.py --check,
+    newest_in_check). A set taken on an idle primary ends in the primary's
+    current segment, archived only at the next WAL switch (archive_timeout):
+    until then no restore of it can become consistent. Empty or None (no
+    source listed) tells nothing: None. A later timeline's segment at or
+    after it counts as holding it.
+    """
+    segment = stop_segment(one) if one.complete else None
+    if segment is None or not newest_archived:
+        return None
+    size = segment_size_of(one.get("start_wal", ""), one.get("start_lsn", ""))
+    timeline, number = segment_position(segment, size)
+    for name in newest_archived:
+        other = segment_position(name, size)
+        if other[0] >= timeline and other[1] >= number:
+            return None
+    return segment
+
+
+def newest_in_check(output):
+    """The 'newest WAL file NAME' of each source in pg_wal_fetch.py --check's output."""
+    return re.findall(r"newest WAL file ([0-9A-F]{24})\b", output)
+
+
+def btrfs_snapshot_dir(subvolume):
+    """PARENT/.pgzfs for SUBVOLUME = PARENT/NAME: beside the subvolume, not in it.
+
+    Not inside: a nested subvolume is left out of a snapshot anyway and would
+    clutter PGDATA's subvolume; and a rollback can replace the subvolume (rename
+    it away, put a writable snapshot in its place) without touching the sets.
+    """
+    return os.path.join(os.path.dirname(subvolume), BTRFS_SNAPSHOT_DIR)
+
+
+def btrfs_snapshot_path(snapshot):
+    """The path of snapshot id SUBVOLUME@SET: PARENT/.pgzfs/NAME@SET."""
+    subvolume, _, name = snapshot.rpartition("@")
+    return os.path.join(btrfs_snapshot_dir(subvolume), "%s@%s" % (os.path.basename(subvolume), name))
+
+
+def btrfs_subvolume_problem(subvolume):
+    """Why SUBVOLUME cannot be a btrfs dataset name (config), or None."""
+    if not subvolume.startswith("/") or os.path.normpath(subvolume) != subvolume or subvolume == "/":
+        return "%r is not an absolute, normalised subvolume path" % subvolume
+    if "@" in os.path.basename(subvolume):
+        return "%r: a subvolume name must not contain @ (it separates NAME@SET)" % subvolume
+    return None
+
+
+def metadata_text(properties):
+    """The JSON of one btrfs snapshot's metadata: the pgzfs:* keys without the prefix."""
+    return json.dumps(dict((key, str(properties[key])) for key in PROPERTY_KEYS if key in properties),
+                      indent=1, sort_keys=True) + "\n"
+
+
+def parse_metadata(text):
+    """{key: value} of a btrfs snapshot's JSON; ValueError unless an object of strings with `set`."""
+    try:
+        found = json.loads(text)
+    except ValueError as error:
+        raise ValueError("not JSON: %s" % error)
+    if not isinstance(found, dict) or not isinstance(found.get("set"), str) or not found["set"]:
+        raise ValueError("not a JSON object with a set name")
+    result = {}
+    for key in PROPERTY_KEYS:
+        if key in found:
+            if not isinstance(found[key], str):
+                raise ValueError("%s is not a string" % key)
+            result[key] = found[key]
+    return result
+
+
+def parse_mounts(text):
+    """/proc/self/mounts as [(source, mountpoint, fstype)] in table order, octal
+    escapes (\\040 for a space) decoded."""
+    def unescape(field):
+        return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            mounts.append((unescape(fields[0]), unescape(fields[1]), fields[2]))
+    return mounts
+
+
+def read_mounts():
+    """This process's mount table (parse_mounts); [] when it cannot be read."""
+    try:
+        with open("/proc/self/mounts") as handle:
+            return parse_mounts(handle.read())
+    except (OSError, IOError):
+        return []
+
+
+def mount_of(path, mounts):
+    """(source, mountpoint, fstype) of the mount holding absolute path, or None:
+    the longest mountpoint, the last mounted of equals (parse_mounts' list)."""
+    path = os.path.normpath(path)
+    best = None
+    for source, mountpoint, fstype in mounts:
+        root = mountpoint.rstrip("/") or "/"
+        if path == root or path.startswith(root if root == "/" else root + "/"):
+            if best is None or len(mountpoint) >= len(best[1]):
+                best = (source, mountpoint, fstype)
+    return best
+
+
+def zfs_mountpoints(datasets, mounts):
+    """{dataset: where it is mounted} from the mount table, for the datasets that are.
+
+    Not the mountpoint property: a `legacy` dataset is mounted by fstab, and a
+    dataset that is not mounted leaves its mountpoint a plain directory of the
+    file system below, whose files its snapshot would not hold. A dataset
+    mounted more than once (bind mounts): its first mount.
+    """
+    result = {}
+    for source, mountpoint, fstype in mounts:
+        if source in datasets and fstype in ZFS_FSTYPES and source not in result:
+            result[source] = mountpoint
+    return result
+
+
+def program_major(text):
+    """'15' or '9.6' from a program's --version line ('pg_ctl (PostgreSQL) 15.4'), or None."""
+    found = re.search(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?", text)
+    if not found:
+        return None
+    return found.group(1) if int(found.group(1)) >= 10 else "%s.%s" % (found.group(1), found.group(2) or "0")
+
+
+def find_program(name, bindir, major=None):
+    """The path of PostgreSQL's program `name` ('15', '9.6' for major: that version's).
+
+    [postgres] bindir when set (nothing else); else for a major version its
+    package directories (/usr/pgsql-M/bin, /usr/lib/postgresql/M/bin), then
+    PATH's when its --version says that major; without one, PATH's, then the
+    newest installed package's. Failure (exit code 2) when there is none.
+    """
+    if bindir:
+        path = os.path.join(bindir, name)
+        if not os.access(path, os.X_OK):
+            raise Failure("%s not found in [postgres] bindir %s" % (name, bindir), 2)
+        return path
+    places = []
+    if major:
+        places += ["/usr/pgsql-%s/bin" % major, "/usr/lib/postgresql/%s/bin" % major]
+    on_path = shutil.which(name)
+    if on_path and not major:
+        return on_path
+    if on_path and program_major(run([on_path, "--version"], timeout=30, check=False)[1]) == major:
+        places.append(os.path.dirname(on_path))
+    if not major:
+        installed = glob.glob("/usr/pgsql-*/bin") + glob.glob("/usr/lib/postgresql/*/bin")
+        places += sorted(installed, reverse=True,
+                         key=lambda path: [int(n) for n in re.findall(r"[0-9]+", path)])
+    for directory in places:
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise Failure("%s%s not found: set [postgres] bindir"
+                  % (name, " of PostgreSQL %s" % major if major else ""), 2)
+
+# ---------------------------------------------------------------------------
+# End of the snapshot-set format block.
+# ---------------------------------------------------------------------------
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
@@ -1024,7 +1167,7 @@ class ZfsBackend(object):
             options += ["-o", "%s%s=%s" % (P, key, properties[key])]
         targets = ["%s@%s" % (dataset, name) for dataset in datasets]
         made = []
-        with signals_held():
+        with signals_deferred():
             one_by_one = True
             if len(set(dataset.split("/")[0] for dataset in datasets)) > 1:
                 log.debug("datasets in several pools: one by one, %s last", datasets[-1])
@@ -1154,7 +1297,7 @@ class BtrfsBackend(object):
         metadata file; return the snapshot ids. On failure raises SnapshotError
         listing those made (a snapshot whose metadata failed counts as made)."""
         made = []
-        with signals_held():
+        with signals_deferred():
             for subvolume in subvolumes:
                 if pending_signal():
                     break
@@ -1272,11 +1415,6 @@ def is_subvolume(path):
         return False
 
 
-def read_mounts():
-    with open("/proc/self/mounts") as handle:
-        return parse_mounts(handle.read())
-
-
 def list_dir(path):
     """Entries of a directory; [] when it does not exist."""
     try:
@@ -1288,7 +1426,7 @@ def list_dir(path):
 
 
 def make_private_dir(path):
-    """Create path (mode 0700: the snapshots hold the whole cluster) unless it exists."""
+    """Create path with mode 0700 unless it exists (the clone markers' directory)."""
     try:
         os.mkdir(path, 0o700)
     except OSError as error:
@@ -1311,7 +1449,7 @@ def fsync_directory(path):
 
 
 def write_atomically(path, text):
-    """Temp file in the same directory, fsync, rename over path, fsync the directory."""
+    """Temp file .NAME.PID.tmp in the same directory, fsync, rename, fsync the directory."""
     directory = os.path.dirname(path)
     temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     try:
@@ -1321,10 +1459,8 @@ def write_atomically(path, text):
             os.fsync(handle.fileno())
         os.rename(temp, path)
     except (OSError, IOError) as error:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
         raise Failure("cannot write %s: %s" % (path, error.strerror or error), 1)
     fsync_directory(directory)
 
@@ -1342,29 +1478,7 @@ def make_backend(config):
     return ZfsBackend()
 
 
-def find_program(name, bindir, major=None):
-    """Path of a PostgreSQL program: bindir, else (for `major` first) the usual places."""
-    if bindir:
-        path = os.path.join(bindir, name)
-        if not os.access(path, os.X_OK):
-            raise Failure("%s not found in [postgres] bindir %s" % (name, bindir), 2)
-        return path
-    places = []
-    if major:
-        places += ["/usr/pgsql-%s/bin" % major, "/usr/lib/postgresql/%s/bin" % major]
-    if shutil.which(name):
-        places.append(os.path.dirname(shutil.which(name)))
-    installed = glob.glob("/usr/pgsql-*/bin") + glob.glob("/usr/lib/postgresql/*/bin")
-    places += sorted(installed, reverse=True,
-                     key=lambda path: [int(n) for n in re.findall(r"[0-9]+", path)])
-    for directory in places:
-        path = os.path.join(directory, name)
-        if os.access(path, os.X_OK):
-            return path
-    raise Failure("%s not found: set [postgres] bindir" % name, 2)
-
-
-def as_user(user):
+def demote_to(user):
     """(preexec_fn, env) that run a child as `user` when we are root, else as us."""
     env = dict(os.environ, LC_ALL="C", PGAPPNAME=PROG, PGCONNECT_TIMEOUT="10")
     if os.geteuid() != 0 or user in ("", "root"):
@@ -1392,7 +1506,7 @@ class PsqlSession(object):
     """
 
     def __init__(self, psql, host, port, dbname, user):
-        preexec, env = as_user(user)
+        preexec, env = demote_to(user)
         argv = [psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                 "-h", host, "-p", str(port), "-d", dbname]
         log.debug("psql session: %s", " ".join(argv))
@@ -1485,7 +1599,7 @@ class PsqlSession(object):
 
 def read_controldata(pg_controldata, pgdata, user):
     """pg_controldata's fields for PGDATA, in the C locale."""
-    preexec, env = as_user(user)
+    preexec, env = demote_to(user)
     try:
         proc = subprocess.Popen([pg_controldata, "-D", pgdata], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -1610,7 +1724,7 @@ def take_backup_mode_set(job, session, version_num, name, label, base_properties
 
 def destroy_made(job, made):
     """Destroy snapshots this run made (newest first); log, never raise."""
-    with signals_held():        # a second SIGTERM must not cut the clean-up short
+    with signals_deferred():        # a second SIGTERM must not cut the clean-up short
         for snapshot in reversed(made):
             try:
                 job.backend.destroy(snapshot)
@@ -1800,7 +1914,7 @@ def cmd_prune(job, dry_run):
             print("would destroy %s" % name)
             continue
         # A signal lets the set under way go whole, then ends the prune: never half a set.
-        with signals_held():
+        with signals_deferred():
             try:
                 for snapshot in snapshots:
                     job.backend.destroy(snapshot)
@@ -1861,7 +1975,7 @@ def archive_newest(job):
     fetch_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pg_wal_fetch.py")
     if not job.config.has_section("archive") or not os.path.exists(fetch_script):
         return None
-    demote, env = as_user(job.user)
+    demote, env = demote_to(job.user)
     try:
         proc = subprocess.Popen([fetch_script, "-c", os.path.abspath(job.config.path), "--check"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1894,7 +2008,7 @@ _signals_held = []      # non-empty while snapshots are made or destroyed
 _signals_pending = []
 
 
-def on_signal(signum, frame):
+def defer_or_fail_on_signal(signum, frame):
     """SIGTERM, SIGHUP, SIGINT: end the run as a Failure (backup mode ends, made
     snapshots go). While signals are held, note the signal and let the zfs or
     btrfs call finish: one cut short would leave snapshots nobody records."""
@@ -1905,7 +2019,7 @@ def on_signal(signum, frame):
 
 
 @contextlib.contextmanager
-def signals_held():
+def signals_deferred():
     """Hold SIGTERM, SIGHUP and SIGINT while the block runs; see pending_signal()."""
     _signals_held.append(True)
     try:
@@ -1925,10 +2039,10 @@ def main(argv=None):
     setup_logging(args.verbose, use_syslog=command in ("cron", "snapshot", "prune"))
     if command == "check":
         return run_check(args)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    signal.signal(signal.SIGTERM, defer_or_fail_on_signal)
+    signal.signal(signal.SIGHUP, defer_or_fail_on_signal)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, on_signal)     # Ctrl-C: the same clean end, no traceback
+        signal.signal(signal.SIGINT, defer_or_fail_on_signal)     # Ctrl-C: the same clean end, no traceback
     lock = None
     try:
         job = Job(Config.load(config_path(args.config)), Clock(args.now))

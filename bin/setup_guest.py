@@ -68,6 +68,7 @@ Exit codes:
 
 import argparse
 import configparser
+import glob
 import json
 import logging
 import os
@@ -86,6 +87,9 @@ PROG = "setup_guest"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 # The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
 CONFIG_READS = ("postgres", "snapshot", "archive", "source", "guest", "host")
+# runuser by its full path: cron's PATH (/usr/bin:/bin) lacks the sbin directories.
+RUNUSER_CANDIDATES = ("/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser", "/bin/runuser")
+SU = "/bin/su"
 
 log = logging.getLogger(PROG)
 
@@ -379,18 +383,16 @@ def is_under(path, root):
     return path == root or path.startswith(root if root == "/" else root + "/")
 
 
-def unescape_mount_field(field):
-    r"""A /proc/self/mounts field with its octal escapes (\040 for a space) decoded."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
 def parse_mounts(text):
-    """The mount table as a list of (source, mountpoint, fstype), in table order."""
+    """/proc/self/mounts as [(source, mountpoint, fstype)] in table order, octal
+    escapes (\\040 for a space) decoded."""
+    def unescape(field):
+        return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
     mounts = []
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 3:
-            mounts.append((unescape_mount_field(fields[0]), unescape_mount_field(fields[1]), fields[2]))
+            mounts.append((unescape(fields[0]), unescape(fields[1]), fields[2]))
     return mounts
 
 
@@ -504,8 +506,8 @@ def classify_pgdata(entries):
 
 
 def quote_setting(value):
-    """A PostgreSQL configuration string literal."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    """A configuration file string literal: 'it''s', backslashes doubled (PostgreSQL reads escapes)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 SETTING_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=?\s*(.*?)\s*$")
@@ -855,7 +857,7 @@ def read_text(path):
         raise Failure("cannot read %s: %s" % (path, error.strerror or error), 1)
 
 
-def write_file(path, text, mode, owner=None):
+def install_file(path, text, mode, owner=None):
     """Write text atomically (temp file in the same directory, fsync, rename).
 
     owner is (uid, gid); None keeps the owner of an existing file, else root's.
@@ -882,8 +884,12 @@ def write_file(path, text, mode, owner=None):
     fsync_directory(directory)
 
 
-def fsync_directory(directory):
-    descriptor = os.open(directory, os.O_RDONLY)
+def fsync_directory(path):
+    """Make a rename or unlink in directory path durable."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(descriptor)
     finally:
@@ -902,7 +908,7 @@ def make_dirs(directory, mode=0o755, owner=None):
         raise Failure("cannot create %s: %s" % (directory, error.strerror or error), 1)
 
 
-def list_dir(path):
+def dir_entries(path):
     """File names in path, or None when it does not exist."""
     try:
         return os.listdir(path)
@@ -928,7 +934,12 @@ def under_root(root, path):
 
 
 def read_mounts():
-    return parse_mounts(read_text("/proc/self/mounts") or "")
+    """This process's mount table (parse_mounts); [] when it cannot be read."""
+    try:
+        with open("/proc/self/mounts") as handle:
+            return parse_mounts(handle.read())
+    except (OSError, IOError):
+        return []
 
 
 def user_ids(user):
@@ -940,33 +951,61 @@ def user_ids(user):
     return entry.pw_uid, entry.pw_gid, entry.pw_dir
 
 
+def switch_user_argv(user, argv, runuser):
+    """[runuser -u USER -- argv], or without runuser [su -s /bin/sh USER -c 'argv'] (quoted)."""
+    if runuser:
+        return [runuser, "-u", user, "--"] + argv
+    return [SU, "-s", "/bin/sh", user, "-c", " ".join(shlex.quote(arg) for arg in argv)]
+
+
 def as_user(user, argv):
-    """argv run as user: through runuser when we are root, as is otherwise."""
-    if os.geteuid() == 0 and user != "root":
-        return ["runuser", "-u", user, "--"] + argv
-    return argv
+    """argv run as user when we are someone else: runuser by its full path (cron's PATH,
+    /usr/bin:/bin, lacks the sbin directories it lives in), else su."""
+    if pwd.getpwuid(os.geteuid()).pw_name == user:
+        return argv
+    return switch_user_argv(user, argv, next((p for p in RUNUSER_CANDIDATES if os.access(p, os.X_OK)),
+                                             shutil.which("runuser")))
 
 
-def find_program(bindir, name):
-    """A PostgreSQL program: in [postgres] bindir, else PATH, else the packages' dirs, newest first."""
+def program_major(text):
+    """'15' or '9.6' from a program's --version line ('pg_ctl (PostgreSQL) 15.4'), or None."""
+    found = re.search(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?", text)
+    if not found:
+        return None
+    return found.group(1) if int(found.group(1)) >= 10 else "%s.%s" % (found.group(1), found.group(2) or "0")
+
+
+def find_program(name, bindir, major=None):
+    """The path of PostgreSQL's program `name` ('15', '9.6' for major: that version's).
+
+    [postgres] bindir when set (nothing else); else for a major version its
+    package directories (/usr/pgsql-M/bin, /usr/lib/postgresql/M/bin), then
+    PATH's when its --version says that major; without one, PATH's, then the
+    newest installed package's. Failure (exit code 2) when there is none.
+    """
     if bindir:
         path = os.path.join(bindir, name)
         if not os.access(path, os.X_OK):
-            raise Failure("no %s in %s ([postgres] bindir)" % (name, bindir), 1)
+            raise Failure("%s not found in [postgres] bindir %s" % (name, bindir), 2)
         return path
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = []
-    for pattern_dir, pattern in (("/usr", r"^pgsql-(\d+(?:\.\d+)?)$"), ("/usr/lib/postgresql", r"^(\d+(?:\.\d+)?)$")):
-        for entry in list_dir(pattern_dir) or []:
-            match = re.match(pattern, entry)
-            if match:
-                candidates.append((parse_pg_version(match.group(1)), os.path.join(pattern_dir, entry, "bin", name)))
-    for _, path in sorted(candidates, reverse=True):
+    places = []
+    if major:
+        places += ["/usr/pgsql-%s/bin" % major, "/usr/lib/postgresql/%s/bin" % major]
+    on_path = shutil.which(name)
+    if on_path and not major:
+        return on_path
+    if on_path and program_major(run([on_path, "--version"], timeout=30, check=False)[1]) == major:
+        places.append(os.path.dirname(on_path))
+    if not major:
+        installed = glob.glob("/usr/pgsql-*/bin") + glob.glob("/usr/lib/postgresql/*/bin")
+        places += sorted(installed, reverse=True,
+                         key=lambda path: [int(n) for n in re.findall(r"[0-9]+", path)])
+    for directory in places:
+        path = os.path.join(directory, name)
         if os.access(path, os.X_OK):
             return path
-    raise Failure("%s not found (set [postgres] bindir)" % name, 1)
+    raise Failure("%s%s not found: set [postgres] bindir"
+                  % (name, " of PostgreSQL %s" % major if major else ""), 2)
 
 
 def sibling_script(name):
@@ -1006,13 +1045,13 @@ def dataset_state(backend, dataset):
 
 def pg_ctl_status(guest):
     """pg_ctl status: 0 running, 3 not running, 4 no data directory."""
-    argv = as_user(guest.user, [find_program(guest.bindir, "pg_ctl"), "status", "-D", guest.pgdata])
+    argv = as_user(guest.user, [find_program("pg_ctl", guest.bindir), "status", "-D", guest.pgdata])
     return run(argv, timeout=30, check=False)[0]
 
 
 def psql(guest, sql, timeout=30):
     """One statement's result rows (unaligned, tuples only) from the standby, as its user."""
-    argv = as_user(guest.user, [find_program(guest.bindir, "psql"), "-X", "-q", "-A", "-t",
+    argv = as_user(guest.user, [find_program("psql", guest.bindir), "-X", "-q", "-A", "-t",
                                 "-h", guest.host, "-p", str(guest.port), "-d", guest.dbname, "-c", sql])
     return run(argv, timeout=timeout)[1].strip()
 
@@ -1121,7 +1160,7 @@ def start_guest(guest):
         prepare_logfile(guest)
         log.info("starting PostgreSQL in %s (log %s, waiting up to %d s)",
                  guest.pgdata, guest.logfile, guest.start_timeout)
-        argv = as_user(guest.user, [find_program(guest.bindir, "pg_ctl"), "start", "-w", "-D", guest.pgdata,
+        argv = as_user(guest.user, [find_program("pg_ctl", guest.bindir), "start", "-w", "-D", guest.pgdata,
                                     "-l", guest.logfile, "-t", str(guest.start_timeout)])
         log_size = os.path.getsize(guest.logfile) if os.path.exists(guest.logfile) else 0
         code, _, err = run(argv, timeout=guest.start_timeout + 30, check=False)
@@ -1178,10 +1217,10 @@ def init_guest(cfg, guest, args):
     steps = Steps(args.dry_run)
     # Every refusal comes before the first change: a refused --init leaves nothing.
     refuse_cow_waldir(guest.waldir)
-    version = parse_pg_version(run([find_program(guest.bindir, "pg_basebackup"), "--version"], timeout=30)[1])
-    refuse_overwrite(guest, classify_pgdata(list_dir(guest.pgdata)), args.force)
+    version = parse_pg_version(run([find_program("pg_basebackup", guest.bindir), "--version"], timeout=30)[1])
+    refuse_overwrite(guest, classify_pgdata(dir_entries(guest.pgdata)), args.force)
     ensure_datasets(guest, steps, (uid, gid))
-    state = classify_pgdata(list_dir(guest.pgdata))   # again: a dataset just mounted may hold it
+    state = classify_pgdata(dir_entries(guest.pgdata))   # again: a dataset just mounted may hold it
     if state == "standby" and not args.force:
         steps.same("%s already holds a standby: not rebuilt (--force rebuilds it)" % guest.pgdata)
     else:
@@ -1266,15 +1305,15 @@ def make_standby(guest, version, steps, owner, force):
     """pg_basebackup -R -X stream with pg_wal in [guest] waldir and the tablespaces mapped."""
     targets = [guest.pgdata, guest.waldir] + [new for _, new in guest.tablespace_mapping]
     for target in targets:
-        entries = list_dir(target)
+        entries = dir_entries(target)
         if entries:
             if not force:
                 raise Failure("%s is not empty: refusing to overwrite it without --force" % target, 1)
             steps.change("empty %s (--force)" % target, empty_directory, target)
     for target in targets:
-        if list_dir(target) is None:
+        if dir_entries(target) is None:
             steps.change("create %s for %s" % (target, guest.user), make_dirs, target, 0o700, owner)
-    argv = [find_program(guest.bindir, "pg_basebackup"), "-D", guest.pgdata,
+    argv = [find_program("pg_basebackup", guest.bindir), "-D", guest.pgdata,
             "%s=%s" % (waldir_option(version), guest.waldir), "-R", "-X", "stream", "-c", "fast",
             "-d", guest.primary_conninfo]
     for old, new in guest.tablespace_mapping:
@@ -1283,7 +1322,7 @@ def make_standby(guest, version, steps, owner, force):
                  run, as_user(guest.user, argv))
 
 
-def recovery_settings(guest, version, config_file):
+def standby_settings(guest, version, config_file):
     """{file name: {key: value}} that --init writes into PGDATA."""
     fetch = os.path.join(BIN_DIR, WAL_FETCH)
     recovery = {"primary_conninfo": guest.primary_conninfo, "restore_command": restore_command(fetch, config_file)}
@@ -1302,14 +1341,14 @@ def configure_standby(guest, version, steps, owner, config_file):
     if not sibling_script(WAL_FETCH):
         log.warning("%s is not next to this script: restore_command will fail until it is installed in %s",
                     WAL_FETCH, BIN_DIR)
-    for file_name, wanted in sorted(recovery_settings(guest, version, config_file).items()):
+    for file_name, wanted in sorted(standby_settings(guest, version, config_file).items()):
         path = os.path.join(guest.pgdata, file_name)
         text = read_text(path) or ""
         new_text, changed = merge_settings(text, wanted)
         if changed:
             steps.change("set %s in %s" % (", ".join("%s = %s" % (key, quote_setting(wanted[key])) for key in changed),
                                            path),
-                         write_file, path, new_text, 0o600, owner)
+                         install_file, path, new_text, 0o600, owner)
         else:
             steps.same("%s already has %s" % (path, ", ".join(sorted(wanted))))
 
@@ -1362,7 +1401,7 @@ def install_line(path, line, markers, header, mode, steps):
     text = read_text(path)
     new_text, changed = merge_line(header if text is None else text, line, markers)
     if changed:
-        steps.change("add to %s: %s" % (path, line), write_file, path, new_text, mode if text is None
+        steps.change("add to %s: %s" % (path, line), install_file, path, new_text, mode if text is None
                      else os.stat(path).st_mode & 0o7777)
     else:
         steps.same("%s already has: %s" % (path, line))
@@ -1397,7 +1436,7 @@ def install_units(root, config_file, steps):
         path = os.path.join(unit_dir, unit)
         text = render_unit(source, BIN_DIR, config_file)
         if read_text(path) != text:
-            steps.change("write %s" % path, write_file, path, text, 0o644)
+            steps.change("write %s" % path, install_file, path, text, 0o644)
             changed = True
         else:
             steps.same("%s is up to date" % path)
@@ -1490,7 +1529,7 @@ def install_known_hosts(guest, root, steps):
                 steps.change("create %s" % os.path.dirname(path), make_dirs, os.path.dirname(path), 0o700, owner)
             steps.change("record %d key(s) of %s:%d as %s in %s" % (len(added), source["host"], source["port"],
                                                                     alias, path),
-                         write_file, path, new_text, 0o644, owner)
+                         install_file, path, new_text, 0o644, owner)
         else:
             steps.same("%s already knows %s" % (path, alias))
     return failures
@@ -1548,7 +1587,7 @@ def check_tools(guest):
     missing = [name for name in (guest.backend, "ssh") if not shutil.which(name)]
     for name in ("psql", "pg_ctl"):
         try:
-            find_program(guest.bindir, name)
+            find_program(name, guest.bindir)
         except Failure:
             missing.append(name)
     if missing:

@@ -1,7 +1,9 @@
 """The config file all four scripts read, and the helper block they share."""
 
+import ast
 import os
 import re
+import sys
 
 import pytest
 
@@ -11,10 +13,25 @@ SCRIPTS = ["pg_wal_fetch", "pg_zfs_snap", "pg_zfs_restore", "setup_guest"]
 EXAMPLE = os.path.join(os.path.dirname(BIN), "etc", "pg_zfs.conf.example")
 
 
+def source_of(script):
+    with open(os.path.join(BIN, script + ".py")) as handle:
+        return handle.read()
+
+
 def shared_block(script):
-    source = open(os.path.join(BIN, script + ".py")).read()
+    """The config/logging/run block: from its heading to the end of run()."""
+    source = source_of(script)
     start = source.index("# The helpers every pg_zfs script carries")
-    end = source.index("\ndef ", source.index("\ndef run("))
+    after_run = source.index("\ndef run(")
+    end = min(source.index(mark, after_run) for mark in ("\ndef ", "\n# ---") if mark in source[after_run:])
+    return source[start:end]
+
+
+def set_format_block(script):
+    """The snapshot-set format block, heading to end marker."""
+    source = source_of(script)
+    start = source.index("# The snapshot-set format: ")
+    end = source.index("# End of the snapshot-set format block.")
     return source[start:end]
 
 
@@ -22,6 +39,49 @@ def test_the_shared_helper_block_is_the_same_in_all_four_scripts():
     blocks = {script: shared_block(script) for script in SCRIPTS}
     assert len(set(blocks.values())) == 1, "the shared block differs: %s" % sorted(
         script for script in SCRIPTS if blocks[script] != blocks[SCRIPTS[0]])
+
+
+def test_the_set_format_block_is_the_same_in_the_writer_and_the_reader():
+    assert set_format_block("pg_zfs_snap") == set_format_block("pg_zfs_restore")
+    assert "\ndef group_sets(" in set_format_block("pg_zfs_snap")
+
+
+def top_level(script):
+    """{name: source text} of the script's top-level functions and classes, and
+    {NAME: value's source} of its upper-case constants."""
+    source = source_of(script)
+    lines = source.splitlines()
+    functions, constants = {}, {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            start = node.lineno - 1 - len(node.decorator_list)
+            functions[node.name] = "\n".join(lines[start:node.end_lineno])
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id.isupper():
+            constants[node.targets[0].id] = ast.dump(node.value)
+    return functions, constants
+
+
+# Each script's own entry points and identity: the same name, one role, by design.
+OWN_PER_SCRIPT = ("main", "parse_args", "PROG", "CONFIG_READS")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 8), reason="end_lineno needs Python 3.8")
+def test_a_name_means_one_thing_across_the_four_scripts():
+    """A function, class or constant defined in two scripts is the same text in
+    both (constants: the same value); only the entry points (main, parse_args,
+    cmd_* of each script's own subcommands) and PROG/CONFIG_READS differ."""
+    seen_functions, seen_constants, differing = {}, {}, []
+    for script in SCRIPTS:
+        functions, constants = top_level(script)
+        for kind, found, seen in (("def", functions, seen_functions), ("constant", constants, seen_constants)):
+            for name, text in found.items():
+                if name in OWN_PER_SCRIPT or name.startswith("cmd_"):
+                    continue
+                if name in seen and seen[name][1] != text:
+                    differing.append("%s %s: %s.py and %s.py" % (kind, name, seen[name][0], script))
+                seen.setdefault(name, (script, text))
+    assert differing == []
 
 
 @pytest.fixture(scope="module")

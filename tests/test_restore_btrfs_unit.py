@@ -10,10 +10,10 @@ from testbed import load_script
 
 restore = load_script("pg_zfs_restore")
 
-MOUNTS = ("/dev/sda1 / ext4 rw 0 0\n"
-          "/dev/loop3 /srv/bt btrfs rw 0 0\n"
-          "/dev/loop3 /mnt/bt_again btrfs rw 0 0\n"
-          "/dev/loop4 /srv/other_bt btrfs rw 0 0\n")
+MOUNTS = restore.parse_mounts("/dev/sda1 / ext4 rw 0 0\n"
+                              "/dev/loop3 /srv/bt btrfs rw 0 0\n"
+                              "/dev/loop3 /mnt/bt_again btrfs rw 0 0\n"
+                              "/dev/loop4 /srv/other_bt btrfs rw 0 0\n")
 
 
 def test_snapshot_and_marker_paths_follow_developers_md():
@@ -61,12 +61,13 @@ def test_metadata_rows_group_into_sets_as_on_zfs():
                   "stop_lsn": "0/5000100", "start_time": "2026-11-25T04:01:00Z"}
         values.update(extra)
         return values
-    rows = [("/srv/bt/data01", "s1", props("s1")), ("/srv/bt/data02", "s1", props("s1")),
-            ("/srv/bt/data02", "s2", props("s2", start_time="2026-11-25T05:01:00Z"))]
-    [first, second] = restore.group_sets(rows)
-    assert first.name == "s1" and first.complete
-    assert second.name == "s2" and not second.complete      # data01's snapshot has no metadata
-    assert first.snapshot("/srv/bt/data02") == "/srv/bt/data02@s1"
+    s1, s2 = "pgzfs_20261125T040100Z", "pgzfs_20261125T050100Z"
+    rows = [("/srv/bt/data01", s1, 0, props(s1)), ("/srv/bt/data02", s1, 0, props(s1)),
+            ("/srv/bt/data02", s2, 0, props(s2, start_time="2026-11-25T05:01:00Z"))]
+    [first, second] = restore.group_sets(rows, "pgzfs")
+    assert first.name == s1 and first.complete
+    assert second.name == s2 and not second.complete      # data01's snapshot has no metadata
+    assert first.snapshot("/srv/bt/data02") == "/srv/bt/data02@" + s1
 
 
 def test_clone_marker_round_trips_and_names_the_snapshot_and_the_clone():

@@ -27,11 +27,16 @@ def rows_of(*set_props, missing=()):
     for p in set_props:
         for dataset in p["datasets"].split():
             if (p["set"], dataset) not in missing:
-                rows.append((dataset, p["set"], dict(p)))
+                rows.append((dataset, p["set"], 0, dict(p)))
     return rows
 
 
-SETS = restore.group_sets(rows_of(
+def group_sets(rows, prefix=None):
+    """The sets of the rows, of the first row's prefix unless one is given."""
+    return restore.group_sets(rows, prefix or rows[0][1].rpartition("_")[0])
+
+
+SETS = group_sets(rows_of(
     props("pgzfs_20261125T040100Z", "2026-11-25T04:01:02Z", "0/5000100"),
     props("pgzfs_20261125T050100Z", "2026-11-25T05:01:03Z", "0/9000100"),
     props("pgzfs_20261125T060100Z", "2026-11-25T06:01:01Z", "0/D000100"),
@@ -116,7 +121,7 @@ def test_timeline_option():
 # -- sets and the choice of one ------------------------------------------------
 
 def test_sets_are_grouped_oldest_first_and_incomplete_ones_are_marked():
-    sets = restore.group_sets(rows_of(
+    sets = group_sets(rows_of(
         props("a_20261125T050100Z", "2026-11-25T05:01:00Z", "0/9000100"),
         props("a_20261125T040100Z", "2026-11-25T04:01:00Z", "0/5000100"),
         props("a_20261125T060100Z", "2026-11-25T06:01:00Z", "0/D000100"),
@@ -127,16 +132,16 @@ def test_sets_are_grouped_oldest_first_and_incomplete_ones_are_marked():
 
 
 def test_a_set_whose_stop_lsn_is_not_on_every_snapshot_is_incomplete():
-    rows = rows_of(props("a_1", "2026-11-25T05:01:00Z", "0/9000100"))
-    del rows[0][2]["stop_lsn"]
-    assert not restore.group_sets(rows)[0].complete
+    rows = rows_of(props("a_20261125T040100Z", "2026-11-25T05:01:00Z", "0/9000100"))
+    del rows[0][3]["stop_lsn"]
+    assert not group_sets(rows)[0].complete
 
 
 def test_snapshots_of_other_tools_are_ignored():
-    rows = rows_of(props("a_1", "2026-11-25T05:01:00Z", "0/9000100"))
-    rows.append(("p/d1", "manual", {}))
-    rows.append(("p/other", "a_1", dict(rows[0][2])))     # dataset not in pgzfs:datasets
-    assert [s.present for s in restore.group_sets(rows)] == [["p/d1", "p/d2"]]
+    rows = rows_of(props("a_20261125T040100Z", "2026-11-25T05:01:00Z", "0/9000100"))
+    rows.append(("p/d1", "manual", 0, {}))
+    rows.append(("p/other", "a_20261125T040100Z", 0, dict(rows[0][3])))     # dataset not in pgzfs:datasets
+    assert [s.present for s in group_sets(rows)] == [("p/d1", "p/d2")]
 
 
 def test_time_target_takes_the_newest_set_that_stops_at_or_before_it():
@@ -165,18 +170,18 @@ def test_lsn_target_compares_lsns_not_text():
 
 
 def test_numeric_timeline_keeps_only_sets_of_that_timeline_or_earlier():
-    sets = restore.group_sets(rows_of(
-        props("a_1", "2026-11-25T04:01:00Z", "0/5000100", timeline="1"),
-        props("a_2", "2026-11-25T05:01:00Z", "0/9000100", timeline="2")))
-    assert restore.choose_set(sets, target("lsn", "1/0"), timeline="1").name == "a_1"
-    assert restore.choose_set(sets, target("lsn", "1/0"), timeline="latest").name == "a_2"
+    sets = group_sets(rows_of(
+        props("a_20261125T040100Z", "2026-11-25T04:01:00Z", "0/5000100", timeline="1"),
+        props("a_20261125T050100Z", "2026-11-25T05:01:00Z", "0/9000100", timeline="2")))
+    assert restore.choose_set(sets, target("lsn", "1/0"), timeline="1").name == "a_20261125T040100Z"
+    assert restore.choose_set(sets, target("lsn", "1/0"), timeline="latest").name == "a_20261125T050100Z"
 
 
 def test_immediate_and_latest_take_the_newest_complete_set():
-    sets = restore.group_sets(rows_of(
-        props("a_1", "2026-11-25T04:01:00Z", "0/5000100"),
-        props("a_2", "2026-11-25T05:01:00Z", "0/9000100"), missing={("a_2", "p/d1")}))
-    assert restore.choose_set(sets, target("immediate")).name == "a_1"
+    sets = group_sets(rows_of(
+        props("a_20261125T040100Z", "2026-11-25T04:01:00Z", "0/5000100"),
+        props("a_20261125T050100Z", "2026-11-25T05:01:00Z", "0/9000100"), missing={("a_20261125T050100Z", "p/d1")}))
+    assert restore.choose_set(sets, target("immediate")).name == "a_20261125T040100Z"
     assert restore.choose_set(SETS, target("latest")).name == "pgzfs_20261125T060100Z"
 
 
@@ -203,7 +208,7 @@ def test_backup_label_must_be_there_and_match_the_start_lsn():
 
 
 def test_set_problems_name_missing_and_bad_properties():
-    sets = restore.group_sets(rows_of(props("a_1", "soon", "0/1", mode="odd", pg_version="9.4")))
+    sets = group_sets(rows_of(props("a_20261125T040100Z", "soon", "0/1", mode="odd", pg_version="9.4")))
     problems = " ".join(restore.set_problems(sets[0]))
     assert "stop_time" in problems and "mode" in problems and "older than 9.6" in problems
 
@@ -346,19 +351,19 @@ def test_used_ports_come_from_tcp_listeners_and_postgres_sockets():
 
 
 def test_wal_root_on_zfs_is_recognised_from_proc_mounts():
-    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
-              "tank/data01 /tank/data01 fuse rw 0 0\n"
-              "tank /tank zfs rw 0 0\n")
-    assert restore.mount_of("/var/lib/pg_zfs", mounts)[1] == "ext4"
+    mounts = restore.parse_mounts("/dev/sda1 / ext4 rw 0 0\n"
+                                  "tank/data01 /tank/data01 fuse rw 0 0\n"
+                                  "tank /tank zfs rw 0 0\n")
+    assert restore.mount_of("/var/lib/pg_zfs", mounts)[2] == "ext4"
     assert restore.mount_of("/tank/data01/wal", mounts)[0] == "tank/data01"
-    assert restore.mount_of("/tank/x", mounts)[1] == "zfs"
+    assert restore.mount_of("/tank/x", mounts)[2] == "zfs"
 
 
 def test_wal_root_on_any_copy_on_write_file_system_is_refused():
-    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
-              "other/wal /srv/wal fuse.zfs rw 0 0\n"
-              "/dev/sdb1 /srv/bt btrfs rw 0 0\n"
-              "tank/data01 /tank/data01 fuse rw 0 0\n")
+    mounts = restore.parse_mounts("/dev/sda1 / ext4 rw 0 0\n"
+                                  "other/wal /srv/wal fuse.zfs rw 0 0\n"
+                                  "/dev/sdb1 /srv/bt btrfs rw 0 0\n"
+                                  "tank/data01 /tank/data01 fuse rw 0 0\n")
     own = {"tank/data01"}
     assert restore.wal_root_problem(restore.mount_of("/var/lib/pg_zfs/wal", mounts), own) is None
     for path in ("/srv/wal/restore", "/srv/bt/wal", "/tank/data01/wal"):
@@ -570,12 +575,13 @@ def test_only_sets_of_this_prefix_and_of_its_datasets_are_ours():
     other_cluster = props("pgzfs_20261125T080100Z", "2026-11-25T08:01:02Z", "0/F000200",
                           datasets="p/e1 p/e2", pgdata_dataset="p/e2")
     hand_named = props("pgzfs_today", "2026-11-25T09:01:02Z", "0/F000300")
-    sets = restore.group_sets(rows_of(mine, other_prefix, other_cluster, hand_named))
-    assert [s.name for s in restore.sets_of_config(sets, "pgzfs", ["p/d1", "p/d2"])] == [
-        "pgzfs_20261125T040100Z"]
-    assert [s.name for s in restore.sets_of_config(sets, "other", ["p/d1", "p/d2"])] == [
-        "other_20261125T070100Z"]
-    assert [s.name for s in restore.sets_of_config(sets, "pgzfs", ["p/e2"])] == ["pgzfs_20261125T080100Z"]
+    rows = rows_of(mine, other_prefix, other_cluster, hand_named)
+
+    def names(prefix, datasets):
+        return [s.name for s in restore.sets_of(restore.group_sets(rows, prefix), datasets)]
+    assert names("pgzfs", ["p/d1", "p/d2"]) == ["pgzfs_20261125T040100Z"]
+    assert names("other", ["p/d1", "p/d2"]) == ["other_20261125T070100Z"]
+    assert names("pgzfs", ["p/e2"]) == ["pgzfs_20261125T080100Z"]
 
 
 def test_only_clones_of_this_configs_sets_are_cleaned_up():
@@ -659,11 +665,11 @@ def test_a_newer_segment_in_any_archive_after_where_replay_ended_is_a_hole():
 
 
 def test_a_set_whose_stop_segment_no_archive_holds_is_waiting_for_wal():
-    backup = restore.group_sets(rows_of(props("pgzfs_20261125T040100Z", "2026-11-25T04:01:02Z", "0/5000100",
+    backup = group_sets(rows_of(props("pgzfs_20261125T040100Z", "2026-11-25T04:01:02Z", "0/5000100",
                                               start_wal="000000010000000000000002")))[0]
-    at_boundary = restore.group_sets(rows_of(props("pgzfs_20261125T050100Z", "2026-11-25T05:01:02Z",
+    at_boundary = group_sets(rows_of(props("pgzfs_20261125T050100Z", "2026-11-25T05:01:02Z",
                                                    "0/6000000", start_wal="000000010000000000000002")))[0]
-    shutdown = restore.group_sets(rows_of(props("pgzfs_20261125T060100Z", "2026-11-25T06:01:02Z",
+    shutdown = group_sets(rows_of(props("pgzfs_20261125T060100Z", "2026-11-25T06:01:02Z",
                                                 "0/7000000", mode="shutdown",
                                                 start_wal="000000010000000000000007", start_lsn="0/7000000")))[0]
     assert restore.stop_segment(backup) == "000000010000000000000005"
@@ -717,26 +723,27 @@ def test_tablespaces_on_a_legacy_dataset_map_by_the_mountpoints_stored_with_the_
     stored = b'{"tank/ts": "/srv/ts", "tank/pg": "/var/lib/pg"}'
     mounts = "tank/pg /var/lib/pg fuse.zfs rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
     found = restore.source_mountpoints(["tank/ts", "tank/pg"], stored, {"tank/ts": "legacy", "tank/pg": "/var/lib/pg"},
-                                       mounts)
+                                       restore.parse_mounts(mounts))
     assert found == {"tank/ts": ["/srv/ts"], "tank/pg": ["/var/lib/pg"]}
     mount_map = dict((path, "/restore/" + dataset.split("/")[1]) for dataset, paths in found.items() for path in paths)
     assert restore.rewrite_tablespace_map("16390 /srv/ts/space\n", mount_map) == "16390 /restore/ts/space\n"
     # An older set without pgzfs:mountpoints: a legacy dataset is found in the mount table.
-    older = restore.source_mountpoints(["tank/ts"], b"", {"tank/ts": "legacy"}, "tank/ts /srv/ts zfs rw 0 0\n")
+    older = restore.source_mountpoints(["tank/ts"], b"", {"tank/ts": "legacy"},
+                                       restore.parse_mounts("tank/ts /srv/ts zfs rw 0 0\n"))
     assert older == {"tank/ts": ["/srv/ts"]}
     # Unreadable stored bytes are ignored; nothing known leaves the dataset out (restore refuses the map).
-    assert restore.source_mountpoints(["tank/ts"], b"not json", {"tank/ts": "legacy"}, "") == {}
+    assert restore.source_mountpoints(["tank/ts"], b"not json", {"tank/ts": "legacy"}, []) == {}
     # Stored and current places differ (a symlinked path, a moved mountpoint): both lead to the clone.
     assert restore.source_mountpoints(["/srv/bt/d"], b'{"/srv/bt/d": "/mnt/bt/d"}', {"/srv/bt/d": "/srv/bt/d"},
-                                      "") == {"/srv/bt/d": ["/mnt/bt/d", "/srv/bt/d"]}
+                                      []) == {"/srv/bt/d": ["/mnt/bt/d", "/srv/bt/d"]}
 
 
 # -- the database's own time per set --------------------------------------------------
 
 def test_a_sets_stop_point_is_the_databases_own_time_when_it_has_one():
-    wrong_clock = restore.group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/9000100",
+    wrong_clock = group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/9000100",
                                                    db_time="2026-11-25T04:01:01.500000Z")))
-    assert restore.iso_time(wrong_clock[0].stop_time) == "2026-11-25T04:01:01.5Z"
+    assert restore.iso_time(restore.set_stop_time(wrong_clock[0])) == "2026-11-25T04:01:01.5Z"
     sets = SETS + wrong_clock
     # The guest clock said 03:01, an hour behind: the set holds commits up to 04:01:01.5.
     assert restore.choose_set(sets, target("time", "2026-11-25T04:01:01.7Z")).name == "pgzfs_20261125T030100Z"
@@ -744,7 +751,7 @@ def test_a_sets_stop_point_is_the_databases_own_time_when_it_has_one():
     with pytest.raises(restore.Failure) as refused:
         restore.choose_set(wrong_clock, target("time", "2026-11-25T03:30:00Z"))
     assert "earliest possible target is 2026-11-25T04:01:01.5Z" in str(refused.value)
-    broken = restore.group_sets(rows_of(props("pgzfs_20261125T070100Z", "2026-11-25T07:01:02Z", "0/9000100",
+    broken = group_sets(rows_of(props("pgzfs_20261125T070100Z", "2026-11-25T07:01:02Z", "0/9000100",
                                               db_time="yesterday")))[0]
     assert "pgzfs:db_time 'yesterday' is not a UTC time" in restore.set_problems(broken)
 
@@ -752,7 +759,7 @@ def test_a_sets_stop_point_is_the_databases_own_time_when_it_has_one():
 def test_a_copy_holding_a_commit_after_the_target_is_named():
     at = restore.parse_time
     old_set = SETS[0]
-    newer = restore.group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/9000100",
+    newer = group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/9000100",
                                              db_time="2026-11-25T04:01:01.5Z")))[0]
     assert restore.commit_after_target("2026-11-25 04:29:59.9+00", at("2026-11-25T04:30:00Z"), True, old_set) is None
     assert restore.commit_after_target("?", at("2026-11-25T04:30:00Z"), True, old_set) is None
@@ -766,9 +773,9 @@ def test_a_copy_holding_a_commit_after_the_target_is_named():
 
 def test_an_exclusive_target_at_a_sets_last_commit_does_not_use_that_set():
     at = "2026-11-25T04:01:01.5Z"
-    newer = restore.group_sets(rows_of(props("pgzfs_20261125T040200Z", "2026-11-25T04:01:02Z", "0/9000100",
+    newer = group_sets(rows_of(props("pgzfs_20261125T040200Z", "2026-11-25T04:01:02Z", "0/9000100",
                                              db_time="2026-11-25T04:01:01.500000Z")))
-    sets = restore.group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/5000100"))) + newer
+    sets = group_sets(rows_of(props("pgzfs_20261125T030100Z", "2026-11-25T03:01:02Z", "0/5000100"))) + newer
     # db_time is the commit time of the set's last transaction: --exclusive at it leaves that one out.
     assert restore.choose_set(sets, target("time", at)).name == "pgzfs_20261125T040200Z"
     assert restore.choose_set(sets, target("time", at), inclusive=False).name == "pgzfs_20261125T030100Z"
@@ -824,10 +831,10 @@ def test_a_signal_while_the_archive_is_listed_or_the_copy_is_asked_ends_the_comm
 
     server = restore.Server("/usr/lib/postgresql/15/bin", "postgres", "/x/pgdata", "/x", 5499)
     monkeypatch.setattr(restore, "run", failed)
-    assert restore.archive_newest("/x/pg_wal_fetch.py", "/x/pg_zfs.conf", "postgres")[0] == []
+    assert restore.archive_listing("/x/pg_wal_fetch.py", "/x/pg_zfs.conf", "postgres")[0] == []
     assert server.status((15, 0)) is None
     monkeypatch.setattr(restore, "run", stopped)
-    for ask in (lambda: restore.archive_newest("/x/pg_wal_fetch.py", "/x/pg_zfs.conf", "postgres"),
+    for ask in (lambda: restore.archive_listing("/x/pg_wal_fetch.py", "/x/pg_zfs.conf", "postgres"),
                 lambda: server.status((15, 0))):
         with pytest.raises(restore.Failure) as error:
             ask()

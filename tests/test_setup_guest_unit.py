@@ -192,12 +192,12 @@ def test_recovery_settings_go_where_the_version_reads_them(sg, tmp_path):
                       "[snapshot]\ndatasets = zp1/data02\n"
                       "[guest]\nprimary_conninfo = host=h\nwaldir = /w\n")
     guest = sg.Guest(sg.Config.load(str(config)))
-    new = sg.recovery_settings(guest, (15,), "/etc/c.conf")
+    new = sg.standby_settings(guest, (15,), "/etc/c.conf")
     assert sorted(new) == ["postgresql.auto.conf"]
     assert new["postgresql.auto.conf"]["primary_conninfo"] == "host=h"
     assert new["postgresql.auto.conf"]["unix_socket_directories"] == "/run/pg"
     assert new["postgresql.auto.conf"]["restore_command"].endswith("pg_wal_fetch.py -c /etc/c.conf %f %p")
-    old = sg.recovery_settings(guest, (11,), "/etc/c.conf")
+    old = sg.standby_settings(guest, (11,), "/etc/c.conf")
     assert old["recovery.conf"]["standby_mode"] == "on"
     assert "restore_command" in old["recovery.conf"]
     assert "restore_command" not in old["postgresql.auto.conf"]

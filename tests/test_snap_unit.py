@@ -210,7 +210,7 @@ def test_stopped_standby_set_stops_at_its_minimum_recovery_point_when_later():
 
 
 def test_lsn_values_compare_across_the_slash():
-    assert snap.lsn_value("1/0") > snap.lsn_value("0/FFFFFFFF")
+    assert snap.parse_lsn("1/0") > snap.parse_lsn("0/FFFFFFFF")
 
 
 @pytest.mark.parametrize("state", ["in production", "in archive recovery", "shutting down"])

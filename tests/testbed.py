@@ -26,7 +26,8 @@ import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "bin")
-PYENV = "/root/.pyenv/versions"
+# PG_ZFS_TEST_PYENV=/nonexistent runs the suite as on a machine without pyenv.
+PYENV = os.environ.get("PG_ZFS_TEST_PYENV", "/root/.pyenv/versions")
 PY36_PYENV = os.path.join(PYENV, "3.6.15", "bin", "python3")
 PY313_PYENV = os.path.join(PYENV, "3.13.0", "bin", "python3")
 # The scripts run under the oldest Python we support (RHEL 8's 3.6) where pyenv
