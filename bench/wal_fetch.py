@@ -37,6 +37,12 @@ refuses it).
 4. Delivery from a warm spool (the segment waiting in the spool, one process
    per file, as PostgreSQL calls it) against cp of the same file, both run as
    postgres through runuser. Target: within 2.5x of cp.
+5. The guest's key restricted to pg_wal_serve (README, "The archive hosts"):
+   a third host (127.77.0.4, sshd with PAM as real hosts run it) where the
+   postgres user has two keys, one installed restricted (forced command
+   pg_wal_serve), one bare; delivery of every segment, one process per file,
+   prefetch = 0 and 8, through each. Target: restricted within 1.1x of bare.
+   `--only-keys` runs this part alone (after building the archive).
 """
 
 import argparse
@@ -51,11 +57,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from testbed import (PG_USER, chown_pg, free_port, pg_bindir, python36_for_postgres,  # noqa: E402
-                     sh, wait_for)
+from testbed import (PG_USER, chown_pg, free_port, load_script, pg_bindir,  # noqa: E402
+                     python36_for_postgres, sh, wait_for)
 
 SCRIPT = os.path.join(REPO, "bin", "pg_wal_fetch.py")
 HOSTS = ("127.77.0.2", "127.77.0.3")
+KEY_HOST = "127.77.0.4"
+FETCH = load_script("pg_wal_fetch")
 
 
 class Bench(object):
@@ -139,6 +147,55 @@ class Bench(object):
         self.ssh_opts = ("-o BatchMode=yes -o IdentitiesOnly=yes -i %s -o UserKnownHostsFile=%s"
                          % (self.client_key, self.known_hosts))
         self.user = "root"
+
+    def start_key_host(self):
+        """Part 5's host: the postgres user's keys in its own authorized_keys, one of
+        them restricted to pg_wal_serve exactly as the README installs it."""
+        home = os.path.join(self.run_dir, "keyhost")
+        ssh_dir = os.path.join(home, "users", PG_USER, ".ssh")
+        os.makedirs(ssh_dir)
+        sh([sys.executable, SCRIPT, "--install-server", home])
+        self.keys = {}
+        lines = []
+        for kind in ("restricted", "bare"):
+            key = os.path.join(self.run_dir, "%s_key" % kind)
+            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+            chown_pg(key)
+            self.keys[kind] = key
+            with open(key + ".pub") as public:
+                lines.append(" ".join(public.read().split()))
+        # The bench's client does not bind: loopback connections come from 127.0.0.1.
+        lines[0] = FETCH.authorized_keys_line(lines[0], "127.0.0.1", self.arch + "/*",
+                                              os.path.join(home, "pg_wal_serve"))
+        with open(os.path.join(ssh_dir, "authorized_keys"), "w") as out:
+            out.write("\n".join(lines) + "\n")
+        sh(["chown", "-R", PG_USER, os.path.join(home, "users")])
+        host_key = os.path.join(home, "host_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key])
+        pidfile = os.path.join(home, "sshd.pid")
+        config = os.path.join(home, "sshd_config")
+        with open(config, "w") as out:
+            out.write("ListenAddress %s:%d\nHostKey %s\nAuthorizedKeysFile %s/users/%%u/.ssh/authorized_keys\n"
+                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM yes\n"
+                      "StrictModes no\nPidFile %s\nMaxStartups 100\nMaxSessions 100\n"
+                      % (KEY_HOST, self.ssh_port, host_key, home, pidfile))
+        sh(["/usr/sbin/sshd", "-f", config, "-E", os.path.join(home, "sshd.log")])
+        wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), 10, "sshd")
+        self.sshd_pids.append(int(open(pidfile).read().split()[0]))
+        with open(host_key + ".pub") as pub, open(self.known_hosts, "a") as known:
+            known.write("[%s]:%d %s\n" % (KEY_HOST, self.ssh_port, " ".join(pub.read().split()[:2])))
+
+    def key_config(self, prefetch, spool, control, kind):
+        """Part 5's config: the key host alone, as postgres, with the restricted or bare key."""
+        path = os.path.join(self.run_dir, "pg_zfs_%s.conf" % kind)
+        with open(path, "w") as out:
+            out.write("[archive]\nsources = k\nspool_dir = %s\nprefetch = %d\ntimeout = 60\n"
+                      "control_dir = %s\n[source k]\nhost = %s\nport = %d\nuser = %s\npath = %s/*\n"
+                      "probe = tcp\nssh_options = -o IdentitiesOnly=yes -o UserKnownHostsFile=%s\n"
+                      "identity_file = %s\n" % (spool, prefetch, control, KEY_HOST, self.ssh_port, PG_USER,
+                                                 self.arch, self.known_hosts, self.keys[kind]))
+        os.chmod(path, 0o644)
+        return path
 
     def write_config(self, prefetch, spool, control):
         path = os.path.join(self.run_dir, "pg_zfs.conf")
@@ -376,6 +433,37 @@ print(median(cp), median(spool_times))
 """
 
 
+def restricted_key_part(bench, old_script=None, baseline_rev=None):
+    """5: delivery through the key restricted to pg_wal_serve against the same user's
+    bare key (and, with --baseline-rev, that revision's script through the bare key)."""
+    bench.start_key_host()
+    n = len(bench.names)
+    runs = [("bare", SCRIPT), ("restricted", SCRIPT)] + ([("bare", old_script)] if old_script else [])
+    times = {}
+    # Alternated, twice each: the 2 cores are shared with whatever else runs.
+    for round_ in (1, 2):
+        for prefetch in (0, 8):
+            for index, (kind, script) in enumerate(runs):
+                tag = "%d%d_%d" % (index, prefetch, round_)
+                control = os.path.join(bench.run_dir, "ck" + tag)
+                config = bench.key_config(prefetch, os.path.join(bench.run_dir, "spool_k" + tag), control, kind)
+                try:
+                    elapsed = bench.deliver_all("%s %s -c %s %%f %%p" % (bench.python, script, config))
+                finally:
+                    bench.close_masters(control)
+                times[index, prefetch] = min(elapsed, times.get((index, prefetch), elapsed))
+    print("\n5. the guest's key restricted to pg_wal_serve, %d segments, one process per file (best of 2)" % n)
+    for prefetch in (0, 8):
+        bare, restricted = times[0, prefetch], times[1, prefetch]
+        print("  prefetch = %d: bare key %7.2f s (%5.1f ms/segment), restricted %7.2f s (%5.1f ms/segment);"
+              " restricted/bare = %.2f (target <= 1.1)" % (prefetch, bare, bare * 1000 / n, restricted,
+                                                            restricted * 1000 / n, restricted / bare))
+        if old_script:
+            then = times[2, prefetch]
+            print("  prefetch = %d: bare key, pg_wal_fetch.py at %-12s %7.2f s (%5.1f ms/segment); restricted "
+                  "now/bare then = %.2f" % (prefetch, baseline_rev[:12], then, then * 1000 / n, restricted / then))
+
+
 def shell_quote(text):
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
@@ -385,6 +473,7 @@ def main():
     parser.add_argument("--segments", type=int, default=64)
     parser.add_argument("--pg", default="15")
     parser.add_argument("--baseline-rev", help="also recover with bin/pg_wal_fetch.py of this git revision")
+    parser.add_argument("--only-keys", action="store_true", help="run part 5 alone (the restricted key)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (sshd, runuser)")
@@ -399,6 +488,15 @@ def main():
         n = len(bench.names)
         print("archive: %d segments of 16 MiB; client Python %s as %s; PostgreSQL %s"
               % (n, python, PG_USER, args.pg))
+        old_script = None
+        if args.baseline_rev:
+            old_script = os.path.join(run_dir, "pg_wal_fetch_%s.py" % args.baseline_rev[:12])
+            with open(old_script, "w") as out:
+                out.write(sh(["git", "-C", REPO, "show", "%s:bin/pg_wal_fetch.py" % args.baseline_rev]).stdout)
+            os.chmod(old_script, 0o755)
+        if args.only_keys:
+            restricted_key_part(bench, old_script, args.baseline_rev)
+            return
         scp = "ping -c 1 -W 1 HOST && scp -q -P %d %s %s@HOST:%s/*/%%f %%p" % (
             bench.ssh_port, bench.ssh_opts, bench.user, bench.arch)
         article = "; ".join(scp.replace("HOST", address) for address in HOSTS)
@@ -406,12 +504,6 @@ def main():
         results["a"] = bench.deliver_all("cp %s/primary/%%f %%p" % bench.arch)
         results["b"] = bench.deliver_all(article)
         results["c"] = bench.stream_all()
-        old_script = None
-        if args.baseline_rev:
-            old_script = os.path.join(run_dir, "pg_wal_fetch_%s.py" % args.baseline_rev[:12])
-            with open(old_script, "w") as out:
-                out.write(sh(["git", "-C", REPO, "show", "%s:bin/pg_wal_fetch.py" % args.baseline_rev]).stdout)
-            os.chmod(old_script, 0o755)
         runs = [("d", 0, SCRIPT), ("e", 8, SCRIPT)]
         if old_script:
             runs += [("d_base", 0, old_script), ("e_base", 8, old_script)]
@@ -471,6 +563,7 @@ def main():
         print("  cp of the same file (runuser)              %8.1f ms" % cp_ms)
         print("  pg_wal_fetch.py from the spool (runuser)   %8.1f ms" % spool_ms)
         print("  spool/cp = %.2f (target <= 2.5)" % (spool_ms / cp_ms))
+        restricted_key_part(bench, old_script, args.baseline_rev)
     finally:
         bench.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -63,6 +63,23 @@ A standby (standby.signal, standby_mode = on) keeps retrying instead: there
 every exit code stays at 125 or below. History files never stop a recovery
 (PostgreSQL probes for timelines that do not exist at every start and end).
 
+The archive hosts' side: the guest's key should run nothing but pg_wal_serve,
+a read-only sh program this file writes (hosts need only POSIX sh, no
+Python). On each host, for the archive's owner (not root), e.g. in
+~postgres/.ssh/authorized_keys:
+
+    restrict,from="GUEST",command="/usr/local/bin/pg_wal_serve '/data04/pgdata/arch/*'" ssh-ed25519 AAAA...
+
+    pg_wal_fetch.py --serve-script > pg_wal_serve   # the program, for the hosts
+    pg_wal_fetch.py --install-server /usr/local/bin # or write it there (0755)
+    pg_wal_fetch.py --authorized-keys               # that line, per source
+    pg_wal_fetch.py --check                         # says "key restricted"
+
+It serves only `fetch COPY NAME...`, `list` and `probe` for valid WAL names
+from the glob of its own command line; the same requests sent to a key
+installed unrestricted run as a plain `sh -c` script, so this file works both
+ways, and --check warns that such a key runs any command on the host.
+
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [archive] sources, spool_dir, prefetch, timeout, stall_timeout,
               control_dir, control_persist, connect_timeout
@@ -1241,28 +1258,265 @@ def should_start_prefetch(spooled_in_window, prefetch):
     return prefetch > 0 and spooled_in_window * 2 <= prefetch
 
 
-def remote_fetch_script(path_glob, wal_names, candidate=1):
-    """The sh script that streams copy number `candidate` of each of wal_names, framed.
+# ---------------------------------------------------------------------------
+# The archive host's side: one sh program, sent or installed
+# ---------------------------------------------------------------------------
+# The host runs POSIX sh, never Python: every RHEL/CentOS and Debian host has
+# it, minimal installs included (rrsync is not on RHEL; Python is not on a
+# minimal RHEL 8/9). The same functions (SERVE_FUNCTIONS) answer both ways in:
+#   - a key installed unrestricted: the client sends them as the script of
+#     `sh -c SCRIPT pg_wal_fetch-request REQUEST...`, which reads its request
+#     from "$@";
+#   - a key installed restricted (authorized_keys command=): sshd runs
+#     pg_wal_serve (serve_script()) whatever the client asked; it splits
+#     $SSH_ORIGINAL_COMMAND into words, never evaluating it, and serves the
+#     words after the last REQUEST_MARK, with the archive glob of its own
+#     command line. The client's script, sent the same way, is never run.
+# So one command string works both ways, and the wire protocol is the same.
 
-    A name's copies are every readable NAME, NAME.gz, NAME.bz2 and NAME.xz in
-    every directory of the glob, in glob order, that suffix order within a
-    directory. First "DIRS N" (directories the glob matches); then per name
-    "FILE NAME SUFFIX SIZE INDEX COUNT PATH" and SIZE bytes (SUFFIX -, .gz,
-    .bz2 or .xz; INDEX of COUNT copies); at the first name with no copy
-    "MISSING NAME", with fewer than `candidate` copies "NOMORE NAME COUNT",
-    and the end. The glob is expanded with IFS empty, so it is matched but
-    never split or otherwise evaluated.
+SERVER = "pg_wal_serve"
+SERVER_PATH = "/usr/local/bin/pg_wal_serve"
+REQUEST_MARK = "pg_wal_fetch-request"
+
+# Requests (the words after REQUEST_MARK):
+#   fetch COPY NAME...  "DIRS N" (directories the glob matches); then per NAME
+#       "FILE NAME SUFFIX SIZE INDEX COUNT PATH" and SIZE bytes (SUFFIX -, .gz,
+#       .bz2 or .xz; copy INDEX=COPY of COUNT); at the first NAME with no copy
+#       "MISSING NAME", with fewer than COPY copies "NOMORE NAME COUNT", and
+#       the end. A name's copies: every readable NAME, NAME.gz, NAME.bz2,
+#       NAME.xz in every directory of the glob, in glob order, that suffix
+#       order within a directory.
+#   list   the file names in every directory of the glob, then "DIRS N".
+#   probe  "PROBE MODE USER VERSION CLIENT GLOB": MODE restricted (pg_wal_serve
+#       answered) or unrestricted (the client's own script ran: the key runs
+#       any command), CLIENT the address the host sees the guest at.
+# Every NAME must be a WAL file name (case patterns); the glob is expanded with
+# IFS empty, so it is matched but never split or otherwise evaluated. No single
+# quote in here: the script travels inside one (shlex.quote).
+SERVE_FUNCTIONS = r"""h=[0123456789ABCDEF]
+h8=$h$h$h$h$h$h$h$h
+refuse() {
+	printf "pg_wal_serve: refused: %.200s\n" "$1" >&2
+	logger -p auth.notice -t pg_wal_serve "refused a request from ${SSH_CLIENT%% *}: $(printf "%.200s" "$1")" >/dev/null 2>&1
+	exit 1
+}
+is_wal_name() {
+	case $1 in
+	$h8$h8$h8|$h8$h8$h8.partial|$h8.history|$h8$h8$h8.$h8.backup) return 0 ;;
+	esac
+	return 1
+}
+serve_fetch() {
+	k=$1
+	shift
+	n=0
+	for d in $g; do if [ -d "$d" ]; then n=$((n+1)); fi; done
+	echo "DIRS $n"
+	for w in "$@"; do
+		c=0
+		f=
+		for d in $g; do
+			for s in "" .gz .bz2 .xz; do
+				if [ -f "$d/$w$s" ] && [ -r "$d/$w$s" ]; then
+					c=$((c+1))
+					if [ $c -eq $k ]; then f=$d/$w$s; x=${s:--}; fi
+				fi
+			done
+		done
+		if [ $c -eq 0 ]; then echo "MISSING $w"; exit 0; fi
+		if [ -z "$f" ]; then echo "NOMORE $w $c"; exit 0; fi
+		b=$(wc -c < "$f") || exit 3
+		b=$((b+0))
+		printf "FILE %s %s %s %s %s %s\n" "$w" "$x" "$b" "$k" "$c" "$f"
+		head -c "$b" "$f" || exit 3
+	done
+}
+serve_list() {
+	n=0
+	for d in $g; do if [ -d "$d" ]; then n=$((n+1)); ls -1 "$d"; fi; done
+	echo "DIRS $n"
+}
+serve_probe() {
+	a=${SSH_CLIENT%% *}
+	printf "PROBE %s %s %s %s %s\n" "$m" "$(id -un 2>/dev/null || echo "?")" "$v" "${a:--}" "$g"
+}
+serve() {
+	IFS=
+	set +f
+	LC_ALL=C
+	export LC_ALL
+	case $1 in
+	fetch)
+		[ $# -ge 3 ] || refuse "fetch wants a copy number and WAL file names"
+		case $2 in
+		[123456789]|[123456789][0123456789]|[123456789][0123456789][0123456789]) ;;
+		*) refuse "not a copy number: $2" ;;
+		esac
+		k=$2
+		shift 2
+		for w in "$@"; do is_wal_name "$w" || refuse "not a WAL file name: $w"; done
+		serve_fetch "$k" "$@" ;;
+	list)
+		[ $# -eq 1 ] || refuse "list takes no argument"
+		serve_list ;;
+	probe)
+		[ $# -eq 1 ] || refuse "probe takes no argument"
+		serve_probe ;;
+	*)
+		refuse "not a pg_wal_fetch request: $1" ;;
+	esac
+}
+"""
+
+# pg_wal_serve after SERVE_FUNCTIONS: the request comes from sshd's
+# $SSH_ORIGINAL_COMMAND, the archive glob from authorized_keys.
+SERVER_MAIN = r"""m=restricted
+PATH=/usr/bin:/bin:/usr/sbin:/sbin
+export PATH
+[ $# -eq 1 ] || refuse "usage: pg_wal_serve ARCHIVE_GLOB (the command= of an authorized_keys line)"
+g=$1
+case $g in /*) ;; *) refuse "the archive glob must be an absolute path" ;; esac
+[ -n "${SSH_ORIGINAL_COMMAND:-}" ] || refuse "no command: this key serves pg_wal_fetch.py requests only"
+set -f
+unset IFS
+found=
+request=
+for word in $SSH_ORIGINAL_COMMAND; do
+	if [ "$word" = %(mark)s ]; then found=1; request=; else request="$request $word"; fi
+done
+[ -n "$found" ] || refuse "not a pg_wal_fetch request: $SSH_ORIGINAL_COMMAND"
+set -- $request
+serve "$@"
+"""
+
+SERVER_HEADER = """#!/bin/sh
+# %(server)s: the read-only server of archived WAL for pg_wal_fetch.py
+# (pg_zfs %(version)s). Written by `pg_wal_fetch.py --serve-script` or
+# `--install-server DIR`: do not edit; write it again after an upgrade.
+#
+# The forced command of the guest's key, in the authorized_keys of a user
+# that can read the archive (not root), e.g. ~postgres/.ssh/authorized_keys:
+#
+#   restrict,from="GUEST",command="%(path)s '/data04/pgdata/arch/*'" ssh-ed25519 AAAA...
+#
+# sshd runs it for every session of that key, whatever the client asked. It
+# reads the client's command from $SSH_ORIGINAL_COMMAND, splits it into words
+# with globbing off (never evaluates it) and serves only these requests, the
+# words after the last "%(mark)s":
+#   fetch COPY NAME...   copy number COPY of each WAL file NAME, framed
+#   list                 the file names in the archive's directories
+#   probe                who answers (pg_wal_fetch.py --check)
+# NAME: 24 upper-case hex digits (a segment), that and .partial,
+# TTTTTTTT.history, or SEGMENT.XXXXXXXX.backup. The archive glob is the one
+# argument above, never the client's. Anything else (a shell, scp, sftp, a
+# path, another word) gets one line "pg_wal_serve: refused: ..." on stderr
+# (and to syslog, auth.notice) and exit 1. It writes nothing anywhere.
+# Needs: sh, ls, wc, head -c, id (RHEL/CentOS 7+, Debian: every install).
+"""
+
+
+def serve_script():
+    """The text of pg_wal_serve, the forced command of a restricted key."""
+    return (SERVER_HEADER % {"server": SERVER, "version": VERSION, "path": SERVER_PATH, "mark": REQUEST_MARK}
+            + "v=%s\n" % VERSION + SERVE_FUNCTIONS + SERVER_MAIN % {"mark": REQUEST_MARK})
+
+
+def one_line(script):
+    """script (one command or keyword per line, as SERVE_FUNCTIONS is written) as
+    one line: a line that opens a body (`{`, then, do, else, `case ... in`, a
+    case pattern: ends in `)`, no `(` in it) or ends a case branch (;;) runs on
+    with a blank, every other one ends with `;`. One line keeps ssh's command,
+    sshd's log and `ps` readable."""
+    parts = []
+    for line in script.splitlines():
+        line = line.strip()
+        if line:
+            opens = (line.endswith(("{", ";;")) or line.split()[-1] in ("then", "do", "else", "in")
+                     or (line.endswith(")") and "(" not in line))
+            parts.append(line + ("" if opens else ";"))
+    return " ".join(parts)
+
+
+def remote_command(path_glob, request):
+    """The command string ssh sends for request (a list of words, e.g.
+    fetch_request(...)): `sh -c SCRIPT pg_wal_fetch-request WORD...`.
+
+    A login shell (unrestricted key) runs SCRIPT, SERVE_FUNCTIONS with the glob,
+    on the words; pg_wal_serve (restricted key) serves the words after the mark.
     """
     import shlex
-    return ("IFS=; p=%s; k=%d; n=0; for d in $p; do if [ -d \"$d\" ]; then n=$((n+1)); fi; done; "
-            "echo \"DIRS $n\"; for w in %s; do c=0; f=; for d in $p; do for s in '' .gz .bz2 .xz; do "
-            "if [ -f \"$d/$w$s\" ] && [ -r \"$d/$w$s\" ]; then c=$((c+1)); "
-            "if [ $c -eq $k ]; then f=$d/$w$s; x=${s:--}; fi; fi; done; done; "
-            "if [ $c -eq 0 ]; then echo \"MISSING $w\"; exit 0; fi; "
-            "if [ -z \"$f\" ]; then echo \"NOMORE $w $c\"; exit 0; fi; "
-            "b=$(wc -c < \"$f\") || exit 3; b=$((b+0)); echo \"FILE $w $x $b $k $c $f\"; "
-            "head -c \"$b\" \"$f\" || exit 3; done"
-            % (shlex.quote(path_glob), candidate, " ".join(shlex.quote(name) for name in wal_names)))
+    script = one_line("g=%s\nm=unrestricted\nv=%s\n" % (shlex.quote(path_glob), VERSION)
+                      + SERVE_FUNCTIONS + 'serve "$@"\n')
+    return " ".join(["sh", "-c", shlex.quote(script), REQUEST_MARK] + [shlex.quote(w) for w in request])
+
+
+def fetch_request(wal_names, candidate=1):
+    """The words asking for copy number `candidate` of each of wal_names (valid names)."""
+    return ["fetch", str(candidate)] + list(wal_names)
+
+
+LIST_REQUEST = ["list"]
+PROBE_REQUEST = ["probe"]
+
+
+def parse_probe(text):
+    """{mode, user, version, client, glob} of a probe's answer, or None if it is not one."""
+    lines = text.splitlines()
+    words = lines[0].split(" ", 5) if len(lines) == 1 else []
+    if len(words) != 6 or words[0] != "PROBE" or words[1] not in ("restricted", "unrestricted"):
+        return None
+    return dict(zip(("mode", "user", "version", "client", "glob"), words[1:]))
+
+
+def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
+    """The authorized_keys line that lets public_key run pg_wal_serve on path_glob
+    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *).
+
+    restrict: no forwarding of any kind, no PTY, no ~/.ssh/rc (and whatever a
+    later OpenSSH adds). Inside command="..." sshd turns \\" into " and
+    nothing else; the login shell then reads the quoted words.
+    """
+    import shlex
+    for what, value in (("public key", public_key), ("from", from_patterns), ("archive glob", path_glob),
+                        ("server path", server_path)):
+        if not value or "\n" in value or "\r" in value:
+            raise Failure("cannot write an authorized_keys line: %s %r is empty or has a line break"
+                          % (what, value), USAGE)
+    if not path_glob.startswith("/") or not server_path.startswith("/"):
+        raise Failure("the archive glob and the server path must be absolute: %r, %r"
+                      % (path_glob, server_path), USAGE)
+    if '"' in from_patterns or " " in from_patterns:
+        raise Failure("from %r: addresses or patterns separated by commas, no spaces or quotes"
+                      % from_patterns, USAGE)
+    key = public_key.split()
+    if len(key) < 2 or not key[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise Failure("not an ssh public key: %r" % public_key[:40], USAGE)
+    command = "%s %s" % (shlex.quote(server_path), shlex.quote(path_glob))
+    return 'restrict,from="%s",command="%s" %s' % (from_patterns, command.replace('"', '\\"'), " ".join(key))
+
+
+def bind_address(ssh_options):
+    """The local address ssh_options bind ssh to (-b ADDR, -o BindAddress=ADDR), or None."""
+    import shlex
+    words = shlex.split(ssh_options)
+    for index, word in enumerate(words):
+        value = None
+        if word == "-b" and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-b") and len(word) > 2:
+            value = word[2:]
+        elif word in ("-o", "-o=") and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-o"):
+            value = word[2:]
+        else:
+            continue
+        if word.startswith("-b"):
+            return value
+        key, _sep, setting = value.replace("=", " ", 1).partition(" ")
+        if key.lower() == "bindaddress" and setting.strip():
+            return setting.strip()
+    return None
 
 
 def parse_frame(line, wal_name):
@@ -1287,15 +1541,9 @@ def parse_frame(line, wal_name):
     return None
 
 
-def remote_list_script(path_glob):
-    """The sh script that lists every directory of path_glob, then "DIRS N"."""
-    import shlex
-    return ("IFS=; p=%s; n=0; for d in $p; do if [ -d \"$d\" ]; then n=$((n+1)); ls -1 \"$d\"; fi; "
-            "done; echo \"DIRS $n\"" % shlex.quote(path_glob))
-
-
-def ssh_argv(source, settings, script):
-    """The ssh command that runs script (sh) on source's host over the shared connection."""
+def ssh_argv(source, settings, command):
+    """The ssh command that sends command (remote_command()) to source's host over
+    the shared connection."""
     import shlex
     try:
         extra = shlex.split(source.ssh_options)
@@ -1315,8 +1563,7 @@ def ssh_argv(source, settings, script):
         argv += ["-i", source.identity_file]
     if source.user:
         argv += ["-l", source.user]
-    # The login shell of the archive user may not be POSIX: run sh explicitly.
-    return argv + ["-T", "--", source.host, "sh -c " + shlex.quote(script)]
+    return argv + ["-T", "--", source.host, command]
 
 
 # ---------------------------------------------------------------------------
@@ -2013,7 +2260,7 @@ def fetch_remote(source, settings, wal_names, deliver, deadline, candidate):
     """Copy number `candidate` of wal_names, in order, from source in ONE ssh session:
     {name: (outcome, detail, index, count)} up to the first name it lacks."""
     need_subprocess()
-    argv = ssh_argv(source, settings, remote_fetch_script(source.path, wal_names, candidate))
+    argv = ssh_argv(source, settings, remote_command(source.path, fetch_request(wal_names, candidate)))
     log.debug("run: %s", " ".join(argv))
     errors = scratch_file()
     try:
@@ -2105,12 +2352,25 @@ def list_archive(source, settings):
         directories = [d for d in glob.glob(source.path) if os.path.isdir(d)]
         return len(directories), [name for d in directories for name in os.listdir(d)]
     need_subprocess()
-    code, out, err = run(ssh_argv(source, settings, remote_list_script(source.path)),
+    code, out, err = run(ssh_argv(source, settings, remote_command(source.path, LIST_REQUEST)),
                          timeout=settings.timeout, check=False)
     lines = out.splitlines()
     if code != 0 or not lines or not lines[-1].startswith("DIRS "):
         raise Failure((err.strip().splitlines() or ["exit code %d" % code])[-1], UNAVAILABLE)
     return int(lines[-1].split()[1]), lines[:-1]
+
+
+def ask_access(source, settings):
+    """What the source's key may do on its host: parse_probe() of the answer to a
+    probe, or a Failure (exit 3) with the answer or ssh's last line."""
+    need_subprocess()
+    code, out, err = run(ssh_argv(source, settings, remote_command(source.path, PROBE_REQUEST)),
+                         timeout=settings.timeout, check=False)
+    answer = parse_probe(out)
+    if code != 0 or answer is None:
+        said = (err.strip().splitlines() or out.strip().splitlines() or ["exit code %d" % code])[-1]
+        raise Failure(said[:200], UNAVAILABLE)
+    return answer
 
 
 # ---------------------------------------------------------------------------
@@ -2492,26 +2752,58 @@ def check_command(settings):
         if not probe(source, started + settings.timeout):
             print("%s (%s): unreachable (probe = %s)" % (source.name, where, source.probe))
             continue
+        access = None
+        if not source.is_local:
+            try:
+                access = ask_access(source, settings)
+            except Failure as failure:
+                print("%s (%s): reachable, but the probe of what its key may do failed: %s"
+                      % (source.name, where, failure))
+                continue
+        # A restricted key is served the host's glob (authorized_keys), not path.
+        served = access["glob"] if access and access["mode"] == "restricted" else source.path
         try:
             directories, names = list_archive(source, settings)
         except Failure as failure:
-            print("%s (%s): reachable, listing %s failed: %s" % (source.name, where, source.path, failure))
+            print("%s (%s): reachable, listing %s failed: %s" % (source.name, where, served, failure))
             continue
         round_trip = (time.time() - started) * 1000
         if directories:
             working += 1
         print("%s (%s): reachable, %s %s, newest WAL file %s, round trip %.0f ms" % (
-            source.name, where, source.path,
+            source.name, where, served,
             "matches %d director%s" % (directories, "y" if directories == 1 else "ies")
             if directories else "matches NO directory",
             newest_wal(names) or "none", round_trip))
         if not directories:
             print("WARNING: [source %s] %s matches no directory%s (archive disk not mounted?): a "
                   "point-in-time restore stops when it needs a file this source may hold"
-                  % (source.name, source.path, "" if source.is_local else " on " + source.host))
+                  % (source.name, served, "" if source.is_local else " on " + source.host))
+        for line in access_lines(source, access):
+            print(line)
     print(verifier_line(settings))
     print(spool_line(settings.spool_dir))
     return DELIVERED if working else UNAVAILABLE
+
+
+def access_lines(source, access):
+    """What --check says of a source's key, from its probe's answer (None: local)."""
+    if access is None:
+        return []
+    if access["mode"] == "unrestricted":
+        return ["WARNING: [source %s] key unrestricted: it runs any command on %s as %s; install it "
+                "restricted to %s (pg_wal_fetch.py --authorized-keys)" % (source.name, source.host,
+                                                                          access["user"], SERVER)]
+    lines = ["%s: key restricted: %s %s on %s answers as %s, serving %s; the host sees this guest as %s"
+             % (source.name, SERVER, access["version"], source.host, access["user"], access["glob"],
+                access["client"])]
+    if access["user"] == "root":
+        lines.append("WARNING: [source %s] %s runs as root on %s: install the key for the archive's "
+                     "owner (postgres) instead" % (source.name, SERVER, source.host))
+    if access["glob"] != source.path:
+        lines.append("WARNING: [source %s] %s serves %s, but path = %s: make them the same "
+                     "(messages name path)" % (source.name, source.host, access["glob"], source.path))
+    return lines
 
 
 def verifier_line(settings):
@@ -2558,6 +2850,95 @@ def list_or_empty(directory):
         return []
 
 
+def install_server_command(directory):
+    """--install-server DIR: DIR/pg_wal_serve, mode 0755, written atomically (temp
+    file, fsync, rename); left alone when it is this version already."""
+    import stat
+    target = os.path.join(directory, SERVER)
+    text = serve_script().encode("ascii")
+    if not os.path.isdir(directory):
+        raise Failure("--install-server %s: not a directory" % directory, USAGE)
+    try:
+        with open(target, "rb") as current:
+            same = current.read() == text and stat.S_IMODE(os.fstat(current.fileno()).st_mode) == 0o755
+    except (IOError, OSError):
+        same = False
+    if same:
+        print("%s is up to date (%s %s)" % (target, SERVER, VERSION))
+    else:
+        staged = StagedFile(directory, durable=True)
+        try:
+            staged.write(text)
+            staged.file.flush()
+            os.fchmod(staged.file.fileno(), 0o755)
+            staged.commit(target)
+        finally:
+            staged.discard()
+        print("installed %s (%s %s)" % (target, SERVER, VERSION))
+    for path in (directory, target):
+        info = os.stat(path)
+        if info.st_mode & 0o022 or info.st_uid not in (0, os.getuid()):
+            log.warning("%s can be changed by other users: whoever can change it decides what "
+                        "the guest's key runs", path)
+    return DELIVERED
+
+
+def public_key_of(source):
+    """(path, text) of the public key ssh offers for source: identity_file + .pub,
+    else the first of ssh's default keys of this user."""
+    if source.identity_file:
+        candidates = [source.identity_file + ".pub"]
+    else:
+        home = os.path.expanduser("~")
+        candidates = [os.path.join(home, ".ssh", name + ".pub") for name in
+                      ("id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk", "id_dsa")]
+    for path in candidates:
+        try:
+            with open(path) as key_file:
+                return path, key_file.read().strip()
+        except (IOError, OSError):
+            continue
+    raise Failure("[source %s]: no public key (%s): create the key first (setup_guest.py --install)"
+                  % (source.name, " or ".join(candidates)), UNAVAILABLE)
+
+
+def address_toward(host, port):
+    """The local address this machine sends from to reach host (a connected UDP
+    socket: the kernel picks the route and source; no packet is sent)."""
+    import socket
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+        probe_socket = socket.socket(family, kind, proto)
+        try:
+            probe_socket.connect(address)
+            return probe_socket.getsockname()[0]
+        finally:
+            probe_socket.close()
+    except (OSError, IOError, IndexError) as error:
+        raise Failure("cannot tell the address this guest reaches %s from: %s" % (host, error), UNAVAILABLE)
+
+
+def authorized_keys_command(settings, server_path):
+    """--authorized-keys: for each ssh source, the authorized_keys line that lets
+    this guest's key run pg_wal_serve on the host and nothing else."""
+    import pwd
+    me = pwd.getpwuid(os.getuid()).pw_name
+    for source in settings.sources:
+        if source.is_local:
+            continue
+        key_path, public_key = public_key_of(source)
+        user = source.user or me
+        from_patterns = bind_address(source.ssh_options) or address_toward(source.host, source.port)
+        print("# [source %s] on %s, as root: %s installed (pg_wal_fetch.py --serve-script), then this "
+              "line appended to ~%s/.ssh/authorized_keys (key %s; the host must see this guest "
+              "come from %s)" % (source.name, source.host, server_path, user, key_path, from_patterns))
+        print(authorized_keys_line(public_key, from_patterns, source.path, server_path))
+        if user == "root":
+            log.warning("[source %s] user = root: install the key for the archive's owner (postgres) "
+                        "and set user = postgres", source.name)
+    return DELIVERED
+
+
 # ---------------------------------------------------------------------------
 # Arguments and main
 # ---------------------------------------------------------------------------
@@ -2568,7 +2949,8 @@ class Arguments(object):
     def __init__(self, config, wal_name, dest):
         self.config, self.wal_name, self.dest = config, wal_name, dest
         self.verbose = self.check = self.prefetch = False
-        self.waldump = None
+        self.serve_script = self.authorized_keys = False
+        self.waldump = self.install_server = None
 
 
 def quick_args(argv):
@@ -2591,6 +2973,16 @@ def parse_args(argv):
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     parser.add_argument("--check", action="store_true",
                         help="test every source: reachable, archive path, newest WAL file, round trip")
+    parser.add_argument("--serve-script", action="store_true",
+                        help="print pg_wal_serve, the sh program an archive host runs as the forced "
+                             "command of the guest's key")
+    parser.add_argument("--install-server", metavar="DIR",
+                        help="write DIR/pg_wal_serve (0755, atomically; unchanged if current)")
+    parser.add_argument("--authorized-keys", action="store_true",
+                        help="print, for each ssh source, the authorized_keys line restricting "
+                             "this guest's key to pg_wal_serve")
+    parser.add_argument("--server", default=SERVER_PATH, metavar="PATH",
+                        help="where pg_wal_serve is on the hosts, for --authorized-keys (default %(default)s)")
     parser.add_argument("wal_name", nargs="?", metavar="WALNAME",
                         help="the WAL file PostgreSQL wants (%%f in restore_command)")
     parser.add_argument("dest", nargs="?", metavar="DEST",
@@ -2603,7 +2995,8 @@ def parse_args(argv):
     parser.add_argument("--pg-major", help=argparse.SUPPRESS)
     parser.add_argument("--waldump", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not args.check and not args.prefetch and (args.wal_name is None or args.dest is None):
+    if not (args.check or args.prefetch or args.serve_script or args.install_server or args.authorized_keys) \
+            and (args.wal_name is None or args.dest is None):
         parser.error("WALNAME and DEST are required (restore_command = '%s %%f %%p')" % sys.argv[0])
     return args
 
@@ -2651,7 +3044,13 @@ def main(argv=None):
     setup_logging(args.verbose)
     args.stop_on_doubt = False
     try:
-        if not args.check and not args.prefetch:
+        # The archive host's side needs no config (the host may have none).
+        if args.serve_script:
+            sys.stdout.write(serve_script())
+            return DELIVERED
+        if args.install_server:
+            return install_server_command(args.install_server)
+        if not args.check and not args.prefetch and not args.authorized_keys:
             kind = wal_kind(args.wal_name)
             if kind is None:
                 # Before anything else, the config included.
@@ -2665,6 +3064,8 @@ def main(argv=None):
             return prefetch_command(args, config)
         if args.check:
             return check_command(Settings(config))
+        if args.authorized_keys:
+            return authorized_keys_command(Settings(config), args.server)
         return fetch_command(args, config)
     except Failure as failure:
         return stop_or(args, failure.code if 0 < failure.code <= 3 else UNAVAILABLE, failure)

@@ -7,6 +7,8 @@ import bz2
 import gzip
 import lzma
 import os
+import pwd
+import shlex
 import struct
 import subprocess
 
@@ -266,7 +268,7 @@ def test_ssh_command_shares_the_connection_and_quotes_the_remote_command(tmp_pat
     for option in ("BatchMode=yes", "ConnectTimeout=5", "ControlMaster=auto",
                    "ControlPath=/tmp/ctl/%C", "ControlPersist=60", "ServerAliveInterval=2"):
         assert option in argv
-    assert argv[-3:] == ["--", "127.0.0.9", "sh -c 'echo '\"'\"'x y'\"'\"''"]
+    assert argv[-3:] == ["--", "127.0.0.9", "echo 'x y'"]         # remote_command() quotes
     assert argv[argv.index("-i") + 1] == "/k" and argv[argv.index("-l") + 1] == "root"
 
 
@@ -324,14 +326,35 @@ def hostile_archive(tmp_path):
     return str(root) + "/*"
 
 
-def run_remote(tmp_path, path_glob, names, candidate=1):
-    script = fetch.remote_fetch_script(path_glob, names, candidate)
-    return subprocess.run(["sh", "-c", script], cwd=str(tmp_path), stdout=subprocess.PIPE,
-                          check=True).stdout
+SERVER_WAYS = ("unrestricted", "restricted dash", "restricted bash")
 
 
-def test_remote_script_streams_the_first_copy_of_each_in_order_and_never_evaluates_the_glob(tmp_path):
-    out = run_remote(tmp_path, hostile_archive(tmp_path), NAMES)
+def serve(tmp_path, way, path_glob, request, cwd=None):
+    """(exit code, stdout, stderr) of a request answered as a host answers it: unrestricted,
+    a login shell runs the command string; restricted, pg_wal_serve (under dash or bash
+    as /bin/sh) reads it from $SSH_ORIGINAL_COMMAND with the glob of its own command
+    line, and the client's glob is never used."""
+    env = {"PATH": os.environ["PATH"], "SSH_CLIENT": "127.0.0.14 40000 22"}
+    if way == "unrestricted":
+        argv = ["sh", "-c", fetch.remote_command(path_glob, request)]
+    else:
+        server = tmp_path / "pg_wal_serve"
+        server.write_text(fetch.serve_script())
+        env["SSH_ORIGINAL_COMMAND"] = fetch.remote_command("/the/client/glob/is/ignored/*", request)
+        argv = [way.split()[1], str(server), path_glob]
+    proc = subprocess.run(argv, cwd=str(cwd or tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return proc.returncode, proc.stdout, proc.stderr.decode()
+
+
+def run_remote(tmp_path, path_glob, names, candidate=1, way="unrestricted"):
+    code, out, err = serve(tmp_path, way, path_glob, fetch.fetch_request(names, candidate))
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("way", SERVER_WAYS)
+def test_remote_script_streams_the_first_copy_of_each_in_order_and_never_evaluates_the_glob(tmp_path, way):
+    out = run_remote(tmp_path, hostile_archive(tmp_path), NAMES, way=way)
     directories, found, last = frames(out, NAMES)
     assert directories == 2
     assert found == [(NAMES[0], "", 1, 3, NAMES[0], b"one\n" * 3),
@@ -340,20 +363,22 @@ def test_remote_script_streams_the_first_copy_of_each_in_order_and_never_evaluat
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
 
 
-def test_remote_script_streams_any_later_copy_on_request_and_says_when_there_is_none(tmp_path):
+@pytest.mark.parametrize("way", SERVER_WAYS)
+def test_remote_script_streams_any_later_copy_on_request_and_says_when_there_is_none(tmp_path, way):
     path_glob = hostile_archive(tmp_path)
     copies = []
     for candidate in (1, 2, 3):
-        _, found, _ = frames(run_remote(tmp_path, path_glob, NAMES[:1], candidate), NAMES[:1])
+        _, found, _ = frames(run_remote(tmp_path, path_glob, NAMES[:1], candidate, way), NAMES[:1])
         copies.append(found[0][1:])
     # Every directory of the glob, every suffix: a bad first copy hides nothing.
     assert copies == [("", 1, 3, NAMES[0], b"one\n" * 3), ("", 2, 3, NAMES[0], b"second copy"),
                       (".xz", 3, 3, NAMES[0] + ".xz", b"third copy")]
-    assert frames(run_remote(tmp_path, path_glob, NAMES[:1], 4), NAMES[:1])[2] == ("NOMORE", 3)
+    assert frames(run_remote(tmp_path, path_glob, NAMES[:1], 4, way), NAMES[:1])[2] == ("NOMORE", 3)
 
 
-def test_remote_script_says_when_the_glob_matches_no_directory(tmp_path):
-    out = run_remote(tmp_path, str(tmp_path / "not-mounted") + "/*", NAMES[:1])
+@pytest.mark.parametrize("way", SERVER_WAYS)
+def test_remote_script_says_when_the_glob_matches_no_directory(tmp_path, way):
+    out = run_remote(tmp_path, str(tmp_path / "not-mounted") + "/*", NAMES[:1], way=way)
     assert out == b"DIRS 0\nMISSING " + NAMES[0].encode() + b"\n"
 
 
@@ -365,13 +390,165 @@ def test_a_frame_for_another_name_or_malformed_is_not_taken(line):
     assert fetch.parse_frame(line, "000000010000000000000001") is None
 
 
-def test_remote_list_script_counts_directories(tmp_path):
+@pytest.mark.parametrize("way", SERVER_WAYS)
+def test_remote_list_counts_directories(tmp_path, way):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "000000010000000000000001").write_bytes(b"")
     (tmp_path / "file").write_bytes(b"")
-    out = subprocess.run(["sh", "-c", fetch.remote_list_script(str(tmp_path) + "/*")],
-                         stdout=subprocess.PIPE, check=True, universal_newlines=True).stdout
-    assert out.splitlines() == ["000000010000000000000001", "DIRS 1"]
+    code, out, err = serve(tmp_path, way, str(tmp_path) + "/*", fetch.LIST_REQUEST)
+    assert code == 0, err
+    assert out.decode().splitlines() == ["000000010000000000000001", "DIRS 1"]
+
+
+@pytest.mark.parametrize("way", SERVER_WAYS)
+def test_the_probe_says_who_answers_and_how_the_host_sees_the_guest(tmp_path, way):
+    code, out, err = serve(tmp_path, way, "/arch ive/*", fetch.PROBE_REQUEST)
+    assert code == 0, err
+    answer = fetch.parse_probe(out.decode())
+    assert answer == {"mode": way.split()[0], "user": pwd.getpwuid(os.getuid()).pw_name,
+                      "version": fetch.VERSION, "client": "127.0.0.14", "glob": "/arch ive/*"}
+
+
+@pytest.mark.parametrize("text", ["", "PROBE restricted a b c\n", "PROBE maybe u 1 - /x\n",
+                                  "PROBE restricted u 1 - /x\nmore\n", "pg_wal_serve: refused: x\n"])
+def test_anything_but_one_probe_line_is_not_a_probe_answer(text):
+    assert fetch.parse_probe(text) is None
+
+
+def test_one_command_string_carries_the_request_after_the_mark_both_ways():
+    command = fetch.remote_command("/data04/pgdata/arch/*", fetch.fetch_request(NAMES[:2], 3))
+    words = shlex.split(command)
+    # Unrestricted, a login shell runs: sh -c SCRIPT MARK WORDS ($0 is the mark).
+    assert words[:2] == ["sh", "-c"] and words[3:] == [fetch.REQUEST_MARK, "fetch", "3"] + NAMES[:2]
+    # Restricted, pg_wal_serve takes the words after the last mark, split at blanks.
+    assert command.split()[-4:] == ["fetch", "3"] + NAMES[:2]
+    assert fetch.REQUEST_MARK not in words[2]
+    assert "'" not in fetch.SERVE_FUNCTIONS
+
+
+HOSTILE_REQUESTS = [
+    ("id", "not a pg_wal_fetch request: id"),
+    ("cat /etc/shadow", "not a pg_wal_fetch request: cat /etc/shadow"),
+    ("scp -t /tmp/x", "not a pg_wal_fetch request"),
+    ("scp -f /etc/passwd", "not a pg_wal_fetch request"),
+    ("internal-sftp", "not a pg_wal_fetch request"),
+    ("/usr/lib/openssh/sftp-server", "not a pg_wal_fetch request"),
+    ("", "no command"),
+    (fetch.REQUEST_MARK + " fetch 1 ../../etc/passwd", "not a WAL file name: ../../etc/passwd"),
+    (fetch.REQUEST_MARK + " fetch 1 /etc/passwd", "not a WAL file name: /etc/passwd"),
+    (fetch.REQUEST_MARK + " fetch 1 " + NAMES[0] + ";touch${IFS}MARKER", "not a WAL file name"),
+    (fetch.REQUEST_MARK + " fetch 1 $(touch MARKER)", "not a WAL file name: $(touch"),
+    (fetch.REQUEST_MARK + " fetch 1 `touch MARKER`", "not a WAL file name: `touch"),
+    (fetch.REQUEST_MARK + " fetch 1 " + NAMES[0][:-1] + "*", "not a WAL file name"),
+    (fetch.REQUEST_MARK + " fetch 1 00000001000000000000000a", "not a WAL file name"),
+    (fetch.REQUEST_MARK + " fetch 1 " + NAMES[0] + ".gz", "not a WAL file name"),
+    (fetch.REQUEST_MARK + " fetch 1 " + NAMES[0] + " ../x", "not a WAL file name: ../x"),
+    (fetch.REQUEST_MARK + " fetch 0 " + NAMES[0], "not a copy number: 0"),
+    (fetch.REQUEST_MARK + " fetch -1 " + NAMES[0], "not a copy number"),
+    (fetch.REQUEST_MARK + " fetch 1", "fetch wants"),
+    (fetch.REQUEST_MARK + " list /etc", "list takes no argument"),
+    (fetch.REQUEST_MARK + " probe x", "probe takes no argument"),
+    (fetch.REQUEST_MARK + " sh -c id", "not a pg_wal_fetch request: sh"),
+    (fetch.REQUEST_MARK, "not a pg_wal_fetch request"),
+]
+
+
+@pytest.mark.parametrize("shell", ["dash", "bash"])
+@pytest.mark.parametrize("original, reason", HOSTILE_REQUESTS)
+def test_pg_wal_serve_refuses_in_one_line_and_changes_nothing(tmp_path, shell, original, reason):
+    archive = tmp_path / "arch" / "primary"
+    archive.mkdir(parents=True)
+    (archive / NAMES[0]).write_bytes(b"x")
+    server = tmp_path / "pg_wal_serve"
+    server.write_text(fetch.serve_script())
+    before = sorted(os.listdir(str(tmp_path)))
+    env = {"PATH": os.environ["PATH"], "SSH_CLIENT": "127.0.0.14 40000 22"}
+    if original:
+        env["SSH_ORIGINAL_COMMAND"] = original
+    proc = subprocess.run([shell, str(server), str(tmp_path / "arch") + "/*"], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("pg_wal_serve: refused: " + reason) and proc.stderr.count("\n") == 1
+    assert sorted(os.listdir(str(tmp_path))) == before
+
+
+@pytest.mark.parametrize("shell", ["dash", "bash"])
+def test_pg_wal_serve_never_runs_the_words_before_the_mark(tmp_path, shell):
+    (tmp_path / "arch" / "primary").mkdir(parents=True)
+    server = tmp_path / "pg_wal_serve"
+    server.write_text(fetch.serve_script())
+    env = {"PATH": os.environ["PATH"],
+           "SSH_ORIGINAL_COMMAND": "touch MARKER; $(touch MARKER2) sh -c 'touch MARKER3' %s list"
+                                   % fetch.REQUEST_MARK}
+    proc = subprocess.run([shell, str(server), str(tmp_path / "arch") + "/*"], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "DIRS 1\n", "")
+    assert sorted(os.listdir(str(tmp_path))) == ["arch", "pg_wal_serve"]
+
+
+@pytest.mark.parametrize("argv, reason", [([], "usage"), (["/a/*", "/b/*"], "usage"),
+                                          (["arch/*"], "absolute")])
+def test_pg_wal_serve_refuses_a_bad_command_line_in_authorized_keys(tmp_path, argv, reason):
+    server = tmp_path / "pg_wal_serve"
+    server.write_text(fetch.serve_script())
+    env = {"PATH": os.environ["PATH"],
+           "SSH_ORIGINAL_COMMAND": fetch.remote_command("/x/*", fetch.PROBE_REQUEST)}
+    proc = subprocess.run(["sh", str(server)] + argv, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 1 and proc.stdout == "" and reason in proc.stderr
+
+
+def sshd_dequote(line):
+    """(options, rest) of an authorized_keys line as sshd reads command="...": only \\" is special."""
+    assert line.startswith('restrict,from="')
+    options, index = [], len("restrict,")
+    while line[index] != " ":
+        name_end = line.index('="', index)
+        value, index = "", name_end + 2
+        while line[index] != '"':
+            if line[index] == "\\" and line[index + 1] == '"':
+                index += 1
+            value += line[index]
+            index += 1
+        options.append((line[name_end - len(line[:name_end].split(",")[-1]):name_end], value))
+        index += 1
+        if line[index] == ",":
+            index += 1
+    return options, line[index + 1:]
+
+
+@pytest.mark.parametrize("path_glob", ["/data04/pgdata/arch/*", "/arch ive/it's \"x\"/$(id)/*"])
+def test_authorized_keys_line_restricts_the_key_to_pg_wal_serve_on_the_glob(path_glob):
+    line = fetch.authorized_keys_line("ssh-ed25519 AAAAC3Nza postgres@guest pg_zfs", "192.168.122.10",
+                                      path_glob, "/usr/local/bin/pg_wal_serve")
+    options, key = sshd_dequote(line)
+    assert line.startswith("restrict,") and key == "ssh-ed25519 AAAAC3Nza postgres@guest pg_zfs"
+    assert dict(options)["from"] == "192.168.122.10"
+    # The login shell reads the command: the server and the glob, each one word.
+    assert shlex.split(dict(options)["command"]) == ["/usr/local/bin/pg_wal_serve", path_glob]
+
+
+@pytest.mark.parametrize("key, source, path_glob, server", [
+    ("ssh-ed25519 AAAA", "192.168.122.10", "arch/*", "/usr/local/bin/pg_wal_serve"),
+    ("ssh-ed25519 AAAA", "192.168.122.10", "/arch/*\nssh-rsa x", "/usr/local/bin/pg_wal_serve"),
+    ("ssh-ed25519 AAAA", '1.2.3.4" x', "/arch/*", "/usr/local/bin/pg_wal_serve"),
+    ("ssh-ed25519 AAAA", "", "/arch/*", "/usr/local/bin/pg_wal_serve"),
+    ("ssh-ed25519", "10.0.0.1", "/arch/*", "/usr/local/bin/pg_wal_serve"),
+    ("command=\"id\" ssh-ed25519 AAAA", "10.0.0.1", "/arch/*", "/usr/local/bin/pg_wal_serve"),
+    ("ssh-ed25519 AAAA", "10.0.0.1", "/arch/*", "pg_wal_serve"),
+])
+def test_authorized_keys_line_refuses_what_would_break_or_widen_it(key, source, path_glob, server):
+    with pytest.raises(fetch.Failure) as failure:
+        fetch.authorized_keys_line(key, source, path_glob, server)
+    assert failure.value.code == 2
+
+
+@pytest.mark.parametrize("options, address", [
+    ("", None), ("-o HostKeyAlias=a25", None), ("-b 127.0.0.14", "127.0.0.14"), ("-b127.0.0.15", "127.0.0.15"),
+    ("-o BindAddress=10.1.1.1", "10.1.1.1"), ("-oBindAddress=10.1.1.2", "10.1.1.2"),
+    ("-o 'BindAddress 10.1.1.3'", "10.1.1.3"), ("-o bindaddress=10.1.1.4 -p 22", "10.1.1.4")])
+def test_the_address_ssh_options_bind_to_is_the_guest_address_the_host_sees(options, address):
+    assert fetch.bind_address(options) == address
 
 
 # ---------------------------------------------------------------------------

@@ -490,16 +490,29 @@ class Cluster(object):
 # ---------------------------------------------------------------------------
 
 class ArchiveHost(object):
-    """A fake archive host: sshd on ADDRESS:PORT serving ROOT/<subdir>/<walname>."""
+    """A fake archive host: sshd on ADDRESS:PORT serving ROOT/<subdir>/<walname>.
+
+    By default every user's keys are the testbed's one authorized_keys (root
+    logs in with the client key). With user_keys=True each user has its own,
+    `authorized_keys_of(user)` (HOME/users/USER/.ssh/authorized_keys, the
+    ~USER/.ssh/authorized_keys of a real host), empty at first, and sshd uses
+    PAM as real hosts do (without it sshd refuses Debian's postgres, whose
+    password is locked). more_addresses: further loopback addresses it listens
+    on; log_level: sshd's LogLevel (DEBUG1 logs what a key's options refused).
+    """
 
     SUBDIR = "primary"
 
-    def __init__(self, testbed, name, address, port=2222):
+    def __init__(self, testbed, name, address, port=2222, user_keys=False, more_addresses=(),
+                 log_level=None):
         self.testbed = testbed
         self.name = name
         self.address = address
+        self.addresses = [address] + list(more_addresses)
         self.port = port
         self.home = os.path.join(testbed.run_dir, name)
+        self.users = os.path.join(self.home, "users") if user_keys else None
+        self.log = os.path.join(self.home, "sshd.log")
         self.root = os.path.join(self.home, "arch")
         self.wal_dir = os.path.join(self.root, self.SUBDIR)
         self.glob = os.path.join(self.root, "*")
@@ -509,28 +522,40 @@ class ArchiveHost(object):
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.host_key])
         self.pidfile = os.path.join(self.home, "sshd.pid")
         config = os.path.join(self.home, "sshd_config")
+        if self.users:
+            os.makedirs(self.users)
         with open(config, "w") as out:
-            out.write("\n".join([
-                "ListenAddress %s:%d" % (address, port),
+            out.write("\n".join(["ListenAddress %s:%d" % (listen, port) for listen in self.addresses] + [
                 "HostKey %s" % self.host_key,
-                "AuthorizedKeysFile %s" % testbed.authorized_keys,
+                "AuthorizedKeysFile %s" % (os.path.join(self.users, "%u", ".ssh", "authorized_keys")
+                                           if self.users else testbed.authorized_keys),
                 "PermitRootLogin prohibit-password",
                 "PasswordAuthentication no",
-                "UsePAM no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM %s" % ("yes" if self.users else "no"),
                 "StrictModes no",
                 "PidFile %s" % self.pidfile,
                 "Subsystem sftp internal-sftp",
                 "MaxStartups 100",
                 "MaxSessions 100",
-                ""]))
+                ] + (["LogLevel %s" % log_level] if log_level else []) + [""]))
         os.makedirs("/run/sshd", exist_ok=True)
-        sh(["/usr/sbin/sshd", "-f", config, "-E", os.path.join(self.home, "sshd.log")])
+        sh(["/usr/sbin/sshd", "-f", config, "-E", self.log])
         self.pid = wait_for(self._pid_from_file, 10, "sshd on %s" % address)
-        wait_for(self._answers, 10, "sshd on %s to accept" % address)
+        for listen in self.addresses:
+            wait_for(lambda: self._answers(listen), 10, "sshd on %s to accept" % listen)
         with open(self.host_key + ".pub") as pub:
             key = " ".join(pub.read().split()[:2])
         with open(testbed.known_hosts, "a") as known:
-            known.write("[%s]:%d %s\n" % (address, port, key))
+            for listen in self.addresses:
+                known.write("[%s]:%d %s\n" % (listen, port, key))
+
+    def home_of(self, user):
+        """~USER on this host (user_keys=True): where its .ssh/authorized_keys lives."""
+        return os.path.join(self.users, user)
+
+    def authorized_keys_of(self, user):
+        return os.path.join(self.home_of(user), ".ssh", "authorized_keys")
 
     def _pid_from_file(self):
         # sshd creates the pidfile before it writes the number into it.
@@ -540,10 +565,10 @@ class ArchiveHost(object):
         except (OSError, IndexError, ValueError):
             return None
 
-    def _answers(self):
+    def _answers(self, address=None):
         with contextlib.closing(socket.socket()) as sock:
             sock.settimeout(1)
-            return sock.connect_ex((self.address, self.port)) == 0
+            return sock.connect_ex((address or self.address, self.port)) == 0
 
     def kill(self):
         """Make the host dead: drop every packet to its address."""
