@@ -1,12 +1,14 @@
 """Smoke tests: each real component of the testbed works and is cleaned up."""
 
+import contextlib
 import os
 import subprocess
 import time
 
 import pytest
 
-from testbed import PY36, PY313, BIN, sh, wait_for
+import testbed
+from testbed import PY36, PY313, BIN, ZfsPool, sh, wait_for
 
 
 def test_write_on_primary_is_visible_on_standby(tb):
@@ -152,3 +154,29 @@ def test_install_deps_never_installs_zfs_fuse_where_kernel_zfs_runs(tmp_path, ke
     packages = [line for line in proc.stdout.splitlines() if line.startswith("install-deps: packages:")]
     assert len(packages) == 1
     assert ("zfs-fuse" in packages[0].split()) is not kernel_zfs
+
+
+def test_a_dead_sessions_pool_is_destroyed_by_the_next_session_even_when_its_image_is_gone(tb, tmp_path):
+    """A session killed before its teardown leaves its pool in zfs-fuse; its run
+    dir (and pool image) may be gone too. The next pool made destroys it."""
+    if testbed.kernel_zfs():
+        pytest.skip("kernel ZFS: pools of dead sessions are the guest's, not this machine's")
+    tb.zfs                                       # the daemon runs
+    number = 900000 + os.getpid() % 99999       # no live session holds this net lock
+    dead = "pgzfs_t%d" % number
+    image = str(tmp_path / "dead.img")
+    with open(image, "w") as handle:
+        handle.truncate(128 << 20)
+    sh(["zpool", "create", "-m", "none", dead, image])
+    try:
+        os.unlink(image)
+        assert sh(["zpool", "list", "-H", "-o", "name"]).stdout.split().count(dead) == 1
+        fresh = ZfsPool(str(tmp_path), "pgzfs_tfresh%d" % os.getpid(), size="128M")
+        try:
+            assert dead not in sh(["zpool", "list", "-H", "-o", "name"]).stdout.split()
+        finally:
+            fresh.teardown()
+    finally:
+        sh(["zpool", "destroy", "-f", dead], check=False)
+        with contextlib.suppress(OSError):
+            os.unlink("/tmp/pg_zfs-tests-net-%d.lock" % number)

@@ -261,7 +261,11 @@ class ZfsPool(object):
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # a live session owns it
-                sh(["zpool", "destroy", "-f", name], check=False, timeout=60)
+                # Its image may be gone (the run dir removed): the pool is then
+                # FAULTED after a daemon restart; zfs-fuse destroys it anyway,
+                # a kernel ZFS that refuses gets it exported (out of its cache).
+                if sh(["zpool", "destroy", "-f", name], check=False, timeout=60).returncode != 0:
+                    sh(["zpool", "export", "-f", name], check=False, timeout=60)
 
     def _start_daemon(self):
         # Nothing of this session in its command line or working directory: other
