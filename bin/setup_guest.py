@@ -94,7 +94,11 @@ SU = "/bin/su"
 log = logging.getLogger(PROG)
 
 BIN_DIR = os.path.dirname(os.path.abspath(__file__))
-UNIT_SOURCE_DIR = os.path.join(os.path.dirname(BIN_DIR), "etc", "systemd")
+# The units: etc/systemd of the pg_zfs tree, else the package's (make install
+# puts them in PREFIX/lib/systemd/system for scripts in PREFIX/bin).
+UNIT_SOURCE_DIRS = (os.path.join(os.path.dirname(BIN_DIR), "etc", "systemd"),
+                    os.path.join(os.path.dirname(BIN_DIR), "lib", "systemd", "system"),
+                    "/usr/lib/systemd/system", "/lib/systemd/system")
 WAL_FETCH = "pg_wal_fetch.py"
 SNAP = "pg_zfs_snap.py"
 
@@ -1430,9 +1434,11 @@ def install_units(root, config_file, steps):
     unit_dir = under_root(root, "/" + SYSTEMD_UNIT_DIR)
     changed = False
     for unit, wanted_by in UNITS:
-        source = read_text(os.path.join(UNIT_SOURCE_DIR, unit))
+        source = next((text for text in (read_text(os.path.join(directory, unit))
+                                         for directory in UNIT_SOURCE_DIRS) if text is not None), None)
         if source is None:
-            raise Failure("%s not found in %s: copy etc/systemd from the pg_zfs tree" % (unit, UNIT_SOURCE_DIR), 1)
+            raise Failure("%s not found in %s: copy etc/systemd from the pg_zfs tree"
+                          % (unit, " or ".join(UNIT_SOURCE_DIRS)), 1)
         path = os.path.join(unit_dir, unit)
         text = render_unit(source, BIN_DIR, config_file)
         if read_text(path) != text:

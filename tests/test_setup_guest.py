@@ -63,8 +63,13 @@ def host_config(tmp_path, node, **keys):
 
 def setup_guest(*args, **kwargs):
     """Run bin/setup_guest.py under Python 3.6, as rc.local would."""
+    return run_script_copy(os.path.join(BIN, "setup_guest.py"), *args, **kwargs)
+
+
+def run_script_copy(path, *args, **kwargs):
+    """Run the setup_guest.py at path (bin/ or a copy) under Python 3.6."""
     kwargs.setdefault("timeout", 300)
-    argv = [PY36, os.path.join(BIN, "setup_guest.py")] + [str(arg) for arg in args]
+    argv = [PY36, path] + [str(arg) for arg in args]
     env = dict(os.environ)
     env.pop("PG_ZFS_CONFIG", None)
     return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -396,6 +401,22 @@ def test_install_where_systemd_runs_writes_the_units_once_and_enables_them(own, 
     assert os.path.islink(str(units / "multi-user.target.wants" / "pg-zfs-guest.service"))
     assert not (root / "etc" / "cron.d").exists()
     assert "nothing to change" in proc.stderr
+
+
+def test_install_from_a_package_finds_the_units_the_package_installed(own, tmp_path):
+    """Installed by rpm/deb: setup_guest.py in PREFIX/bin, the units in
+    PREFIX/lib/systemd/system (make install), no etc/systemd of a pg_zfs tree."""
+    prefix = tmp_path / "usr"
+    (prefix / "bin").mkdir(parents=True)
+    shutil.copy(os.path.join(BIN, "setup_guest.py"), str(prefix / "bin"))
+    packaged = prefix / "lib" / "systemd" / "system"
+    shutil.copytree(os.path.join(os.path.dirname(BIN), "etc", "systemd"), str(packaged))
+    root = tmp_path / "root"
+    (root / "run" / "systemd" / "system").mkdir(parents=True)
+    proc = run_script_copy(str(prefix / "bin" / "setup_guest.py"), "-c", own.config, "--install", "--root", root)
+    assert proc.returncode == 0, proc.stderr
+    assert "ExecStart=%s -c %s --role guest --start" % (prefix / "bin" / "setup_guest.py", own.config) \
+        in (root / "etc" / "systemd" / "system" / "pg-zfs-guest.service").read_text()
 
 
 def test_install_known_hosts_records_keys_under_the_alias_ssh_checks(own, tmp_path):
