@@ -266,7 +266,7 @@ CONFIG_SCHEMA = {
                 "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
                 "connect_timeout": "int"},
     "source": {"host": "text", "port": "int", "user": "text", "path": "text", "probe": ("ping", "tcp", "none"),
-               "identity_file": "text", "ssh_options": "text"},
+               "identity_file": "text", "ssh_options": "text", "from": "text"},
     "guest": {"primary_conninfo": "text", "waldir": "text", "logfile": "text", "start_timeout": "int",
               "systemd_unit": "text", "dataset_properties": "text", "tablespace_mapping": "text",
               "cron_schedule": "text", "check_clock": ("yes", "no")},
@@ -1259,6 +1259,87 @@ def should_start_prefetch(spooled_in_window, prefetch):
 
 
 # ---------------------------------------------------------------------------
+# The archive key block: pg_wal_fetch.py and setup_guest.py carry it alike
+# (tests/test_archive_key.py checks it). The line that restricts the guest's
+# key on an archive host to pg_wal_serve, and the address the host sees.
+# ---------------------------------------------------------------------------
+
+SERVER = "pg_wal_serve"
+SERVER_PATH = "/usr/local/bin/pg_wal_serve"
+
+
+def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
+    """The authorized_keys line that lets public_key run pg_wal_serve on path_glob
+    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *).
+
+    restrict: no forwarding of any kind, no PTY, no ~/.ssh/rc (and whatever a
+    later OpenSSH adds). Inside command="..." sshd turns \\" into " and
+    nothing else; the login shell then reads the quoted words.
+    """
+    import shlex
+    public_key = public_key.strip()
+    for what, value in (("public key", public_key), ("from", from_patterns), ("archive glob", path_glob),
+                        ("server path", server_path)):
+        if not value or "\n" in value or "\r" in value:
+            raise Failure("cannot write an authorized_keys line: %s %r is empty or has a line break"
+                          % (what, value), 2)
+    if not path_glob.startswith("/") or not server_path.startswith("/"):
+        raise Failure("the archive glob and the server path must be absolute: %r, %r"
+                      % (path_glob, server_path), 2)
+    if '"' in from_patterns or " " in from_patterns:
+        raise Failure("from %r: addresses or patterns separated by commas, no spaces or quotes"
+                      % from_patterns, 2)
+    key = public_key.split()
+    if len(key) < 2 or not key[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise Failure("not an ssh public key: %r" % public_key[:40], 2)
+    command = "%s %s" % (shlex.quote(server_path), shlex.quote(path_glob))
+    return 'restrict,from="%s",command="%s" %s' % (from_patterns, command.replace('"', '\\"'), " ".join(key))
+
+
+def bind_address(ssh_options):
+    """The local address ssh_options bind ssh to (-b ADDR, -o BindAddress=ADDR), or None."""
+    import shlex
+    words = shlex.split(ssh_options)
+    for index, word in enumerate(words):
+        value = None
+        if word == "-b" and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-b") and len(word) > 2:
+            value = word[2:]
+        elif word in ("-o", "-o=") and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-o"):
+            value = word[2:]
+        else:
+            continue
+        if word.startswith("-b"):
+            return value
+        key, _sep, setting = value.replace("=", " ", 1).partition(" ")
+        if key.lower() == "bindaddress" and setting.strip():
+            return setting.strip()
+    return None
+
+
+def address_toward(host, port):
+    """The local address this machine sends from to reach host (a connected UDP
+    socket: the kernel picks the route and source; no packet is sent), or None."""
+    import socket
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+        probe_socket = socket.socket(family, kind, proto)
+        try:
+            probe_socket.connect(address)
+            return probe_socket.getsockname()[0]
+        finally:
+            probe_socket.close()
+    except (OSError, IOError, IndexError):
+        return None
+
+
+# End of the archive key block.
+
+
+# ---------------------------------------------------------------------------
 # The archive host's side: one sh program, sent or installed
 # ---------------------------------------------------------------------------
 # The host runs POSIX sh, never Python: every RHEL/CentOS and Debian host has
@@ -1274,8 +1355,6 @@ def should_start_prefetch(spooled_in_window, prefetch):
 #     command line. The client's script, sent the same way, is never run.
 # So one command string works both ways, and the wire protocol is the same.
 
-SERVER = "pg_wal_serve"
-SERVER_PATH = "/usr/local/bin/pg_wal_serve"
 REQUEST_MARK = "pg_wal_fetch-request"
 
 # Requests (the words after REQUEST_MARK):
@@ -1468,57 +1547,6 @@ def parse_probe(text):
     return dict(zip(("mode", "user", "version", "client", "glob"), words[1:]))
 
 
-def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
-    """The authorized_keys line that lets public_key run pg_wal_serve on path_glob
-    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *).
-
-    restrict: no forwarding of any kind, no PTY, no ~/.ssh/rc (and whatever a
-    later OpenSSH adds). Inside command="..." sshd turns \\" into " and
-    nothing else; the login shell then reads the quoted words.
-    """
-    import shlex
-    for what, value in (("public key", public_key), ("from", from_patterns), ("archive glob", path_glob),
-                        ("server path", server_path)):
-        if not value or "\n" in value or "\r" in value:
-            raise Failure("cannot write an authorized_keys line: %s %r is empty or has a line break"
-                          % (what, value), USAGE)
-    if not path_glob.startswith("/") or not server_path.startswith("/"):
-        raise Failure("the archive glob and the server path must be absolute: %r, %r"
-                      % (path_glob, server_path), USAGE)
-    if '"' in from_patterns or " " in from_patterns:
-        raise Failure("from %r: addresses or patterns separated by commas, no spaces or quotes"
-                      % from_patterns, USAGE)
-    key = public_key.split()
-    if len(key) < 2 or not key[0].startswith(("ssh-", "ecdsa-", "sk-")):
-        raise Failure("not an ssh public key: %r" % public_key[:40], USAGE)
-    command = "%s %s" % (shlex.quote(server_path), shlex.quote(path_glob))
-    return 'restrict,from="%s",command="%s" %s' % (from_patterns, command.replace('"', '\\"'), " ".join(key))
-
-
-def bind_address(ssh_options):
-    """The local address ssh_options bind ssh to (-b ADDR, -o BindAddress=ADDR), or None."""
-    import shlex
-    words = shlex.split(ssh_options)
-    for index, word in enumerate(words):
-        value = None
-        if word == "-b" and index + 1 < len(words):
-            value = words[index + 1]
-        elif word.startswith("-b") and len(word) > 2:
-            value = word[2:]
-        elif word in ("-o", "-o=") and index + 1 < len(words):
-            value = words[index + 1]
-        elif word.startswith("-o"):
-            value = word[2:]
-        else:
-            continue
-        if word.startswith("-b"):
-            return value
-        key, _sep, setting = value.replace("=", " ", 1).partition(" ")
-        if key.lower() == "bindaddress" and setting.strip():
-            return setting.strip()
-    return None
-
-
 def parse_frame(line, wal_name):
     """The framing line before wal_name's bytes, as a tuple, or None if it is not one.
 
@@ -1573,10 +1601,11 @@ def ssh_argv(source, settings, command):
 class Source(object):
     """One [source NAME] section: where archived WAL can be fetched from."""
 
-    def __init__(self, name, host, port, user, path, probe, identity_file, ssh_options):
+    def __init__(self, name, host, port, user, path, probe, identity_file, ssh_options, from_patterns=""):
         self.name, self.host, self.port, self.user = name, host, port, user
         self.path, self.probe = path, probe
         self.identity_file, self.ssh_options = identity_file, ssh_options
+        self.from_patterns = from_patterns
 
     @property
     def is_local(self):
@@ -1617,7 +1646,8 @@ class Settings(object):
             name, host, config.int(section, "port", 22, minimum=1), config.str(section, "user", ""),
             config.str(section, "path"),
             config.choice(section, "probe", ("ping", "tcp", "none"), "ping" if host else "none"),
-            config.str(section, "identity_file", ""), config.str(section, "ssh_options", ""))
+            config.str(section, "identity_file", ""), config.str(section, "ssh_options", ""),
+            config.str(section, "from", ""))
 
 
 class Cluster(object):
@@ -2902,22 +2932,6 @@ def public_key_of(source):
                   % (source.name, " or ".join(candidates)), UNAVAILABLE)
 
 
-def address_toward(host, port):
-    """The local address this machine sends from to reach host (a connected UDP
-    socket: the kernel picks the route and source; no packet is sent)."""
-    import socket
-    try:
-        family, kind, proto, _name, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
-        probe_socket = socket.socket(family, kind, proto)
-        try:
-            probe_socket.connect(address)
-            return probe_socket.getsockname()[0]
-        finally:
-            probe_socket.close()
-    except (OSError, IOError, IndexError) as error:
-        raise Failure("cannot tell the address this guest reaches %s from: %s" % (host, error), UNAVAILABLE)
-
-
 def authorized_keys_command(settings, server_path):
     """--authorized-keys: for each ssh source, the authorized_keys line that lets
     this guest's key run pg_wal_serve on the host and nothing else."""
@@ -2928,10 +2942,14 @@ def authorized_keys_command(settings, server_path):
             continue
         key_path, public_key = public_key_of(source)
         user = source.user or me
-        from_patterns = bind_address(source.ssh_options) or address_toward(source.host, source.port)
+        from_patterns = (source.from_patterns or bind_address(source.ssh_options)
+                         or address_toward(source.host, source.port))
+        if not from_patterns:
+            raise Failure("[source %s]: cannot tell the address %s sees this guest come from: set from"
+                          % (source.name, source.host), UNAVAILABLE)
         print("# [source %s] on %s, as root: %s installed (pg_wal_fetch.py --serve-script), then this "
-              "line appended to ~%s/.ssh/authorized_keys (key %s; the host must see this guest "
-              "come from %s)" % (source.name, source.host, server_path, user, key_path, from_patterns))
+              "line appended to ~%s/.ssh/authorized_keys (key %s; from = %s: the address the host must "
+              "see this guest come from)" % (source.name, source.host, server_path, user, key_path, from_patterns))
         print(authorized_keys_line(public_key, from_patterns, source.path, server_path))
         if user == "root":
             log.warning("[source %s] user = root: install the key for the archive's owner (postgres) "

@@ -37,10 +37,16 @@ Commands (exactly one):
                (ROOT/run/systemd/system exists, or --using systemd): the units
                of etc/systemd in ROOT/etc/systemd/system, enabled by symlink;
                host: the --start line in ROOT/etc/rc.local. The guest's
-               ssh key is created when missing and the line to add on each
-               archive host is printed; --known-hosts records each archive
-               host's keys under its HostKeyAlias (a moving VIP then never
-               breaks known_hosts). Lines already there are never repeated.
+               ssh key is created when missing and, for each archive host,
+               the authorized_keys line that restricts it to pg_wal_serve
+               there is printed; --known-hosts records each archive host's
+               keys under its HostKeyAlias (a moving VIP then never breaks
+               known_hosts). Lines already there are never repeated.
+               On an archive host, --role host --install --authorized-key
+               LINE instead: pg_wal_serve (from pg_wal_fetch.py beside this
+               script) where LINE's command= runs it, LINE as the guest key's
+               only line in ~USER/.ssh/authorized_keys ([postgres] user, not
+               root), and that key taken out of root's authorized_keys.
     --check    a doctor: one line per check on stdout, then the Nagios line
                `SETUP_GUEST OK|WARNING|CRITICAL - ...` (--json: one JSON object).
 
@@ -55,7 +61,8 @@ Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
             dataset_properties, tablespace_mapping, cron_schedule, check_clock
     [postgres] pgdata, bindir, user, host, port, dbname
     [snapshot] backend, datasets
-    [archive] sources; [source NAME] host, port, user, identity_file, ssh_options
+    [archive] sources; [source NAME] host, port, user, path, from, identity_file,
+              ssh_options
 
 Exit codes:
     --start, --init, --install
@@ -234,7 +241,7 @@ CONFIG_SCHEMA = {
                 "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
                 "connect_timeout": "int"},
     "source": {"host": "text", "port": "int", "user": "text", "path": "text", "probe": ("ping", "tcp", "none"),
-               "identity_file": "text", "ssh_options": "text"},
+               "identity_file": "text", "ssh_options": "text", "from": "text"},
     "guest": {"primary_conninfo": "text", "waldir": "text", "logfile": "text", "start_timeout": "int",
               "systemd_unit": "text", "dataset_properties": "text", "tablespace_mapping": "text",
               "cron_schedule": "text", "check_clock": ("yes", "no")},
@@ -649,6 +656,169 @@ def parse_ssh_options(text):
     return options
 
 
+# ---------------------------------------------------------------------------
+# The archive key block: pg_wal_fetch.py and setup_guest.py carry it alike
+# (tests/test_archive_key.py checks it). The line that restricts the guest's
+# key on an archive host to pg_wal_serve, and the address the host sees.
+# ---------------------------------------------------------------------------
+
+SERVER = "pg_wal_serve"
+SERVER_PATH = "/usr/local/bin/pg_wal_serve"
+
+
+def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
+    """The authorized_keys line that lets public_key run pg_wal_serve on path_glob
+    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *).
+
+    restrict: no forwarding of any kind, no PTY, no ~/.ssh/rc (and whatever a
+    later OpenSSH adds). Inside command="..." sshd turns \\" into " and
+    nothing else; the login shell then reads the quoted words.
+    """
+    import shlex
+    public_key = public_key.strip()
+    for what, value in (("public key", public_key), ("from", from_patterns), ("archive glob", path_glob),
+                        ("server path", server_path)):
+        if not value or "\n" in value or "\r" in value:
+            raise Failure("cannot write an authorized_keys line: %s %r is empty or has a line break"
+                          % (what, value), 2)
+    if not path_glob.startswith("/") or not server_path.startswith("/"):
+        raise Failure("the archive glob and the server path must be absolute: %r, %r"
+                      % (path_glob, server_path), 2)
+    if '"' in from_patterns or " " in from_patterns:
+        raise Failure("from %r: addresses or patterns separated by commas, no spaces or quotes"
+                      % from_patterns, 2)
+    key = public_key.split()
+    if len(key) < 2 or not key[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise Failure("not an ssh public key: %r" % public_key[:40], 2)
+    command = "%s %s" % (shlex.quote(server_path), shlex.quote(path_glob))
+    return 'restrict,from="%s",command="%s" %s' % (from_patterns, command.replace('"', '\\"'), " ".join(key))
+
+
+def bind_address(ssh_options):
+    """The local address ssh_options bind ssh to (-b ADDR, -o BindAddress=ADDR), or None."""
+    import shlex
+    words = shlex.split(ssh_options)
+    for index, word in enumerate(words):
+        value = None
+        if word == "-b" and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-b") and len(word) > 2:
+            value = word[2:]
+        elif word in ("-o", "-o=") and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-o"):
+            value = word[2:]
+        else:
+            continue
+        if word.startswith("-b"):
+            return value
+        key, _sep, setting = value.replace("=", " ", 1).partition(" ")
+        if key.lower() == "bindaddress" and setting.strip():
+            return setting.strip()
+    return None
+
+
+def address_toward(host, port):
+    """The local address this machine sends from to reach host (a connected UDP
+    socket: the kernel picks the route and source; no packet is sent), or None."""
+    import socket
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+        probe_socket = socket.socket(family, kind, proto)
+        try:
+            probe_socket.connect(address)
+            return probe_socket.getsockname()[0]
+        finally:
+            probe_socket.close()
+    except (OSError, IOError, IndexError):
+        return None
+
+
+# End of the archive key block.
+
+
+def authorized_key_fields(line):
+    """(options, key type, key blob) of an authorized_keys line, or None for a blank,
+    a comment or anything sshd would not read. options is [(name, value or None)]
+    as sshd reads them: comma-separated, a value in double quotes inside which
+    only a backslash before a double quote is special."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    options, index = [], 0
+    if not line.startswith(("ssh-", "ecdsa-", "sk-")):
+        while True:
+            name_end = index
+            while name_end < len(line) and line[name_end] not in '=, \t':
+                name_end += 1
+            if name_end == index:
+                return None
+            name, value, index = line[index:name_end].lower(), None, name_end
+            if line[index:index + 2] == '="':
+                value, index = "", index + 2
+                while index < len(line) and line[index] != '"':
+                    if line[index] == "\\" and line[index + 1:index + 2] == '"':
+                        index += 1
+                    value += line[index]
+                    index += 1
+                if index >= len(line):
+                    return None          # an unclosed quote: sshd ignores the line
+                index += 1
+            options.append((name, value))
+            if line[index:index + 1] == ",":
+                index += 1
+            elif line[index:index + 1] in (" ", "\t"):
+                break
+            else:
+                return None
+    words = line[index:].split()
+    if len(words) < 2 or not words[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        return None
+    return options, words[0], words[1]
+
+
+def restricted_server(line):
+    """The server path of a line that restricts a key to pg_wal_serve (restrict,
+    from= and a command= running an absolute .../pg_wal_serve), else None."""
+    fields = authorized_key_fields(line)
+    if fields is None:
+        return None
+    options = dict(fields[0])
+    if "restrict" not in options or not options.get("from") or not options.get("command"):
+        return None
+    try:
+        command = shlex.split(options["command"])
+    except ValueError:
+        return None
+    if len(command) != 2 or not command[0].startswith("/") or os.path.basename(command[0]) != SERVER:
+        return None
+    return command[0]
+
+
+def key_blob(line):
+    """The key (base64) of an authorized_keys line, or None."""
+    fields = authorized_key_fields(line)
+    return fields[2] if fields else None
+
+
+def without_key(text, blob):
+    """(text without the lines carrying key blob, how many there were)."""
+    kept = [line for line in text.splitlines(True) if key_blob(line) != blob]
+    return "".join(kept), len(text.splitlines(True)) - len(kept)
+
+
+def merge_authorized_key(text, line):
+    """(new text, changed): text with line as the only line of its key (another
+    line of the same key, bare or with other options, is replaced)."""
+    blob = authorized_key_fields(line)[2]
+    if [old.strip() for old in text.splitlines() if key_blob(old) == blob] == [line.strip()]:
+        return text, False
+    kept, _removed = without_key(text, blob)
+    if kept and not kept.endswith("\n"):
+        kept += "\n"
+    return kept + line + "\n", True
+
+
 def known_hosts_records(scanned, alias):
     """ssh-keyscan's `host keytype key` lines rewritten as `alias keytype key`."""
     records = []
@@ -813,6 +983,8 @@ class Guest(object):
                 "port": cfg.int(section, "port", 22, minimum=1),
                 "user": cfg.str(section, "user", "") or self.user,
                 "identity_file": cfg.str(section, "identity_file", ""),
+                "path": cfg.str(section, "path", ""), "from": cfg.str(section, "from", ""),
+                "ssh_options": cfg.str(section, "ssh_options", ""),
                 "options": parse_ssh_options(cfg.str(section, "ssh_options", ""))})
 
 
@@ -1370,6 +1542,11 @@ def install(cfg, role, args):
     config_file = config_path_absolute(args.config)
     setup_script = os.path.join(BIN_DIR, "setup_guest.py")
     steps = Steps(args.print_only)
+    if role == "host" and args.authorized_key:
+        install_archive_key(cfg.str("postgres", "user", "postgres"), args.authorized_key, args.root, steps)
+        return finish_install(steps)
+    if args.authorized_key:
+        raise Failure("--authorized-key is for an archive host (--role host)", 2)
     if role == "host":
         install_rc_local(args.root, start_line(setup_script, config_file, "host"), steps)
         return finish_install(steps)
@@ -1472,7 +1649,8 @@ def source_identity(guest, source, home):
 
 
 def install_ssh_keys(guest, root, steps):
-    """Create each missing key for the user; print the authorized_keys line for each archive host."""
+    """Create each missing key for the user; print, for each archive host, the
+    authorized_keys line that restricts the key to pg_wal_serve there."""
     uid, gid, home = user_ids(guest.user)
     failures, created = [], set()
     for source in guest.sources:
@@ -1486,10 +1664,68 @@ def install_ssh_keys(guest, root, steps):
         if public is None and not steps.dry_run:
             failures.append("no public key %s.pub next to %s" % (key, key))
             continue
-        print("# on archive host %s (%s), append to ~%s/.ssh/authorized_keys:"
-              % (source["name"], source["host"], source["user"]))
-        print(public.strip() if public else "(the public key of %s, once created)" % key)
+        if source["user"] == "root":
+            log.warning("[source %s] user = root: set user = postgres (the archive's owner) and install the "
+                        "key for that user", source["name"])
+        seen_from = (source["from"] or bind_address(source["ssh_options"])
+                     or address_toward(source["host"], source["port"]))
+        if not seen_from or not source["path"]:
+            failures.append("[source %s]: %s: cannot write its authorized_keys line" % (
+                source["name"], "set path" if not source["path"] else "set from (the address %s sees this "
+                "guest come from)" % source["host"]))
+            continue
+        print("# on archive host %s (%s), as root: setup_guest.py --role host --install --authorized-key "
+              "'LINE', LINE being the next line (or by hand: README, \"The archive hosts\"); it restricts "
+              "this key to %s for %s, from %s" % (source["name"], source["host"], SERVER, source["user"],
+                                                  seen_from))
+        print(authorized_keys_line(public, seen_from, source["path"]) if public
+              else "(the line for the public key of %s, once created)" % key)
     return failures
+
+
+def install_archive_key(user, line, root, steps):
+    """An archive host's side: pg_wal_serve where the line's command= runs it, the
+    line as the guest key's only line in ~USER/.ssh/authorized_keys, and the
+    same key taken out of root's authorized_keys (where the article put it)."""
+    server = restricted_server(line)
+    if server is None:
+        raise Failure("--authorized-key: not a line that restricts a key to %s (restrict, from= and "
+                      "command=\"%s 'GLOB'\"): a bare key would run any command; print the line with "
+                      "setup_guest.py --role guest --install --print" % (SERVER, SERVER_PATH), 2)
+    if user == "root":
+        raise Failure("[postgres] user = root: the guest's key goes to the archive's owner (postgres), "
+                      "never root", 2)
+    uid, gid, home = user_ids(user)
+    script = sibling_script(WAL_FETCH)
+    if script is None:
+        raise Failure("%s not found in %s: it writes %s" % (WAL_FETCH, BIN_DIR, SERVER), 1)
+    text = run([script, "--serve-script"], timeout=60)[1]
+    path = under_root(root, server)
+    if read_text(path) != text or os.stat(path).st_mode & 0o7777 != 0o755:
+        steps.change("write %s" % path, install_file, path, text, 0o755, (0, 0))
+    else:
+        steps.same("%s is up to date" % path)
+    ssh_dir = under_root(root, os.path.join(home, ".ssh"))
+    if not os.path.isdir(ssh_dir):
+        steps.change("create %s (0700, %s)" % (ssh_dir, user), make_dirs, ssh_dir, 0o700, (uid, gid))
+    keys = os.path.join(ssh_dir, "authorized_keys")
+    new_text, changed = merge_authorized_key(read_text(keys) or "", line)
+    if changed:
+        steps.change("add the guest's key, restricted to %s, to %s" % (SERVER, keys),
+                     install_file, keys, new_text, 0o600, (uid, gid))
+    else:
+        steps.same("%s has the guest's restricted key" % keys)
+    blob = key_blob(line)
+    root_home = pwd.getpwuid(0).pw_dir
+    for name in ("authorized_keys", "authorized_keys2"):
+        root_keys = under_root(root, os.path.join(root_home, ".ssh", name))
+        kept, removed = without_key(read_text(root_keys) or "", blob)
+        if removed:
+            steps.change("remove the guest's key from %s (it ran any command as root)" % root_keys,
+                         install_file, root_keys, kept, os.stat(root_keys).st_mode & 0o7777)
+    if steps.changes and root == "/" and not steps.dry_run and shutil.which("restorecon"):
+        # SELinux (RHEL): sshd reads ~/.ssh only as ssh_home_t.
+        run(["restorecon", "-R", ssh_dir], timeout=60, check=False)
 
 
 def create_ssh_key(key, user, owner):
@@ -1697,6 +1933,10 @@ def check_archive_sources(guest, config_file):
         return ("archive", CHECK_CRITICAL, "no archive source answers (%s exit %d): %s" % (WAL_FETCH, code, last))
     if bad:
         return ("archive", CHECK_WARNING, "; ".join("source %s fails: %s" % (name, verdicts[name][1]) for name in bad))
+    # A key that runs any command on a production host is a finding, not a detail.
+    unrestricted = [line.strip() for line in out.splitlines() if "key unrestricted" in line]
+    if unrestricted:
+        return ("archive", CHECK_WARNING, "; ".join(unrestricted))
     return ("archive", CHECK_OK, "%s answer" % " ".join(names))
 
 
@@ -1797,6 +2037,9 @@ def parse_args(argv):
                              "(auto: systemd when ROOT/run/systemd/system exists)")
     parser.add_argument("--known-hosts", action="store_true",
                         help="--install: record the archive hosts' keys under their HostKeyAlias")
+    parser.add_argument("--authorized-key", metavar="LINE",
+                        help="--install on an archive host (--role host): install pg_wal_serve and LINE, "
+                             "the guest's key restricted to it (printed by --role guest --install)")
     parser.add_argument("--json", action="store_true", help="--check: one JSON object instead of lines")
     args = parser.parse_args(argv)
     args.root = os.path.abspath(args.root)

@@ -12,11 +12,13 @@ a PTY, another source address) is refused and changes nothing on the host.
 
 import contextlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 
@@ -623,3 +625,127 @@ def test_install_server_writes_it_once_atomically_and_leaves_a_current_one_alone
     missing = subprocess.run([rig.python, SCRIPT, "--install-server", str(tmp_path / "nope")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+
+
+# ---------------------------------------------------------------------------
+# setup_guest.py: the line on the guest, the host's side in one command
+# ---------------------------------------------------------------------------
+
+SETUP = load_script("setup_guest")
+
+
+def setup_guest(*args):
+    return subprocess.run([python36_for_postgres(), os.path.join(BIN, "setup_guest.py")] + [str(a) for a in args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+
+
+def archive_key_block(script):
+    with open(os.path.join(BIN, script + ".py")) as source_file:
+        source = source_file.read()
+    start = source.index("# The archive key block: ")
+    return source[start:source.index("# End of the archive key block.", start)]
+
+
+def test_the_archive_key_block_is_the_same_in_pg_wal_fetch_and_setup_guest():
+    assert archive_key_block("pg_wal_fetch") == archive_key_block("setup_guest")
+    assert "\ndef authorized_keys_line(" in archive_key_block("setup_guest")
+
+
+def test_setup_guest_install_prints_the_line_restricting_the_key_on_each_host(rig):
+    sections = {"postgres": {"pgdata": rig.pgdata, "user": PG_USER}, "snapshot": {"datasets": "unused/data"},
+                "guest": {"primary_conninfo": "host=unused"},
+                "archive": {"sources": "rhost nat"},
+                "source rhost": rig.source(),
+                "source nat": rig.source(**{"from": "10.9.8.7,10.9.8.6", "ssh_options": ""})}
+    config = rig.tb.write_config(os.path.join(rig.guest, "guest.conf"), sections=sections)
+    proc = setup_guest("-c", config, "--role", "guest", "--install", "--print")
+    assert proc.returncode == 0, proc.stderr
+    with open(rig.key + ".pub") as public:
+        key = public.read()
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("restrict,")]
+    # from: BindAddress of ssh_options; then [source] from as given (NAT: the host's address).
+    assert lines == [FETCH.authorized_keys_line(key, rig.guest_address, rig.host.glob),
+                     FETCH.authorized_keys_line(key, "10.9.8.7,10.9.8.6", rig.host.glob)]
+    assert "setup_guest.py --role host --install --authorized-key" in proc.stdout
+    # pg_wal_fetch.py --authorized-keys, run by the key's owner, prints the same lines.
+    fetch = subprocess.run(["runuser", "-u", PG_USER, "--", rig.python, SCRIPT, "-c", config, "--authorized-keys"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert fetch.returncode == 0, fetch.stderr
+    assert [line for line in fetch.stdout.splitlines() if not line.startswith("#")] == lines
+
+
+def host_tree(tmp_path, guest_key, other_key):
+    """A --root tree of an archive host as the article left it: the guest's key bare in
+    root's authorized_keys and in postgres's, beside keys of other people."""
+    root = tmp_path / "root"
+    home = pwd.getpwnam(PG_USER).pw_dir
+    root_keys = root / pwd.getpwuid(0).pw_dir.lstrip("/") / ".ssh" / "authorized_keys"
+    pg_keys = root / home.lstrip("/") / ".ssh" / "authorized_keys"
+    for path in (root_keys, pg_keys):
+        path.parent.mkdir(parents=True)
+        path.write_text("%s\n%s\n" % (other_key, guest_key))
+        path.chmod(0o600)
+    return root, root_keys, pg_keys
+
+
+def test_setup_guest_host_install_puts_the_server_and_the_restricted_key_once(rig, tmp_path):
+    with open(rig.key + ".pub") as public:
+        guest_key = " ".join(public.read().split())
+    other_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherOtherOtherOtherOtherOtherOtherOth admin@desk"
+    root, root_keys, pg_keys = host_tree(tmp_path, guest_key, other_key)
+    line = FETCH.authorized_keys_line(guest_key, rig.guest_address, "/data04/pgdata/arch/*")
+    config = rig.tb.write_config(tmp_path / "host.conf", sections={"host": {"domain": "guest"}})
+    proc = setup_guest("-c", config, "--install", "--root", root, "--authorized-key", line)
+    assert proc.returncode == 0, proc.stderr
+    server = root / FETCH.SERVER_PATH.lstrip("/")
+    assert server.read_text() == FETCH.serve_script() and server.stat().st_mode & 0o7777 == 0o755
+    assert pg_keys.read_text() == "%s\n%s\n" % (other_key, line)      # the bare line replaced
+    assert pg_keys.stat().st_mode & 0o777 == 0o600 and pg_keys.stat().st_uid == pwd.getpwnam(PG_USER).pw_uid
+    assert root_keys.read_text() == other_key + "\n"                   # no way in as root any more
+    assert not (root / "etc" / "rc.local").exists()                    # only the archive's side
+    again = setup_guest("-c", config, "--install", "--root", root, "--authorized-key", line)
+    assert again.returncode == 0 and "nothing to change" in again.stderr, again.stderr
+    for bare in (guest_key, line.replace("restrict,", ""), line.replace("pg_wal_serve", "sh")):
+        refused = setup_guest("-c", config, "--install", "--root", root, "--authorized-key", bare)
+        assert refused.returncode == 2 and "a bare key would run any command" in refused.stderr
+    assert pg_keys.read_text() == "%s\n%s\n" % (other_key, line)
+
+
+@pytest.mark.parametrize("line, fields", [
+    ('restrict,from="1.2.3.4",command="/usr/local/bin/pg_wal_serve \'/a b/*\'" ssh-ed25519 AAAA c',
+     ([("restrict", None), ("from", "1.2.3.4"), ("command", "/usr/local/bin/pg_wal_serve '/a b/*'")],
+      "ssh-ed25519", "AAAA")),
+    ("ssh-ed25519 AAAA postgres@guest", ([], "ssh-ed25519", "AAAA")),
+    ('command="echo \\"hi\\"",no-pty ssh-rsa BBBB', ([("command", 'echo "hi"'), ("no-pty", None)], "ssh-rsa", "BBBB")),
+    ("# ssh-ed25519 AAAA", None), ("", None), ('command="unclosed ssh-ed25519 AAAA', None),
+    ("from=1.2.3.4 ssh-ed25519 AAAA", None), ("garbage", None),
+])
+def test_authorized_keys_lines_are_read_as_sshd_reads_them(line, fields):
+    assert SETUP.authorized_key_fields(line) == fields
+
+
+@pytest.mark.parametrize("line, server", [
+    (FETCH.authorized_keys_line("ssh-ed25519 AAAA", "1.2.3.4", "/arch/*"), FETCH.SERVER_PATH),
+    (FETCH.authorized_keys_line("ssh-ed25519 AAAA", "1.2.3.4", "/arch/*", "/opt/x/pg_wal_serve"),
+     "/opt/x/pg_wal_serve"),
+    ("ssh-ed25519 AAAA", None),
+    ('from="1.2.3.4",command="/usr/local/bin/pg_wal_serve /a/*" ssh-ed25519 AAAA', None),
+    ('restrict,command="/usr/local/bin/pg_wal_serve /a/*" ssh-ed25519 AAAA', None),
+    ('restrict,from="1.2.3.4",command="/bin/sh -c id" ssh-ed25519 AAAA', None),
+    ('restrict,from="1.2.3.4",command="pg_wal_serve /a/*" ssh-ed25519 AAAA', None),
+    ('restrict,from="1.2.3.4",command="/usr/local/bin/pg_wal_serve /a/* ; id" ssh-ed25519 AAAA', None),
+])
+def test_only_a_line_restricted_to_pg_wal_serve_is_installed(line, server):
+    assert SETUP.restricted_server(line) == server
+
+
+def test_setup_guest_check_warns_of_an_unrestricted_key_and_passes_a_restricted_one(rig, tb):
+    unrestricted = tb.write_config(os.path.join(rig.guest, "bare.conf"), sections=tb.archive_config(),
+                                   overrides={"archive": {"control_dir": rig.control}})
+    guest = types.SimpleNamespace(user=PG_USER, sources=[{"name": host.name} for host in tb.hosts])
+    status, detail = SETUP.check_archive_sources(guest, unrestricted)[1:]
+    assert status == SETUP.CHECK_WARNING, detail
+    assert "key unrestricted: it runs any command on %s as root" % tb.hosts[0].address in detail
+    guest = types.SimpleNamespace(user=PG_USER, sources=[{"name": "rhost"}])
+    assert SETUP.check_archive_sources(guest, rig.configure())[1] == SETUP.CHECK_OK
+    rig.close_masters()

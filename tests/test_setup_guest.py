@@ -372,11 +372,13 @@ def test_install_writes_the_crontab_and_rc_local_lines_once(own, tmp_path):
     assert rc_local.read_text().count("--role guest --start") == 1
     assert os.access(str(rc_local), os.X_OK)
     assert "nothing to change" in proc.stderr
-    # The key is made once; every run prints the same line for each archive host.
+    # The key is made once; every run prints the same line for each archive host:
+    # the key restricted to pg_wal_serve there (tests/test_archive_key.py installs it).
     assert outputs[0] == outputs[2]
-    assert "# on archive host host1 (%s), append to ~root/.ssh/authorized_keys:" % own.tb.hosts[0].address \
-        in outputs[0]
-    assert "ssh-ed25519 " in outputs[0]
+    assert "# on archive host host1 (%s), as root: setup_guest.py --role host --install --authorized-key" \
+        % own.tb.hosts[0].address in outputs[0]
+    lines = [line for line in outputs[0].splitlines() if line.startswith("restrict,from=")]
+    assert len(lines) == len(own.tb.hosts) and all(" ssh-ed25519 " in line for line in lines)
 
 
 def test_install_print_writes_nothing(own, tmp_path):
