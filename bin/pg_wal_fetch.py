@@ -253,9 +253,10 @@ class Config(object):
 
 
 # Every section and key of pg_zfs.conf, one file for the four scripts, and the
-# kind of value each takes ("source" stands for every [source NAME]). Any other
-# name is a typo: Config.load refuses it with the nearest valid one, so that
-# keep_dayly = 30 never silently means the default.
+# kind of value each takes ("source" stands for every [source NAME], "replica"
+# for every [replica NAME]). Any other name is a typo: Config.load refuses it
+# with the nearest valid one, so that keep_dayly = 30 never silently means the
+# default.
 CONFIG_SCHEMA = {
     "postgres": {"pgdata": "text", "bindir": "text", "user": "text", "host": "text", "port": "int",
                  "dbname": "text", "system_identifier": "int"},
@@ -273,6 +274,10 @@ CONFIG_SCHEMA = {
     "host": {"domain": "text", "libvirt_uri": "text", "start_timeout": "int", "guest_address": "text",
              "guest_port": "int"},
     "restore": {"mount_root": "text", "wal_root": "text", "port_start": "int", "timeout": "int"},
+    "replica": {"host": "text", "port": "int", "user": "text", "identity_file": "text", "ssh_options": "text",
+                "from": "text", "target": "text", "keep_hourly": "int", "keep_daily": "int",
+                "keep_weekly": "int", "keep_monthly": "int", "bwlimit": "text", "warn_age": "duration",
+                "crit_age": "duration"},
 }
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -288,11 +293,12 @@ def parse_duration(text):
 
 
 def schema_section(section):
-    """The CONFIG_SCHEMA entry a file's section name stands for ("source NAME": "source")."""
+    """The CONFIG_SCHEMA entry a file's section name stands for ("source NAME": "source",
+    "replica NAME": "replica")."""
     words = section.split()
-    if words[:1] == ["source"] and len(words) == 2:
-        return "source"
-    return section if section in CONFIG_SCHEMA and section != "source" else None
+    if words[:1] in (["source"], ["replica"]) and len(words) == 2:
+        return words[0]
+    return section if section in CONFIG_SCHEMA and section not in ("source", "replica") else None
 
 
 def nearest(name, names):
@@ -313,7 +319,8 @@ def config_problem(sections, reads):
     for section, items in sections:
         kind = schema_section(section)
         if kind is None:
-            hint = nearest(section, [name for name in CONFIG_SCHEMA if name != "source"] + ["source NAME"])
+            hint = nearest(section, [name for name in CONFIG_SCHEMA if name not in ("source", "replica")]
+                           + ["source NAME", "replica NAME"])
             near = hint[len(" (did you mean "):-2].split()[0] if hint else None
             if near is None or near in reads:
                 return "[%s]: no such section%s" % (section, hint)

@@ -358,9 +358,10 @@ class Config(object):
 
 
 # Every section and key of pg_zfs.conf, one file for the four scripts, and the
-# kind of value each takes ("source" stands for every [source NAME]). Any other
-# name is a typo: Config.load refuses it with the nearest valid one, so that
-# keep_dayly = 30 never silently means the default.
+# kind of value each takes ("source" stands for every [source NAME], "replica"
+# for every [replica NAME]). Any other name is a typo: Config.load refuses it
+# with the nearest valid one, so that keep_dayly = 30 never silently means the
+# default.
 CONFIG_SCHEMA = {
     "postgres": {"pgdata": "text", "bindir": "text", "user": "text", "host": "text", "port": "int",
                  "dbname": "text", "system_identifier": "int"},
@@ -378,6 +379,10 @@ CONFIG_SCHEMA = {
     "host": {"domain": "text", "libvirt_uri": "text", "start_timeout": "int", "guest_address": "text",
              "guest_port": "int"},
     "restore": {"mount_root": "text", "wal_root": "text", "port_start": "int", "timeout": "int"},
+    "replica": {"host": "text", "port": "int", "user": "text", "identity_file": "text", "ssh_options": "text",
+                "from": "text", "target": "text", "keep_hourly": "int", "keep_daily": "int",
+                "keep_weekly": "int", "keep_monthly": "int", "bwlimit": "text", "warn_age": "duration",
+                "crit_age": "duration"},
 }
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -393,11 +398,12 @@ def parse_duration(text):
 
 
 def schema_section(section):
-    """The CONFIG_SCHEMA entry a file's section name stands for ("source NAME": "source")."""
+    """The CONFIG_SCHEMA entry a file's section name stands for ("source NAME": "source",
+    "replica NAME": "replica")."""
     words = section.split()
-    if words[:1] == ["source"] and len(words) == 2:
-        return "source"
-    return section if section in CONFIG_SCHEMA and section != "source" else None
+    if words[:1] in (["source"], ["replica"]) and len(words) == 2:
+        return words[0]
+    return section if section in CONFIG_SCHEMA and section not in ("source", "replica") else None
 
 
 def nearest(name, names):
@@ -418,7 +424,8 @@ def config_problem(sections, reads):
     for section, items in sections:
         kind = schema_section(section)
         if kind is None:
-            hint = nearest(section, [name for name in CONFIG_SCHEMA if name != "source"] + ["source NAME"])
+            hint = nearest(section, [name for name in CONFIG_SCHEMA if name not in ("source", "replica")]
+                           + ["source NAME", "replica NAME"])
             near = hint[len(" (did you mean "):-2].split()[0] if hint else None
             if near is None or near in reads:
                 return "[%s]: no such section%s" % (section, hint)
@@ -517,8 +524,12 @@ PROPERTY_KEYS = (
     "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
     "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
     "pg_version", "system_identifier", "backup_label", "tablespace_map", "mountpoints",
-    "db_time", "db_time_lsn",
+    "db_time", "db_time_lsn", "copy_of", "replicated_to",
 )
+# Replication (pg_zfs_snap.py replicate): on the replica every received snapshot
+# carries the source's pgzfs:* as they are (names of the guest's datasets) and
+# copy_of, the dataset it was sent from; its name there is PARENT/copy_tail(it).
+# On the guest, replicated_to lists the replicas that hold the set whole.
 # The long base64 ones: read only for the set being restored.
 FILE_KEYS = ("backup_label", "tablespace_map", "mountpoints")
 LIST_KEYS = tuple(key for key in PROPERTY_KEYS if key not in FILE_KEYS)
@@ -544,12 +555,16 @@ class SnapshotSet(object):
     time is the UTC epoch of the name; properties are pgzfs:* without the
     prefix, from the snapshot of the PGDATA dataset; present lists the datasets
     that have the snapshot; used is bytes, summed; complete means every dataset
-    has it and every snapshot carries pgzfs:stop_lsn (written last).
+    has it and every snapshot carries pgzfs:stop_lsn (written last). sources
+    maps each dataset to the name the properties give it: itself, or on a
+    replica the guest's dataset its copy came from (datasets and pgdata_dataset
+    are the names here).
     """
 
-    def __init__(self, name, time, datasets, present, properties, used, complete):
+    def __init__(self, name, time, datasets, present, properties, used, complete, sources=None):
         self.name, self.time, self.datasets, self.present = name, time, datasets, present
         self.properties, self.used, self.complete = properties, used, complete
+        self.sources = sources if sources is not None else dict((d, d) for d in datasets)
 
     def __repr__(self):
         return "SnapshotSet(%r, complete=%r)" % (self.name, self.complete)
@@ -608,29 +623,58 @@ def group_sets(rows, prefix):
     pgzfs: prefix already removed and unset properties absent. A snapshot is ours
     only if its name parses with the prefix AND its pgzfs:set equals the name
     AND its dataset is in its pgzfs:datasets; anything else is never touched.
+    A replica's copy counts by its pgzfs:copy_of instead of its own name, and
+    only as PARENT/copy_tail(copy_of): one set is the copies below one PARENT,
+    its datasets and pgdata_dataset given by their names here (sources maps
+    them back).
     """
-    by_name = collections.OrderedDict()
+    by_key = collections.OrderedDict()
     for dataset, snapshot, used, properties in rows:
         when = parse_set_name(snapshot, prefix)
         if when is None or properties.get("set") != snapshot:
             continue
-        if dataset not in properties.get("datasets", "").split():
+        source = properties.get("copy_of", dataset)
+        parent = copy_parent(dataset, source) if "copy_of" in properties else ""
+        if parent is None or source not in properties.get("datasets", "").split():
             continue
-        by_name.setdefault(snapshot, []).append((dataset, used, properties))
+        by_key.setdefault((snapshot, parent), []).append((dataset, source, used, properties))
     sets = []
-    for name, members in by_name.items():
-        present = tuple(dataset for dataset, _, _ in members)
-        main = members[-1][2]
-        for dataset, _, properties in members:
-            if dataset == properties.get("pgdata_dataset"):
+    for (name, parent), members in by_key.items():
+        present = tuple(dataset for dataset, _, _, _ in members)
+        main = members[-1][3]
+        for _, source, _, properties in members:
+            if source == properties.get("pgdata_dataset"):
                 main = properties
-        datasets = tuple(main.get("datasets", "").split())
+        sources = collections.OrderedDict(
+            (parent + "/" + copy_tail(source) if parent else source, source)
+            for source in main.get("datasets", "").split())
+        datasets = tuple(sources)
+        properties = dict(main)
+        if parent:
+            here = dict((source, dataset) for dataset, source in sources.items())
+            properties["datasets"] = " ".join(datasets)
+            if main.get("pgdata_dataset") in here:
+                properties["pgdata_dataset"] = here[main["pgdata_dataset"]]
         complete = (set(datasets) <= set(present)
-                    and all(properties.get("stop_lsn") for _, _, properties in members))
-        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present,
-                                dict(main), sum(used for _, used, _ in members), complete))
+                    and all(member[3].get("stop_lsn") for member in members))
+        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present, properties,
+                                sum(used for _, _, used, _ in members), complete, dict(sources)))
     sets.sort(key=lambda one: (one.time, one.name))
     return sets
+
+
+def copy_tail(source):
+    """A dataset's copy's name below a replica's parent: PATH for POOL/PATH (what
+    `zfs recv -d PARENT` makes of it), NAME for a btrfs subvolume /DIR/NAME."""
+    return os.path.basename(source) if source.startswith("/") else source.partition("/")[2]
+
+
+def copy_parent(dataset, source):
+    """PARENT when dataset is PARENT/copy_tail(source), source's copy on a replica; else None."""
+    tail = copy_tail(source)
+    if tail and dataset.endswith("/" + tail) and len(dataset) > len(tail) + 1:
+        return dataset[:-len(tail) - 1]
+    return None
 
 
 def sets_of(sets, datasets):
@@ -1152,7 +1196,7 @@ def is_our_clone(fs):
                 and clone_kind(fs["name"], set_name))
 
 
-def source_mountpoints(datasets, stored, properties, mounts):
+def source_mountpoints(datasets, stored, properties, mounts, sources=None):
     """{dataset: [paths]}: where the dataset was mounted when the set was taken, as the
     set's backup_label, tablespace_map and pg_tblspc links name it, each mapped
     to the dataset's clone.
@@ -1161,6 +1205,8 @@ def source_mountpoints(datasets, stored, properties, mounts):
     mount table; b'' for an older set); also where the dataset is mounted now
     (mounts, parse_mounts' table: a `legacy` dataset too) and its
     mountpoint property (btrfs: the configured path) when that is a path.
+    sources: the set's names in stored ({dataset: the guest's dataset} on a
+    replica, where stored names the guest's datasets and mountpoints).
     """
     try:
         found = json.loads(stored.decode("utf-8")) if stored.strip() else {}
@@ -1171,7 +1217,8 @@ def source_mountpoints(datasets, stored, properties, mounts):
     mounted = zfs_mountpoints(datasets, mounts)
     result = {}
     for dataset in datasets:
-        for candidate in (found.get(dataset), mounted.get(dataset), properties.get(dataset)):
+        for candidate in (found.get((sources or {}).get(dataset, dataset)), mounted.get(dataset),
+                          properties.get(dataset)):
             if isinstance(candidate, str) and candidate.startswith("/") \
                     and os.path.normpath(candidate) not in result.get(dataset, []):
                 result.setdefault(dataset, []).append(os.path.normpath(candidate))
@@ -2486,7 +2533,7 @@ def make_plan(zfs, config, snapshot_set, kind, target, action, mount_root, port,
     work_dir = work_dir_of(options["wal_root"], kind, snapshot_set.name)
     source_mounts = source_mountpoints(
         snapshot_set.datasets, zfs.file_property(snapshot_set.snapshot(pgdata_dataset), "mountpoints"),
-        zfs.mountpoints(snapshot_set.datasets), read_mounts())
+        zfs.mountpoints(snapshot_set.datasets), read_mounts(), snapshot_set.sources)
     clones, mount_map = [], {}
     for dataset in snapshot_set.datasets:
         clone, mountpoint = zfs.clone_path(dataset, kind, snapshot_set.name, mount_root, explicit_root)

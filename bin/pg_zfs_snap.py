@@ -11,17 +11,28 @@ and, for monitoring (Nagios/Icinga command line):
 
 Commands:
     (none)                     snapshot, then prune (the cron job)
-    snapshot [--label TEXT] [--no-prune]
-                               take one snapshot set, then prune unless --no-prune
+    snapshot [--label TEXT] [--no-prune] [--replicate]
+                               take one snapshot set, then prune unless --no-prune;
+                               --replicate: then replicate (below) to every replica
     list [--json]              every set rebuilt from the pool alone; a complete set
                                whose stop segment no archive holds yet is shown
                                WAITING for WAL (--json: waiting_for_wal)
+    list --replica NAME        each set here and on [replica NAME], and its state there
     prune [--dry-run]          destroy the sets the retention policy lets go
-    check                      Nagios line from the age of the newest complete set
+    check [--replica NAME]     Nagios line from the age of the newest complete set
+                               (here, or on the replica)
     oldest-wal                 first WAL file the oldest kept set needs: archived
                                files before it may go (pg_archivecleanup ARCH NAME)
-snapshot, prune and the cron run take the lock (flock on lock_file); while
-another run holds it they log a line and exit 0, or wait with --wait.
+    replicate [--replica NAME] [--dry-run] [--no-prune]
+                               send every complete set a replica lacks, then prune
+                               the replica by its own keep_* (below); --dry-run
+                               prints each stream and its size, sends nothing
+    receiver-script            print pg_zfs_receive, the forced command of the
+                               guest's key on a replica
+    authorized-keys [--replica NAME] [--receiver-path PATH]
+                               print that key's authorized_keys line for each replica
+snapshot, prune, replicate and the cron run take the lock (flock on lock_file);
+while another run holds it they log a line and exit 0, or wait with --wait.
 
 One backup is one snapshot set: DATASET@PREFIX_YYYYmmddTHHMMSSZ (UTC, so a
 daylight saving change cannot make two runs collide) on every configured
@@ -93,15 +104,41 @@ Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [snapshot] backend, datasets, prefix, keep_hourly, keep_daily,
                keep_weekly, keep_monthly, lock_file, warn_age, crit_age, wal_wait
     (check: [archive] and [source *] as pg_wal_fetch.py reads them)
+    [replica NAME] host, port, user, identity_file, ssh_options, from, target,
+               keep_hourly, keep_daily, keep_weekly, keep_monthly, bwlimit,
+               warn_age, crit_age
 
-Exit codes (snapshot, prune, list, oldest-wal, the cron run):
+Replicas (a copy of the sets on another machine with ZFS, README "A copy on
+another machine"): replicate sends each complete set newer than the newest set
+both sides hold, oldest first, each snapshot `zfs send -i` from the newest
+snapshot of its dataset that arrived (the first whole), piped through ssh into
+`zfs recv -u -d TARGET` there: POOL/PATH arrives as TARGET/PATH (a pool's root
+dataset, or one PATH in two pools, is refused). zfs send without -p carries no
+user property (and with -p the datasets' own mountpoints would come along), so
+once a set's snapshots arrived it writes their pgzfs:* there with `zfs set`, as
+they are here (the guest's dataset names: pg_zfs_restore.py maps them), plus
+pgzfs:copy_of (the dataset sent from), pgzfs:stop_lsn last. A set is complete
+there only when every copy has the GUID of its snapshot here (zfs get -p guid)
+and carries pgzfs:stop_lsn; then the set gets pgzfs:replicated_to NAME here.
+A run cut short leaves the sets complete there as they were: the next one
+sends what did not arrive (OpenZFS with resumable receives, detected by its
+receive_resume_token property: resumed by zfs send -t; zfs-fuse: redone).
+Retention there is the replica's keep_* (prune_decision), never the newest
+set both sides hold (the next send's base), never a snapshot it did not send,
+never a set with clones there (a restore: kept with a warning). Here, prune
+keeps the newest set each replica holds. Every ssh session of a run shares one
+master connection; the replica runs the commands through pg_zfs_receive.
+
+Exit codes (snapshot, prune, list, oldest-wal, replicate, the cron run):
     0  done (also: another run holds the lock and --wait was not given)
     1  a snapshot set or a prune failed (nothing half made is left), or there
-       is no complete set (oldest-wal)
+       is no complete set (oldest-wal), or a replica was not brought up to
+       date (the sets complete there stay so; the next run goes on)
     2  bad arguments or bad config
 Exit codes of `check` (Nagios): 0 OK, 1 WARNING (newest set older than
 warn_age, or waiting for WAL longer than wal_wait, default 3600 s), 2 CRITICAL
-(older than crit_age, or no complete set), 3 UNKNOWN. Waiting for WAL: the
+(older than crit_age, or no complete set), 3 UNKNOWN (also: the replica
+cannot be reached, with --replica: its own warn_age and crit_age). Waiting for WAL: the
 newest set's stop segment is in no archive yet (pg_wal_fetch.py --check, run
 as [postgres] user, lists each source's newest segment): a set taken on an idle
 primary ends in its current segment, archived only at the next WAL switch, and
@@ -140,7 +177,7 @@ VERSION = "0.1.0"
 PROG = "pg_zfs_snap"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 # The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
-CONFIG_READS = ("postgres", "snapshot", "archive")
+CONFIG_READS = ("postgres", "snapshot", "archive", "replica")
 
 log = logging.getLogger(PROG)
 
@@ -494,6 +531,324 @@ def check_state(sets, now, warn_age, crit_age, newest_archived=None, wal_wait=DE
     return state, text, perf
 
 
+# -- replication: what to send, what the replica keeps ----------------------------
+
+# What replicate writes on the replica, checked before it goes on a command line
+# (pg_zfs_receive checks it again there).
+DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)*$")
+PROPERTY_VALUE_RE = re.compile(r"^[A-Za-z0-9+/=:.,_@ -]+$")
+# Properties of the guest that stay there: copy_of is written by the replica's
+# side, replicated_to says which replicas hold a set.
+NOT_SENT = ("copy_of", "replicated_to")
+
+Send = collections.namedtuple("Send", "snapshot base target")
+
+
+def replica_dataset(parent, source):
+    """The name of source's copy on a replica: PARENT/PATH for POOL/PATH."""
+    return parent + "/" + copy_tail(source)
+
+
+def dataset_name_problem(name):
+    """Why name cannot be written on a replica's command line as a dataset, or None."""
+    if not DATASET_NAME_RE.match(name) or any(part in (".", "..") for part in name.split("/")):
+        return "%r is not a dataset name (letters, digits, _ . : - and /)" % name
+    return None
+
+
+def replica_layout_problem(datasets):
+    """Why these datasets cannot be received below one replica parent, or None: a
+    pool's root dataset has no PATH to land on, and POOL1/PATH and POOL2/PATH
+    would land on the same copy."""
+    seen = {}
+    for dataset in datasets:
+        problem = dataset_name_problem(dataset)
+        if problem:
+            return problem
+        tail = copy_tail(dataset)
+        if not tail:
+            return "%s is a pool's root dataset: a replica receives POOL/PATH as TARGET/PATH" % dataset
+        if tail in seen:
+            return "%s and %s would both be TARGET/%s on a replica" % (seen[tail], dataset, tail)
+        seen[tail] = dataset
+    return None
+
+
+def parse_replica_listing(text, parent):
+    """(rows, {snapshot: guid}, [file systems]) below parent from the replica's
+    `zfs get -rHp -o name,property,value guid,pgzfs:... PARENT`; rows as
+    group_sets takes them, unset properties left out."""
+    found = collections.OrderedDict()
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 3:
+            found.setdefault(fields[0], {})[fields[1]] = fields[2]
+    rows, guids, filesystems = [], {}, []
+    for name, properties in found.items():
+        if not name.startswith(parent + "/"):
+            continue
+        if "@" not in name:
+            filesystems.append(name)
+            continue
+        dataset, _, snapshot = name.partition("@")
+        if properties.get("guid", "-") != "-":
+            guids[name] = properties["guid"]
+        rows.append((dataset, snapshot, 0, dict((key[len(P):], value) for key, value in properties.items()
+                                                if key.startswith(P) and value != "-")))
+    return rows, guids, filesystems
+
+
+def replica_sets(rows, prefix, parent, datasets):
+    """The sets of this config (datasets here) whose copies are below parent."""
+    return [one for one in sets_of(group_sets(rows, prefix), [replica_dataset(parent, d) for d in datasets])
+            if all(name == replica_dataset(parent, source) for name, source in one.sources.items())]
+
+
+def plan_replication(sets, guids, there, there_guids, there_filesystems, parent):
+    """(newest common set or None, [(set, [Send])], problems): what a replicate run sends.
+
+    sets: the complete sets here, oldest first; guids: {snapshot here: guid};
+    there: the replica's sets (replica_sets); there_guids: {snapshot there:
+    guid}. A snapshot has arrived when its copy has its GUID. The newest
+    common set is the newest set here that is complete there (stop_lsn on
+    every copy) with every snapshot arrived: every set newer than it is sent,
+    each snapshot that has not arrived from the newest snapshot of its
+    dataset that has (-i), or whole when the dataset has no copy yet. A set
+    whose snapshots all arrived still gets its properties. Problems: a copy
+    with another GUID, a copy that shares no set with its dataset here: they
+    are not ours to replace.
+    """
+    def target_of(one, dataset):
+        return "%s@%s" % (replica_dataset(parent, dataset), one.name)
+
+    def arrived(one, dataset):
+        guid = guids.get(one.snapshot(dataset))
+        return guid is not None and there_guids.get(target_of(one, dataset)) == guid
+
+    complete_there = set(one.name for one in there if one.complete)
+    common = None
+    for one in sets:
+        if one.name in complete_there and all(arrived(one, dataset) for dataset in one.datasets):
+            common = one
+    problems, plan, base = [], [], {}
+    for one in sets:
+        newer = common is None or (one.time, one.name) > (common.time, common.name)
+        sends = []
+        for dataset in one.datasets:
+            target = target_of(one, dataset)
+            if arrived(one, dataset):
+                base[dataset] = one.snapshot(dataset)
+                continue
+            if not newer:
+                continue
+            if target in there_guids:
+                problems.append("%s exists there with another GUID than %s: not a copy of it"
+                                % (target, one.snapshot(dataset)))
+                continue
+            copy = replica_dataset(parent, dataset)
+            if dataset not in base and copy in there_filesystems:
+                problems.append("%s exists there but holds no set of %s: nothing to send %s from"
+                                % (copy, dataset, one.snapshot(dataset)))
+                continue
+            sends.append(Send(one.snapshot(dataset), base.get(dataset), copy))
+            base[dataset] = one.snapshot(dataset)
+        if newer:
+            plan.append((one, sends))
+    return common, plan, problems
+
+
+def replica_bases(sets, replica_names):
+    """{set name: [replica names]}: for each replica, the newest complete set here
+    whose pgzfs:replicated_to names it, the base of its next send: prune keeps it."""
+    bases = {}
+    for name in replica_names:
+        held = [one for one in sets if one.complete and name in one.get("replicated_to", "").split()]
+        if held:
+            bases.setdefault(held[-1].name, []).append(name)
+    return bases
+
+
+def replica_prune_decision(there, policy, now, common):
+    """Names of the replica's sets to destroy: prune_decision with the replica's own
+    keep_*, never `common` (the newest set in common with here: the next send's base)."""
+    return [name for name in prune_decision(there, policy, now) if name != common]
+
+
+def property_command(key, value, snapshots):
+    """The command line `zfs set 'pgzfs:KEY=VALUE' SNAPSHOT...` for the replica (the
+    quotes are what a login shell and pg_zfs_receive both read); ValueError when
+    the value has a character pg_zfs_receive refuses."""
+    if not PROPERTY_VALUE_RE.match(value):
+        raise ValueError("pgzfs:%s %r has a character the replica's pg_zfs_receive refuses" % (key, value[:60]))
+    return "zfs set '%s%s=%s' %s" % (P, key, value, " ".join(snapshots))
+
+
+def parse_rate(text):
+    """Bytes per second of a bwlimit such as 20M, 512K or 1000000; None when empty."""
+    match = SIZE_RE.match(text.strip().upper())
+    if not text.strip():
+        return None
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("%r is not a rate (bytes per second: 20M, 512K, 1000000)" % text)
+    return int(float(match.group(1)) * (1024 ** "BKMGTPEZ".index(match.group(2) or "B")))
+
+
+def send_size_of(output):
+    """Bytes of `zfs send -nvP`'s 'size' line, or None."""
+    match = re.search(r"^size\s+([0-9]+)\s*$", output, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+# pg_zfs_receive: the forced command of the guest's key on a replica. POSIX sh,
+# as pg_wal_serve on the archive hosts (pg_wal_fetch.py): every host has it.
+# The guest sends plain zfs command lines, so a key installed without it works
+# too (as root); pg_zfs_receive runs only these, below ITS parent (its argument
+# in authorized_keys, never the client's), the words split with globbing off
+# and never evaluated:
+#   zfs get -rHp -o name,property,value PROPERTIES PARENT    the listing
+#   zfs recv [-s] -u -d PARENT                               a stream from stdin
+#   zfs recv -A PARENT/PATH                                  drop a resumable partial receive
+#   zfs destroy PARENT/PATH@SET                              retention (SET: *_YYYYmmddTHHMMSSZ)
+#   zfs set 'pgzfs:KEY=VALUE' PARENT/PATH@SET...             a set's metadata
+RECEIVER = "pg_zfs_receive"
+RECEIVER_PATH = "/usr/local/bin/pg_zfs_receive"
+RECEIVER_SCRIPT = r"""#!/bin/sh
+# pg_zfs_receive: the receiving end of `pg_zfs_snap.py replicate` on a replica
+# (pg_zfs @VERSION@). Written by `pg_zfs_snap.py receiver-script`: do not edit;
+# write it again after an upgrade.
+#
+# The forced command of the guest's key in the authorized_keys of the user
+# that receives (root on zfs-fuse; with OpenZFS a user given
+# `zfs allow USER create,mount,receive,destroy,userprop PARENT`):
+#
+#   restrict,from="GUEST",command="@PATH@ bk/guest1" ssh-ed25519 AAAA...
+#
+# sshd runs it for every session of that key, whatever the client asked. It
+# reads the client's command from $SSH_ORIGINAL_COMMAND, splits it into words
+# with globbing off (never evaluates it) and runs only these, with the parent
+# dataset of its own command line, never the client's:
+#   zfs get -rHp -o name,property,value PROPERTIES PARENT   list what is there
+#   zfs recv [-s] -u -d PARENT      receive the stream on stdin below PARENT
+#                                   (POOL/PATH@SET arrives as PARENT/PATH@SET)
+#   zfs recv -A PARENT/PATH         drop a partial resumable receive (OpenZFS)
+#   zfs destroy PARENT/PATH@SET     one set's snapshot (SET ends _YYYYmmddTHHMMSSZ)
+#   zfs set 'pgzfs:KEY=VALUE' PARENT/PATH@SET...  a set's metadata
+# Anything else (a shell, id, a destroy of PARENT, a receive elsewhere, a ;
+# or $(...) in a name) gets one line "pg_zfs_receive: refused: ..." on stderr
+# (and to syslog, auth.notice) and exit 1, and nothing changes.
+v=@VERSION@
+refuse() {
+	printf "pg_zfs_receive: refused: %.200s\n" "$1" >&2
+	logger -p auth.notice -t pg_zfs_receive "refused a request from ${SSH_CLIENT%% *}: $(printf "%.200s" "$1")" >/dev/null 2>&1
+	exit 1
+}
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+LC_ALL=C
+export LC_ALL
+d2=[0123456789][0123456789]
+[ $# -eq 1 ] || refuse "usage: pg_zfs_receive PARENT (the command= of an authorized_keys line)"
+p=$1
+case $p in
+""|/*|*/|*//*|.*|*/.*|*[!A-Za-z0-9_.:/-]*) refuse "not a dataset name: $p" ;;
+esac
+below() {
+	case $1 in
+	"$p"/*) ;;
+	*) return 1 ;;
+	esac
+	case $1 in
+	*/|*//*|*/./*|*/.|*/../*|*/..|*[!A-Za-z0-9_.:/-]*) return 1 ;;
+	esac
+	return 0
+}
+is_set_snapshot() {
+	case ${1#*@} in
+	*@*|*[!A-Za-z0-9_.:-]*) return 1 ;;
+	?*_${d2}${d2}${d2}${d2}T${d2}${d2}${d2}Z) ;;
+	*) return 1 ;;
+	esac
+	below "${1%%@*}"
+}
+c=${SSH_ORIGINAL_COMMAND:-}
+[ -n "$c" ] || refuse "no command: this key receives pg_zfs_snap.py replicate and nothing else"
+set -f
+case $c in
+*"
+"*) refuse "a line break in the command" ;;
+"zfs set '"*)
+	r=${c#"zfs set '"}
+	q=${r%%"' "*}
+	[ "$q" != "$r" ] || refuse "not zfs set 'pgzfs:KEY=VALUE' SNAPSHOT...: $c"
+	case $q in
+	*"'"*) refuse "a quote in the property: $c" ;;
+	pgzfs:[a-z]*=?*) ;;
+	*) refuse "not a pgzfs: property: $q" ;;
+	esac
+	case ${q%%=*} in
+	*[!a-z0-9_:]*) refuse "not a property name: ${q%%=*}" ;;
+	esac
+	case ${q#*=} in
+	*[!A-Za-z0-9+/=:.,_@\ -]*) refuse "a character pg_zfs_receive never sets, in ${q%%=*}" ;;
+	esac
+	unset IFS
+	set -- ${r#*"' "}
+	[ $# -ge 1 ] || refuse "zfs set without a snapshot"
+	for s in "$@"; do is_set_snapshot "$s" || refuse "not a set's snapshot below $p: $s"; done
+	exec zfs set "$q" "$@" ;;
+esac
+unset IFS
+set -- $c
+[ "${1:-}" = zfs ] || refuse "not a zfs command: $c"
+case ${2:-} in
+get)
+	[ $# -eq 7 ] && [ "$3" = -rHp ] && [ "$4" = -o ] && [ "$5" = name,property,value ] ||
+		refuse "not the listing zfs get -rHp -o name,property,value PROPERTIES $p: $c"
+	case $6 in
+	""|*[!a-z0-9_:,]*) refuse "not a list of properties: $6" ;;
+	esac
+	[ "$7" = "$p" ] || refuse "a listing of $7, not $p"
+	exec zfs get -rHp -o name,property,value "$6" "$p" ;;
+recv|receive)
+	if [ $# -eq 4 ] && [ "$3" = -A ]; then
+		below "$4" || refuse "not a dataset below $p: $4"
+		exec zfs receive -A "$4"
+	fi
+	[ "$*" = "zfs $2 -u -d $p" ] && exec zfs receive -u -d "$p"
+	[ "$*" = "zfs $2 -s -u -d $p" ] && exec zfs receive -s -u -d "$p"
+	refuse "not zfs recv [-s] -u -d $p: $c" ;;
+destroy)
+	[ $# -eq 3 ] && is_set_snapshot "$3" || refuse "not the destroy of a set's snapshot below $p: $c"
+	exec zfs destroy "$3" ;;
+*)
+	refuse "not a zfs command pg_zfs_receive runs: $c" ;;
+esac
+"""
+
+
+def receiver_script():
+    """The text of pg_zfs_receive, the forced command of the guest's key on a replica."""
+    return RECEIVER_SCRIPT.replace("@VERSION@", VERSION).replace("@PATH@", RECEIVER_PATH)
+
+
+def receiver_keys_line(public_key, from_patterns, parent, receiver_path=RECEIVER_PATH):
+    """The authorized_keys line that lets public_key run pg_zfs_receive below parent
+    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *)."""
+    import shlex
+    public_key = public_key.strip()
+    key = public_key.split()
+    if len(key) < 2 or not key[0].startswith(("ssh-", "ecdsa-", "sk-")) or "\n" in public_key:
+        raise Failure("not an ssh public key: %r" % public_key[:40], 2)
+    if not from_patterns or '"' in from_patterns or " " in from_patterns or "\n" in from_patterns:
+        raise Failure("from %r: addresses or patterns separated by commas, no spaces or quotes"
+                      % from_patterns, 2)
+    if dataset_name_problem(parent) or not receiver_path.startswith("/") or "\n" in receiver_path:
+        raise Failure("cannot write an authorized_keys line for parent %r and receiver %r"
+                      % (parent, receiver_path), 2)
+    command = "%s %s" % (shlex.quote(receiver_path), shlex.quote(parent))
+    return 'restrict,from="%s",command="%s" %s' % (from_patterns, command.replace('"', '\\"'), " ".join(key))
+
+
 # ---------------------------------------------------------------------------
 # The helpers every pg_zfs script carries (config, logging, commands).
 # Each script is one self-contained file, so these few lines are repeated in
@@ -588,9 +943,10 @@ class Config(object):
 
 
 # Every section and key of pg_zfs.conf, one file for the four scripts, and the
-# kind of value each takes ("source" stands for every [source NAME]). Any other
-# name is a typo: Config.load refuses it with the nearest valid one, so that
-# keep_dayly = 30 never silently means the default.
+# kind of value each takes ("source" stands for every [source NAME], "replica"
+# for every [replica NAME]). Any other name is a typo: Config.load refuses it
+# with the nearest valid one, so that keep_dayly = 30 never silently means the
+# default.
 CONFIG_SCHEMA = {
     "postgres": {"pgdata": "text", "bindir": "text", "user": "text", "host": "text", "port": "int",
                  "dbname": "text", "system_identifier": "int"},
@@ -608,6 +964,10 @@ CONFIG_SCHEMA = {
     "host": {"domain": "text", "libvirt_uri": "text", "start_timeout": "int", "guest_address": "text",
              "guest_port": "int"},
     "restore": {"mount_root": "text", "wal_root": "text", "port_start": "int", "timeout": "int"},
+    "replica": {"host": "text", "port": "int", "user": "text", "identity_file": "text", "ssh_options": "text",
+                "from": "text", "target": "text", "keep_hourly": "int", "keep_daily": "int",
+                "keep_weekly": "int", "keep_monthly": "int", "bwlimit": "text", "warn_age": "duration",
+                "crit_age": "duration"},
 }
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -623,11 +983,12 @@ def parse_duration(text):
 
 
 def schema_section(section):
-    """The CONFIG_SCHEMA entry a file's section name stands for ("source NAME": "source")."""
+    """The CONFIG_SCHEMA entry a file's section name stands for ("source NAME": "source",
+    "replica NAME": "replica")."""
     words = section.split()
-    if words[:1] == ["source"] and len(words) == 2:
-        return "source"
-    return section if section in CONFIG_SCHEMA and section != "source" else None
+    if words[:1] in (["source"], ["replica"]) and len(words) == 2:
+        return words[0]
+    return section if section in CONFIG_SCHEMA and section not in ("source", "replica") else None
 
 
 def nearest(name, names):
@@ -648,7 +1009,8 @@ def config_problem(sections, reads):
     for section, items in sections:
         kind = schema_section(section)
         if kind is None:
-            hint = nearest(section, [name for name in CONFIG_SCHEMA if name != "source"] + ["source NAME"])
+            hint = nearest(section, [name for name in CONFIG_SCHEMA if name not in ("source", "replica")]
+                           + ["source NAME", "replica NAME"])
             near = hint[len(" (did you mean "):-2].split()[0] if hint else None
             if near is None or near in reads:
                 return "[%s]: no such section%s" % (section, hint)
@@ -739,8 +1101,12 @@ PROPERTY_KEYS = (
     "version", "set", "datasets", "pgdata_dataset", "pgdata_rel", "mode",
     "start_lsn", "stop_lsn", "start_wal", "timeline", "start_time", "stop_time",
     "pg_version", "system_identifier", "backup_label", "tablespace_map", "mountpoints",
-    "db_time", "db_time_lsn",
+    "db_time", "db_time_lsn", "copy_of", "replicated_to",
 )
+# Replication (pg_zfs_snap.py replicate): on the replica every received snapshot
+# carries the source's pgzfs:* as they are (names of the guest's datasets) and
+# copy_of, the dataset it was sent from; its name there is PARENT/copy_tail(it).
+# On the guest, replicated_to lists the replicas that hold the set whole.
 # The long base64 ones: read only for the set being restored.
 FILE_KEYS = ("backup_label", "tablespace_map", "mountpoints")
 LIST_KEYS = tuple(key for key in PROPERTY_KEYS if key not in FILE_KEYS)
@@ -766,12 +1132,16 @@ class SnapshotSet(object):
     time is the UTC epoch of the name; properties are pgzfs:* without the
     prefix, from the snapshot of the PGDATA dataset; present lists the datasets
     that have the snapshot; used is bytes, summed; complete means every dataset
-    has it and every snapshot carries pgzfs:stop_lsn (written last).
+    has it and every snapshot carries pgzfs:stop_lsn (written last). sources
+    maps each dataset to the name the properties give it: itself, or on a
+    replica the guest's dataset its copy came from (datasets and pgdata_dataset
+    are the names here).
     """
 
-    def __init__(self, name, time, datasets, present, properties, used, complete):
+    def __init__(self, name, time, datasets, present, properties, used, complete, sources=None):
         self.name, self.time, self.datasets, self.present = name, time, datasets, present
         self.properties, self.used, self.complete = properties, used, complete
+        self.sources = sources if sources is not None else dict((d, d) for d in datasets)
 
     def __repr__(self):
         return "SnapshotSet(%r, complete=%r)" % (self.name, self.complete)
@@ -830,29 +1200,58 @@ def group_sets(rows, prefix):
     pgzfs: prefix already removed and unset properties absent. A snapshot is ours
     only if its name parses with the prefix AND its pgzfs:set equals the name
     AND its dataset is in its pgzfs:datasets; anything else is never touched.
+    A replica's copy counts by its pgzfs:copy_of instead of its own name, and
+    only as PARENT/copy_tail(copy_of): one set is the copies below one PARENT,
+    its datasets and pgdata_dataset given by their names here (sources maps
+    them back).
     """
-    by_name = collections.OrderedDict()
+    by_key = collections.OrderedDict()
     for dataset, snapshot, used, properties in rows:
         when = parse_set_name(snapshot, prefix)
         if when is None or properties.get("set") != snapshot:
             continue
-        if dataset not in properties.get("datasets", "").split():
+        source = properties.get("copy_of", dataset)
+        parent = copy_parent(dataset, source) if "copy_of" in properties else ""
+        if parent is None or source not in properties.get("datasets", "").split():
             continue
-        by_name.setdefault(snapshot, []).append((dataset, used, properties))
+        by_key.setdefault((snapshot, parent), []).append((dataset, source, used, properties))
     sets = []
-    for name, members in by_name.items():
-        present = tuple(dataset for dataset, _, _ in members)
-        main = members[-1][2]
-        for dataset, _, properties in members:
-            if dataset == properties.get("pgdata_dataset"):
+    for (name, parent), members in by_key.items():
+        present = tuple(dataset for dataset, _, _, _ in members)
+        main = members[-1][3]
+        for _, source, _, properties in members:
+            if source == properties.get("pgdata_dataset"):
                 main = properties
-        datasets = tuple(main.get("datasets", "").split())
+        sources = collections.OrderedDict(
+            (parent + "/" + copy_tail(source) if parent else source, source)
+            for source in main.get("datasets", "").split())
+        datasets = tuple(sources)
+        properties = dict(main)
+        if parent:
+            here = dict((source, dataset) for dataset, source in sources.items())
+            properties["datasets"] = " ".join(datasets)
+            if main.get("pgdata_dataset") in here:
+                properties["pgdata_dataset"] = here[main["pgdata_dataset"]]
         complete = (set(datasets) <= set(present)
-                    and all(properties.get("stop_lsn") for _, _, properties in members))
-        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present,
-                                dict(main), sum(used for _, used, _ in members), complete))
+                    and all(member[3].get("stop_lsn") for member in members))
+        sets.append(SnapshotSet(name, parse_set_name(name, prefix), datasets, present, properties,
+                                sum(used for _, _, used, _ in members), complete, dict(sources)))
     sets.sort(key=lambda one: (one.time, one.name))
     return sets
+
+
+def copy_tail(source):
+    """A dataset's copy's name below a replica's parent: PATH for POOL/PATH (what
+    `zfs recv -d PARENT` makes of it), NAME for a btrfs subvolume /DIR/NAME."""
+    return os.path.basename(source) if source.startswith("/") else source.partition("/")[2]
+
+
+def copy_parent(dataset, source):
+    """PARENT when dataset is PARENT/copy_tail(source), source's copy on a replica; else None."""
+    tail = copy_tail(source)
+    if tail and dataset.endswith("/" + tail) and len(dataset) > len(tail) + 1:
+        return dataset[:-len(tail) - 1]
+    return None
 
 
 def sets_of(sets, datasets):
@@ -1103,13 +1502,27 @@ def parse_args(argv):
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     snapshot = commands.add_parser("snapshot", help="take one snapshot set (then prune)")
     snapshot.add_argument("--label", default="", help="text added to the backup label")
-    snapshot.add_argument("--no-prune", action="store_true", help="do not prune afterwards")
+    snapshot.add_argument("--no-prune", action="store_true",
+                          help="do not prune afterwards (here, nor the replicas with --replicate)")
+    snapshot.add_argument("--replicate", action="store_true",
+                          help="then send the sets to every [replica NAME] (replicate)")
     listing = commands.add_parser("list", help="list the snapshot sets")
     listing.add_argument("--json", action="store_true", help="JSON with every property")
+    listing.add_argument("--replica", metavar="NAME", help="the sets here and on [replica NAME]")
     prune = commands.add_parser("prune", help="destroy sets the retention policy lets go")
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")
-    commands.add_parser("check", help="Nagios check of the newest set's age")
+    check = commands.add_parser("check", help="Nagios check of the newest set's age")
+    check.add_argument("--replica", metavar="NAME", help="of the newest set complete on [replica NAME]")
     commands.add_parser("oldest-wal", help="print the first WAL file the oldest set needs")
+    replicate = commands.add_parser("replicate", help="send the sets a replica lacks, prune it")
+    replicate.add_argument("--replica", metavar="NAME", help="only [replica NAME] (default: every one)")
+    replicate.add_argument("--dry-run", action="store_true", help="print what would be sent, with sizes")
+    replicate.add_argument("--no-prune", action="store_true", help="do not prune the replica afterwards")
+    commands.add_parser("receiver-script", help="print pg_zfs_receive, the replica's forced command")
+    keys = commands.add_parser("authorized-keys", help="print the key's authorized_keys line for each replica")
+    keys.add_argument("--replica", metavar="NAME", help="only [replica NAME]")
+    keys.add_argument("--receiver-path", metavar="PATH", default=RECEIVER_PATH,
+                      help="where pg_zfs_receive is on the replica (default %(default)s)")
     args = parser.parse_args(argv)
     if args.now:
         try:
@@ -1651,6 +2064,252 @@ class Clock(object):
         return time.time() + self.offset
 
 
+# -- a replica: its config, the ssh link, zfs send -------------------------------
+
+SSH_CONNECT_TIMEOUT = 10
+REPLICA_TIMEOUT = 300        # one listing, set or destroy on the replica
+SEND_CHUNK = 1 << 20
+
+
+class Replica(object):
+    """One [replica NAME] section: where the sets go and what the replica keeps."""
+
+    def __init__(self, config, name):
+        import shlex
+        replica_section = "replica " + name
+        if not config.has_section(replica_section):
+            raise Failure("%s: no [replica %s] section" % (config.path, name), 2)
+        self.name = name
+        self.host = config.str(replica_section, "host")
+        if not self.host or self.host.startswith("-") or any(c.isspace() for c in self.host):
+            raise config.error(replica_section, "host", "%r is not a host name or address" % self.host)
+        self.port = config.int(replica_section, "port", 22, minimum=1)
+        self.user = config.str(replica_section, "user", "root")
+        if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", self.user):
+            raise config.error(replica_section, "user", "%r is not a user name" % self.user)
+        self.identity_file = config.str(replica_section, "identity_file", "")
+        self.ssh_options_text = config.str(replica_section, "ssh_options", "")
+        try:
+            self.ssh_options = shlex.split(self.ssh_options_text)
+        except ValueError as error:
+            raise config.error(replica_section, "ssh_options", str(error))
+        self.from_patterns = config.str(replica_section, "from", "")
+        self.target = config.str(replica_section, "target")
+        problem = dataset_name_problem(self.target)
+        if problem:
+            raise config.error(replica_section, "target", problem)
+        self.policy = Policy(*[config.int(replica_section, "keep_" + rule, RETENTION_DEFAULTS[rule])
+                               for rule in RETENTION_RULES])
+        try:
+            self.bwlimit = parse_rate(config.str(replica_section, "bwlimit", ""))
+        except ValueError as error:
+            raise config.error(replica_section, "bwlimit", str(error))
+        self.warn_age = config.duration(replica_section, "warn_age", 93600)
+        self.crit_age = config.duration(replica_section, "crit_age", 180000)
+
+    def __str__(self):
+        return "[replica %s] %s@%s:%s" % (self.name, self.user, self.host, self.target)
+
+
+def replica_names(config):
+    """The NAMEs of the [replica NAME] sections, in file order."""
+    return [section.split()[1] for section in config.parser.sections() if schema_section(section) == "replica"]
+
+
+class ReplicaLink(object):
+    """ssh to one replica: one master connection (ours: it ends with the run), each
+    command a session on it. Commands are zfs command lines (replica_* below):
+    pg_zfs_receive runs them there, and so would a login shell."""
+
+    def __init__(self, replica):
+        self.replica = replica
+        self.control_dir = None
+        self.master = None
+
+    def argv(self, command=None, master=False):
+        replica = self.replica
+        argv = ["ssh", "-p", str(replica.port), "-o", "BatchMode=yes",
+                "-o", "ConnectTimeout=%d" % SSH_CONNECT_TIMEOUT,
+                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        if replica.identity_file:
+            argv += ["-i", replica.identity_file, "-o", "IdentitiesOnly=yes"]
+        argv += replica.ssh_options
+        control = os.path.join(self.control_dir, "control") if self.control_dir else None
+        if master:
+            argv += ["-M", "-N", "-S", control, "-o", "ControlPersist=no"]
+        elif control:
+            argv += ["-S", control, "-o", "ControlMaster=no"]
+        argv += ["-l", replica.user, "--", replica.host]
+        return argv + ([command] if command else [])
+
+    def open(self):
+        """Start the master connection; a Failure when the replica cannot be reached."""
+        import tempfile
+        self.control_dir = tempfile.mkdtemp(prefix="pg_zfs_snap-ssh-")
+        control = os.path.join(self.control_dir, "control")
+        errors = tempfile.TemporaryFile()
+        log.debug("run: %s", " ".join(self.argv(master=True)))
+        try:
+            self.master = subprocess.Popen(self.argv(master=True), stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=errors, cwd="/")
+        except OSError as error:
+            raise Failure("cannot run ssh: %s" % (error.strerror or error), 1)
+        deadline = time.time() + SSH_CONNECT_TIMEOUT + 30
+        while not os.path.exists(control):
+            if self.master.poll() is not None or time.time() > deadline:
+                errors.seek(0)
+                lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+                raise Failure("%s: cannot connect: %s" % (self.replica, lines[-1] if lines else "no answer"), 1)
+            time.sleep(0.05)
+
+    def close(self):
+        """End the master connection and remove its directory."""
+        if self.master is not None:
+            if self.master.poll() is None:
+                self.master.terminate()
+                try:
+                    self.master.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.master.kill()
+                    self.master.wait()
+            self.master = None
+        if self.control_dir:
+            shutil.rmtree(self.control_dir, ignore_errors=True)
+            self.control_dir = None
+
+    def run(self, command, check=True):
+        """(exit code, stdout, stderr) of one command there."""
+        code, out, err = run(self.argv(command), timeout=REPLICA_TIMEOUT, check=False)
+        if check and code != 0:
+            last = (err.strip().splitlines() or ["exit code %d" % code])[-1]
+            raise Failure("%s: %s: %s" % (self.replica, command[:120], last), 1)
+        return code, out, err
+
+    def listing(self):
+        """(rows, {snapshot: guid}, [file systems]) below the target (parse_replica_listing)."""
+        columns = ",".join(["guid"] + [P + key for key in LIST_KEYS])
+        _, out, _ = self.run("zfs get -rHp -o name,property,value %s %s" % (columns, self.replica.target))
+        return parse_replica_listing(out, self.replica.target)
+
+    def resume_tokens(self):
+        """{dataset: token} of partial resumable receives there, or None where its zfs
+        has none (zfs-fuse: no receive_resume_token, no recv -s): then a cut
+        receive is simply done again."""
+        code, out, _ = self.run("zfs get -rHp -o name,property,value receive_resume_token %s"
+                                % self.replica.target, check=False)
+        if code != 0:
+            return None
+        tokens = {}
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if len(fields) == 3 and fields[2] not in ("", "-") and re.match(r"^[0-9a-f-]+$", fields[2]):
+                tokens[fields[0]] = fields[2]
+        return tokens
+
+    def receive(self, send_argv, resumable):
+        """Pipe `send_argv` (zfs send ...) into `zfs recv -u -d TARGET` there, at most
+        bwlimit bytes a second; (bytes, seconds). A Failure with the last line of
+        whichever side failed; both are ended on any way out."""
+        import tempfile
+        command = "zfs recv %s-u -d %s" % ("-s " if resumable else "", self.replica.target)
+        send_errors, recv_errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        started, sent, sender, receiver = time.time(), 0, None, None
+        log.debug("run: %s | %s", " ".join(send_argv), " ".join(self.argv(command)))
+        try:
+            sender = subprocess.Popen(send_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=send_errors, cwd="/")
+            receiver = subprocess.Popen(self.argv(command), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=recv_errors, cwd="/")
+            try:
+                while True:
+                    chunk = os.read(sender.stdout.fileno(), SEND_CHUNK)
+                    if not chunk:
+                        break
+                    receiver.stdin.write(chunk)
+                    sent += len(chunk)
+                    ahead = self.replica.bwlimit and sent / float(self.replica.bwlimit) - (time.time() - started)
+                    if ahead and ahead > 0:
+                        time.sleep(ahead)
+                receiver.stdin.close()
+            except (IOError, OSError):          # the receiving side is gone: its stderr says why
+                pass
+            receiver.wait()
+            killed = receiver.returncode != 0 and sender.poll() is None
+            if killed:
+                sender.kill()
+            sender.wait()
+        except OSError as error:
+            raise Failure("cannot run %s: %s" % (send_argv[0], error.strerror or error), 1)
+        finally:
+            for process in (sender, receiver):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait()
+        sides = [(sender.returncode, send_errors, " ".join(send_argv[1:])),
+                 (receiver.returncode, recv_errors, "zfs recv on %s" % self.replica.host)]
+        for code, errors, what in sides[1:] + sides[:1] if killed else sides:
+            if code != 0:
+                errors.seek(0)
+                lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+                raise Failure("%s: %s" % (what, lines[-1] if lines else "exit code %d" % code), 1)
+        return sent, time.time() - started
+
+
+def send_argv(zfs, snapshot, base=None, token=None):
+    """zfs send of snapshot, incrementally from base (-i), or resuming a token (-t)."""
+    if token:
+        return [zfs, "send", "-t", token]
+    return [zfs, "send"] + (["-i", base] if base else []) + [snapshot]
+
+
+def zfs_guids(zfs, snapshots):
+    """{snapshot: guid}, exact (zfs get -p: zfs-fuse's zfs list rounds it to 5.93E)."""
+    if not snapshots:
+        return {}
+    _, out, _ = run([zfs, "get", "-Hp", "-o", "name,value", "guid"] + list(snapshots), timeout=ZFS_TIMEOUT)
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def zfs_properties(zfs, snapshots, keys):
+    """{snapshot: {key: value}} of pgzfs:KEY on each snapshot, unset ones left out."""
+    _, out, _ = run([zfs, "get", "-H", "-o", "name,property,value", ",".join(P + key for key in keys)]
+                    + list(snapshots), timeout=ZFS_TIMEOUT)
+    found = dict((snapshot, {}) for snapshot in snapshots)
+    for line in out.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 3 and fields[1].startswith(P) and fields[2] != "-" and fields[0] in found:
+            found[fields[0]][fields[1][len(P):]] = fields[2]
+    return found
+
+
+def stream_size(zfs, argv):
+    """(bytes, how) a send would write: `zfs send -nvP` where zfs has it, else the
+    stream itself counted here (zfs-fuse has no -n), nothing sent anywhere."""
+    code, out, err = run([zfs, "send", "-nvP"] + argv[2:], timeout=ZFS_TIMEOUT, check=False)
+    size = send_size_of(out + "\n" + err) if code == 0 else None
+    if size is not None:
+        return size, "zfs send -nvP"
+    total = 0
+    try:
+        sender = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, cwd="/")
+    except OSError as error:
+        raise Failure("cannot run %s: %s" % (argv[0], error.strerror or error), 1)
+    try:
+        while True:
+            chunk = os.read(sender.stdout.fileno(), SEND_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+        sender.wait()
+    if sender.returncode != 0:
+        raise Failure("%s failed (exit code %d)" % (" ".join(argv), sender.returncode), 1)
+    return total, "counted: this zfs has no send -n"
+
+
 # ---------------------------------------------------------------------------
 # The commands.
 # ---------------------------------------------------------------------------
@@ -1902,9 +2561,13 @@ def cmd_prune(job, dry_run):
     doomed = prune_decision(sets, job.policy, now)
     clones = job.backend.clones()
     by_name = dict((one.name, one) for one in sets)
+    bases = replica_bases(sets, replica_names(job.config))
     failed = 0
     for name in doomed:
         one = by_name[name]
+        if name in bases:
+            log.info("set %s kept: the base of the next send to [replica %s]", name, "], [replica ".join(bases[name]))
+            continue
         snapshots = ["%s@%s" % (dataset, name) for dataset in one.present]
         dependants = sorted(c for s in snapshots for c in clones.get(s, []))
         if dependants:
@@ -1994,14 +2657,292 @@ def run_check(args):
     """The Nagios check: one line, exit 0/1/2/3, UNKNOWN on any error."""
     try:
         job = Job(Config.load(config_path(args.config)), Clock(args.now))
-        state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age,
-                                        archive_newest(job), job.wal_wait)
+        if args.replica:
+            state, text, perf = replica_check_state(job, replicas_of(job, args.replica)[0])
+        else:
+            state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age,
+                                            archive_newest(job), job.wal_wait)
     except Failure as failure:
         state, text, perf = 3, str(failure), "sets=0"
     except Exception as error:      # a monitoring check says UNKNOWN, never a traceback
         state, text, perf = 3, "internal error: %s: %s" % (type(error).__name__, error), "sets=0"
     print("PG_ZFS_SNAP %s - %s | %s" % (NAGIOS_STATES[state], text, perf))
     return state
+
+
+def replicas_of(job, name=None):
+    """The Replica of --replica NAME, or of every [replica NAME] section; a Failure(2)
+    when there is none, or when the datasets cannot be laid out below a parent."""
+    names = [name] if name else replica_names(job.config)
+    if not names:
+        raise Failure("%s: no [replica NAME] section: nothing to replicate to" % job.config.path, 2)
+    problem = replica_layout_problem(job.datasets)
+    if problem:
+        raise job.config.error("snapshot", "datasets", problem)
+    if isinstance(job.backend, BtrfsBackend):
+        raise Failure("replicate: only the zfs backend can be replicated (btrfs send/receive is not built yet)", 2)
+    return [Replica(job.config, one) for one in names]
+
+
+def cmd_replicate(job, name=None, dry_run=False, prune=True):
+    """Send to each replica every complete set it lacks, then (prune) prune it by its
+    own keep_*; return the number of replicas that failed (a signal ends the run)."""
+    failed = 0
+    for replica in replicas_of(job, name):
+        try:
+            replicate_to(job, replica, dry_run, prune)
+        except SignalFailure:
+            raise
+        except Failure as failure:
+            log.error("%s", failure)
+            failed += 1
+    return failed
+
+
+def replicate_to(job, replica, dry_run, prune=True):
+    """One replica: resume or redo what a cut run left, send the missing sets in
+    order, each one complete there (GUIDs checked, pgzfs:stop_lsn last) before
+    the next, then the replica's retention."""
+    sets = [one for one in job.sets() if one.complete]
+    if not sets:
+        log.info("%s: no complete set here to send", replica)
+        return
+    link = ReplicaLink(replica)
+    link.open()
+    try:
+        tokens = link.resume_tokens()
+        if tokens and not dry_run:
+            resume_receives(job, link, tokens)
+        rows, there_guids, filesystems = link.listing()
+        there = replica_sets(rows, job.prefix, replica.target, job.datasets)
+        guids = zfs_guids(job.backend.zfs, [one.snapshot(d) for one in sets for d in one.datasets])
+        common, plan, problems = plan_replication(sets, guids, there, there_guids, filesystems, replica.target)
+        if problems:
+            raise Failure("%s: %s; nothing sent" % (replica, "; ".join(problems)), 1)
+        if not plan:
+            log.info("%s holds every set: the newest, %s, since an earlier run", replica, common.name)
+        for one, sends in plan:
+            if dry_run:
+                describe_sends(job, replica, one, sends)
+                continue
+            send_set(job, link, replica, one, sends, tokens is not None)
+            common = one
+        if prune:
+            prune_replica(job, link, replica, common, dry_run)
+    finally:
+        link.close()
+
+
+def resume_receives(job, link, tokens):
+    """OpenZFS: finish each partial receive a cut run left (zfs send -t TOKEN); one whose
+    snapshot is gone here (or that fails to resume) is dropped (zfs recv -A)
+    and sent again from the start."""
+    for dataset, token in sorted(tokens.items()):
+        if dataset_name_problem(dataset):
+            continue
+        try:
+            sent, seconds = link.receive(send_argv(job.backend.zfs, None, token=token), True)
+            log.info("%s: resumed the cut receive of %s: %s more in %.1f s", link.replica, dataset,
+                     human_size(sent), seconds)
+        except SignalFailure:
+            raise
+        except Failure as failure:
+            log.warning("%s: cannot resume the receive of %s (%s): dropping it, the set goes again",
+                        link.replica, dataset, failure)
+            link.run("zfs recv -A %s" % dataset)
+
+
+def describe_sends(job, replica, one, sends):
+    """--dry-run: what sending set one would do, with each stream's size."""
+    total = 0
+    for send in sends:
+        size, how = stream_size(job.backend.zfs, send_argv(job.backend.zfs, send.snapshot, send.base))
+        total += size
+        print("would send %s to %s:%s (%s): %s (%s)" % (
+            send.snapshot, replica.host, send.target, "incremental from %s" % send.base.partition("@")[2]
+            if send.base else "full", human_size(size), how))
+    print("would make set %s complete on [replica %s]: %s in %d stream(s), then its pgzfs:* properties"
+          % (one.name, replica.name, human_size(total), len(sends)))
+
+
+def send_set(job, link, replica, one, sends, resumable):
+    """Send the snapshots of set one that have not arrived, check every copy has its
+    snapshot's GUID, then write the set's properties there, pgzfs:stop_lsn last,
+    and note the replica in the set's pgzfs:replicated_to here."""
+    for send in sends:
+        sent, seconds = link.receive(send_argv(job.backend.zfs, send.snapshot, send.base), resumable)
+        log.info("sent %s to %s:%s (%s): %s in %.1f s", send.snapshot, replica.host, send.target,
+                 "incremental from %s" % send.base.partition("@")[2] if send.base else "full",
+                 human_size(sent), seconds)
+    snapshots = [one.snapshot(dataset) for dataset in one.datasets]
+    copies = dict((snapshot, "%s@%s" % (replica_dataset(replica.target, dataset), one.name))
+                  for dataset, snapshot in zip(one.datasets, snapshots))
+    guids = zfs_guids(job.backend.zfs, snapshots)
+    _, there_guids, _ = link.listing()
+    for snapshot, copy in copies.items():
+        if there_guids.get(copy) != guids.get(snapshot):
+            raise Failure("%s: %s has GUID %s, not %s's %s: set %s not complete there"
+                          % (replica, copy, there_guids.get(copy, "(absent)"), snapshot, guids.get(snapshot),
+                             one.name), 1)
+    keys = [key for key in PROPERTY_KEYS if key not in NOT_SENT]
+    found = zfs_properties(job.backend.zfs, snapshots, keys)
+    commands, last = [], []
+    for key in keys:
+        by_value = collections.OrderedDict()
+        for snapshot in snapshots:
+            if key in found[snapshot]:
+                by_value.setdefault(found[snapshot][key], []).append(copies[snapshot])
+        for value, targets in by_value.items():
+            try:
+                (last if key == "stop_lsn" else commands).append(property_command(key, value, targets))
+            except ValueError as error:
+                raise Failure("%s: set %s: %s" % (replica, one.name, error), 1)
+    commands += [property_command("copy_of", dataset, [copies[one.snapshot(dataset)]]) for dataset in one.datasets]
+    if not last:
+        raise Failure("set %s has no pgzfs:stop_lsn here: not complete" % one.name, 1)
+    for command in commands + last:      # stop_lsn last: it makes the set complete there
+        link.run(command)
+    held = one.get("replicated_to", "").split()
+    if replica.name not in held:
+        job.backend.set_properties(snapshots, {"replicated_to": " ".join(held + [replica.name])},
+                                   ["replicated_to"])
+    log.info("set %s complete on %s (%d datasets, GUIDs checked)", one.name, replica, len(snapshots))
+
+
+def prune_replica(job, link, replica, common, dry_run):
+    """The replica's retention (prune_decision with its keep_*), never its newest set
+    in common with here (the next send's base); a set with clones there (a
+    restore) is kept with a warning."""
+    rows, _, _ = link.listing()
+    there = replica_sets(rows, job.prefix, replica.target, job.datasets)
+    doomed = replica_prune_decision(there, replica.policy, job.clock.now(), common.name if common else None)
+    by_name = dict((one.name, one) for one in there)
+    for name in doomed:
+        snapshots = [by_name[name].snapshot(dataset) for dataset in by_name[name].present]
+        if dry_run:
+            print("would destroy %s on [replica %s]" % (name, replica.name))
+            continue
+        with signals_deferred():
+            for snapshot in snapshots:
+                code, _, err = link.run("zfs destroy %s" % snapshot, check=False)
+                if code != 0:
+                    log.warning("%s: set %s not pruned: zfs destroy %s: %s", replica, name, snapshot,
+                                (err.strip().splitlines() or ["exit code %d" % code])[-1])
+                    break
+            else:
+                log.info("pruned set %s on %s", name, replica)
+        if pending_signal():
+            raise SignalFailure("stopped by signal %d after set %s: the remaining sets are kept"
+                                % (pending_signal(), name))
+
+
+def replica_listing(replica):
+    """ReplicaLink.listing() over a connection of its own."""
+    link = ReplicaLink(replica)
+    link.open()
+    try:
+        return link.listing()
+    finally:
+        link.close()
+
+
+def cmd_list_replica(job, name):
+    """Each set here or on the replica, and its state on both sides."""
+    [replica] = replicas_of(job, name)
+    sets = job.sets()
+    rows, there_guids, _ = replica_listing(replica)
+    there = dict((one.name, one) for one in replica_sets(rows, job.prefix, replica.target, job.datasets))
+    here = dict((one.name, one) for one in sets)
+    guids = zfs_guids(job.backend.zfs, [one.snapshot(d) for one in sets for d in one.present])
+    print("\t".join(["set", "time", "here", "replica " + replica.name]))
+    for set_name in sorted(set(here) | set(there), key=lambda n: (parse_set_name(n, job.prefix), n)):
+        mine, theirs = here.get(set_name), there.get(set_name)
+        state = "-"
+        if theirs is not None:
+            state = "complete" if theirs.complete else "INCOMPLETE (%d of %d)" % (
+                len(theirs.present), len(theirs.datasets))
+            if mine is not None and any(there_guids.get(theirs.snapshot(replica_dataset(replica.target, d)))
+                                        != guids.get(mine.snapshot(d)) for d in mine.present):
+                state += ", OTHER GUID"
+        print("\t".join([set_name, iso_utc(parse_set_name(set_name, job.prefix)),
+                         "-" if mine is None else "complete" if mine.complete else "INCOMPLETE", state]))
+
+
+def replica_check_state(job, replica):
+    """(Nagios state, text, perfdata) from the newest set complete on the replica."""
+    rows, _, _ = replica_listing(replica)
+    there = replica_sets(rows, job.prefix, replica.target, job.datasets)
+    state, text, perf = check_state(there, job.clock.now(), replica.warn_age, replica.crit_age)
+    newest = [one for one in there if one.complete]
+    behind = [one for one in job.sets() if one.complete and (not newest or one.time > newest[-1].time)]
+    if behind:
+        text += "; %d newer set(s) here not there yet" % len(behind)
+    return state, "%s: %s" % (replica, text), perf
+
+
+def cmd_receiver_script():
+    print(receiver_script(), end="")
+
+
+def cmd_authorized_keys(job, name=None, receiver_path=RECEIVER_PATH):
+    """Print, for each replica, the authorized_keys line of the guest's key there."""
+    for replica in replicas_of(job, name):
+        key_path = (replica.identity_file or next(
+            (path for path in (os.path.expanduser("~/.ssh/id_" + kind) for kind in ("ed25519", "ecdsa", "rsa"))
+             if os.path.exists(path)), "~/.ssh/id_ed25519")) + ".pub"
+        try:
+            with open(key_path) as handle:
+                public_key = handle.read()
+        except (OSError, IOError) as error:
+            raise Failure("%s: cannot read the public key %s: %s" % (replica, key_path, error.strerror), 1)
+        from_patterns = (replica.from_patterns or bind_address(replica.ssh_options_text)
+                         or address_toward(replica.host, replica.port))
+        if not from_patterns:
+            raise Failure("%s: cannot tell the address it sees this guest come from: set from" % replica, 2)
+        print("# %s: %s installed there (pg_zfs_snap.py receiver-script, mode 0755), the parent made "
+              "(zfs create -p %s), then this line in ~%s/.ssh/authorized_keys (key %s; from = %s)"
+              % (replica, receiver_path, replica.target, replica.user, key_path, from_patterns))
+        print(receiver_keys_line(public_key, from_patterns, replica.target, receiver_path))
+
+
+def bind_address(ssh_options):
+    """The local address ssh_options bind ssh to (-b ADDR, -o BindAddress=ADDR), or None."""
+    import shlex
+    words = shlex.split(ssh_options)
+    for index, word in enumerate(words):
+        value = None
+        if word == "-b" and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-b") and len(word) > 2:
+            value = word[2:]
+        elif word in ("-o", "-o=") and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("-o"):
+            value = word[2:]
+        else:
+            continue
+        if word.startswith("-b"):
+            return value
+        key, _sep, setting = value.replace("=", " ", 1).partition(" ")
+        if key.lower() == "bindaddress" and setting.strip():
+            return setting.strip()
+    return None
+
+
+def address_toward(host, port):
+    """The local address this machine sends from to reach host (a connected UDP
+    socket: the kernel picks the route and source; no packet is sent), or None."""
+    import socket
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+        probe_socket = socket.socket(family, kind, proto)
+        try:
+            probe_socket.connect(address)
+            return probe_socket.getsockname()[0]
+        finally:
+            probe_socket.close()
+    except (OSError, IOError, IndexError):
+        return None
 
 
 _signals_held = []      # non-empty while snapshots are made or destroyed
@@ -2015,7 +2956,14 @@ def defer_or_fail_on_signal(signum, frame):
     if _signals_held:
         _signals_pending.append(signum)
         return
-    raise Failure("stopped by signal %d" % signum, 1)
+    raise SignalFailure("stopped by signal %d" % signum)
+
+
+class SignalFailure(Failure):
+    """The run was ended by a signal: exit 1, and no further replica is tried."""
+
+    def __init__(self, message):
+        Failure.__init__(self, message, 1)
 
 
 @contextlib.contextmanager
@@ -2039,6 +2987,9 @@ def main(argv=None):
     setup_logging(args.verbose, use_syslog=command in ("cron", "snapshot", "prune"))
     if command == "check":
         return run_check(args)
+    if command == "receiver-script":
+        cmd_receiver_script()
+        return 0
     signal.signal(signal.SIGTERM, defer_or_fail_on_signal)
     signal.signal(signal.SIGHUP, defer_or_fail_on_signal)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -2047,8 +2998,17 @@ def main(argv=None):
     try:
         job = Job(Config.load(config_path(args.config)), Clock(args.now))
         if command == "list":
-            cmd_list(job, args.json)
+            if args.replica:
+                cmd_list_replica(job, args.replica)
+            else:
+                cmd_list(job, args.json)
             return 0
+        if command == "authorized-keys":
+            cmd_authorized_keys(job, args.replica, args.receiver_path)
+            return 0
+        if command == "replicate" and args.dry_run:
+            failed = cmd_replicate(job, args.replica, dry_run=True, prune=not args.no_prune)
+            return 1 if failed else 0
         if command == "oldest-wal":
             wal_name = oldest_needed_wal(job.sets())
             if wal_name is None:
@@ -2059,13 +3019,21 @@ def main(argv=None):
         if not lock.acquire(args.wait):
             log.info("another %s run holds %s: nothing done", PROG, job.lock_file)
             return 0
+        if command == "replicate":
+            failed = cmd_replicate(job, args.replica, prune=not args.no_prune)
+            if failed:
+                raise Failure("%d replica(s) not brought up to date" % failed, 1)
+            return 0
         if command in ("cron", "snapshot"):
             cmd_snapshot(job, getattr(args, "label", ""))
-            if getattr(args, "no_prune", False):
-                return 0
-        failed = cmd_prune(job, getattr(args, "dry_run", False))
-        if failed:
-            raise Failure("%d set(s) could not be pruned" % failed, 1)
+        failed = 0 if getattr(args, "no_prune", False) else cmd_prune(job, getattr(args, "dry_run", False))
+        failed_replicas = (cmd_replicate(job, prune=not getattr(args, "no_prune", False))
+                           if getattr(args, "replicate", False) else 0)
+        if failed or failed_replicas:
+            raise Failure("%s" % "; ".join(
+                text for count, text in ((failed, "%d set(s) could not be pruned" % failed),
+                                         (failed_replicas, "%d replica(s) not brought up to date"
+                                          % failed_replicas)) if count), 1)
         return 0
     except Exception as error:      # Failure, and any other error as one line
         failure = error if isinstance(error, Failure) else unexpected_failure(error)

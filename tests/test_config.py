@@ -147,6 +147,8 @@ def test_unknown_backend_lists_the_choices(script, tmp_path):
     ("setup_guest", "[gust]\nwaldir = /x\n", "[gust]: no such section (did you mean guest?)"),
     ("setup_guest", "[bogus]\n", "[bogus]: no such section"),
     ("pg_zfs_snap", "[snapshot]\nwarn_age = a day\n", "[snapshot] warn_age: 'a day' is not a duration"),
+    ("pg_zfs_snap", "[replica r1]\ntarge = bk/g1\n", "[replica r1] targe: no such key (did you mean target?)"),
+    ("pg_zfs_snap", "[replika r1]\nhost = x\n", "[replika r1]: no such section (did you mean replica NAME?)"),
 ])
 def test_a_typo_is_refused_naming_file_section_key_and_the_nearest_valid_name(script_name, text, message, tmp_path):
     script = load_script(script_name)
@@ -191,6 +193,10 @@ def test_every_key_a_script_reads_is_in_the_schema():
             assert key in script.CONFIG_SCHEMA[section], (path, section, key)
         for key in re.findall(r'config\.\w+\(section,\s*"(\w+)"', source):
             assert key in script.CONFIG_SCHEMA["source"], (path, key)
+        for key in re.findall(r'config\.\w+\(replica_section,\s*"(\w+)"', source):
+            assert "replica" in script.CONFIG_READS, (path, key)
+            assert key in script.CONFIG_SCHEMA["replica"] or (
+                key.endswith("_") and [name for name in script.CONFIG_SCHEMA["replica"] if name.startswith(key)]), key
 
 
 @pytest.mark.parametrize("text, seconds", [("93600", 93600), ("26h", 93600), ("2d", 172800), ("90m", 5400),

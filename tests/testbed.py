@@ -949,3 +949,85 @@ for dir in %s; do
     mv "$dir/.$2.tmp" "$dir/$2"
 done
 """
+
+
+# ---------------------------------------------------------------------------
+# A replica host: a pool of its own behind an sshd (tests/test_replicate.py)
+# ---------------------------------------------------------------------------
+
+class ReplicaHost(object):
+    """Where `pg_zfs_snap.py replicate` sends sets: a second zfs pool (`pool`, named
+    pgzfs_rN, under run_dir/NAME) and an sshd on 127.N.0.4:PORT where root logs
+    in with a forced command only (PermitRootLogin forced-commands-only); its
+    `authorized_keys` is the test's to write, empty at first. The guest's side:
+    `key` (a key pair of its own) and `ssh_options` (known_hosts, and
+    BindAddress 127.N.0.5 = `guest_address`, the address the replica sees it
+    come from). teardown() stops the sshd and destroys the pool; the testbed's
+    teardown does it too."""
+
+    def __init__(self, testbed, name="replica", port=2222):
+        self.home = os.path.join(testbed.run_dir, name)
+        os.makedirs(self.home)
+        self.address, self.guest_address, self.port = testbed.address(4), testbed.address(5), port
+        testbed.zfs                      # the daemon, and this session's loopback block
+        pool_name = "pgzfs_r%d" % testbed.net
+        sh(["zpool", "destroy", "-f", pool_name], check=False, timeout=60)   # a dead session's (same N)
+        self.pool = ZfsPool(self.home, pool_name, size="1G")
+        self.key = os.path.join(self.home, "guest_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.key])
+        self.authorized_keys = os.path.join(self.home, "authorized_keys")
+        open(self.authorized_keys, "w").close()
+        host_key = os.path.join(self.home, "host_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key])
+        self.known_hosts = os.path.join(self.home, "known_hosts")
+        with open(host_key + ".pub") as pub, open(self.known_hosts, "w") as known:
+            known.write("[%s]:%d %s\n" % (self.address, port, " ".join(pub.read().split()[:2])))
+        self.ssh_options = "-o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes -o BindAddress=%s" % (
+            self.known_hosts, self.guest_address)
+        self.log = os.path.join(self.home, "sshd.log")
+        self.pidfile = os.path.join(self.home, "sshd.pid")
+        config = os.path.join(self.home, "sshd_config")
+        with open(config, "w") as out:
+            out.write("\n".join(["ListenAddress %s:%d" % (self.address, port), "HostKey %s" % host_key,
+                                 "AuthorizedKeysFile %s" % self.authorized_keys,
+                                 "PermitRootLogin forced-commands-only", "PasswordAuthentication no",
+                                 "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
+                                 "PidFile %s" % self.pidfile, "MaxStartups 100", "MaxSessions 100",
+                                 "LogLevel VERBOSE", ""]))
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.sshd_pid = None
+        testbed._teardowns.append(self.teardown)
+        sh(["/usr/sbin/sshd", "-f", config, "-E", self.log])
+        self.sshd_pid = wait_for(self._pid, 10, "sshd on %s" % self.address)
+        wait_for(self._answers, 10, "sshd on %s to accept" % self.address)
+
+    def _pid(self):
+        try:
+            with open(self.pidfile) as pidfile:
+                return int(pidfile.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _answers(self):
+        with contextlib.closing(socket.socket()) as sock:
+            sock.settimeout(1)
+            return sock.connect_ex((self.address, self.port)) == 0
+
+    def ssh(self, command, bind=True, timeout=60):
+        """Run command there with the guest's key, as replicate's ssh does (from
+        guest_address unless bind is false); the CompletedProcess."""
+        options = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", self.key,
+                   "-o", "UserKnownHostsFile=%s" % self.known_hosts, "-o", "StrictHostKeyChecking=yes"]
+        options += ["-o", "BindAddress=%s" % self.guest_address] if bind else []
+        return sh(["ssh", "-p", str(self.port)] + options + ["root@" + self.address, command],
+                  check=False, timeout=timeout)
+
+    def teardown(self):
+        if self.sshd_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.sshd_pid, 15)
+            wait_for(lambda: not _pid_alive(self.sshd_pid), 10, "the replica's sshd to stop")
+            self.sshd_pid = None
+        if self.pool is not None:
+            self.pool.teardown()
+            self.pool = None

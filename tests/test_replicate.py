@@ -1,0 +1,350 @@
+"""pg_zfs_snap.py replicate against the real components: the testbed's streaming
+standby on zfs-fuse sends its sets to a second pool (the replica, a ReplicaHost)
+through a real sshd on loopback whose only key runs pg_zfs_receive as forced
+command; pg_zfs_restore.py run with the replica's own config restores there.
+
+The story the module sets up once, on prefix repl: a loop inserts rows on the
+primary; set A; the target time T; set B; the WAL archived (test_restore's
+pitr_story). Later tests add sets C, D, E, F. Each test says what it proves.
+"""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from testbed import BIN, PG_USER, PY36, ReplicaHost, run_script, sh, wait_for
+from test_restore import Story, assert_rows_up_to, pitr_story, Restored
+
+PREFIX = "repl"
+
+
+def snap(config, *args, **kwargs):
+    return run_script("pg_zfs_snap", *args, config=config, **kwargs)
+
+
+def restore(config, *args):
+    return run_script("pg_zfs_restore", *args, config=config, timeout=300)
+
+
+def set_names(tb):
+    """The guest's sets of this module, oldest first."""
+    return sorted(set(s.split("@", 1)[1] for s in tb.zfs.snapshots() if s.split("@", 1)[1].startswith(PREFIX + "_")))
+
+
+def take_set(rep):
+    before = set(set_names(rep.tb))
+    proc = snap(rep.config, "snapshot", "--no-prune", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    [name] = set(set_names(rep.tb)) - before
+    return name
+
+
+def pgzfs_properties(snapshot):
+    out = sh(["zfs", "get", "-H", "-o", "property,value", "all", snapshot]).stdout
+    return dict(line.split("\t", 1) for line in out.splitlines() if line.startswith("pgzfs:"))
+
+
+def guid(snapshot):
+    return sh(["zfs", "get", "-Hp", "-o", "value", "guid", snapshot]).stdout.strip()
+
+
+def copies(rep):
+    """Every snapshot on the replica's pool."""
+    return rep.host.pool.snapshots()
+
+
+def copy_of(rep, dataset, name):
+    return "%s/%s@%s" % (rep.parent, dataset.partition("/")[2], name)
+
+
+def complete_there(rep):
+    """The sets `list --replica r1` shows complete on the replica."""
+    proc = snap(rep.config, "list", "--replica", "r1")
+    assert proc.returncode == 0, proc.stderr
+    return [line.split("\t")[0] for line in proc.stdout.splitlines()[1:] if line.split("\t")[3] == "complete"]
+
+
+def assert_arrived_whole(rep, name):
+    """Every snapshot of set name has its copy with the same GUID, the source's pgzfs:*
+    and copy_of; the source notes the replica in pgzfs:replicated_to."""
+    for dataset in rep.tb.datasets:
+        source, target = "%s@%s" % (dataset, name), copy_of(rep, dataset, name)
+        assert guid(target) == guid(source)
+        sent = pgzfs_properties(source)
+        assert sent.pop("pgzfs:replicated_to").split() == ["r1"]
+        assert pgzfs_properties(target) == dict(sent, **{"pgzfs:copy_of": dataset})
+
+
+@pytest.fixture(scope="module")
+def rep(tb):
+    tb.standby
+    s = Story()
+    s.tb = tb
+    s.host = ReplicaHost(tb)
+    try:
+        s.parent = s.host.pool.create("guest1")
+        receiver = os.path.join(s.host.home, "bin", "pg_zfs_receive")
+        os.makedirs(os.path.dirname(receiver))
+        script = run_script("pg_zfs_snap", "receiver-script")
+        assert script.returncode == 0, script.stderr
+        with open(receiver, "w") as out:
+            out.write(script.stdout)
+        os.chmod(receiver, 0o755)
+        replica = {"host": s.host.address, "port": s.host.port, "user": "root", "identity_file": s.host.key,
+                   "ssh_options": s.host.ssh_options, "target": s.parent, "keep_hourly": 0, "keep_daily": 7,
+                   "keep_weekly": 0, "keep_monthly": 0}
+        s.replica_keys = replica
+        s.config = tb.write_config(os.path.join(tb.run_dir, "replicate.conf"), {
+            "snapshot": {"prefix": PREFIX, "keep_hourly": 0, "keep_daily": 7, "keep_weekly": 4,
+                         "keep_monthly": 3},
+            "replica r1": replica})
+        # The key's line as the guest prints it, installed as the replica's only one.
+        keys = snap(s.config, "authorized-keys", "--receiver-path", receiver)
+        assert keys.returncode == 0, keys.stderr
+        s.key_line = keys.stdout.splitlines()[-1]
+        with open(s.host.authorized_keys, "w") as out:
+            out.write(s.key_line + "\n")
+        # On the replica host: its own config, the received datasets and the surviving archive host.
+        sections = {"postgres": {"bindir": tb.pg_bindir, "user": PG_USER, "port": str(tb.standby.port),
+                                 "dbname": "postgres"},
+                    "snapshot": {"backend": "zfs", "prefix": PREFIX,
+                                 "datasets": " ".join("%s/data%02d" % (s.parent, n) for n in (1, 2, 3, 4))}}
+        sections.update(tb.archive_config())
+        sections["archive"]["sources"] = "host2"
+        del sections["source host1"]
+        wal_root = os.path.join(tb.run_dir, "replica_restore_wal")
+        os.makedirs(wal_root)
+        sh(["chown", PG_USER, wal_root])
+        sections["restore"] = {"mount_root": os.path.join(s.host.home, "restore"), "wal_root": wal_root,
+                               "timeout": "240"}
+        s.replica_config = tb.write_config(os.path.join(tb.run_dir, "on_the_replica.conf"), sections=sections)
+        pitr_story(tb, s, lambda: take_set(s), "repl_point")
+        s.sets = set_names(tb)
+        assert len(s.sets) == 2
+        yield s
+    finally:
+        restore(getattr(s, "replica_config", None) or "/nonexistent", "cleanup", "--all")
+        for snapshot in tb.zfs.snapshots():
+            if snapshot.split("@", 1)[1].startswith(PREFIX + "_"):
+                tb.zfs.destroy(snapshot)
+        tb.primary.psql("DROP TABLE IF EXISTS bulk")
+        s.host.teardown()
+
+
+# -- sending ---------------------------------------------------------------------------
+
+
+def test_the_first_run_sends_each_set_whole_then_from_the_one_before_and_a_second_run_nothing(rep):
+    a, b = rep.sets
+    proc = snap(rep.config, "replicate", "--no-prune", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for dataset in rep.tb.datasets:
+        assert re.search(r"sent %s@%s to \S+ \(full\): " % (dataset, a), proc.stderr), proc.stderr
+        assert re.search(r"sent %s@%s to \S+ \(incremental from %s\): " % (dataset, b, a), proc.stderr)
+    assert proc.stderr.index("set %s complete on" % a) < proc.stderr.index("sent %s@%s" % (rep.tb.datasets[0], b))
+    for name in (a, b):
+        assert_arrived_whole(rep, name)
+    assert complete_there(rep) == [a, b]
+    again = snap(rep.config, "replicate", "--no-prune")
+    assert again.returncode == 0, again.stderr
+    assert "holds every set: the newest, %s" % b in again.stderr and "sent " not in again.stderr
+    check = snap(rep.config, "check", "--replica", "r1")
+    assert check.returncode == 0, check.stdout
+    assert re.match(r"^PG_ZFS_SNAP OK - \[replica r1\] root@\S+: newest set %s is \d+s old, 2 complete sets "
+                    r"\| age=\d+s sets=2$" % b, check.stdout.strip()), check.stdout
+
+
+def test_a_restore_on_the_replica_to_a_time_between_two_sets_has_the_primarys_rows_by_then(rep):
+    """The replica's own config: datasets below the parent, the archive of host2
+    only. The set's properties name the guest's datasets; the restore maps them."""
+    target = rep.target_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    proc = restore(rep.replica_config, "restore", "--target-time", target, "--action", "promote")
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "restored set %s to" % rep.sets[0] in proc.stdout
+        copy = Restored(proc, rep.tb)
+        assert copy.pgdata.startswith(os.path.join(rep.host.home, "restore", "guest1_data02_restore_"))
+        assert_rows_up_to(rep, copy.rows(), rep.target_time, rep.target_committed)
+        tablespace = copy.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'")
+        assert tablespace.startswith(os.path.join(rep.host.home, "restore", "guest1_data01_restore_"))
+        clones = sh(["zfs", "list", "-H", "-o", "name,origin", "-t", "filesystem", "-r",
+                     rep.host.pool.name]).stdout
+        assert sorted(line.split("\t")[1] for line in clones.splitlines() if not line.endswith("\t-")) == \
+            sorted(copy_of(rep, dataset, rep.sets[0]) for dataset in rep.tb.datasets)
+    finally:
+        cleanup = restore(rep.replica_config, "cleanup", "--all")
+        assert cleanup.returncode == 0, cleanup.stderr
+
+
+def test_snapshot_replicate_sends_the_new_set_from_the_one_before(rep):
+    before = set(set_names(rep.tb))
+    rep.tb.primary.psql("INSERT INTO smoke(note) SELECT md5(g::text) FROM generate_series(1, 2000) g")
+    proc = snap(rep.config, "snapshot", "--no-prune", "--replicate", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [c] = set(set_names(rep.tb)) - before
+    for dataset in rep.tb.datasets:
+        assert re.search(r"sent %s@%s to \S+ \(incremental from %s\): [0-9.]+[BKMG] in " % (dataset, c, rep.sets[1]),
+                         proc.stderr), proc.stderr
+    assert_arrived_whole(rep, c)
+    rep.sets.append(c)
+
+
+def receive_processes(parent):
+    """PIDs of `zfs receive -u -d PARENT` on this machine (the replica's side)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                args = cmdline.read().split(b"\0")
+        except (OSError, IOError):
+            continue
+        if args[:1] == [b"zfs"] and b"receive" in args and args[-2:] == [parent.encode(), b""]:
+            found.append(int(entry))
+    return found
+
+
+def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and_the_next_run_repairs(rep):
+    tb = rep.tb
+    tb.primary.psql("CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 16) AS filler "
+                    "FROM generate_series(1, 60000) g")
+    lsn = tb.primary.psql("SELECT pg_current_wal_lsn()")
+    wait_for(lambda: tb.standby.psql("SELECT pg_last_wal_replay_lsn() >= '%s'" % lsn) == "t", 60,
+             "the standby to replay the bulk table")
+    d = take_set(rep)
+    slow = tb.write_config(os.path.join(tb.run_dir, "replicate_slow.conf"), {
+        "snapshot": {"prefix": PREFIX}, "replica r1": dict(rep.replica_keys, bwlimit="2M")})
+    run = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", slow, "replicate", "--no-prune"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        # The small datasets' streams take well under a second: one still running after
+        # three is PGDATA's, tens of MiB at 2 MiB/s. Kill the zfs receive on the replica.
+        seen = {}
+
+        def long_receive():
+            now = time.time()
+            for pid in receive_processes(rep.parent):
+                if now - seen.setdefault(pid, now) > 3:
+                    return pid
+            assert run.poll() is None, run.communicate()
+            return None
+        os.kill(wait_for(long_receive, 120, "a long receive", interval=0.2), 9)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 1, err
+    assert re.search(r"ERROR: zfs recv on %s: " % re.escape(rep.host.address), err), err
+    assert "1 replica(s) not brought up to date" in err
+    assert complete_there(rep) == rep.sets
+    assert not [name for name in copies(rep) if name.endswith("@" + d) and name.startswith(rep.parent + "/data02@")]
+    # The newest complete set there still restores: a drill on the replica's config
+    # (its stop segment archived first: a drill passes over a set waiting for WAL).
+    tb.switch_wal()
+    drill = restore(rep.replica_config, "drill", "--query", "SELECT count(*) FROM pitr")
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert drill.stdout.startswith("OK: drill of set %s " % rep.sets[-1])
+    # The next run sends what did not arrive, and the set is complete there.
+    again = snap(rep.config, "replicate", "--no-prune", timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"sent %s/data02@%s to \S+ \(incremental from %s\): [0-9.]+M in " % (
+        tb.zfs.name, d, rep.sets[-1]), again.stderr), again.stderr
+    assert_arrived_whole(rep, d)
+    rep.sets.append(d)
+    assert complete_there(rep) == rep.sets
+
+
+# -- what each side keeps --------------------------------------------------------------
+
+
+def test_the_replica_keeps_by_its_own_policy_and_never_a_snapshot_the_tool_did_not_send(rep):
+    data02 = "%s/data02" % rep.parent
+    decoys = ["%s@%s_20000101T000000Z" % (data02, PREFIX), "%s@manual" % data02]
+    sh(["zfs", "snapshot", decoys[0]])
+    sh(["zfs", "snapshot", "-o", "pgzfs:set=%s_20000102T000000Z" % PREFIX, "-o", "pgzfs:datasets=%s" % data02,
+        "-o", "pgzfs:stop_lsn=0/1", "%s@%s_20000102T000000Z" % (data02, PREFIX)])
+    decoys.append("%s@%s_20000102T000000Z" % (data02, PREFIX))
+    sh(["zfs", "snapshot", decoys[1]])
+    try:
+        # Its own keep_*: only the newest set of today; the guest keeps its 7 days.
+        strict = rep.tb.write_config(os.path.join(rep.tb.run_dir, "replicate_strict.conf"), {
+            "snapshot": {"prefix": PREFIX}, "replica r1": dict(rep.replica_keys, keep_daily=1)})
+        proc = snap(strict, "replicate")
+        assert proc.returncode == 0, proc.stderr
+        for name in rep.sets[:-1]:
+            assert "pruned set %s on [replica r1]" % name in proc.stderr
+        assert complete_there(rep) == rep.sets[-1:]
+        assert set(decoys) <= set(copies(rep))
+        assert set_names(rep.tb) == rep.sets        # nothing pruned here
+    finally:
+        for decoy in decoys:
+            rep.host.pool.destroy(decoy)
+
+
+def test_the_guest_keeps_the_set_the_next_send_builds_on_and_the_send_uses_it(rep):
+    e = take_set(rep)
+    proc = snap(rep.config, "prune")
+    # Every set is of today: keep_daily keeps the newest (e), and the set the replica
+    # holds (the last one sent) stays as the base of the next send.
+    assert proc.returncode == 0, proc.stderr
+    assert "set %s kept: the base of the next send to [replica r1]" % rep.sets[-1] in proc.stderr
+    assert set_names(rep.tb) == [rep.sets[-1], e]
+    sent = snap(rep.config, "replicate", "--no-prune")
+    assert sent.returncode == 0, sent.stderr
+    assert "sent %s/data02@%s to %s:%s/data02 (incremental from %s)" % (
+        rep.tb.zfs.name, e, rep.host.address, rep.parent, rep.sets[-1]) in sent.stderr
+    rep.sets[:] = [rep.sets[-1], e]
+
+
+def test_dry_run_prints_each_stream_and_its_size_and_changes_nothing(rep):
+    f = take_set(rep)
+    before = copies(rep)
+    proc = snap(rep.config, "replicate", "--dry-run", "--no-prune")
+    assert proc.returncode == 0, proc.stderr
+    for dataset in rep.tb.datasets:
+        assert re.search(r"^would send %s@%s to %s:%s \(incremental from %s\): [0-9.]+[BKMG] \(" % (
+            dataset, f, rep.host.address, copy_of(rep, dataset, f).partition("@")[0], rep.sets[-1]),
+            proc.stdout, re.MULTILINE), proc.stdout
+    assert "would make set %s complete on [replica r1]" % f in proc.stdout
+    assert copies(rep) == before
+    assert "replicated_to" not in pgzfs_properties("%s@%s" % (rep.tb.datasets[1], f))
+
+
+# -- the key on the replica ------------------------------------------------------------
+
+
+def test_the_key_line_is_restricted_to_the_receiver_below_the_parent_from_the_guest(rep):
+    assert rep.key_line.startswith('restrict,from="%s",command="%s %s" ssh-ed25519 ' % (
+        rep.host.guest_address, os.path.join(rep.host.home, "bin", "pg_zfs_receive"), rep.parent))
+
+
+@pytest.mark.parametrize("command", [
+    "id",
+    "sh -c id",
+    "zfs destroy {parent}",
+    "zfs destroy -r {parent}",
+    "zfs recv -u -d {pool}",
+    "zfs recv -u {pool}/elsewhere",
+    "zfs destroy {parent}/data02@{set};id",
+    "zfs set 'mountpoint=/etc' {parent}/data02",
+    "zfs list -r {pool}",
+    "cat /etc/shadow",
+    "scp -t /tmp",
+])
+def test_the_forced_command_refuses_anything_but_its_verbs_below_the_parent(rep, command):
+    before = sh(["zfs", "list", "-H", "-t", "all", "-o", "name,mountpoint", "-r", rep.host.pool.name]).stdout
+    done = rep.host.ssh(command.format(parent=rep.parent, pool=rep.host.pool.name, set=rep.sets[-1]))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "pg_zfs_receive: refused: " in done.stderr
+    assert done.stdout == ""
+    assert sh(["zfs", "list", "-H", "-t", "all", "-o", "name,mountpoint", "-r", rep.host.pool.name]).stdout == before
+
+
+def test_the_key_is_refused_from_any_other_address(rep):
+    done = rep.host.ssh("zfs get -rHp -o name,property,value guid %s" % rep.parent, bind=False)
+    assert done.returncode == 255 and "Permission denied" in done.stderr
+    allowed = rep.host.ssh("zfs get -rHp -o name,property,value guid %s" % rep.parent)
+    assert allowed.returncode == 0 and rep.parent in allowed.stdout
