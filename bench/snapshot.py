@@ -128,21 +128,25 @@ class Side(object):
         return elapsed, name
 
     def page_hashes(self):
-        """{(file, page number): digest} of every page under PGDATA/base."""
-        hashes = {}
-        base = os.path.join(self.standby.pgdata, "base")
-        for root, _, files in os.walk(base):
-            for name in files:
-                path = os.path.join(root, name)
-                with open(path, "rb") as handle:
-                    number = 0
-                    while True:
-                        page = handle.read(PAGE)
-                        if not page:
-                            break
-                        hashes[(os.path.relpath(path, base), number)] = hashlib.sha1(page).digest()
-                        number += 1
-        return hashes
+        return page_hashes(self.standby.pgdata)
+
+
+def page_hashes(pgdata):
+    """{(file, page number): digest} of every page under PGDATA/base (bench/replicate.py too)."""
+    hashes = {}
+    base = os.path.join(pgdata, "base")
+    for root, _, files in os.walk(base):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                number = 0
+                while True:
+                    page = handle.read(PAGE)
+                    if not page:
+                        break
+                    hashes[(os.path.relpath(path, base), number)] = hashlib.sha1(page).digest()
+                    number += 1
+    return hashes
 
 
 class ZfsSide(Side):

@@ -192,8 +192,8 @@ def test_snapshot_replicate_sends_the_new_set_from_the_one_before(rep):
     rep.sets.append(c)
 
 
-def receive_processes(parent):
-    """PIDs of `zfs receive -u -d PARENT` on this machine (the replica's side)."""
+def processes(wanted):
+    """PIDs of the processes on this machine whose argument list wanted(args) likes."""
     found = []
     for entry in os.listdir("/proc"):
         try:
@@ -201,9 +201,48 @@ def receive_processes(parent):
                 args = cmdline.read().split(b"\0")
         except (OSError, IOError):
             continue
-        if args[:1] == [b"zfs"] and b"receive" in args and args[-2:] == [parent.encode(), b""]:
+        if args and os.path.basename(args[0]) == b"zfs" and wanted(args):
             found.append(int(entry))
     return found
+
+
+def receive_processes(parent):
+    """`zfs receive ... PARENT` (the replica's side)."""
+    return processes(lambda args: b"receive" in args and args[-2:] == [parent.encode(), b""])
+
+
+def send_processes(pool):
+    """`zfs send` of a snapshot of pool."""
+    return processes(lambda args: args[1:2] == [b"send"] and any(arg.startswith(pool.encode() + b"/")
+                                                                 for arg in args))
+
+
+def slow_replicate_cut(rep, config, cut):
+    """Run replicate with config (a bwlimit) and, once a receive has run three seconds
+    (the small datasets' take well under one: it is PGDATA's, tens of MiB at 2
+    MiB/s), cut(receive pid, replicate Popen); (exit code, stderr). No zfs send or
+    receive of ours is left running afterwards."""
+    run = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", config, "replicate", "--no-prune"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        seen = {}
+
+        def long_receive():
+            now = time.time()
+            for pid in receive_processes(rep.parent):
+                if now - seen.setdefault(pid, now) > 3:
+                    return pid
+            assert run.poll() is None, run.communicate()
+            return None
+        cut(wait_for(long_receive, 120, "a long receive", interval=0.2), run)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    wait_for(lambda: not receive_processes(rep.parent) and not send_processes(rep.tb.zfs.name), 30,
+             "no zfs send or receive left")
+    return run.returncode, err
 
 
 def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and_the_next_run_repairs(rep):
@@ -216,31 +255,17 @@ def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and
     d = take_set(rep)
     slow = tb.write_config(os.path.join(tb.run_dir, "replicate_slow.conf"), {
         "snapshot": {"prefix": PREFIX}, "replica r1": dict(rep.replica_keys, bwlimit="2M")})
-    run = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", slow, "replicate", "--no-prune"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    try:
-        # The small datasets' streams take well under a second: one still running after
-        # three is PGDATA's, tens of MiB at 2 MiB/s. Kill the zfs receive on the replica.
-        seen = {}
-
-        def long_receive():
-            now = time.time()
-            for pid in receive_processes(rep.parent):
-                if now - seen.setdefault(pid, now) > 3:
-                    return pid
-            assert run.poll() is None, run.communicate()
-            return None
-        os.kill(wait_for(long_receive, 120, "a long receive", interval=0.2), 9)
-        out, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 1, err
+    # Kill the zfs receive on the replica while PGDATA's stream is under way.
+    code, err = slow_replicate_cut(rep, slow, lambda pid, run: os.kill(pid, 9))
+    assert code == 1, err
     assert re.search(r"ERROR: zfs recv on %s: " % re.escape(rep.host.address), err), err
     assert "1 replica(s) not brought up to date" in err
     assert complete_there(rep) == rep.sets
     assert not [name for name in copies(rep) if name.endswith("@" + d) and name.startswith(rep.parent + "/data02@")]
+    # SIGTERM to replicate itself: it ends its zfs send and ssh, exit 1, the same state there.
+    code, err = slow_replicate_cut(rep, slow, lambda pid, run: run.terminate())
+    assert code == 1 and "stopped by signal 15" in err, err
+    assert complete_there(rep) == rep.sets
     # The newest complete set there still restores: a drill on the replica's config
     # (its stop segment archived first: a drill passes over a set waiting for WAL).
     tb.switch_wal()

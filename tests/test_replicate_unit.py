@@ -226,7 +226,8 @@ def test_the_replica_prunes_by_its_policy_but_never_the_newest_set_in_common(sna
     nothing_kept = snap.Policy(0, 0, 0, 0)
     now = snap.parse_utc("20261201T000000Z")
     assert snap.replica_prune_decision(held, nothing_kept, now, names[2]) == names[:2]
-    # A newer set complete there but not in common (it is not ours: not sent from here)
+    # The set in common is kept even when it is not the newest there (prune_decision
+    # keeps that one anyway).
     assert snap.replica_prune_decision(held, nothing_kept, now, names[1]) == names[:1]
 
 
@@ -275,6 +276,21 @@ def test_the_authorized_keys_line_runs_the_receiver_below_the_parent_from_the_gu
         snap.receiver_keys_line("ssh-ed25519 AAAAC3Nz", "a b", "bk/g1")
     with pytest.raises(snap.Failure):
         snap.receiver_keys_line("ssh-ed25519 AAAAC3Nz", "10.0.0.1", "bk/g1; id")
+
+
+def test_a_replica_with_resumable_receives_names_each_partial_one_and_its_token(snap):
+    text = ("bk/g1\treceive_resume_token\t-\n"
+            "bk/g1/data02\treceive_resume_token\t1-e604ea4bf-e0-789c63a2\n"
+            "bk/g1/data01\treceive_resume_token\t-\n"
+            "bk/g1/data01@s\treceive_resume_token\t-\n"
+            "bk/g10/x\treceive_resume_token\t1-aa-bb\n")
+    assert snap.parse_resume_tokens(text, "bk/g1") == {"bk/g1/data02": "1-e604ea4bf-e0-789c63a2"}
+
+
+def test_a_send_resumes_a_token_or_goes_from_its_base(snap):
+    assert snap.send_argv("zfs", "p/d@b", "p/d@a") == ["zfs", "send", "-i", "p/d@a", "p/d@b"]
+    assert snap.send_argv("zfs", "p/d@a") == ["zfs", "send", "p/d@a"]
+    assert snap.send_argv("zfs", None, token="1-ab-cd") == ["zfs", "send", "-t", "1-ab-cd"]
 
 
 # -- pg_zfs_receive, by sh, with a zfs that prints its arguments ---------------------------
