@@ -104,8 +104,11 @@ What a restore does, in order (each step is timed and reported):
            full path, so cron's PATH does not matter; su where there is none)
   recover  wait (bounded by [restore] timeout) until the target is reached:
            paused, promoted or shut down, then report the last replayed LSN and
-           transaction time. Every 10 s a progress line: the LSN replay reached,
-           the last commit's time, the segments restored from the archive. If the archive ends before the target, say so with
+           transaction time. Every 10 s (3 s on a terminal) a progress line:
+           the LSN replay reached and its rate, the last commit's time, the
+           segments restored from the archive, and the time left to a time
+           target (by the pace of the commit times), an LSN target or
+           --immediate (by the rate). If the archive ends before the target, say so with
            the LSN reached, and fail. --latest: PostgreSQL opens at the first
            segment it cannot get, so after it opened, pg_wal_fetch.py --check
            (run as the PostgreSQL user) lists each source's newest segment; if
@@ -215,6 +218,7 @@ DEFAULT_TIMEOUT = 3600          # seconds from pg_ctl start to the target
 PORT_SPAN = 200                 # ports tried from port_start on
 POLL_INTERVAL = 0.5             # seconds between two looks at the recovering server
 PROGRESS_INTERVAL = 10          # seconds between two progress lines while it recovers
+TERMINAL_PROGRESS_INTERVAL = 3  # the same on a terminal
 DESTROY_BUSY_RETRIES = 40               # zfs destroy right after pg_ctl stop: "dataset is busy"
 BUSY_SLEEP = 0.25
 ZFS_TIMEOUT = 120
@@ -1610,15 +1614,54 @@ def commit_after_target(last_transaction, target_time, inclusive, snapshot_set):
     return None
 
 
-def progress_line(status, events, elapsed):
-    """One line on a recovery under way (logged every PROGRESS_INTERVAL seconds)."""
+def replay_sample(elapsed, status):
+    """(elapsed seconds, replayed LSN as an integer, last commit as a datetime or None)
+    of a status row (parse_status), or None while it names no LSN."""
+    try:
+        lsn = parse_lsn(status[2]) if status else None
+    except ValueError:
+        lsn = None
+    if lsn is None:
+        return None
+    try:
+        commit = parse_time(status[3]) if status[3] else None
+    except ValueError:
+        commit = None
+    return elapsed, lsn, commit
+
+
+def replay_estimate(first, last, target, stop_lsn=None):
+    """(bytes of WAL replayed per second, seconds left to the target or None) from two
+    replay_samples. Seconds left: a time target by the pace at which commit times
+    advance; an LSN target, or --immediate (the set's stop_lsn), by the byte rate.
+    None when the target cannot be placed (xid, name, latest) or nothing moved yet."""
+    if first is None or last is None or last[0] <= first[0]:
+        return None, None
+    seconds = float(last[0] - first[0])
+    rate = max(last[1] - first[1], 0) / seconds
+    left = None
+    if target.kind == "time" and first[2] is not None and last[2] is not None and last[2] > first[2]:
+        pace = (last[2] - first[2]).total_seconds() / seconds
+        left = max((target.value - last[2]).total_seconds(), 0.0) / pace
+    else:
+        goal = target.value if target.kind == "lsn" else stop_lsn if target.kind == "immediate" else None
+        if goal is not None and rate > 0:
+            left = max(goal - last[1], 0) / rate
+    return rate, left
+
+
+def progress_line(status, events, elapsed, rate=None, left=None):
+    """One line on a recovery under way: where replay is, how fast, how long to go."""
     if status is None:
         where = "not answering yet (replaying up to consistency)"
     else:
         where = "replay at LSN %s, last commit %s" % (status[2] or "?", status[3] or "none yet")
-    return "recovering for %ds: %s; %d segment(s) restored from the archive%s" % (
+    if rate is not None:
+        where += " (%.1f MB/s)" % (rate / 1e6)
+    return "recovering for %ds: %s; %d segment(s) restored from the archive%s%s" % (
         elapsed, where, events["restored_count"],
-        ", the last %s" % events["restored"] if events["restored"] else "")
+        ", the last %s" % events["restored"] if events["restored"] else "",
+        "; about %ds to the target" % round(left) if left is not None else "")
 
 
 def format_timings(timings):
@@ -2770,9 +2813,12 @@ class Restorer(object):
             return None
         started = time.monotonic()
         deadline = started + plan.timeout
-        next_progress = started + PROGRESS_INTERVAL
+        # A terminal gets a line every few seconds; a log (not a terminal) every 10 s.
+        interval = TERMINAL_PROGRESS_INTERVAL if sys.stderr.isatty() else PROGRESS_INTERVAL
+        next_progress = started + interval
         status = None
         lsn_reached = None
+        first_sample = None
         while True:
             events = read_recovery_log(read_text_file(plan.log_file))
             running = self.server.running()
@@ -2814,8 +2860,11 @@ class Restorer(object):
                 raise Failure("target %s not reached within %d s: replay at LSN %s ([restore] timeout)"
                               % (plan.target, plan.timeout, lsn_reached or "?"), 1)
             if time.monotonic() >= next_progress:
-                log.info("%s", progress_line(status, events, time.monotonic() - started))
-                next_progress += PROGRESS_INTERVAL
+                sample = replay_sample(time.monotonic() - started, status)
+                first_sample = first_sample or sample
+                rate, left = replay_estimate(first_sample, sample, plan.target, plan.snapshot_set.stop_lsn)
+                log.info("%s", progress_line(status, events, time.monotonic() - started, rate, left))
+                next_progress += interval
             time.sleep(POLL_INTERVAL)
 
     def _check_archive_end(self, lsn, events):
@@ -3093,6 +3142,7 @@ def cmd_drill(config, args):
         if not destroyed:
             raise Failure("destroy: clones left behind: %s" % " ".join(restorer.made_clones), 2)
     except Failure as failure:
+        log.error("drill of set %s failed: %s", set_name, failure)
         print("CRITICAL: drill of set %s failed: %s; %s" % (
             set_name, failure, format_timings(restorer.timings if restorer else [])))
         return 2
@@ -3253,10 +3303,20 @@ def parse_args(argv):
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    listing = commands.add_parser("list", help="the snapshot sets and their clones")
+    def subcommand(name, summary, examples):
+        """A subcommand whose --help ends with real command lines."""
+        return commands.add_parser(name, help=summary, description=summary[:1].upper() + summary[1:] + ".",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="examples:\n" + "".join("  %s.py %s\n" % (PROG, line) for line in examples))
+
+    listing = subcommand("list", "the snapshot sets and their clones", [
+        "list", "list --json", "-c /etc/pg_zfs/other.conf list"])
     listing.add_argument("--json", action="store_true", help="print JSON")
 
-    restore = commands.add_parser("restore", help="restore a set to a target, as clones")
+    restore = subcommand("restore", "restore a set to a target, as clones", [
+        "restore --target-time '2026-11-25 06:30:00+01:00'",
+        "restore --target-lsn 0/5000060 --action promote --port 5499",
+        "restore --latest --to /srv/restore --dry-run"])
     targets = restore.add_mutually_exclusive_group(required=True)
     targets.add_argument("--target-time", metavar="TS", help="ISO 8601 time with a zone")
     targets.add_argument("--target-lsn", metavar="X/X", help="WAL location")
@@ -3276,18 +3336,25 @@ def parse_args(argv):
     restore.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
     restore.add_argument("--keep-on-failure", action="store_true", help="leave clones for inspection")
 
-    drill = commands.add_parser("drill", help="restore test of the newest set (Nagios line)")
+    drill = subcommand("drill", "restore test of the newest set (Nagios line)", [
+        "drill", "drill --query 'SELECT count(*) FROM orders' --amcheck",
+        "drill --set pgzfs_20261125T040100Z"])
     drill.add_argument("--query", metavar="SQL", help="a query that must succeed on the copy")
     drill.add_argument("--amcheck", action="store_true", help="also run pg_amcheck (14+)")
     drill.add_argument("--set", metavar="NAME", type=set_argument, help="drill this set instead of the newest")
 
-    cleanup = commands.add_parser("cleanup", help="stop and destroy clones made by this tool")
+    cleanup = subcommand("cleanup", "stop and destroy clones made by this tool", [
+        "cleanup pgzfs_20261125T040100Z", "cleanup tank/pgdata_restore_pgzfs_20261125T040100Z",
+        "cleanup --all"])
     which = cleanup.add_mutually_exclusive_group(required=True)
     which.add_argument("name", nargs="?", metavar="NAME", help="a set name or one of its clones")
     which.add_argument("--all", action="store_true", help="every clone made by this tool")
 
-    rollback = commands.add_parser("rollback", help="roll the live datasets back to a set")
-    rollback.add_argument("--set", metavar="NAME", type=set_argument, required=True)
+    rollback = subcommand("rollback", "roll the live datasets back to a set", [
+        "rollback --set pgzfs_20261125T040100Z",
+        "rollback --set pgzfs_20261125T040100Z --force"])
+    rollback.add_argument("--set", metavar="NAME", type=set_argument, required=True,
+                          help="the set to roll back to (later snapshots are listed, then destroyed)")
     rollback.add_argument("--force", action="store_true", help="really do it")
     args = parser.parse_args(argv)
     if not args.command:
@@ -3301,7 +3368,8 @@ COMMANDS = {"list": cmd_list, "restore": cmd_restore, "drill": cmd_drill,
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.verbose)
+    # drill runs from cron; a restore, rollback or cleanup is worth a line where admins look.
+    setup_logging(args.verbose, use_syslog=args.command != "list")
     if args.command != "list":
         catch_signals()
     try:
@@ -3310,6 +3378,7 @@ def main(argv=None):
     except Exception as error:      # Failure, and any other error as one line
         failure = error if isinstance(error, Failure) else unexpected_failure(error)
         if args.command == "drill":
+            log.error("drill failed: %s", failure)        # stderr and syslog; stdout is Nagios'
             print("CRITICAL: drill failed: %s" % failure)
             return 2
         log.error("%s", failure)

@@ -2054,7 +2054,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.verbose)
+    # --start runs from rc.local or systemd at boot, where nobody reads stderr.
+    setup_logging(args.verbose, use_syslog=bool(args.start))
     if args.check:
         return doctor(args)
     try:

@@ -272,8 +272,10 @@ def test_the_config_page_has_every_schema_key_with_its_kind_and_the_scripts_that
             readers.setdefault((section, key), set()).add(script)
         for key in re.findall(r'config\.\w+\(section,\s*"(\w+)"', source):
             readers.setdefault(("source", key), set()).add(script)
+        for key in re.findall(r'config\.\w+\(replica_section,\s*"(\w+)"', source):
+            readers.setdefault(("replica", key), set()).add(script)
     for section, keys in schema.items():
-        text = sections["source NAME" if section == "source" else section]
+        text = sections[section + " NAME" if section in ("source", "replica") else section]
         entries = re.split(r"^ {7}(?=\w+ = )", text, flags=re.M)[1:]
         by_key = dict((entry.split(" = ", 1)[0], " ".join(entry.split())) for entry in entries)
         assert set(by_key) == set(keys), section

@@ -796,6 +796,27 @@ def test_progress_names_the_lsn_the_last_commit_and_the_segments_restored():
         "recovering for 10s: not answering yet (replaying up to consistency); 0 segment(s) restored from the archive")
 
 
+def test_progress_gives_the_rate_and_the_time_left_to_a_time_an_lsn_or_the_sets_stop():
+    first = restore.replay_sample(10.0, (True, False, "0/5000000", "2026-11-25 04:00:00+00"))
+    last = restore.replay_sample(20.0, (True, False, "0/5A00000", "2026-11-25 04:10:00+00"))
+    # 10 MiB in 10 s; the commit times advance 600 s in 10 s: 60 to 1.
+    rate, left = restore.replay_estimate(first, last, target("time", "2026-11-25T05:00:00Z"))
+    assert rate == 0xA00000 / 10.0 and left == 50.0
+    assert restore.replay_estimate(first, last, target("lsn", "0/6E00000")) == (0xA00000 / 10.0, 20.0)
+    assert restore.replay_estimate(first, last, target("immediate"), stop_lsn=0x5A00000)[1] == 0.0
+    # Past the target (an exclusive stop, a clock): never negative.
+    assert restore.replay_estimate(first, last, target("time", "2026-11-25T04:05:00Z"))[1] == 0.0
+    # What the pool cannot place, or nothing moved yet: no time left given.
+    assert restore.replay_estimate(first, last, target("name", "before_upgrade"))[1] is None
+    assert restore.replay_estimate(first, first, target("lsn", "1/0")) == (None, None)
+    assert restore.replay_estimate(None, last, target("lsn", "1/0")) == (None, None)
+    assert restore.replay_sample(5.0, None) is None
+    assert restore.replay_sample(5.0, (True, False, "", "")) is None
+    line = restore.progress_line((True, False, "0/5A00000", "2026-11-25 04:10:00+00"),
+                                 restore.read_recovery_log(""), 20.0, rate, left)
+    assert line.endswith("(1.0 MB/s); 0 segment(s) restored from the archive; about 50s to the target")
+
+
 # -- two restores started together ---------------------------------------------------
 
 def test_two_restores_claim_different_ports_and_a_dead_ones_claim_is_taken_over(tmp_path):
@@ -868,3 +889,16 @@ def test_a_clone_that_exists_already_is_never_destroyed_and_one_zfs_could_not_mo
     with pytest.raises(restore.Failure):
         ours.zfs.clone(snapshot, clone, "/r/data01_drill_s", "pgzfs_20261125T040100Z")
     assert ours.calls == ["clone", "get", "destroy"]
+
+
+@pytest.mark.parametrize("command", ["list", "restore", "drill", "cleanup", "rollback"])
+def test_each_subcommands_help_ends_with_command_lines_that_parse(command):
+    import shlex
+    proc = run_script("pg_zfs_restore", command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    examples = proc.stdout.split("\nexamples:\n", 1)[1].splitlines()
+    assert len(examples) >= 2
+    for line in examples:
+        words = shlex.split(line)
+        assert words[0] == "pg_zfs_restore.py"
+        assert restore.parse_args(words[1:]).command == command

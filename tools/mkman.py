@@ -33,6 +33,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("pg_wal_fetch", "pg_zfs_restore", "pg_zfs_snap", "setup_guest")
 WIRING_BINDIR = "/opt/pg_zfs/bin"
+# Sections a config has one of per NAME: [source NAME], [replica NAME].
+NAMED_SECTIONS = ("replica", "source")
 CONFIG_METHODS = ("str", "int", "choice", "list", "duration")
 # Where a config call's default is among its positional arguments.
 DEFAULT_INDEX = {"choice": 3}
@@ -458,10 +460,11 @@ class ConfigReads(ast.NodeVisitor):
                 self.note(section, key, self.default_of(node, function.attr, key_env), node)
 
     def section_of(self, node):
-        """The schema section a call reads: a constant, or "source" for a variable
+        """The schema section a call reads: a constant, or for a variable the NAMEd
+        section it is named after ("replica_section": [replica NAME]), else "source"
         (every [source NAME] is read through one); None if not a config call."""
         if isinstance(node, ast.Name) and not is_constant(self.module, node.id):
-            return "source"
+            return next((kind for kind in NAMED_SECTIONS if kind in node.id), "source")
         try:
             section = evaluate(node, {}, self.module)
         except Unresolved:
@@ -611,7 +614,7 @@ def config_page(scripts, example, docdir, bindir):
     body += render_text(schema_comment(scripts[0][0]))
     body += [".PP", "Values:", ".TP", "\\fIa duration\\fR", roff_text(first.Config.duration.__doc__.strip())]
     for section in order:
-        title = "source NAME" if section == "source" else section
+        title = section + " NAME" if section in NAMED_SECTIONS else section
         body += [".SH " + roff_quoted("[%s]" % title)]
         body += render_text("Checked (an unknown key is refused) by: %s."
                             % ", ".join(sorted(checks.get(section, ["none of the scripts"]))))
