@@ -219,8 +219,13 @@ PORT_SPAN = 200                 # ports tried from port_start on
 POLL_INTERVAL = 0.5             # seconds between two looks at the recovering server
 PROGRESS_INTERVAL = 10          # seconds between two progress lines while it recovers
 TERMINAL_PROGRESS_INTERVAL = 3  # the same on a terminal
-DESTROY_BUSY_RETRIES = 40               # zfs destroy right after pg_ctl stop: "dataset is busy"
+# zfs destroy (btrfs subvolume delete) right after pg_ctl stop may find the clone
+# "busy" for a while (a process still leaving it; zfs-fuse busy with other pools):
+# tried again for this many seconds before it counts as a failure.
+DESTROY_BUSY_SECONDS = 60
 BUSY_SLEEP = 0.25
+BUSY_HINT = (" (still busy after %d s: a process has its working directory or a file there; "
+             "`fuser -vm MOUNTPOINT` names it)" % DESTROY_BUSY_SECONDS)
 ZFS_TIMEOUT = 120
 PSQL_TIMEOUT = 30
 STOP_TIMEOUT = 120
@@ -1903,14 +1908,15 @@ class Zfs(object):
 
     def destroy(self, dataset):
         """Destroy a clone, retrying while it is busy (right after pg_ctl stop)."""
-        for attempt in range(DESTROY_BUSY_RETRIES):
+        give_up = time.monotonic() + DESTROY_BUSY_SECONDS
+        while True:
             code, _, err = self._run("destroy", dataset, check=False)
             if code == 0:
                 return
             if "does not exist" in err:
                 return
-            if "busy" not in err or attempt == DESTROY_BUSY_RETRIES - 1:
-                raise Failure("zfs destroy %s: %s" % (dataset, err.strip()), 1)
+            if "busy" not in err or time.monotonic() > give_up:
+                raise Failure("zfs destroy %s: %s%s" % (dataset, err.strip(), BUSY_HINT if "busy" in err else ""), 1)
             time.sleep(BUSY_SLEEP)
 
 
@@ -2051,12 +2057,14 @@ class Btrfs(object):
         if os.path.lexists(clone):
             if not is_subvolume(clone):
                 raise Failure("%s is not a btrfs subvolume: not deleted" % clone, 1)
-            for attempt in range(DESTROY_BUSY_RETRIES):
+            give_up = time.monotonic() + DESTROY_BUSY_SECONDS
+            while True:
                 code, _, err = self._run("subvolume", "delete", clone, check=False)
                 if code == 0:
                     break
-                if "busy" not in err.lower() or attempt == DESTROY_BUSY_RETRIES - 1:
-                    raise Failure("btrfs subvolume delete %s: %s" % (clone, err.strip()), 1)
+                if "busy" not in err.lower() or time.monotonic() > give_up:
+                    raise Failure("btrfs subvolume delete %s: %s%s" % (
+                        clone, err.strip(), BUSY_HINT if "busy" in err.lower() else ""), 1)
                 time.sleep(BUSY_SLEEP)
         for fs in self.filesystems(self.subvolumes):
             if fs["name"] == os.path.normpath(clone):
