@@ -21,8 +21,10 @@ Commands:
     prune [--dry-run]          destroy the sets the retention policy lets go
     check [--replica NAME]     Nagios line from the age of the newest complete set
                                (here, or on the replica)
-    oldest-wal                 first WAL file the oldest kept set needs: archived
-                               files before it may go (pg_archivecleanup ARCH NAME)
+    oldest-wal [--commands]    first WAL file the oldest kept set needs, here or
+                               on a [replica NAME]: archived files before it may
+                               go; --commands prints the pg_archivecleanup lines
+                               for each [source NAME] (plain and -x .gz/.bz2/.xz)
     replicate [--replica NAME] [--dry-run] [--no-prune]
                                send every complete set a replica lacks, then prune
                                the replica by its own keep_* (below); --dry-run
@@ -177,7 +179,7 @@ VERSION = "0.1.0"
 PROG = "pg_zfs_snap"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 # The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
-CONFIG_READS = ("postgres", "snapshot", "archive", "replica")
+CONFIG_READS = ("postgres", "snapshot", "archive", "source", "replica")
 
 log = logging.getLogger(PROG)
 
@@ -504,6 +506,27 @@ def oldest_needed_wal(sets):
         if one.complete and WAL_NAME_RE.match(one.properties.get("start_wal", "")):
             return one.properties["start_wal"]
     return None
+
+
+def archive_cleanup_lines(sources, wal_name):
+    """The shell lines that remove, on each archive host, the WAL files before
+    wal_name (pg_archivecleanup), every copy: plain and each compressed suffix
+    (pg_archivecleanup strips one -x suffix per run; a plain name qualifies in
+    every run). sources: [(name, host, user, path glob)]. The glob is expanded
+    by the host's shell, so a path with characters a shell would treat
+    otherwise gets a comment instead of a line."""
+    lines = []
+    for name, host, user, path in sources:
+        where = "on %s as %s" % (host or "this machine", user or "the archive's owner")
+        if not re.match(r"^/[A-Za-z0-9_./*?-]*$", path):
+            lines.append("# [source %s] %s: path %r needs quoting by hand: run pg_archivecleanup in each "
+                         "directory it matches with %s" % (name, where, path, wal_name))
+            continue
+        runs = " && ".join("pg_archivecleanup %s\"$d\" %s" % ("-x %s " % suffix if suffix else "", wal_name)
+                           for suffix in ("", ".gz", ".bz2", ".xz"))
+        lines.append("# [source %s] %s:" % (name, where))
+        lines.append("for d in %s; do [ -d \"$d\" ] && %s; done" % (path, runs))
+    return lines
 
 
 def check_state(sets, now, warn_age, crit_age, newest_archived=None, wal_wait=DEFAULT_WAL_WAIT):
@@ -1525,7 +1548,9 @@ def parse_args(argv):
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")
     check = commands.add_parser("check", help="Nagios check of the newest set's age")
     check.add_argument("--replica", metavar="NAME", help="of the newest set complete on [replica NAME]")
-    commands.add_parser("oldest-wal", help="print the first WAL file the oldest set needs")
+    oldest = commands.add_parser("oldest-wal", help="print the first WAL file the oldest set needs")
+    oldest.add_argument("--commands", action="store_true",
+                        help="print the pg_archivecleanup lines for each archive host instead")
     replicate = commands.add_parser("replicate", help="send the sets a replica lacks, prune it")
     replicate.add_argument("--replica", metavar="NAME", help="only [replica NAME] (default: every one)")
     replicate.add_argument("--dry-run", action="store_true", help="print what would be sent, with sizes")
@@ -2904,6 +2929,34 @@ def replica_check_state(job, replica):
     return state, "%s: %s" % (replica, text), perf
 
 
+def cmd_oldest_wal(job, commands):
+    """Print the first WAL file a set here or on any [replica NAME] needs (with
+    --commands, the pg_archivecleanup lines for each [source NAME] instead). A
+    replica that cannot be listed is a Failure: its sets may need older WAL."""
+    sets = [one for one in job.sets() if one.complete]
+    if replica_names(job.config):
+        for replica in replicas_of(job):
+            try:
+                rows, _, _ = replica_listing(replica)
+            except Failure as failure:
+                raise Failure("%s cannot be listed (%s): its sets may need older WAL; keep every archived "
+                              "WAL file" % (replica, failure), 1)
+            sets += [one for one in replica_sets(rows, job.prefix, replica.target, job.datasets) if one.complete]
+    wal_name = oldest_needed_wal(sorted(sets, key=lambda one: (one.time, one.name)))
+    if wal_name is None:
+        raise Failure("no complete snapshot set: keep every archived WAL file", 1)
+    if not commands:
+        print(wal_name)
+        return
+    names = job.config.list("archive", "sources", "") if job.config.has_section("archive") else []
+    sources = [(name, job.config.str("source " + name, "host", ""), job.config.str("source " + name, "user", ""),
+                job.config.str("source " + name, "path")) for name in names]
+    if not sources:
+        raise Failure("%s: no [archive] sources: nothing to clean up" % job.config.path, 2)
+    for line in archive_cleanup_lines(sources, wal_name):
+        print(line)
+
+
 def cmd_receiver_script():
     print(receiver_script(), end="")
 
@@ -3034,10 +3087,7 @@ def main(argv=None):
             failed = cmd_replicate(job, args.replica, dry_run=True, prune=not args.no_prune)
             return 1 if failed else 0
         if command == "oldest-wal":
-            wal_name = oldest_needed_wal(job.sets())
-            if wal_name is None:
-                raise Failure("no complete snapshot set: keep every archived WAL file", 1)
-            print(wal_name)
+            cmd_oldest_wal(job, args.commands)
             return 0
         lock = Lock(job.lock_file)
         if not lock.acquire(args.wait):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PG_USER, PY36, ReplicaHost, run_script, sh, wait_for
+from testbed import BIN, PG_USER, PY36, ReplicaHost, free_port, run_script, sh, wait_for
 from test_restore import Story, assert_rows_up_to, pitr_story, Restored
 
 PREFIX = "repl"
@@ -190,6 +190,46 @@ def test_snapshot_replicate_sends_the_new_set_from_the_one_before(rep):
                          proc.stderr), proc.stderr
     assert_arrived_whole(rep, c)
     rep.sets.append(c)
+
+
+def test_oldest_wal_counts_the_sets_a_replica_holds_and_stops_when_one_cannot_be_listed(rep):
+    """A replica may keep sets the guest has pruned: the archive must keep their
+    WAL. A set made on the replica alone, older than every set here, with an
+    earlier start_wal, moves oldest-wal back; a replica that cannot be listed
+    makes oldest-wal refuse (exit 1) rather than name a file too late."""
+    here = snap(rep.config, "oldest-wal")
+    assert here.returncode == 0, here.stderr
+    assert here.stdout.strip() == pgzfs_properties("%s@%s" % (rep.tb.datasets[1], rep.sets[0]))["pgzfs:start_wal"]
+    older = "%s_20000101T000000Z" % PREFIX
+    made = []
+    try:
+        for dataset in rep.tb.datasets:
+            source = pgzfs_properties(copy_of(rep, dataset, rep.sets[0]))
+            source.update({"pgzfs:set": older, "pgzfs:start_wal": "000000010000000000000001"})
+            stop = source.pop("pgzfs:stop_lsn")
+            argv = ["zfs", "snapshot"]
+            for key, value in sorted(source.items()):
+                argv += ["-o", "%s=%s" % (key, value)]
+            snapshot = copy_of(rep, dataset, older)
+            sh(argv + [snapshot])
+            made.append(snapshot)
+            sh(["zfs", "set", "pgzfs:stop_lsn=" + stop, snapshot])
+        assert older in complete_there(rep)
+        proc = snap(rep.config, "oldest-wal")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "000000010000000000000001"
+        lines = snap(rep.config, "oldest-wal", "--commands")
+        assert lines.returncode == 0, lines.stderr
+        assert "pg_archivecleanup -x .gz \"$d\" 000000010000000000000001" in lines.stdout
+    finally:
+        for snapshot in made:
+            rep.host.pool.destroy(snapshot)
+    unreachable = rep.tb.write_config(os.path.join(rep.tb.run_dir, "replica_gone.conf"), {
+        "snapshot": {"prefix": PREFIX},
+        "replica r1": dict(rep.replica_keys, port=free_port(rep.host.address), ssh_options="-o ConnectTimeout=5")})
+    proc = snap(unreachable, "oldest-wal")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "cannot be listed" in proc.stderr and "keep every archived WAL file" in proc.stderr
 
 
 def processes(wanted):

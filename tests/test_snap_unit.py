@@ -546,3 +546,41 @@ def test_start_and_stop_times_are_kept_to_the_microsecond_never_rounded_up():
     assert snap.iso_utc_exact(utc("2026-11-25 04:01:00")) == "2026-11-25T04:01:00.000000Z"
     # Read back by pg_zfs_restore.py, and ordered as text within one second.
     assert snap.iso_utc_exact(when) < snap.iso_utc_exact(when + 0.5)
+
+
+# -- archive clean-up lines ------------------------------------------------------------
+
+def test_cleanup_lines_run_pg_archivecleanup_for_every_copy_in_each_directory_of_a_source(tmp_path):
+    """The printed line, run by sh with the real pg_archivecleanup, removes every
+    copy (plain, .gz, .bz2, .xz) of the segments before the named one in each
+    directory the glob matches, and nothing else."""
+    import os
+    import subprocess
+    from testbed import pg_bindir
+    first = "000000010000000000000005"
+    names = ["000000010000000000000003", "000000010000000000000004", first, "000000010000000000000006"]
+    kept_always = ["00000002.history", "000000010000000000000004.00000028.backup"]
+    for directory in ("a", "b"):
+        os.makedirs(str(tmp_path / "arch" / directory))
+        for name in names:
+            for suffix in ("", ".gz", ".bz2", ".xz"):
+                (tmp_path / "arch" / directory / (name + suffix)).write_text("x")
+        for name in kept_always:
+            (tmp_path / "arch" / directory / name).write_text("x")
+    path = str(tmp_path / "arch") + "/*"
+    lines = snap.archive_cleanup_lines([("host25", "172.16.18.25", "postgres", path)], first)
+    assert lines[0] == "# [source host25] on 172.16.18.25 as postgres:"
+    env = dict(os.environ, PATH=pg_bindir(os.environ.get("PG_ZFS_TEST_PG") or "15") + ":" + os.environ["PATH"])
+    proc = subprocess.run(["sh", "-c", "\n".join(lines)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for directory in ("a", "b"):
+        left = sorted(os.listdir(str(tmp_path / "arch" / directory)))
+        assert left == sorted(kept_always + [name + suffix for name in names[2:] for suffix in ("", ".gz", ".bz2", ".xz")])
+
+
+def test_a_source_path_a_shell_would_misread_gets_a_comment_not_a_line():
+    lines = snap.archive_cleanup_lines([("h", "", "", "/srv/arch dir/*"), ("i", "h", "u", "/srv/$(id)")],
+                                       "000000010000000000000005")
+    assert all(line.startswith("# ") for line in lines)
+    assert "needs quoting by hand" in lines[0] and "on this machine" in lines[0]
