@@ -41,11 +41,16 @@ What it does, in order:
      file only its format.
   6. Deliver atomically: an unnamed temporary file beside DEST, linked into
      place when complete; nothing at DEST on any failure, SIGTERM included.
-  7. After a segment, start (detached, one at a time) a prefetch of the next
-     [archive] prefetch segments of the timeline into a spool of this data
-     directory's own below [archive] spool_dir, each checked whole before it
-     is spooled. A spool whose data directory is gone is removed by the next
-     call that fetches from a source.
+  7. After a segment, start (detached, one at a time) a prefetcher that keeps
+     the next [archive] prefetch segments of the timeline in a spool of this
+     data directory's own below [archive] spool_dir, each checked whole and
+     fsynced before it is spooled. It asks a source for a long run of
+     segments in ONE ssh session and takes each when it fits the window of
+     the newest delivery (the host waits meanwhile), so a delivery from the
+     spool is a rename when the spool is on pg_wal's file system (the
+     default, /var/lib/pg_zfs/spool, often is not: see the README). A spool
+     whose data directory is gone is removed by the next call that fetches
+     from a source.
 
 Doubt stops a point-in-time restore: PostgreSQL reads every exit code up to
 125 as "not found", and in archive recovery (recovery.signal without
@@ -99,26 +104,41 @@ Exit codes:
     SIGTERM (PostgreSQL shutting down): clean up, then end by SIGTERM itself.
 """
 
-# Each call is a new process: only what every path needs is imported here.
-# argparse, subprocess, shlex, socket, glob and the decompressors are imported
-# where they are used, off the delivery-from-spool path (start-up time).
-import configparser
+# ---------------------------------------------------------------------------
+# How this file is laid out, and why
+# ---------------------------------------------------------------------------
+# PostgreSQL starts a new process for every file it wants, and Python compiles
+# the script it runs (__main__) on every start, never from a cache. Compiling
+# all of this file took longer than everything else a delivery from the
+# prefetch spool does (README, "Benchmarks"). So the file has two parts:
+#   1. This first part: what a delivery from the spool needs, compiled on
+#      every call: quick_delivery() and the few pure functions it uses. It
+#      imports nothing but os, sys, struct, errno, fcntl and time.
+#   2. Everything else (the config, the sources and ssh, the whole-segment
+#      checks, the prefetcher, --check, the archive hosts' program), below as
+#      the text of REST: plain Python, read it as such. It runs as part of this
+#      module, compiled only when a call needs more than the spool. Its compiled
+#      code is kept under [archive] spool_dir/.code (a private directory, one
+#      file per version of this file and of Python), so the next call loads it
+#      in about a millisecond instead of compiling it again (load_rest).
+# Anything quick_delivery is not sure of (a config changed since the last
+# full run, a copy that is not valid, no spool, -v, another argument) is left
+# to the rest, which does everything as if quick_delivery had not run.
+# tests/test_wal_fetch_unit.py runs pyflakes and the project's checks over the
+# file as if REST were plain code (plain_text() there).
 import errno
 import fcntl
-import logging
 import os
-import signal
 import struct
 import sys
 import time
+
 
 VERSION = "0.1.0"
 PROG = "pg_wal_fetch"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 # The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
 CONFIG_READS = ("postgres", "archive", "source")
-
-log = logging.getLogger(PROG)
 
 DELIVERED, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
 # Above 125: PostgreSQL's startup process ends with FATAL instead of taking
@@ -154,9 +174,428 @@ SPOOL_LOCK = ".prefetch.lock"
 SPOOL_WANT = ".prefetch.want"
 SPOOL_LOG = ".prefetch.log"
 PREFETCH_LINGER = 2.0    # seconds an idle prefetcher waits for the next request
+STREAM_AHEAD = 120       # segments after the window one prefetch session asks for
 DOWN_MEMO = 60.0         # seconds a source whose probe failed is tried last
 SPOOL_OWNER = ".pgdata"  # in each spool: the data directory it serves
 STOP_MARK = "stopping recovery at"
+DEFAULT_SPOOL = "/var/lib/pg_zfs/spool"
+CONFIG_NOTE = ".config-ok"   # in each spool: the config file the last full run validated
+CODE_DIR = ".code"           # in [archive] spool_dir: REST compiled (load_rest)
+
+
+def is_hex(text):
+    return bool(text) and set(text) <= HEX
+
+
+def wal_kind(wal_name):
+    """'segment', 'partial', 'history' or 'backup' for a name PostgreSQL may ask for, else None.
+
+    Strict, like pg_archivecleanup: anything else (paths, shell words, empty,
+    lower case, timeline 0) is refused before any command runs.
+    """
+    if not isinstance(wal_name, str):
+        return None
+    if len(wal_name) == 16 and wal_name.endswith(".history"):
+        return "history" if is_hex(wal_name[:8]) and int(wal_name[:8], 16) > 0 else None
+    head, rest = wal_name[:SEGMENT_NAME_LEN], wal_name[SEGMENT_NAME_LEN:]
+    if len(head) != SEGMENT_NAME_LEN or not is_hex(head):
+        return None
+    timeline, _log_id, seg = parse_segment_name(head)
+    # With the smallest segments (1 MiB) a log id holds 4096 segments.
+    if timeline == 0 or seg >= 0x100000000 // MIN_SEG_SIZE:
+        return None
+    if rest == "":
+        return "segment"
+    if rest == ".partial":
+        return "partial"
+    # TTTTTTTTXXXXXXXXYYYYYYYY.OOOOOOOO.backup
+    if len(rest) == 16 and rest[0] == "." and rest.endswith(".backup") and is_hex(rest[1:9]):
+        return "backup"
+    return None
+
+
+def parse_segment_name(wal_name):
+    """(timeline, log id, segment within the log id) of a segment name."""
+    return int(wal_name[0:8], 16), int(wal_name[8:16], 16), int(wal_name[16:24], 16)
+
+
+def following_segments(wal_name, seg_size, count):
+    """The count segment names after wal_name on its timeline."""
+    timeline, log_id, seg = parse_segment_name(wal_name)
+    per_log = 0x100000000 // seg_size
+    segno = log_id * per_log + seg
+    return ["%08X%08X%08X" % (timeline, n // per_log, n % per_log)
+            for n in range(segno + 1, segno + 1 + count)]
+
+
+def major_key(pg_major):
+    return tuple(int(part) for part in pg_major.split("."))
+
+
+def expected_magics(pg_major):
+    """Page magics a segment of a cluster of this major version may carry.
+
+    Known version: exactly its magic. Unknown (None): any known magic. A
+    release newer than this table: any magic above the newest known one.
+    """
+    if pg_major in PAGE_MAGIC:
+        return frozenset([PAGE_MAGIC[pg_major]])
+    newest = max(PAGE_MAGIC, key=major_key)
+    try:
+        newer = pg_major is not None and major_key(pg_major) > major_key(newest)
+    except ValueError:
+        newer = False
+    if newer:
+        return frozenset(range(PAGE_MAGIC[newest] + 1, 0xD200))
+    return frozenset(PAGE_MAGIC.values())
+
+
+def is_power_of_two(value):
+    return value > 0 and value & (value - 1) == 0
+
+
+def check_segment(header, size, wal_name, system_identifier, magics):
+    """None if a file of this size whose first bytes are header may be delivered as
+    segment wal_name; otherwise the reason it may not."""
+    if len(header) < LONG_HEADER.size:
+        return "only %d bytes, not a WAL segment" % size
+    magic, info, timeline, pageaddr, _rem, sysid, seg_size, blcksz = LONG_HEADER.unpack_from(header)
+    if magic not in magics:
+        return "page magic 0x%04X is not this cluster's (%s)" % (
+            magic, ", ".join("0x%04X" % m for m in sorted(magics)[:3]) + (" ..." if len(magics) > 3 else ""))
+    if not info & XLP_LONG_HEADER:
+        return "first page has no long header"
+    if not (is_power_of_two(seg_size) and MIN_SEG_SIZE <= seg_size <= MAX_SEG_SIZE):
+        return "implausible segment size %d in the header" % seg_size
+    if not (is_power_of_two(blcksz) and 1024 <= blcksz <= 65536):
+        return "implausible WAL block size %d in the header" % blcksz
+    if size != seg_size:
+        return "%d bytes, the header says %d (truncated or padded)" % (size, seg_size)
+    name_timeline, log_id, seg = parse_segment_name(wal_name)
+    if seg >= 0x100000000 // seg_size:
+        return "no segment %08X in a log id with %d-byte segments" % (seg, seg_size)
+    expected = log_id * 0x100000000 + seg * seg_size
+    if pageaddr != expected:
+        return "first page address %X/%08X, the name says %X/%08X" % (
+            pageaddr >> 32, pageaddr & 0xFFFFFFFF, expected >> 32, expected & 0xFFFFFFFF)
+    # The first segment of a new timeline starts with pages copied from its
+    # parent timeline, so the first page may carry a lower timeline.
+    if not 1 <= timeline <= name_timeline:
+        return "first page timeline %d does not fit timeline %d of the name" % (timeline, name_timeline)
+    if system_identifier is not None and sysid != system_identifier:
+        return "system identifier %d, this cluster's is %d" % (sysid, system_identifier)
+    return None
+
+
+def should_start_prefetch(spooled_in_window, prefetch):
+    """Refill in batches: start a prefetcher once half the window or less is spooled."""
+    return prefetch > 0 and spooled_in_window * 2 <= prefetch
+
+
+def read_header(path):
+    """(first bytes of the file, its size), or (None, None) if it is not there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return None, None
+        raise
+    try:
+        return os.read(fd, LONG_HEADER.size), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def try_lock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (IOError, OSError) as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def spool_for(spool_root, data_directory):
+    """The spool of one data directory, below [archive] spool_dir.
+
+    A restored clone and the standby it came from read the same config; each
+    gets its own prefetch window so neither prunes what the other is about to use.
+    """
+    try:
+        from _sha1 import sha1           # hashlib's own, without loading OpenSSL (start-up time)
+    except ImportError:
+        from hashlib import sha1
+    name = os.path.basename(data_directory.rstrip("/")) or "root"
+    digest = sha1(data_directory.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return os.path.join(spool_root, "%s-%s" % (name, digest))
+
+
+def config_identity(path):
+    """One line that changes whenever the file at path is written or replaced."""
+    info = os.stat(path)
+    return "%s %d %d %d %d %d" % (os.path.abspath(path), info.st_dev, info.st_ino, info.st_size,
+                                  info.st_mtime_ns, info.st_ctime_ns)
+
+
+def quick_config_value(path, section, key):
+    """The value of key in [section] of the INI file at path, read the simple way
+    (no configparser: start-up time); None if absent or the file is not simple.
+    Only a hint for finding the spool: the config note there says whether the
+    full reader validated this very file (quick_delivery)."""
+    with open(path, "rb") as config_file:
+        text = config_file.read().decode("utf-8-sig", "replace")
+    current, found = None, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped[1:-1]
+        elif current == section:
+            name, equals, value = stripped.partition("=")
+            if equals and name.strip().lower() == key:
+                found = value.strip()
+    return found
+
+
+def cluster_identity(pgdata_candidates, configured_identifier):
+    """(system identifier, major version or None) of the first data directory among
+    the candidates with a global/pg_control; configured_identifier (not None) wins.
+    None when there is none."""
+    for pgdata in pgdata_candidates:
+        if not pgdata:
+            continue
+        try:
+            with open(os.path.join(pgdata, "global", "pg_control"), "rb") as control:
+                raw = control.read(8)
+        except (IOError, OSError):
+            continue
+        if len(raw) != 8:
+            continue
+        try:
+            with open(os.path.join(pgdata, "PG_VERSION")) as version_file:
+                pg_major = version_file.read().strip() or None
+        except (IOError, OSError):
+            pg_major = None
+        if configured_identifier is None:
+            configured_identifier = struct.unpack("=Q", raw)[0]
+        return configured_identifier, pg_major
+    return None
+
+
+def read_want(spool):
+    """(segment, segment size) the newest delivery asked the prefetcher for, or None."""
+    try:
+        with open(os.path.join(spool, SPOOL_WANT)) as want_file:
+            words = want_file.read().split()
+    except (IOError, OSError):
+        return None
+    if len(words) != 2 or wal_kind(words[0]) != "segment" or not words[1].isdigit():
+        return None
+    return words[0], int(words[1])
+
+
+def write_want(spool, wal_name, seg_size):
+    """Ask the prefetcher for the segments after wal_name."""
+    # Written beside, then renamed: the prefetcher never reads half of it.
+    staged = os.path.join(spool, "%s.%d" % (SPOOL_WANT, os.getpid()))
+    want_fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(want_fd, ("%s %d\n" % (wal_name, seg_size)).encode("ascii"))
+    finally:
+        os.close(want_fd)
+    os.rename(staged, os.path.join(spool, SPOOL_WANT))
+
+
+def spooled_in_window(spool, want, prefetch):
+    """How many of the prefetch segments after want are in the spool."""
+    return sum(1 for name in following_segments(want[0], want[1], prefetch)
+               if os.path.exists(os.path.join(spool, name)))
+
+
+def wait_for_prefetcher(spool, wal_name, prefetch, deadline):
+    """If the running prefetcher is fetching wal_name, wait (a little) until it is spooled."""
+    want = read_want(spool)
+    if want is None or wal_name not in following_segments(want[0], want[1], prefetch):
+        return
+    try:
+        fd = os.open(os.path.join(spool, SPOOL_LOCK), os.O_RDWR)
+    except OSError:
+        return
+    try:
+        until = min(deadline - 1, time.time() + 3)
+        while time.time() < until and not os.path.exists(os.path.join(spool, wal_name)):
+            if try_lock(fd):
+                return                   # no prefetcher any more
+            time.sleep(0.005)
+    finally:
+        os.close(fd)
+
+
+def prefetcher_running(spool):
+    """True if a prefetcher holds this spool's lock."""
+    try:
+        fd = os.open(os.path.join(spool, SPOOL_LOCK), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return not try_lock(fd)
+    finally:
+        os.close(fd)       # closing drops the lock we may have taken
+
+
+def quick_delivery(argv):
+    """DELIVERED if this call only had to move a spooled segment into place, and did;
+    None when it needs anything else (the rest of this file then does all of it).
+
+    A delivery from the spool: the restore_command's arguments (WALNAME DEST,
+    optionally -c CONFIG first) for a segment, a config file the last full run
+    validated as it is now (the config note in the spool: path, inode, size,
+    times), a copy in the spool whose first page fits this cluster (the
+    prefetcher checked it whole and fsynced it), renamed to DEST. Then the
+    prefetcher is asked for the next segments; only when none runs and the
+    spool needs more is the rest loaded to start one.
+    """
+    if len(argv) == 2:
+        config_option, wal_name, dest = None, argv[0], argv[1]
+    elif len(argv) == 4 and argv[0] in ("-c", "--config"):
+        config_option, wal_name, dest = argv[1:]
+    else:
+        return None
+    if wal_name.startswith("-") or dest.startswith("-") or wal_kind(wal_name) != "segment":
+        return None
+    config_path = config_option or os.environ.get("PG_ZFS_CONFIG") or DEFAULT_CONFIG
+    try:
+        spool_root = quick_config_value(config_path, "archive", "spool_dir") or DEFAULT_SPOOL
+        spool = spool_for(spool_root, os.getcwd())
+        with open(os.path.join(spool, CONFIG_NOTE)) as note_file:
+            note = note_file.read().split("\n")
+        # identity, spool root, prefetch, timeout, [postgres] pgdata, system_identifier
+        if len(note) < 6 or note[0] != config_identity(config_path) or note[1] != spool_root:
+            return None
+        prefetch, timeout = int(note[2]), int(note[3])
+        cluster = cluster_identity((".", note[4]), int(note[5]) if note[5] else None)
+    except (IOError, OSError, ValueError):
+        return None
+    if prefetch <= 0 or cluster is None or os.path.isdir(dest) or not os.path.isdir(os.path.dirname(dest) or "."):
+        return None
+    wait_for_prefetcher(spool, wal_name, prefetch, time.time() + timeout)
+    spooled = os.path.join(spool, wal_name)
+    header, size = read_header(spooled)
+    if header is None or check_segment(header, size, wal_name, cluster[0], expected_magics(cluster[1])):
+        return None                      # the rest fetches it (and removes a bad copy, saying so)
+    try:
+        os.rename(spooled, dest)
+    except OSError:
+        return None                      # gone meanwhile, or another file system: the rest copies
+    try:
+        seg_size = LONG_HEADER.unpack_from(header)[6]
+        write_want(spool, wal_name, seg_size)
+        if prefetcher_running(spool) or not should_start_prefetch(
+                spooled_in_window(spool, (wal_name, seg_size), prefetch), prefetch):
+            return DELIVERED
+    except (IOError, OSError):
+        pass
+    # No prefetcher and the spool runs low: the rest starts one (never failing the delivery).
+    load_rest(spool_root)
+    return globals()["refill_after_quick_delivery"](config_path, spool, wal_name, dest)   # in REST
+
+
+def load_rest(spool_root=None):
+    """Run the text of REST (everything but the delivery from the spool) into this
+    module, once. Compiled from REST, or loaded from spool_root/.code when that
+    private directory holds this very text compiled by this very Python."""
+    if "full_main" in globals():
+        return
+    import marshal
+    import zlib
+    source = REST.encode("utf-8")
+    tag = "%s-%08x-%d" % (sys.implementation.cache_tag,
+                          zlib.crc32(os.path.abspath(__file__).encode("utf-8", "surrogateescape") + source),
+                          len(source))
+    code_dir = os.path.join(spool_root, CODE_DIR) if spool_root else None
+    code = None
+    if code_dir and private_directory(code_dir):
+        try:
+            with open(os.path.join(code_dir, tag), "rb") as cached:
+                if os.fstat(cached.fileno()).st_uid == os.getuid():
+                    code = marshal.loads(cached.read())
+        except (IOError, OSError, EOFError, ValueError, TypeError):
+            code = None
+    if code is None:
+        # Blank lines first: tracebacks name this file's own line numbers.
+        with open(__file__, "rb") as whole:
+            before = whole.read().split(b"\nREST = r'''\n", 1)[0].count(b"\n") + 1
+        code = compile("\n" * before + REST, __file__, "exec")
+        if code_dir:
+            keep_code(code_dir, tag, marshal.dumps(code))
+    exec(code, globals())
+
+
+def private_directory(path):
+    """True if path is a directory of this user that no one else may write to."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022 and (info.st_mode & 0o170000) == 0o040000
+
+
+def keep_code(code_dir, tag, data):
+    """Store data as code_dir/tag (atomically), removing older versions; quietly
+    nothing when the directory cannot be made private."""
+    try:
+        if not os.path.isdir(code_dir):
+            os.makedirs(code_dir, 0o700)
+        if not private_directory(code_dir):
+            return
+        for old in os.listdir(code_dir):
+            if old != tag:
+                os.unlink(os.path.join(code_dir, old))
+        temp = os.path.join(code_dir, ".%s.%d.tmp" % (tag, os.getpid()))
+        with open(temp, "wb") as out:
+            out.write(data)
+        os.rename(temp, os.path.join(code_dir, tag))
+    except (IOError, OSError):
+        pass
+
+
+def main(argv=None):
+    """Deliver from the spool when that is all this call has to do (quick_delivery);
+    otherwise load the rest of this file and run the whole story (full_main)."""
+    argv = sys.argv[1:] if argv is None else argv
+    code = quick_delivery(argv)
+    if code is not None:
+        return code
+    spool_root = None
+    try:
+        config_path = config_path_of(argv)
+        if config_path:
+            spool_root = quick_config_value(config_path, "archive", "spool_dir") or DEFAULT_SPOOL
+    except (IOError, OSError):
+        pass
+    load_rest(spool_root)
+    return globals()["full_main"](argv)     # in REST
+
+
+def config_path_of(argv):
+    """The config file argv names (-c/--config, else $PG_ZFS_CONFIG, else the default)."""
+    for index, word in enumerate(argv):
+        if word in ("-c", "--config") and index + 1 < len(argv):
+            return argv[index + 1]
+        if word.startswith("--config="):
+            return word[len("--config="):]
+    return os.environ.get("PG_ZFS_CONFIG") or DEFAULT_CONFIG
+
+
+# The rest of pg_wal_fetch.py: see "How this file is laid out" at the top.
+REST = r'''
+import configparser
+import logging
+import signal
+
+log = logging.getLogger(PROG)
 
 
 # ---------------------------------------------------------------------------
@@ -403,42 +842,6 @@ def run(argv, timeout=None, input_text=None, check=True):
 # Pure functions: WAL names, page headers, decisions. No I/O.
 # ---------------------------------------------------------------------------
 
-def is_hex(text):
-    return bool(text) and set(text) <= HEX
-
-
-def wal_kind(wal_name):
-    """'segment', 'partial', 'history' or 'backup' for a name PostgreSQL may ask for, else None.
-
-    Strict, like pg_archivecleanup: anything else (paths, shell words, empty,
-    lower case, timeline 0) is refused before any command runs.
-    """
-    if not isinstance(wal_name, str):
-        return None
-    if len(wal_name) == 16 and wal_name.endswith(".history"):
-        return "history" if is_hex(wal_name[:8]) and int(wal_name[:8], 16) > 0 else None
-    head, rest = wal_name[:SEGMENT_NAME_LEN], wal_name[SEGMENT_NAME_LEN:]
-    if len(head) != SEGMENT_NAME_LEN or not is_hex(head):
-        return None
-    timeline, _log_id, seg = parse_segment_name(head)
-    # With the smallest segments (1 MiB) a log id holds 4096 segments.
-    if timeline == 0 or seg >= 0x100000000 // MIN_SEG_SIZE:
-        return None
-    if rest == "":
-        return "segment"
-    if rest == ".partial":
-        return "partial"
-    # TTTTTTTTXXXXXXXXYYYYYYYY.OOOOOOOO.backup
-    if len(rest) == 16 and rest[0] == "." and rest.endswith(".backup") and is_hex(rest[1:9]):
-        return "backup"
-    return None
-
-
-def parse_segment_name(wal_name):
-    """(timeline, log id, segment within the log id) of a segment name."""
-    return int(wal_name[0:8], 16), int(wal_name[8:16], 16), int(wal_name[16:24], 16)
-
-
 def source_order(sources, down_since, now, memo=DOWN_MEMO):
     """The sources to try: config order, but those whose probe failed less than
     memo seconds ago go last. Never skipped (a dead-looking host may hold the only
@@ -448,74 +851,6 @@ def source_order(sources, down_since, now, memo=DOWN_MEMO):
         return since is not None and 0 <= now - since < memo
     return ([source for source in sources if not recently_down(source)]
             + [source for source in sources if recently_down(source)])
-
-
-def following_segments(wal_name, seg_size, count):
-    """The count segment names after wal_name on its timeline."""
-    timeline, log_id, seg = parse_segment_name(wal_name)
-    per_log = 0x100000000 // seg_size
-    segno = log_id * per_log + seg
-    return ["%08X%08X%08X" % (timeline, n // per_log, n % per_log)
-            for n in range(segno + 1, segno + 1 + count)]
-
-
-def major_key(pg_major):
-    return tuple(int(part) for part in pg_major.split("."))
-
-
-def expected_magics(pg_major):
-    """Page magics a segment of a cluster of this major version may carry.
-
-    Known version: exactly its magic. Unknown (None): any known magic. A
-    release newer than this table: any magic above the newest known one.
-    """
-    if pg_major in PAGE_MAGIC:
-        return frozenset([PAGE_MAGIC[pg_major]])
-    newest = max(PAGE_MAGIC, key=major_key)
-    try:
-        newer = pg_major is not None and major_key(pg_major) > major_key(newest)
-    except ValueError:
-        newer = False
-    if newer:
-        return frozenset(range(PAGE_MAGIC[newest] + 1, 0xD200))
-    return frozenset(PAGE_MAGIC.values())
-
-
-def is_power_of_two(value):
-    return value > 0 and value & (value - 1) == 0
-
-
-def check_segment(header, size, wal_name, system_identifier, magics):
-    """None if a file of this size whose first bytes are header may be delivered as
-    segment wal_name; otherwise the reason it may not."""
-    if len(header) < LONG_HEADER.size:
-        return "only %d bytes, not a WAL segment" % size
-    magic, info, timeline, pageaddr, _rem, sysid, seg_size, blcksz = LONG_HEADER.unpack_from(header)
-    if magic not in magics:
-        return "page magic 0x%04X is not this cluster's (%s)" % (
-            magic, ", ".join("0x%04X" % m for m in sorted(magics)[:3]) + (" ..." if len(magics) > 3 else ""))
-    if not info & XLP_LONG_HEADER:
-        return "first page has no long header"
-    if not (is_power_of_two(seg_size) and MIN_SEG_SIZE <= seg_size <= MAX_SEG_SIZE):
-        return "implausible segment size %d in the header" % seg_size
-    if not (is_power_of_two(blcksz) and 1024 <= blcksz <= 65536):
-        return "implausible WAL block size %d in the header" % blcksz
-    if size != seg_size:
-        return "%d bytes, the header says %d (truncated or padded)" % (size, seg_size)
-    name_timeline, log_id, seg = parse_segment_name(wal_name)
-    if seg >= 0x100000000 // seg_size:
-        return "no segment %08X in a log id with %d-byte segments" % (seg, seg_size)
-    expected = log_id * 0x100000000 + seg * seg_size
-    if pageaddr != expected:
-        return "first page address %X/%08X, the name says %X/%08X" % (
-            pageaddr >> 32, pageaddr & 0xFFFFFFFF, expected >> 32, expected & 0xFFFFFFFF)
-    # The first segment of a new timeline starts with pages copied from its
-    # parent timeline, so the first page may carry a lower timeline.
-    if not 1 <= timeline <= name_timeline:
-        return "first page timeline %d does not fit timeline %d of the name" % (timeline, name_timeline)
-    if system_identifier is not None and sysid != system_identifier:
-        return "system identifier %d, this cluster's is %d" % (sysid, system_identifier)
-    return None
 
 
 def check_text_file(kind, content, size, timeline=None):
@@ -1254,15 +1589,10 @@ def newest_wal(names):
 
 def spool_plan(spooled, window):
     """(files to remove, segments to fetch): the spool keeps only the window's segments."""
-    keep = set(window) | {SPOOL_LOCK, SPOOL_WANT, SPOOL_LOG, SPOOL_OWNER}
-    remove = sorted(name for name in spooled if name not in keep)
+    keep = set(window) | {SPOOL_LOCK, SPOOL_WANT, SPOOL_LOG, SPOOL_OWNER, CONFIG_NOTE}
+    remove = sorted(name for name in spooled if name not in keep and not name.startswith(SPOOL_WANT + "."))
     missing = [name for name in window if name not in spooled]
     return remove, missing
-
-
-def should_start_prefetch(spooled_in_window, prefetch):
-    """Refill in batches: start a prefetcher once half the window or less is spooled."""
-    return prefetch > 0 and spooled_in_window * 2 <= prefetch
 
 
 # ---------------------------------------------------------------------------
@@ -1589,6 +1919,9 @@ def ssh_argv(source, settings, command):
         "-o", "BatchMode=yes",
         "-o", "ConnectTimeout=%d" % settings.connect_timeout,
         "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3"]
+    ciphers = preferred_ciphers(cpu_flags())
+    if ciphers:
+        argv += ["-o", "Ciphers=" + ciphers]
     if settings.control_dir:
         argv += ["-o", "ControlMaster=auto",
                  "-o", "ControlPath=" + os.path.join(settings.control_dir, "%C"),
@@ -1599,6 +1932,34 @@ def ssh_argv(source, settings, command):
     if source.user:
         argv += ["-l", source.user]
     return argv + ["-T", "--", source.host, command]
+
+
+# OpenSSH's default ciphers (6.9 to 9.x), AES-GCM first. On a CPU with AES
+# instructions AES-GCM moves WAL about twice as fast as chacha20-poly1305,
+# which OpenSSH prefers because it is the faster one without them (README,
+# "Benchmarks"). The same set as the default, so every host that accepts the
+# default accepts this; ssh_options = -o Ciphers=... wins over it.
+AES_FIRST_CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
+                     "aes128-ctr,aes192-ctr,aes256-ctr")
+
+
+def preferred_ciphers(flags):
+    """The Ciphers option for a CPU with these feature flags: AES_FIRST_CIPHERS when
+    it has AES instructions (x86 "aes", arm64 "aes"), else None (ssh's default)."""
+    return AES_FIRST_CIPHERS if "aes" in flags else None
+
+
+def cpu_flags():
+    """The feature flags of this machine's first CPU (/proc/cpuinfo), or an empty set."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                name, _colon, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except (IOError, OSError):
+        pass
+    return frozenset()
 
 
 # ---------------------------------------------------------------------------
@@ -1628,7 +1989,8 @@ class Settings(object):
         if not names:
             raise config.error("archive", "sources", "empty: name at least one [source NAME]")
         self.sources = [self.read_source(config, name) for name in names]
-        self.spool_dir = config.str("archive", "spool_dir", "/var/lib/pg_zfs/spool")
+        self.spool_dir = config.str("archive", "spool_dir", DEFAULT_SPOOL)
+        self.spool_root = self.spool_dir     # spool_dir becomes this data directory's spool
         self.prefetch = config.int("archive", "prefetch", 8)
         self.timeout = config.int("archive", "timeout", 60, minimum=1)
         self.control_dir = config.str("archive", "control_dir", "") or "/tmp/pg_zfs-ssh-%d" % os.getuid()
@@ -1670,25 +2032,9 @@ def read_cluster(settings):
     """The Cluster whose recovery asks: global/pg_control and PG_VERSION of the working
     directory (PostgreSQL runs restore_command in the data directory), else of
     [postgres] pgdata; [postgres] system_identifier, when set, wins."""
-    for pgdata in (".", settings.pgdata):
-        if not pgdata:
-            continue
-        try:
-            with open(os.path.join(pgdata, "global", "pg_control"), "rb") as control:
-                raw = control.read(8)
-        except (IOError, OSError):
-            continue
-        if len(raw) != 8:
-            continue
-        try:
-            with open(os.path.join(pgdata, "PG_VERSION")) as version_file:
-                pg_major = version_file.read().strip() or None
-        except (IOError, OSError):
-            pg_major = None
-        system_identifier = settings.system_identifier
-        if system_identifier is None:
-            system_identifier = struct.unpack("=Q", raw)[0]
-        return Cluster(system_identifier, pg_major)
+    found = cluster_identity((".", settings.pgdata), settings.system_identifier)
+    if found:
+        return Cluster(*found)
     if settings.system_identifier is None:
         raise Failure("cannot tell this cluster's system identifier: no global/pg_control in the "
                       "working directory or in [postgres] pgdata; set [postgres] system_identifier",
@@ -1944,20 +2290,6 @@ class Receiver(object):
                 self.take(tail)
         if not self.problem and not decompressor.eof:
             self.problem = "compressed stream ends early"
-
-
-def read_header(path):
-    """(first bytes of the file, its size), or (None, None) if it is not there."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as error:
-        if error.errno == errno.ENOENT:
-            return None, None
-        raise
-    try:
-        return os.read(fd, LONG_HEADER.size), os.fstat(fd).st_size
-    finally:
-        os.close(fd)
 
 
 def store(wal_name, suffix, size, read, target, durable, cluster, verify):
@@ -2221,8 +2553,9 @@ class Stream(object):
     before the first byte: ssh may still be connecting) or past `deadline`
     raises Stalled, so a frozen or crawling host is given up and the next asked."""
 
-    def __init__(self, fd, stall, first_wait, deadline):
+    def __init__(self, fd, stall, first_wait, deadline, renew=None):
         self.fd, self.stall, self.first_wait, self.deadline = fd, stall, first_wait, deadline
+        self.renew = renew       # seconds per file of a long stream (prefetch), else None
         self.started = False
         self.buffer = b""
 
@@ -2248,9 +2581,26 @@ class Stream(object):
         line, self.buffer = self.buffer[:end], self.buffer[end:]
         return line
 
+    def timed_read(self):
+        """read, for one file: with renew, the file's time starts at its first read
+        (a prefetcher may hold the stream before it, waiting for recovery)."""
+        if not self.renew:
+            return self.read
+        started = []
+
+        def read(size):
+            if not started:
+                started.append(True)
+                self.deadline = time.time() + self.renew
+            return self.read(size)
+        return read
+
     def read(self, size):
         if not self.buffer:
             self.buffer = self._more()
+        if len(self.buffer) <= size:
+            data, self.buffer = self.buffer, b""      # the whole buffer: no copy (16 MiB a segment)
+            return data
         data, self.buffer = self.buffer[:size], self.buffer[size:]
         return data
 
@@ -2293,7 +2643,7 @@ def fetch_local(source, wal_names, deliver, candidate):
     return results
 
 
-def fetch_remote(source, settings, wal_names, deliver, deadline, candidate):
+def fetch_remote(source, settings, wal_names, deliver, deadline, candidate, renew=None):
     """Copy number `candidate` of wal_names, in order, from source in ONE ssh session:
     {name: (outcome, detail, index, count)} up to the first name it lacks."""
     need_subprocess()
@@ -2313,7 +2663,7 @@ def fetch_remote(source, settings, wal_names, deliver, deadline, candidate):
         except (OSError, IOError):
             pass
         stream = Stream(proc.stdout.fileno(), settings.stall_timeout,
-                        settings.connect_timeout + settings.stall_timeout, deadline)
+                        settings.connect_timeout + settings.stall_timeout, deadline, renew)
         results = {}
         in_step = True               # what is left to read is still framed
         try:
@@ -2352,6 +2702,8 @@ def read_frames(source, stream, wal_names, deliver, results):
                                  0, 0)
         return True
     for wal_name in wal_names:
+        if stream.renew:
+            stream.deadline = time.time() + stream.renew
         line = stream.readline()
         if not line:
             return True              # ssh ended: its exit code tells why
@@ -2367,19 +2719,20 @@ def read_frames(source, stream, wal_names, deliver, results):
             results[wal_name] = (NO_MORE, "", 0, frame[1])
             return True
         _file, suffix, size, index, count, path = frame
-        outcome, detail, drained = deliver(wal_name, suffix, size, stream.read, path)
+        outcome, detail, drained = deliver(wal_name, suffix, size, stream.timed_read(), path)
         results[wal_name] = (outcome, detail, index, count)
         if not drained or outcome == FAILED:
             return False
     return True
 
 
-def fetch_files(source, settings, wal_names, deliver, deadline, candidate=1):
+def fetch_files(source, settings, wal_names, deliver, deadline, candidate=1, renew=None):
     """{name: (outcome, detail, index, count)} for the names source answered, in
-    order, up to the first it lacks: copy number `candidate` of each."""
+    order, up to the first it lacks: copy number `candidate` of each. renew:
+    seconds each file of a stream gets (the deadline then moves on per file)."""
     if source.is_local:
         return fetch_local(source, wal_names, deliver, candidate)
-    return fetch_remote(source, settings, wal_names, deliver, deadline, candidate)
+    return fetch_remote(source, settings, wal_names, deliver, deadline, candidate, renew)
 
 
 def list_archive(source, settings):
@@ -2414,18 +2767,6 @@ def ask_access(source, settings):
 # The spool and the prefetcher
 # ---------------------------------------------------------------------------
 
-def spool_for(spool_root, data_directory):
-    """The spool of one data directory, below [archive] spool_dir.
-
-    A restored clone and the standby it came from read the same config; each
-    gets its own prefetch window so neither prunes what the other is about to use.
-    """
-    import hashlib
-    name = os.path.basename(data_directory.rstrip("/")) or "root"
-    digest = hashlib.sha1(data_directory.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-    return os.path.join(spool_root, "%s-%s" % (name, digest))
-
-
 def spool_file(settings, wal_name):
     return os.path.join(settings.spool_dir, wal_name)
 
@@ -2457,47 +2798,6 @@ def deliver_from_spool(settings, wal_name, dest, cluster):
     return True
 
 
-def try_lock(fd):
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except (IOError, OSError) as error:
-        if error.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-
-
-def read_want(settings):
-    """(segment, segment size) the newest delivery asked the prefetcher for, or None."""
-    try:
-        with open(spool_file(settings, SPOOL_WANT)) as want_file:
-            words = want_file.read().split()
-    except (IOError, OSError):
-        return None
-    if len(words) != 2 or wal_kind(words[0]) != "segment" or not words[1].isdigit():
-        return None
-    return words[0], int(words[1])
-
-
-def wait_for_prefetcher(settings, wal_name, deadline):
-    """If the running prefetcher is fetching wal_name, wait (a little) until it is spooled."""
-    want = read_want(settings)
-    if want is None or wal_name not in following_segments(want[0], want[1], settings.prefetch):
-        return
-    try:
-        fd = os.open(spool_file(settings, SPOOL_LOCK), os.O_RDWR)
-    except OSError:
-        return
-    try:
-        until = min(deadline - 1, time.time() + 3)
-        while time.time() < until and not os.path.exists(spool_file(settings, wal_name)):
-            if try_lock(fd):
-                return                   # no prefetcher any more
-            time.sleep(0.005)
-    finally:
-        os.close(fd)
-
-
 def start_prefetch(settings, wal_name, dest, cluster, waldump, verbose):
     """After delivering segment wal_name: ask for the next segments, starting a
     detached prefetcher unless one runs or the spool is well filled."""
@@ -2513,11 +2813,8 @@ def start_prefetch(settings, wal_name, dest, cluster, waldump, verbose):
             owner.commit(spool_file(settings, SPOOL_OWNER))
         finally:
             owner.discard()
-    want_fd = os.open(spool_file(settings, SPOOL_WANT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(want_fd, ("%s %d\n" % (wal_name, seg_size)).encode("ascii"))
-    finally:
-        os.close(want_fd)
+    note_config(settings)
+    write_want(settings.spool_dir, wal_name, seg_size)
     if not needs_refill(settings, (wal_name, seg_size)):
         return
     lock_fd = os.open(spool_file(settings, SPOOL_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
@@ -2562,15 +2859,44 @@ def prefetch_window(settings, want, cluster, verify):
         if not reachable(source, settings, share):
             log.info("[source %s] does not answer", source.name)
             continue
-
-        def deliver(wal_name, suffix, size, read, path):
-            return report_copy(wal_name, source, path, store(
-                wal_name, suffix, size, read, spool_file(settings, wal_name), True, cluster, verify))
-        results = fetch_files(source, settings, missing, deliver, share)
+        # One session asks for the window and STREAM_AHEAD segments after it; each
+        # is taken when it fits the window of the newest want (paced_delivery).
+        names = missing + following_segments(window[-1], want[1], STREAM_AHEAD)
+        deliver = paced_delivery(settings, source, cluster, verify)
+        results = fetch_files(source, settings, names, deliver, share, renew=settings.timeout)
         remember(settings, source, any(result[0] in (STALLED, UNREACHABLE) for result in results.values()))
-        log.info("[source %s] %s", source.name,
-                 " ".join("%s:%s" % (name, results[name][0]) for name in missing if name in results))
+        log.info("[source %s] %s", source.name, " ".join(
+            "%s:%s%s" % (name, results[name][0], " (%s)" % results[name][1] if results[name][1] else "")
+            for name in names if name in results))
         missing = [name for name in missing if results.get(name, (None,))[0] != FOUND]
+
+
+def paced_delivery(settings, source, cluster, verify):
+    """deliver() for prefetch_window: spool a segment (checked whole, fsynced) once
+    it fits the window after the newest want; until then hold the stream (the
+    host waits, by ssh's flow control). FAILED, with the stream left, when
+    recovery moved past it or elsewhere, or asked nothing new for PREFETCH_LINGER."""
+    def deliver(wal_name, suffix, size, read, path):
+        signal.setitimer(signal.ITIMER_REAL, 0)      # waiting for recovery is no time-out
+        asked, since = None, time.time()
+        while True:
+            want = read_want(settings.spool_dir) or asked    # None: being written just now
+            if want != asked:
+                asked, since = want, time.time()
+            if want is None:
+                return FAILED, "no request", False
+            window = following_segments(want[0], want[1], settings.prefetch)
+            if wal_name in window:
+                break
+            if wal_name[:8] != want[0][:8] or wal_name < window[0]:
+                return FAILED, "recovery moved on to %s" % want[0], False
+            if time.time() - since > PREFETCH_LINGER:
+                return FAILED, "no request for %s s" % PREFETCH_LINGER, False
+            time.sleep(0.01)
+        signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+        return report_copy(wal_name, source, path, store(
+            wal_name, suffix, size, read, spool_file(settings, wal_name), True, cluster, verify))
+    return deliver
 
 
 # ---------------------------------------------------------------------------
@@ -2594,7 +2920,7 @@ def fetch_command(args, config):
     settings.spool_dir = spool_for(spool_root, os.getcwd())
     prefetching = kind == "segment" and settings.prefetch > 0
     if prefetching:
-        wait_for_prefetcher(settings, args.wal_name, deadline)
+        wait_for_prefetcher(settings.spool_dir, args.wal_name, settings.prefetch, deadline)
         if deliver_from_spool(settings, args.wal_name, args.dest, cluster):
             after_delivery(settings, args, cluster, None)
             return DELIVERED
@@ -2670,6 +2996,44 @@ def fetch_from(source, settings, args, cluster, deadline, verify):
         return outcome, detail
 
 
+def note_config(settings):
+    """Tell quick_delivery, in the spool, that this config file is valid as it is now,
+    and the settings it needs (see quick_delivery for the lines)."""
+    note = "\n".join([config_identity(settings.config_path), settings.spool_root, str(settings.prefetch),
+                      str(settings.timeout), settings.pgdata,
+                      "" if settings.system_identifier is None else str(settings.system_identifier)]) + "\n"
+    path = spool_file(settings, CONFIG_NOTE)
+    try:
+        with open(path) as current:
+            if current.read() == note:
+                return
+    except (IOError, OSError):
+        pass
+    staged = StagedFile(settings.spool_dir)
+    try:
+        staged.write(note.encode("utf-8", "surrogateescape"))
+        staged.commit(path)
+    finally:
+        staged.discard()
+
+
+def refill_after_quick_delivery(config_path, spool, wal_name, dest):
+    """quick_delivery delivered wal_name, and the spool needs a prefetcher: start it.
+    Its failure never fails the delivery that already happened."""
+    setup_logging()
+    try:
+        settings = Settings(Config.load(config_path))
+        settings.spool_dir = spool
+        start_prefetch(settings, wal_name, dest, read_cluster(settings), None, False)
+    except (Failure, OSError, IOError) as error:
+        log.warning("prefetch not started: %s", error)
+    except Exception as error:      # a bug: said, but the segment is delivered
+        log.warning("prefetch not started: %s", unexpected_failure(error))
+    finally:
+        stop_children()
+    return DELIVERED
+
+
 def after_delivery(settings, args, cluster, waldump):
     """Start the prefetch; its failure never fails the delivery that already happened
     (not even [archive] timeout expiring now: exit 3 would leave a file at DEST)."""
@@ -2738,7 +3102,7 @@ def prefetch_command(args, config):
     served = None
     idle_until = 0       # the first want is served at once: the delivery saw the need
     while True:
-        want = read_want(settings)
+        want = read_want(settings.spool_dir)
         # Once running, refill as soon as recovery takes a segment: one more ssh
         # session over the shared connection costs little; a wait costs more.
         if want is not None and want != served and (served is None or needs_refill(settings, want, 1)):
@@ -2760,7 +3124,7 @@ def prefetch_command(args, config):
             continue
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         # A delivery may have asked for more while we held the lock.
-        want = read_want(settings)
+        want = read_want(settings.spool_dir)
         if want in (None, served) or not needs_refill(settings, want) or not try_lock(lock_fd):
             return DELIVERED
         idle_until = time.time() + PREFETCH_LINGER
@@ -2768,8 +3132,7 @@ def prefetch_command(args, config):
 
 def needs_refill(settings, want, missing=None):
     """True if half the window after want or less is spooled (or at least missing segments lack)."""
-    window = following_segments(want[0], want[1], settings.prefetch)
-    spooled = sum(1 for name in window if os.path.exists(spool_file(settings, name)))
+    spooled = spooled_in_window(settings.spool_dir, want, settings.prefetch)
     if missing is not None:
         return settings.prefetch - spooled >= missing
     return should_start_prefetch(spooled, settings.prefetch)
@@ -2859,7 +3222,7 @@ def verifier_line(settings):
 def spool_line(spool_root):
     """The spool's use, for --check: each data directory's spool and its size."""
     try:
-        entries = sorted(os.listdir(spool_root))
+        entries = sorted(entry for entry in os.listdir(spool_root) if not entry.startswith("."))
     except OSError:
         return "spool %s: empty" % spool_root
     parts, total = [], 0
@@ -3060,7 +3423,7 @@ def stop_or(args, code, reason):
     return STOP_RECOVERY
 
 
-def main(argv=None):
+def full_main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = quick_args(argv) or parse_args(argv)
@@ -3108,7 +3471,10 @@ def main(argv=None):
         if not _stopping:
             signal.setitimer(signal.ITIMER_REAL, 0)
         stop_children()
+'''
 
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    load_rest()     # imported (the unit tests): every function of the file, as before

@@ -11,6 +11,7 @@ import pwd
 import shlex
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -722,3 +723,132 @@ def test_gzip_streams_back_to_back_of_a_mostly_zero_segment_are_decompressed_onc
     staged.commit(str(tmp_path / "out"))
     staged.discard()
     assert (tmp_path / "out").read_bytes() == original
+
+
+# ---------------------------------------------------------------------------
+# The file's two parts: the delivery from the spool, and REST
+# ---------------------------------------------------------------------------
+
+def plain_text():
+    """pg_wal_fetch.py as if REST were plain code: the file without the two lines
+    that open and close the REST string (for pyflakes and the name checks)."""
+    with open(fetch.__file__) as script:
+        text = script.read()
+    head, rest = text.split("\nREST = r'''\n", 1)
+    body, tail = rest.split("\n'''\n", 1)
+    return head + "\n" + body + "\n" + tail
+
+
+def test_rest_is_the_files_own_text_and_runs_with_the_files_line_numbers():
+    with open(fetch.__file__) as script:
+        text = script.read()
+    assert "\n" + fetch.REST.lstrip("\n") in text          # a raw string: nothing escaped
+    lines = text.splitlines()
+    for function in (fetch.full_main, fetch.check_pages, fetch.store):
+        assert lines[function.__code__.co_firstlineno - 1].startswith("def %s(" % function.__name__)
+
+
+def test_the_file_read_as_plain_code_passes_pyflakes(tmp_path):
+    pytest.importorskip("pyflakes")
+    plain = tmp_path / "pg_wal_fetch_plain.py"
+    plain.write_text(plain_text())
+    proc = subprocess.run(["python3", "-m", "pyflakes", str(plain)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True)
+    # REST itself is the one name the plain reading no longer defines.
+    problems = [line for line in proc.stdout.splitlines() if "undefined name 'REST'" not in line]
+    assert problems == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 8), reason="end_lineno needs Python 3.8")
+def test_a_name_in_rest_means_what_it_means_in_the_other_scripts(monkeypatch):
+    # tests/test_config.py reads REST as a string: the same check, on the plain reading.
+    import test_config
+    source_of = test_config.source_of
+    monkeypatch.setattr(test_config, "source_of",
+                        lambda script: plain_text() if script == "pg_wal_fetch" else source_of(script))
+    assert "full_main" in test_config.top_level("pg_wal_fetch")[0]
+    test_config.test_a_name_means_one_thing_across_the_four_scripts()
+
+
+@pytest.fixture
+def spooled(tmp_path, monkeypatch):
+    """A data directory (cwd), a config with prefetch 8, its spool holding a valid-looking
+    1 MiB segment 000000010000000000000000, and the config note of a full run."""
+    pgdata = tmp_path / "pgdata"
+    (pgdata / "global").mkdir(parents=True)
+    (pgdata / "pg_wal").mkdir()
+    (pgdata / "global" / "pg_control").write_bytes(struct.pack("=Q", 1) + bytes(100))
+    (pgdata / "PG_VERSION").write_text("15\n")
+    config = tmp_path / "c.conf"
+    config.write_text("[archive]\nsources = a\nspool_dir = %s\nprefetch = 8\n"
+                      "[source a]\npath = /nowhere/*\n" % (tmp_path / "spool"))
+    monkeypatch.chdir(str(pgdata))
+    settings = fetch.Settings(fetch.Config.load(str(config)))
+    settings.spool_dir = fetch.spool_for(settings.spool_root, str(pgdata))
+    os.makedirs(settings.spool_dir)
+    fetch.note_config(settings)
+    name = "000000010000000000000000"
+    (tmp_path / "segment").write_bytes(segment_like(1 << 20, 1000))
+    os.rename(str(tmp_path / "segment"), os.path.join(settings.spool_dir, name))
+    refills = []
+    monkeypatch.setattr(fetch, "refill_after_quick_delivery", lambda *args: refills.append(args) or 0)
+    return {"config": str(config), "spool": settings.spool_dir, "name": name, "pgdata": pgdata,
+            "refills": refills}
+
+
+def test_a_spooled_segment_is_renamed_into_place_and_the_next_ones_asked_for(spooled):
+    argv = ["-c", spooled["config"], spooled["name"], "pg_wal/RECOVERYXLOG"]
+    assert fetch.quick_delivery(argv) == fetch.DELIVERED
+    assert (spooled["pgdata"] / "pg_wal" / "RECOVERYXLOG").stat().st_size == 1 << 20
+    assert not os.path.exists(os.path.join(spooled["spool"], spooled["name"]))
+    assert fetch.read_want(spooled["spool"]) == (spooled["name"], 1 << 20)
+    # An empty window and no prefetcher: the rest is asked to start one.
+    assert len(spooled["refills"]) == 1
+
+
+def test_a_config_changed_since_the_last_full_run_leaves_the_delivery_to_the_rest(spooled):
+    with open(spooled["config"], "a") as config:
+        config.write("prefecth = 4\n")                  # a typo the full reader refuses
+    argv = ["-c", spooled["config"], spooled["name"], "pg_wal/RECOVERYXLOG"]
+    assert fetch.quick_delivery(argv) is None
+    assert os.path.exists(os.path.join(spooled["spool"], spooled["name"]))
+    assert os.listdir(str(spooled["pgdata"] / "pg_wal")) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["-v", "-c", "C", "000000010000000000000000", "pg_wal/RECOVERYXLOG"],
+    ["-c", "C", "00000002.history", "pg_wal/RECOVERYHISTORY"],
+    ["-c", "C", "000000010000000000000000.partial", "pg_wal/RECOVERYXLOG"],
+    ["--check"],
+])
+def test_anything_but_a_segment_asked_the_restore_command_way_is_left_to_the_rest(spooled, argv):
+    argv = [spooled["config"] if word == "C" else word for word in argv]
+    assert fetch.quick_delivery(argv) is None
+    assert os.path.exists(os.path.join(spooled["spool"], spooled["name"]))
+
+
+def test_a_spooled_copy_of_another_cluster_is_left_to_the_rest(spooled):
+    (spooled["pgdata"] / "global" / "pg_control").write_bytes(struct.pack("=Q", 2) + bytes(100))
+    assert fetch.quick_delivery(["-c", spooled["config"], spooled["name"], "pg_wal/RECOVERYXLOG"]) is None
+    assert os.listdir(str(spooled["pgdata"] / "pg_wal")) == []
+
+
+def test_compiled_rest_is_kept_only_in_a_private_directory(tmp_path):
+    code_dir = str(tmp_path / ".code")
+    fetch.keep_code(code_dir, "tag1", b"one")
+    fetch.keep_code(code_dir, "tag2", b"two")
+    assert os.listdir(code_dir) == ["tag2"]                # older versions removed
+    assert fetch.private_directory(code_dir)
+    os.chmod(code_dir, 0o777)
+    assert not fetch.private_directory(code_dir)
+    fetch.keep_code(code_dir, "tag3", b"three")
+    assert sorted(os.listdir(code_dir)) == ["tag2"]        # never written where others may write
+
+
+def test_aes_gcm_goes_first_only_on_a_cpu_with_aes_instructions():
+    assert fetch.preferred_ciphers(frozenset(["fpu", "aes", "avx2"])).startswith("aes128-gcm@openssh.com,")
+    assert fetch.preferred_ciphers(frozenset(["fpu", "avx2"])) is None
+    # The same set as OpenSSH's default: a host that takes the default takes this.
+    assert sorted(fetch.AES_FIRST_CIPHERS.split(",")) == sorted(
+        "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,"
+        "aes256-gcm@openssh.com".split(","))
