@@ -21,6 +21,11 @@ Commands:
     prune [--dry-run]          destroy the sets the retention policy lets go
     check [--replica NAME]     Nagios line from the age of the newest complete set
                                (here, or on the replica)
+    metrics [--textfile DIR] [--no-replicas]
+                               Prometheus metrics (sets by state, newest set's age,
+                               bytes per set, pool size/allocation/health, each
+                               replica's newest set): DIR/pg_zfs.prom, written
+                               atomically, for node_exporter's textfile collector
     oldest-wal [--commands]    first WAL file the oldest kept set needs, here or
                                on a [replica NAME]: archived files before it may
                                go; --commands prints the pg_archivecleanup lines
@@ -527,6 +532,60 @@ def archive_cleanup_lines(sources, wal_name):
         lines.append("# [source %s] %s:" % (name, where))
         lines.append("for d in %s; do [ -d \"$d\" ] && %s; done" % (path, runs))
     return lines
+
+
+def prometheus_label(value):
+    """A label value as the Prometheus text format writes it (\\, \", \\n escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(sets, now, pools=(), replicas=()):
+    """The Prometheus text exposition (node_exporter's textfile collector) of the sets.
+
+    sets: this config's sets (with used bytes); pools: [(pool, size bytes,
+    allocated bytes, health)]; replicas: [(name, its sets or None when it
+    could not be listed)]. Every family has HELP and TYPE lines; times are
+    UTC epoch seconds.
+    """
+    out = []
+
+    def family(name, kind, text, samples):
+        out.append("# HELP %s %s" % (name, text))
+        out.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            label_text = ",".join('%s="%s"' % (key, prometheus_label(str(val))) for key, val in labels)
+            out.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "",
+                                    repr(float(value)) if isinstance(value, float) else int(value)))
+
+    complete = [one for one in sets if one.complete]
+    family("pg_zfs_sets", "gauge", "Snapshot sets of this config, by state.",
+           [((("state", "complete"),), len(complete)), ((("state", "incomplete"),), len(sets) - len(complete))])
+    if complete:
+        family("pg_zfs_newest_set_timestamp_seconds", "gauge", "When the newest complete set was taken.",
+               [((), complete[-1].time)])
+        family("pg_zfs_newest_set_age_seconds", "gauge", "Age of the newest complete set.",
+               [((), max(now - complete[-1].time, 0))])
+        family("pg_zfs_oldest_set_timestamp_seconds", "gauge", "When the oldest complete set was taken.",
+               [((), complete[0].time)])
+    family("pg_zfs_set_used_bytes", "gauge", "Bytes only this set's snapshots hold.",
+           [((("set", one.name), ("complete", "yes" if one.complete else "no")), one.used) for one in sets])
+    if pools:
+        family("pg_zfs_pool_size_bytes", "gauge", "Size of the pool that holds the datasets.",
+               [((("pool", pool),), size) for pool, size, _, _ in pools])
+        family("pg_zfs_pool_allocated_bytes", "gauge", "Bytes allocated in the pool.",
+               [((("pool", pool),), allocated) for pool, _, allocated, _ in pools])
+        family("pg_zfs_pool_healthy", "gauge", "1 when the pool's health is ONLINE.",
+               [((("pool", pool), ("health", health)), 1 if health == "ONLINE" else 0)
+                for pool, _, _, health in pools])
+    if replicas:
+        family("pg_zfs_replica_up", "gauge", "1 when the replica's sets could be listed.",
+               [((("replica", name),), 0 if there is None else 1) for name, there in replicas])
+        newest = [(name, [one for one in there if one.complete]) for name, there in replicas if there is not None]
+        family("pg_zfs_replica_newest_set_age_seconds", "gauge", "Age of the newest set complete on the replica.",
+               [((("replica", name),), max(now - there[-1].time, 0)) for name, there in newest if there])
+        family("pg_zfs_replica_sets", "gauge", "Sets complete on the replica.",
+               [((("replica", name),), len(there)) for name, there in newest])
+    return "\n".join(out) + "\n"
 
 
 def check_state(sets, now, warn_age, crit_age, newest_archived=None, wal_wait=DEFAULT_WAL_WAIT):
@@ -1551,6 +1610,10 @@ def parse_args(argv):
     oldest = commands.add_parser("oldest-wal", help="print the first WAL file the oldest set needs")
     oldest.add_argument("--commands", action="store_true",
                         help="print the pg_archivecleanup lines for each archive host instead")
+    metrics = commands.add_parser("metrics", help="Prometheus metrics of the sets, the pool and the replicas")
+    metrics.add_argument("--textfile", metavar="DIR",
+                         help="write DIR/pg_zfs.prom atomically (node_exporter's textfile collector)")
+    metrics.add_argument("--no-replicas", action="store_true", help="do not list the [replica NAME]s (no ssh)")
     replicate = commands.add_parser("replicate", help="send the sets a replica lacks, prune it")
     replicate.add_argument("--replica", metavar="NAME", help="only [replica NAME] (default: every one)")
     replicate.add_argument("--dry-run", action="store_true", help="print what would be sent, with sizes")
@@ -2957,6 +3020,35 @@ def cmd_oldest_wal(job, commands):
         print(line)
 
 
+def cmd_metrics(job, textfile_dir, with_replicas):
+    """Write DIR/pg_zfs.prom (atomically: node_exporter never reads half a file),
+    or print the metrics when no DIR is given."""
+    sets = job.sets(usage=True)
+    pools = []
+    if isinstance(job.backend, ZfsBackend):
+        for pool in sorted(set(dataset.split("/")[0] for dataset in job.datasets)):
+            _, out, _ = run(["zpool", "list", "-H", "-o", "name,size,alloc,health", pool], timeout=ZFS_TIMEOUT)
+            fields = out.split("\t") if out.strip() else []
+            if len(fields) == 4:
+                pools.append((pool, parse_size(fields[1]), parse_size(fields[2]), fields[3].strip()))
+    replicas = []
+    if with_replicas and replica_names(job.config):
+        for replica in replicas_of(job):
+            try:
+                rows, _, _ = replica_listing(replica)
+                replicas.append((replica.name, replica_sets(rows, job.prefix, replica.target, job.datasets)))
+            except Failure as failure:
+                log.warning("%s cannot be listed: %s", replica, failure)
+                replicas.append((replica.name, None))
+    text = metrics_text(sets, job.clock.now(), pools, replicas)
+    if not textfile_dir:
+        print(text, end="")
+        return
+    path = os.path.join(textfile_dir, "pg_zfs.prom")
+    write_atomically(path, text)
+    os.chmod(path, 0o644)
+
+
 def cmd_receiver_script():
     print(receiver_script(), end="")
 
@@ -3088,6 +3180,9 @@ def main(argv=None):
             return 1 if failed else 0
         if command == "oldest-wal":
             cmd_oldest_wal(job, args.commands)
+            return 0
+        if command == "metrics":
+            cmd_metrics(job, args.textfile, not args.no_replicas)
             return 0
         lock = Lock(job.lock_file)
         if not lock.acquire(args.wait):

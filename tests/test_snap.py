@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -185,6 +186,33 @@ def test_list_rebuilds_the_sets_from_the_pool(tb, tmp_path, cleanup):
     table = snap(cfg, "list").stdout.splitlines()
     assert table[0].split("\t")[:3] == ["set", "time", "mode"]
     assert table[1].startswith(name + "\t") and table[1].endswith("\tcomplete")
+
+
+def test_metrics_textfile_is_written_whole_and_parses_as_prometheus_text(tb, tmp_path, cleanup):
+    from prometheus_client.parser import text_string_to_metric_families
+    cleanup("metered")
+    cfg = config(tb, tmp_path, "metered")
+    assert snap(cfg, "snapshot", "--no-prune").returncode == 0
+    [name] = set_names(tb, "metered")
+    textfile = tmp_path / "textfile"
+    textfile.mkdir()
+    proc = snap(cfg, "metrics", "--textfile", textfile)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(str(textfile))) == ["pg_zfs.prom"]         # no temp file left
+    assert stat.S_IMODE(os.stat(str(textfile / "pg_zfs.prom")).st_mode) == 0o644
+    samples = {}
+    for family in text_string_to_metric_families((textfile / "pg_zfs.prom").read_text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("pg_zfs_sets", (("state", "complete"),))] == 1
+    assert 0 <= samples[("pg_zfs_newest_set_age_seconds", ())] < 600
+    assert samples[("pg_zfs_set_used_bytes", (("complete", "yes"), ("set", name)))] >= 0
+    health = [key for key in samples if key[0] == "pg_zfs_pool_healthy"]
+    assert health == [("pg_zfs_pool_healthy", (("health", "ONLINE"), ("pool", tb.zfs.name)))]
+    assert samples[health[0]] == 1
+    assert samples[("pg_zfs_pool_size_bytes", (("pool", tb.zfs.name),))] > 0
+    printed = snap(cfg, "metrics")
+    assert printed.returncode == 0 and printed.stdout.startswith("# HELP pg_zfs_sets ")
 
 
 def test_stopped_postgres_gives_a_shutdown_set(tb, tmp_path, cleanup):

@@ -584,3 +584,26 @@ def test_a_source_path_a_shell_would_misread_gets_a_comment_not_a_line():
                                        "000000010000000000000005")
     assert all(line.startswith("# ") for line in lines)
     assert "needs quoting by hand" in lines[0] and "on this machine" in lines[0]
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+def test_metrics_are_strict_prometheus_text_with_escaped_labels():
+    from prometheus_client.parser import text_string_to_metric_families
+    sets = sets_at("2026-11-25 04:01:00", "2026-11-25 05:01:00")
+    now = utc("2026-11-25 06:01:00")
+    replica_sets = sets_at("2026-11-25 04:01:00")
+    text = snap.metrics_text(sets, now, pools=[('tank"x', 2 << 30, 1 << 30, "DEGRADED")],
+                             replicas=[("r1", replica_sets), ("gone", None)])
+    families = dict((family.name, family) for family in text_string_to_metric_families(text))
+    assert families["pg_zfs_sets"].type == "gauge"
+    values = dict(((sample.name, tuple(sorted(sample.labels.items()))), sample.value)
+                  for family in families.values() for sample in family.samples)
+    assert values[("pg_zfs_newest_set_age_seconds", ())] == 3600
+    assert values[("pg_zfs_sets", (("state", "complete"),))] == 2
+    assert values[("pg_zfs_pool_healthy", (("health", "DEGRADED"), ("pool", 'tank"x')))] == 0
+    assert values[("pg_zfs_replica_up", (("replica", "gone"),))] == 0
+    assert values[("pg_zfs_replica_newest_set_age_seconds", (("replica", "r1"),))] == 7200
+    for line in text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or line.startswith("pg_zfs_"), line
+    assert text.endswith("\n")

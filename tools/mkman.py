@@ -519,6 +519,13 @@ def config_reads(path, module):
         tree = ast.parse(source.read(), path)
     visitor = ConfigReads(module, module.CONFIG_SCHEMA)
     visitor.visit(tree)
+    # pg_wal_fetch.py keeps most of its code in the text REST, compiled only when
+    # a call needs it: its config reads are in there.
+    for node in tree.body:
+        text = getattr(node.value, "s", getattr(node.value, "value", None)) if isinstance(node, ast.Assign) else None
+        if [getattr(target, "id", None) for target in getattr(node, "targets", [])] == ["REST"] \
+                and isinstance(text, str):        # ast.Str up to 3.7, ast.Constant from 3.8
+            visitor.visit(ast.parse(text, path + ":REST"))
     return visitor.reads, visitor.problems
 
 
