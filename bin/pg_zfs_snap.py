@@ -143,8 +143,9 @@ Exit codes (snapshot, prune, list, oldest-wal, replicate, the cron run):
        date (the sets complete there stay so; the next run goes on)
     2  bad arguments or bad config
 Exit codes of `check` (Nagios): 0 OK, 1 WARNING (newest set older than
-warn_age, or waiting for WAL longer than wal_wait, default 3600 s), 2 CRITICAL
-(older than crit_age, or no complete set), 3 UNKNOWN (also: the replica
+warn_age, or waiting for WAL longer than wal_wait, default 3600 s, or a pool
+of the datasets 80% full), 2 CRITICAL (older than crit_age, no complete set, a
+pool 90% full or not ONLINE), 3 UNKNOWN (also: the replica
 cannot be reached, with --replica: its own warn_age and crit_age). Waiting for WAL: the
 newest set's stop segment is in no archive yet (pg_wal_fetch.py --check, run
 as [postgres] user, lists each source's newest segment): a set taken on an idle
@@ -207,6 +208,7 @@ BUSY_RETRIES = 10            # "dataset is busy" right after pg_ctl stop
 BTRFS_TIMEOUT = 120
 
 NAGIOS_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+POOL_WARN_PERCENT, POOL_CRIT_PERCENT = 80, 90    # check: how full the pool may be
 DEFAULT_WAL_WAIT = 3600      # check: a newest set waiting this long for its stop WAL warns
 ARCHIVE_CHECK_TIMEOUT = 120  # pg_wal_fetch.py --check: every source probed and listed
 
@@ -586,6 +588,24 @@ def metrics_text(sets, now, pools=(), replicas=()):
         family("pg_zfs_replica_sets", "gauge", "Sets complete on the replica.",
                [((("replica", name),), len(there)) for name, there in newest])
     return "\n".join(out) + "\n"
+
+
+def pool_state(pools):
+    """(Nagios state 0-2, [texts], perfdata) of the pools: a pool POOL_WARN_PERCENT
+    full warns, POOL_CRIT_PERCENT full or not ONLINE is critical (a full pool
+    takes no more sets; a faulted one may hold none)."""
+    state, texts, perf = 0, [], []
+    for pool, size, allocated, health in pools:
+        percent = int(round(100.0 * allocated / size)) if size else 0
+        perf.append("pool_%s=%d%%;%d;%d" % (re.sub(r"[^A-Za-z0-9_.-]", "_", pool), percent,
+                                             POOL_WARN_PERCENT, POOL_CRIT_PERCENT))
+        if health != "ONLINE":
+            state = 2
+            texts.append("pool %s is %s" % (pool, health))
+        elif percent >= POOL_WARN_PERCENT:
+            state = max(state, 2 if percent >= POOL_CRIT_PERCENT else 1)
+            texts.append("pool %s is %d%% full" % (pool, percent))
+    return state, texts, " ".join(perf)
 
 
 def check_state(sets, now, warn_age, crit_age, newest_archived=None, wal_wait=DEFAULT_WAL_WAIT):
@@ -2766,6 +2786,10 @@ def run_check(args):
         else:
             state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age,
                                             archive_newest(job), job.wal_wait)
+            pools, pool_texts, pool_perf = pool_state(job_pools(job))
+            state = max(state, pools)
+            text = "; ".join([text] + pool_texts)
+            perf = " ".join(part for part in (perf, pool_perf) if part)
     except Failure as failure:
         state, text, perf = 3, str(failure), "sets=0"
     except Exception as error:      # a monitoring check says UNKNOWN, never a traceback
@@ -3020,10 +3044,9 @@ def cmd_oldest_wal(job, commands):
         print(line)
 
 
-def cmd_metrics(job, textfile_dir, with_replicas):
-    """Write DIR/pg_zfs.prom (atomically: node_exporter never reads half a file),
-    or print the metrics when no DIR is given."""
-    sets = job.sets(usage=True)
+def job_pools(job):
+    """[(pool, size bytes, allocated bytes, health)] of the pools holding the datasets
+    (ZFS; [] for btrfs)."""
     pools = []
     if isinstance(job.backend, ZfsBackend):
         for pool in sorted(set(dataset.split("/")[0] for dataset in job.datasets)):
@@ -3031,6 +3054,14 @@ def cmd_metrics(job, textfile_dir, with_replicas):
             fields = out.split("\t") if out.strip() else []
             if len(fields) == 4:
                 pools.append((pool, parse_size(fields[1]), parse_size(fields[2]), fields[3].strip()))
+    return pools
+
+
+def cmd_metrics(job, textfile_dir, with_replicas):
+    """Write DIR/pg_zfs.prom (atomically: node_exporter never reads half a file),
+    or print the metrics when no DIR is given."""
+    sets = job.sets(usage=True)
+    pools = job_pools(job)
     replicas = []
     if with_replicas and replica_names(job.config):
         for replica in replicas_of(job):

@@ -23,7 +23,8 @@ import pytest
 from testbed import BIN, PY36, run_script
 
 SCRIPT = "pg_zfs_snap"
-NAGIOS_LINE = re.compile(r"^PG_ZFS_SNAP (OK|WARNING|CRITICAL|UNKNOWN) - .+ \| (age=\d+s )?sets=\d+$")
+NAGIOS_LINE = re.compile(r"^PG_ZFS_SNAP (OK|WARNING|CRITICAL|UNKNOWN) - .+ \| (age=\d+s )?sets=\d+"
+                         r"( pool_[A-Za-z0-9_.-]+=\d+%;80;90)*$")
 
 
 def config(tb, tmp_path, prefix, **snapshot_keys):
@@ -450,3 +451,6 @@ def test_check_gives_each_of_its_four_states(tb, tmp_path, cleanup):
     broken = tb.write_config(tmp_path / "broken.conf", {"snapshot": {"datasets": None}})
     assert check("20260601T003000Z", broken) == (3, "UNKNOWN")
     assert "sets=1" in snap(cfg, "--now", "20260601T003000Z", "check").stdout
+    # The pool's fill, from zpool list, in the perfdata (warn at 80%, critical at 90%).
+    assert re.search(r" pool_%s=\d+%%;80;90$" % tb.zfs.name,
+                     snap(cfg, "--now", "20260601T003000Z", "check").stdout.strip())

@@ -607,3 +607,12 @@ def test_metrics_are_strict_prometheus_text_with_escaped_labels():
     for line in text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or line.startswith("pg_zfs_"), line
     assert text.endswith("\n")
+
+
+def test_check_warns_on_a_pool_80_percent_full_and_is_critical_at_90_or_not_online():
+    gib = 1 << 30
+    assert snap.pool_state([("tank", 10 * gib, 7 * gib, "ONLINE")]) == (0, [], "pool_tank=70%;80;90")
+    assert snap.pool_state([("tank", 10 * gib, 8 * gib, "ONLINE")])[:2] == (1, ["pool tank is 80% full"])
+    assert snap.pool_state([("tank", 10 * gib, 9.5 * gib, "ONLINE")])[:2] == (2, ["pool tank is 95% full"])
+    state, texts, perf = snap.pool_state([("tank", 10 * gib, gib, "DEGRADED"), ("b:x", gib, 0, "ONLINE")])
+    assert (state, texts) == (2, ["pool tank is DEGRADED"]) and perf == "pool_tank=10%;80;90 pool_b_x=0%;80;90"
