@@ -224,8 +224,6 @@ TERMINAL_PROGRESS_INTERVAL = 3  # the same on a terminal
 # tried again for this many seconds before it counts as a failure.
 DESTROY_BUSY_SECONDS = 60
 BUSY_SLEEP = 0.25
-BUSY_HINT = (" (still busy after %d s: a process has its working directory or a file there; "
-             "`fuser -vm MOUNTPOINT` names it)" % DESTROY_BUSY_SECONDS)
 ZFS_TIMEOUT = 120
 PSQL_TIMEOUT = 30
 STOP_TIMEOUT = 120
@@ -1916,8 +1914,47 @@ class Zfs(object):
             if "does not exist" in err:
                 return
             if "busy" not in err or time.monotonic() > give_up:
-                raise Failure("zfs destroy %s: %s%s" % (dataset, err.strip(), BUSY_HINT if "busy" in err else ""), 1)
+                mounted = [point for source, point, _ in read_mounts() if source == dataset]
+                raise Failure("zfs destroy %s: %s%s" % (dataset, err.strip(), busy_hint(mounted[:1]) if "busy" in err
+                                                        else ""), 1)
             time.sleep(BUSY_SLEEP)
+
+
+def users_of(paths):
+    """['PID NAME (cwd|root|fd)'] of the processes whose working directory, root or an
+    open file lies below one of paths (what keeps a clone busy), from /proc."""
+    def entries(directory):
+        try:
+            return os.listdir(directory)
+        except OSError:         # gone meanwhile, or another user's (not root)
+            return []
+    prefixes = [path.rstrip("/") + "/" for path in paths]
+    found = []
+    for pid in sorted((entry for entry in entries("/proc") if entry.isdigit()), key=int):
+        links = [("cwd", "/proc/%s/cwd" % pid), ("root", "/proc/%s/root" % pid)]
+        links += [("fd", "/proc/%s/fd/%s" % (pid, fd)) for fd in entries("/proc/%s/fd" % pid)]
+        for kind, link in links:
+            try:
+                target = os.readlink(link) + "/"
+            except OSError:
+                continue
+            if any(target.startswith(prefix) for prefix in prefixes):
+                try:
+                    with open("/proc/%s/comm" % pid) as comm:
+                        name = comm.read().strip()
+                except (IOError, OSError):
+                    name = "?"
+                found.append("%s %s (%s)" % (pid, name, kind))
+                break
+    return found
+
+
+def busy_hint(paths):
+    """What a 'busy' failure adds: who holds the clone, or how to find out."""
+    holders = users_of(paths) if paths else []
+    return " (still busy after %d s: %s)" % (DESTROY_BUSY_SECONDS, ", ".join(holders) if holders else
+                                             "a process has its working directory or a file there; "
+                                             "`fuser -vm MOUNTPOINT` names it")
 
 
 class Btrfs(object):
@@ -2064,7 +2101,7 @@ class Btrfs(object):
                     break
                 if "busy" not in err.lower() or time.monotonic() > give_up:
                     raise Failure("btrfs subvolume delete %s: %s%s" % (
-                        clone, err.strip(), BUSY_HINT if "busy" in err.lower() else ""), 1)
+                        clone, err.strip(), busy_hint([clone]) if "busy" in err.lower() else ""), 1)
                 time.sleep(BUSY_SLEEP)
         for fs in self.filesystems(self.subvolumes):
             if fs["name"] == os.path.normpath(clone):
@@ -2912,9 +2949,13 @@ class Restorer(object):
     def stop(self):
         if self.started and not self.dry_run:
             if self.start_cut_short:
-                # pg_ctl start goes on without us: let its postmaster appear, then stop it.
-                deadline = time.monotonic() + 10
-                while not self.server.running() and time.monotonic() < deadline:
+                # pg_ctl start goes on without us: let its postmaster appear, then stop
+                # it. Under load that can take a while; while nothing holds PGDATA
+                # after a few seconds, no postmaster is coming.
+                started = time.monotonic()
+                while not self.server.running() and time.monotonic() < started + DESTROY_BUSY_SECONDS:
+                    if time.monotonic() > started + 3 and not users_of([self.plan.pgdata]):
+                        break
                     time.sleep(POLL_INTERVAL)
             self.server.stop()
         elif self.dry_run:

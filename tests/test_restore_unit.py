@@ -902,3 +902,22 @@ def test_each_subcommands_help_ends_with_command_lines_that_parse(command):
         words = shlex.split(line)
         assert words[0] == "pg_zfs_restore.py"
         assert restore.parse_args(words[1:]).command == command
+
+
+def test_the_processes_that_keep_a_clone_busy_are_named(tmp_path):
+    """What a 'dataset is busy' failure names: a real process with its working
+    directory below the clone's mountpoint, and one with a file open there."""
+    held = tmp_path / "clone" / "pgdata"
+    held.mkdir(parents=True)
+    in_dir = subprocess.Popen(["sleep", "30"], cwd=str(held))
+    with open(str(tmp_path / "clone" / "open.log"), "w") as handle:
+        with_file = subprocess.Popen(["sleep", "30"], stdout=handle, cwd="/")
+    try:
+        found = restore.users_of([str(tmp_path / "clone")])
+        assert "%d sleep (cwd)" % in_dir.pid in found and "%d sleep (fd)" % with_file.pid in found
+        assert restore.users_of([str(tmp_path / "elsewhere")]) == []
+        assert ("%d sleep (cwd)" % in_dir.pid) in restore.busy_hint([str(tmp_path / "clone")])
+    finally:
+        for proc in (in_dir, with_file):
+            proc.kill()
+            proc.wait()
