@@ -19,6 +19,8 @@ machine's shell, not the transfer. The bench sshd sets SHLVL=1 for its
 sessions, which makes bash skip that (the postgres account is locked, so sshd
 refuses it).
 
+Every pg_wal_fetch.py runs as the README wires it for speed, `python3 -S
+pg_wal_fetch.py` (no site-packages: none of their .pth files run).
 Parts 1, 2 and 4 run --reps times (round robin over the contenders: the
 machine is shared) and print medians; the load average is printed with them.
 
@@ -417,7 +419,7 @@ for name in names:
     os.unlink(dest)
     if spool is None:
         # The first call fetches over ssh and makes this data directory's spool.
-        subprocess.check_call(["%(python)s", "%(script)s", "-c", "%(config)s", name, "pg_wal/RECOVERYXLOG"],
+        subprocess.check_call(["%(python)s", "-S", "%(script)s", "-c", "%(config)s", name, "pg_wal/RECOVERYXLOG"],
                               cwd=target)
         os.unlink(dest)
         spool = [os.path.join("%(spool_root)s", d) for d in os.listdir("%(spool_root)s")
@@ -434,7 +436,7 @@ for name in names:
     shutil.copy(source, staged)
     os.rename(staged, os.path.join(spool, name))
     started = time.time()
-    subprocess.check_call(["%(python)s", "%(script)s", "-c", "%(config)s", name, "pg_wal/RECOVERYXLOG"],
+    subprocess.check_call(["%(python)s", "-S", "%(script)s", "-c", "%(config)s", name, "pg_wal/RECOVERYXLOG"],
                           cwd=target)
     spool_times.append(time.time() - started)
     os.unlink(dest)
@@ -457,7 +459,7 @@ def restricted_key_part(bench, old_script=None, baseline_rev=None):
                 control = os.path.join(bench.run_dir, "ck" + tag)
                 config = bench.key_config(prefetch, os.path.join(bench.run_dir, "spool_k" + tag), control, kind)
                 try:
-                    elapsed = bench.deliver_all("%s %s -c %s %%f %%p" % (bench.python, script, config))
+                    elapsed = bench.deliver_all("%s -S %s -c %s %%f %%p" % (bench.python, script, config))
                 finally:
                     bench.close_masters(control)
                 times[index, prefetch] = min(elapsed, times.get((index, prefetch), elapsed))
@@ -544,7 +546,7 @@ def main():
                 spool = os.path.join(run_dir, "spool_%s_%d" % (key, rep))
                 control = os.path.join(run_dir, "c%s%d" % (key, rep))
                 config = bench.write_config(prefetch, spool, control)
-                fetch = "%s %s -c %s %%f %%p" % (bench.python, script, config)
+                fetch = "%s -S %s -c %s %%f %%p" % (bench.python, script, config)
                 try:
                     results.setdefault(key, []).append(bench.deliver_all(fetch))
                 finally:
@@ -577,7 +579,7 @@ def main():
             control = os.path.join(run_dir, "cr%d" % rep)
             config = bench.write_config(8, os.path.join(run_dir, "spool_r%d" % rep), control)
             try:
-                recovery.setdefault("e", []).append(bench.recover("%s %s -c %s %%f %%p" % (bench.python, SCRIPT, config)))
+                recovery.setdefault("e", []).append(bench.recover("%s -S %s -c %s %%f %%p" % (bench.python, SCRIPT, config)))
             finally:
                 bench.close_masters(control)
             if old_script:
@@ -585,7 +587,7 @@ def main():
                 config = bench.write_config(8, os.path.join(run_dir, "spool_f%d" % rep), control)
                 try:
                     recovery.setdefault("f", []).append(
-                        bench.recover("%s %s -c %s %%f %%p" % (bench.python, old_script, config)))
+                        bench.recover("%s -S %s -c %s %%f %%p" % (bench.python, old_script, config)))
                 finally:
                     bench.close_masters(control)
         print("\n2. recovery of the base backup (pg_ctl start to end of recovery; median of %d; load %s)"

@@ -5,6 +5,11 @@ Wired in as (postgresql.conf on 12+, recovery.conf on 9.6-11):
 
     restore_command = '/opt/pg_zfs/bin/pg_wal_fetch.py %f %p'
 
+or, faster (PostgreSQL starts it once per file; -S skips site-packages and
+their .pth files, which this file, standard library only, never needs):
+
+    restore_command = '/usr/bin/python3 -S /opt/pg_zfs/bin/pg_wal_fetch.py %f %p'
+
 %f is the WAL file name PostgreSQL wants, %p the path (relative to the data
 directory, the working directory PostgreSQL runs the command in) where it must
 appear. The sources of [archive] sources are tried in order; the first that
@@ -2824,7 +2829,9 @@ def start_prefetch(settings, wal_name, dest, cluster, waldump, verbose):
         need_subprocess()
         # The child inherits the locked file description: it holds the lock from its
         # first instruction, so the next call never starts a second one.
-        argv = [sys.executable, os.path.abspath(__file__), "-c", os.path.abspath(settings.config_path),
+        # -S: no site-packages (this file needs only the standard library), and
+        # none of their .pth files run at start-up.
+        argv = [sys.executable, "-S", os.path.abspath(__file__), "-c", os.path.abspath(settings.config_path),
                 "--prefetch", "--lock-fd", str(lock_fd), "--spool-dir", settings.spool_dir,
                 "--system-identifier", str(cluster.system_identifier)]
         if cluster.pg_major:
