@@ -56,8 +56,6 @@ machine is shared) and print medians; the load average is printed with them.
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -137,21 +135,9 @@ class Bench(object):
         for index, address in enumerate(HOSTS):
             home = os.path.join(self.run_dir, "host%d" % (index + 1))
             os.makedirs(home)
-            host_key = os.path.join(home, "host_key")
-            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key])
-            config = os.path.join(home, "sshd_config")
-            pidfile = os.path.join(home, "sshd.pid")
-            with open(config, "w") as out:
-                out.write("ListenAddress %s:%d\nHostKey %s\nAuthorizedKeysFile %s.pub\n"
-                          "PasswordAuthentication no\nUsePAM no\nStrictModes no\nPidFile %s\n"
-                          "MaxStartups 100\nMaxSessions 100\nSubsystem sftp internal-sftp\n"
-                          "PermitRootLogin prohibit-password\nSetEnv SHLVL=1\n"
-                          % (address, self.ssh_port, host_key, self.client_key, pidfile))
-            sh(["/usr/sbin/sshd", "-f", config, "-E", os.path.join(home, "sshd.log")])
-            wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), 10, "sshd")
-            self.sshd_pids.append(int(open(pidfile).read().split()[0]))
-            with open(host_key + ".pub") as pub, open(self.known_hosts, "a") as known:
-                known.write("[%s]:%d %s\n" % (address, self.ssh_port, " ".join(pub.read().split()[:2])))
+            self.start_sshd(home, address, "AuthorizedKeysFile %s.pub\nUsePAM no\nSubsystem sftp internal-sftp\n"
+                                            "PermitRootLogin prohibit-password\nSetEnv SHLVL=1\n"
+                                            % self.client_key)
         self.ssh_opts = ("-o BatchMode=yes -o IdentitiesOnly=yes -i %s -o UserKnownHostsFile=%s"
                          % (self.client_key, self.known_hosts))
         self.user = "root"
@@ -178,20 +164,24 @@ class Bench(object):
         with open(os.path.join(ssh_dir, "authorized_keys"), "w") as out:
             out.write("\n".join(lines) + "\n")
         sh(["chown", "-R", PG_USER, os.path.join(home, "users")])
+        self.start_sshd(home, KEY_HOST, "AuthorizedKeysFile %s/users/%%u/.ssh/authorized_keys\n"
+                                        "KbdInteractiveAuthentication no\nUsePAM yes\n" % home)
+
+    def start_sshd(self, home, address, settings):
+        """An sshd of the bench on address:ssh_port with its own host key (in known_hosts)."""
         host_key = os.path.join(home, "host_key")
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key])
-        pidfile = os.path.join(home, "sshd.pid")
         config = os.path.join(home, "sshd_config")
+        pidfile = os.path.join(home, "sshd.pid")
         with open(config, "w") as out:
-            out.write("ListenAddress %s:%d\nHostKey %s\nAuthorizedKeysFile %s/users/%%u/.ssh/authorized_keys\n"
-                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM yes\n"
-                      "StrictModes no\nPidFile %s\nMaxStartups 100\nMaxSessions 100\n"
-                      % (KEY_HOST, self.ssh_port, host_key, home, pidfile))
+            out.write("ListenAddress %s:%d\nHostKey %s\nPasswordAuthentication no\nStrictModes no\n"
+                      "PidFile %s\nMaxStartups 100\nMaxSessions 100\n%s"
+                      % (address, self.ssh_port, host_key, pidfile, settings))
         sh(["/usr/sbin/sshd", "-f", config, "-E", os.path.join(home, "sshd.log")])
         wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), 10, "sshd")
         self.sshd_pids.append(int(open(pidfile).read().split()[0]))
         with open(host_key + ".pub") as pub, open(self.known_hosts, "a") as known:
-            known.write("[%s]:%d %s\n" % (KEY_HOST, self.ssh_port, " ".join(pub.read().split()[:2])))
+            known.write("[%s]:%d %s\n" % (address, self.ssh_port, " ".join(pub.read().split()[:2])))
 
     def key_config(self, prefetch, spool, control, kind):
         """Part 5's config: the key host alone, as postgres, with the restricted or bare key."""
