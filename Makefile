@@ -2,6 +2,10 @@
 # make test   the test suite against real zfs-fuse, PostgreSQL, sshd and nftables
 #             PG=14|15|18 picks the PostgreSQL major version (default 15),
 #             TESTS="tests/test_snap.py ..." a part of the suite
+# make test-guest  the suite again inside a KVM guest on kernel OpenZFS 2.1 (tools/guest.py:
+#             the image is built once, ~3 GB in ~/.cache/pg_zfs-tests), then the article's
+#             topology (tests/test_guest_topology.py: the guest started through libvirt)
+#             GUEST_TESTS="tests/test_snap.py ..." a part of the suite in the guest
 # make install  the four scripts (BINDIR), /etc/pg_zfs/pg_zfs.conf (kept if there),
 #             man pages, systemd units (not enabled), README and the cron and
 #             rc.local examples (DOCDIR/examples); PREFIX=/usr DESTDIR=... for a package
@@ -11,6 +15,7 @@ PYTHON ?= python3
 PG ?= 15
 PYTEST_ARGS ?=
 TESTS ?= tests
+GUEST_TESTS ?= tests
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -33,13 +38,20 @@ DIST_FILES = Makefile README.md DEVELOPERS.md bin/*.py etc tools/mkman.py tools/
 # rpmbuild on Debian has no rpm database to find BuildRequires in.
 RPMBUILD_FLAGS ?= $(if $(wildcard /etc/debian_version),--nodeps)
 
-.PHONY: test demo deps build install uninstall dist rpm deb check-version clean
+.PHONY: test test-guest guest-deps demo deps build install uninstall dist rpm deb check-version clean
 
 deps:
 	PYTHON=$(PYTHON) sh tools/install-deps.sh
 
 test: deps
 	PG_ZFS_TEST_PG=$(PG) $(PYTHON) -m pytest $(PYTEST_ARGS) $(TESTS)
+
+guest-deps:
+	GUEST=1 PYTHON=$(PYTHON) sh tools/install-deps.sh
+
+test-guest: guest-deps
+	$(PYTHON) tools/guest.py test -- $(PYTEST_ARGS) $(GUEST_TESTS)
+	PG_ZFS_TEST_GUEST=1 PG_ZFS_TEST_PG=15 $(PYTHON) -m pytest $(PYTEST_ARGS) tests/test_guest_topology.py
 
 demo: deps
 	$(PYTHON) tools/demo.py $(if $(KEEP),--keep,)

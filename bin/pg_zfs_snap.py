@@ -1677,6 +1677,7 @@ class ZfsBackend(object):
     def __init__(self):
         self.zfs = shutil.which("zfs") or next((p for p in ZFS_CANDIDATES if os.access(p, os.X_OK)), "zfs")
         self.unreadable = []
+        self.exact_sizes = True
 
     def _run(self, *args, **kwargs):
         return run([self.zfs] + list(args), timeout=ZFS_TIMEOUT, **kwargs)
@@ -1761,7 +1762,12 @@ class ZfsBackend(object):
         """
         pools = sorted(set(dataset.split("/")[0] for dataset in datasets))
         columns = ["name", "used"] + [P + key for key in PROPERTY_KEYS]
-        _, out, _ = self._run("list", "-H", "-t", "snapshot", "-o", ",".join(columns), "-r", *pools)
+        argv = ["list", "-H", "-t", "snapshot", "-o", ",".join(columns), "-r"] + pools
+        # Exact bytes with -p (OpenZFS); zfs-fuse has no `zfs list -p`: rounded sizes there.
+        code, out, _ = self._run(*(["list", "-p"] + argv[1:]), check=False) if self.exact_sizes else (1, "", "")
+        if code != 0:
+            self.exact_sizes = False
+            _, out, _ = self._run(*argv)
         rows = []
         for line in out.splitlines():
             fields = line.split("\t")

@@ -9,6 +9,12 @@ packages="btrfs-progs openssh-server openssh-client iputils-ping nftables libvir
 # The packaging tests: rpmbuild (Debian's rpm), man -l and groff for the man
 # pages (dpkg-deb is in dpkg, always here).
 packages="$packages rpm man-db groff-base"
+# make test-guest: the KVM guest (tools/guest.py): debootstrap builds its image,
+# libvirtd with the qemu driver boots it, socat forwards the host's loopback
+# services into its restricted user-mode network.
+if [ -n "${GUEST:-}" ]; then
+    packages="$packages debootstrap qemu-system-x86 qemu-utils libvirt-daemon-system socat"
+fi
 # Kernel OpenZFS (/dev/zfs, zfsutils-linux) is used where it runs: zfs-fuse is
 # installed only without it (apt would remove zfsutils-linux for it: Conflicts).
 if [ -e "$ZFS_DEVICE" ] || dpkg-query -W -f='${Status}' zfsutils-linux 2>/dev/null | grep -q "install ok installed"; then
