@@ -5,7 +5,7 @@
 # make test-guest  the suite again inside a KVM guest on kernel OpenZFS 2.1 (tools/guest.py:
 #             the image is built once, ~3 GB in ~/.cache/pg_zfs-tests), then the article's
 #             topology (tests/test_guest_topology.py: the guest started through libvirt)
-#             GUEST_TESTS="tests/test_snap.py ..." a part of the suite in the guest
+#             GUEST_TESTS="tests/test_snap.py ..." other modules in the guest (default: those using the pool)
 # make install  the four scripts (BINDIR), /etc/pg_zfs/pg_zfs.conf (kept if there),
 #             man pages, systemd units (not enabled), README and the cron and
 #             rc.local examples (DOCDIR/examples); PREFIX=/usr DESTDIR=... for a package
@@ -15,7 +15,8 @@ PYTHON ?= python3
 PG ?= 15
 PYTEST_ARGS ?=
 TESTS ?= tests
-GUEST_TESTS ?= tests
+# The modules that use the ZFS pool (tests/test_testbed.py keeps this list whole).
+GUEST_TESTS ?= tests/test_testbed.py tests/test_snap.py tests/test_snap_signals.py tests/test_snap_unit.py tests/test_openzfs.py tests/test_restore.py tests/test_restore_edges.py tests/test_restore_faults.py tests/test_restore_concurrent.py tests/test_restore_mountpoints.py tests/test_restore_rollback.py tests/test_restore_rollback_edges.py tests/test_restore_signal_steps.py tests/test_replicate.py tests/test_setup_guest.py
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin

@@ -52,7 +52,18 @@ def parse_args():
     parser.add_argument("--large-scale", type=int, default=68, help="pgbench scale of the ~1 GB cluster")
     parser.add_argument("--after", type=int, default=60, help="seconds between the set and the target")
     parser.add_argument("--prefetch", type=int, default=0, help="[archive] prefetch of pg_wal_fetch.py")
+    parser.add_argument("--guest", action="store_true",
+                        help="run this benchmark inside the KVM guest of tools/guest.py, on kernel OpenZFS")
     return parser.parse_args()
+
+
+def in_guest():
+    """--guest: the same command, without --guest, in a booted test guest (tools/guest.py run);
+    its exit code."""
+    argv = [arg for arg in sys.argv[1:] if arg != "--guest"]
+    bench = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    return subprocess.call([sys.executable, os.path.join(REPO, "tools", "guest.py"), "run", "--",
+                            "python3", bench] + argv)
 
 
 def script(name, *args, timeout=900):
@@ -173,6 +184,8 @@ def measure(tb, config, scale, after):
 
 def main():
     args = parse_args()
+    if args.guest:
+        return in_guest()
     if os.geteuid() != 0:
         sys.exit("run as root (zfs, runuser)")
     tb = testbed.Testbed(args.pg)
@@ -200,4 +213,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

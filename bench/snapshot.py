@@ -52,6 +52,7 @@ import hashlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +71,18 @@ def parse_args():
     parser.add_argument("--small-scale", type=int, default=7, help="pgbench scale of the ~100 MB cluster")
     parser.add_argument("--large-scale", type=int, default=68, help="pgbench scale of the ~1 GB cluster")
     parser.add_argument("--runs", type=int, default=5, help="snapshot runs per size (median)")
+    parser.add_argument("--guest", action="store_true",
+                        help="run this benchmark inside the KVM guest of tools/guest.py, on kernel OpenZFS")
     return parser.parse_args()
+
+
+def in_guest():
+    """--guest: the same command, without --guest, in a booted test guest (tools/guest.py run);
+    its exit code."""
+    argv = [arg for arg in sys.argv[1:] if arg != "--guest"]
+    bench = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    return subprocess.call([sys.executable, os.path.join(REPO, "tools", "guest.py"), "run", "--",
+                            "python3", bench] + argv)
 
 
 def zfs_bytes(text):
@@ -334,6 +346,8 @@ def report(results):
 
 def main():
     args = parse_args()
+    if args.guest:
+        return in_guest()
     if os.geteuid() != 0:
         sys.exit("run as root: zfs, mount and btrfs need it")
     run_dir = tempfile.mkdtemp(prefix="pgzfs-bench-", dir="/tmp")

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 
@@ -147,7 +148,10 @@ def test_install_deps_never_installs_zfs_fuse_where_kernel_zfs_runs(tmp_path, ke
         device.write_text("")
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
                           "install-deps.sh")
-    proc = subprocess.run(["sh", script], env=dict(os.environ, DRY_RUN="1", ZFS_DEVICE=str(device)),
+    # (ZFSUTILS_PACKAGE: a package no machine has, so that only the device decides,
+    # also in the guest of make test-guest, which has zfsutils-linux.)
+    proc = subprocess.run(["sh", script], env=dict(os.environ, DRY_RUN="1", ZFS_DEVICE=str(device),
+                                                   ZFSUTILS_PACKAGE="pg-zfs-no-such-package"),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -180,3 +184,29 @@ def test_a_dead_sessions_pool_is_destroyed_by_the_next_session_even_when_its_ima
         sh(["zpool", "destroy", "-f", dead], check=False)
         with contextlib.suppress(OSError):
             os.unlink("/tmp/pg_zfs-tests-net-%d.lock" % number)
+
+
+# The modules make test-guest does not run in the guest although they mention
+# the pool, and why.
+GUEST_EXEMPT = {
+    "test_readme.py": "the demo: the README's story on zfs-fuse, played on the host",
+    "test_guest_topology.py": "runs on the host and boots the guest itself",
+}
+
+
+def test_every_module_that_uses_the_pool_runs_in_the_guest_too():
+    # make test-guest runs GUEST_TESTS on kernel OpenZFS: a new module that
+    # uses the pool (tb.zfs, tb.standby, tb.datasets, test_restore's story,
+    # hand-made sets) belongs there; btrfs modules and GUEST_EXEMPT do not.
+    with open(os.path.join(testbed.REPO, "Makefile")) as handle:
+        listed = re.search(r"^GUEST_TESTS \?= (.*)$", handle.read(), re.M).group(1).split()
+    tests_dir = os.path.join(testbed.REPO, "tests")
+    assert all(os.path.exists(os.path.join(testbed.REPO, path)) for path in listed), listed
+    uses_pool = set()
+    for name in os.listdir(tests_dir):
+        if name.startswith("test_") and name.endswith(".py") and "btrfs" not in name:
+            with open(os.path.join(tests_dir, name)) as handle:
+                if re.search(r"tb\.zfs|tb\.standby|tb\.datasets|\bstory\b|hand_made_set", handle.read()):
+                    uses_pool.add(name)
+    assert uses_pool - set(GUEST_EXEMPT) <= set(os.path.basename(path) for path in listed)
+    assert "test_openzfs.py" in uses_pool

@@ -36,8 +36,10 @@ about 3 GB in ~/.cache and, for the build only, Debian's mirror.
 """
 
 import argparse
+import glob
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -408,6 +410,32 @@ def domain_xml(template, name, disk, kernel, initrd, console, ssh_port, forwards
     return ET.tostring(domain, encoding="unicode")
 
 
+def remove_stale_guests():
+    """Destroy and undefine the test domains (pg-zfs-test-PID) and remove the run
+    directories (/var/tmp/pg_zfs-guest-PID-*) of runs whose process is gone."""
+    names = virsh("list", "--all", "--name", check=False).stdout.split()
+    for name in names:
+        match = re.match(r"^pg-zfs-test-(\d+)$", name)
+        if match and not pid_alive(int(match.group(1))):
+            log("removing %s, left by a run that is gone" % name)
+            virsh("destroy", name, check=False)
+            virsh("undefine", name, check=False)
+    for path in glob.glob("/var/tmp/pg_zfs-guest-*-*"):
+        match = re.match(r"^pg_zfs-guest-(\d+)-", os.path.basename(path))
+        if match and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Guest(object):
     """One booted test guest: a qcow2 overlay on the cached image, defined and
     started through libvirt, reached by ssh on a 127.0.0.1 port."""
@@ -422,7 +450,7 @@ class Guest(object):
         self.memory_mib = memory_mib
         self.vcpus = vcpus
         self.kvm, self.kvm_why = kvm_works()
-        self.run_dir = tempfile.mkdtemp(prefix="pg_zfs-guest-", dir="/var/tmp")
+        self.run_dir = tempfile.mkdtemp(prefix="pg_zfs-guest-%d-" % os.getpid(), dir="/var/tmp")
         self.disk = os.path.join(self.run_dir, "overlay.qcow2")
         self.zfs_disk = os.path.join(self.run_dir, "zfs.qcow2") if zfs_disk_size else None
         self.console = os.path.join(self.run_dir, "console.log")
@@ -442,6 +470,7 @@ class Guest(object):
     def define(self):
         """Overlay, key and domain: `virsh define` of the shipped XML, not started."""
         self.libvirtd.start()
+        remove_stale_guests()
         # The overlay is larger than the image: the guest's ext4 grows into it
         # at the first boot (resize2fs, online), room for the 1 GB benchmarks.
         sh(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
@@ -499,8 +528,9 @@ class Guest(object):
             raise SystemExit("guest: %r exited %d in the guest" % (command, result.returncode))
         return result
 
-    def put_repo(self, target="/root/pg_zfs"):
-        """The working tree (tracked and untracked files, not ignored) into the guest."""
+    def put_repo(self, target="/srv/pg_zfs"):
+        """The working tree (tracked and untracked files, not ignored) into the guest,
+        where the postgres user can run the scripts (not under /root)."""
         files = subprocess.check_output(["git", "-C", REPO, "ls-files", "-co", "--exclude-standard", "-z"])
         names = [name for name in files.decode().split("\0") if name and os.path.exists(os.path.join(REPO, name))]
         archive = subprocess.run(["tar", "-C", REPO, "-c", "--null", "-T", "-", "-f", "-"],
@@ -516,7 +546,8 @@ class Guest(object):
             time.sleep(1)
 
     def teardown(self):
-        if self.defined:
+        # Also when define or start failed half-way (a define cut by its timeout still lands).
+        if self.defined or virsh("domstate", self.name, check=False).returncode == 0:
             virsh("destroy", self.name, check=False)
             virsh("undefine", self.name, check=False)
             self.defined = False
@@ -537,7 +568,7 @@ def run_in_guest(argv, memory_mib=6144):
         guest.put_repo()
         version = guest.ssh("modprobe zfs && cat /sys/module/zfs/version", capture=True).stdout.strip()
         log("kernel OpenZFS %s in the guest; running: %s" % (version, " ".join(argv)))
-        command = "cd /root/pg_zfs && %s" % " ".join(shlex.quote(arg) for arg in argv)
+        command = "cd /srv/pg_zfs && %s" % " ".join(shlex.quote(arg) for arg in argv)
         return guest.ssh(command, check=False, timeout=6 * 3600).returncode
     finally:
         guest.teardown()
@@ -549,12 +580,19 @@ def cmd_shell():
     try:
         guest.start()
         guest.put_repo()
-        return subprocess.run(guest.ssh_argv("cd /root/pg_zfs; exec bash -l")[:-1] + ["-t"]).returncode
+        return subprocess.run(guest.ssh_argv("cd /srv/pg_zfs; exec bash -l")[:-1] + ["-t"]).returncode
     finally:
         guest.teardown()
 
 
+def on_signal(number, frame):
+    raise SystemExit("guest: stopped by signal %d" % number)
+
+
 def main(argv=None):
+    # SIGTERM and SIGHUP unwind like Ctrl-C: the guest is destroyed and undefined on the way out.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     p_build = sub.add_parser("build", help="build the image unless it is cached")

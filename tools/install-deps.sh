@@ -5,6 +5,7 @@
 set -eu
 PYTHON=${PYTHON:-python3}
 ZFS_DEVICE=${ZFS_DEVICE:-/dev/zfs}
+ZFSUTILS_PACKAGE=${ZFSUTILS_PACKAGE:-zfsutils-linux}
 packages="btrfs-progs openssh-server openssh-client iputils-ping nftables libvirt-clients postgresql gzip bzip2 xz-utils"
 # The packaging tests: rpmbuild (Debian's rpm), man -l and groff for the man
 # pages (dpkg-deb is in dpkg, always here).
@@ -17,7 +18,7 @@ if [ -n "${GUEST:-}" ]; then
 fi
 # Kernel OpenZFS (/dev/zfs, zfsutils-linux) is used where it runs: zfs-fuse is
 # installed only without it (apt would remove zfsutils-linux for it: Conflicts).
-if [ -e "$ZFS_DEVICE" ] || dpkg-query -W -f='${Status}' zfsutils-linux 2>/dev/null | grep -q "install ok installed"; then
+if [ -e "$ZFS_DEVICE" ] || dpkg-query -W -f='${Status}' "$ZFSUTILS_PACKAGE" 2>/dev/null | grep -q "install ok installed"; then
     echo "install-deps: kernel ZFS here (/dev/zfs or zfsutils-linux): not installing zfs-fuse"
 else
     packages="zfs-fuse $packages"
