@@ -57,15 +57,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def in_guest():
-    """--guest: the same command, without --guest, in a booted test guest (tools/guest.py run);
-    its exit code."""
-    argv = [arg for arg in sys.argv[1:] if arg != "--guest"]
-    bench = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
-    return subprocess.call([sys.executable, os.path.join(REPO, "tools", "guest.py"), "run", "--",
-                            "python3", bench] + argv)
-
-
 def script(name, *args, timeout=900):
     proc = subprocess.run([PY36, os.path.join(REPO, "bin", name + ".py")] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
@@ -185,7 +176,7 @@ def measure(tb, config, scale, after):
 def main():
     args = parse_args()
     if args.guest:
-        return in_guest()
+        return testbed.rerun_in_guest()
     if os.geteuid() != 0:
         sys.exit("run as root (zfs, runuser)")
     tb = testbed.Testbed(args.pg)

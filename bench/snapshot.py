@@ -52,7 +52,6 @@ import hashlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,15 +73,6 @@ def parse_args():
     parser.add_argument("--guest", action="store_true",
                         help="run this benchmark inside the KVM guest of tools/guest.py, on kernel OpenZFS")
     return parser.parse_args()
-
-
-def in_guest():
-    """--guest: the same command, without --guest, in a booted test guest (tools/guest.py run);
-    its exit code."""
-    argv = [arg for arg in sys.argv[1:] if arg != "--guest"]
-    bench = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
-    return subprocess.call([sys.executable, os.path.join(REPO, "tools", "guest.py"), "run", "--",
-                            "python3", bench] + argv)
 
 
 def zfs_bytes(text):
@@ -347,7 +337,7 @@ def report(results):
 def main():
     args = parse_args()
     if args.guest:
-        return in_guest()
+        return testbed.rerun_in_guest()
     if os.geteuid() != 0:
         sys.exit("run as root: zfs, mount and btrfs need it")
     run_dir = tempfile.mkdtemp(prefix="pgzfs-bench-", dir="/tmp")

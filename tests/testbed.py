@@ -109,6 +109,15 @@ PY36_COPY = os.path.join(PG_EXTRACT, "python-3.6.15")
 PY36_PG = os.path.join(PY36_COPY, "python3")
 
 
+def rerun_in_guest():
+    """A benchmark's --guest: this command line without --guest, run in a booted
+    test guest on kernel OpenZFS (tools/guest.py run); its exit code."""
+    argv = [arg for arg in sys.argv[1:] if arg != "--guest"]
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    return subprocess.call([sys.executable, os.path.join(REPO, "tools", "guest.py"), "run", "--",
+                            "python3", script] + argv)
+
+
 def python36_for_postgres():
     """PY36 as the postgres user can run it: pyenv's 3.6.15 copied out of /root
     (once, atomically), or the system's python3 without pyenv."""
