@@ -79,7 +79,9 @@ def newest_set(tb):
 def stop_time(tb, set_name):
     text = tb.zfs.run("get", "-H", "-o", "value", "pgzfs:stop_time",
                       "%s/data02@%s" % (tb.zfs.name, set_name)).strip()
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    # To the microsecond since issue 13's sets; older sets to the second.
+    form = "%Y-%m-%dT%H:%M:%S.%fZ" if "." in text else "%Y-%m-%dT%H:%M:%SZ"
+    return datetime.datetime.strptime(text, form).replace(tzinfo=datetime.timezone.utc)
 
 
 def restore_with_clones(tb, config, target):
