@@ -1764,9 +1764,10 @@ class ZfsBackend(object):
         columns = ["name", "used"] + [P + key for key in PROPERTY_KEYS]
         argv = ["list", "-H", "-t", "snapshot", "-o", ",".join(columns), "-r"] + pools
         # Exact bytes with -p (OpenZFS); zfs-fuse has no `zfs list -p`: rounded sizes there.
-        code, out, _ = self._run(*(["list", "-p"] + argv[1:]), check=False) if self.exact_sizes else (1, "", "")
-        if code != 0:
-            self.exact_sizes = False
+        if self.exact_sizes:
+            code, out, _ = self._run("list", "-p", *argv[1:], check=False)
+            self.exact_sizes = code == 0
+        if not self.exact_sizes:
             _, out, _ = self._run(*argv)
         rows = []
         for line in out.splitlines():

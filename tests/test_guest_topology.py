@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PG_USER, REPO, sh, wait_for
+from testbed import BIN, PG_USER, REPO, free_port, sh, wait_for
 
 pytestmark = pytest.mark.skipif(not os.environ.get("PG_ZFS_TEST_GUEST"),
                                 reason="the KVM guest test: make test-guest (PG_ZFS_TEST_GUEST=1)")
@@ -144,7 +144,7 @@ def topo(tb):
     primary.psql("CREATE TABLE topo (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp()) TABLESPACE ts1")
     forwards = [(PRIMARY_ADDRESS, 5432, tb.address(1), primary.port)]
     forwards += [(address, 22, host.address, host.port) for address, host in zip(HOST_ADDRESSES, tb.hosts)]
-    topo.pg_port = tb_free_port()
+    topo.pg_port = free_port()
     topo.guest = tool.Guest(image, forwards=forwards, host_forwards=[(topo.pg_port, GUEST_PG_PORT)],
                             zfs_disk_size="4G")
     try:
@@ -153,7 +153,7 @@ def topo(tb):
         with open(topo.host_config, "w") as out:
             out.write(config_text([("host", [("domain", topo.guest.name), ("libvirt_uri", tool.URI),
                                              ("start_timeout", 600)])]))
-        topo.first_start = host_start(topo)
+        host_start(topo)
         topo.guest.wait_for_ssh()
         # The four scripts and the units as a user copies them, the config, the archive key for postgres.
         scripts = " ".join(os.path.join(BIN, name) for name in
@@ -182,11 +182,6 @@ def topo(tb):
         yield topo
     finally:
         topo.guest.teardown()
-
-
-def tb_free_port():
-    from testbed import free_port
-    return free_port()
 
 
 def replayed(topo, count):

@@ -295,8 +295,6 @@ class Libvirtd(object):
     """libvirtd (and virtlogd, which its qemu driver logs through) for the run:
     the running one if it answers, else started here and stopped by stop()."""
 
-    PIDFILES = ("/run/libvirtd.pid", "/run/virtlogd.pid")
-
     def __init__(self):
         self.started = []
 
@@ -583,7 +581,8 @@ def cmd_shell():
     try:
         guest.start()
         guest.put_repo()
-        return subprocess.run(guest.ssh_argv("cd /srv/pg_zfs; exec bash -l")[:-1] + ["-t"]).returncode
+        argv = guest.ssh_argv("cd /srv/pg_zfs; exec bash -l")
+        return subprocess.run(argv[:1] + ["-t"] + argv[1:]).returncode     # -t: a terminal for the shell
     finally:
         guest.teardown()
 
