@@ -2476,10 +2476,17 @@ def on_stop_signal(signum, frame):
 @contextlib.contextmanager
 def signals_held(deliver=True):
     """Hold SIGTERM, SIGHUP and SIGINT while the block runs; after it, raise the first
-    one that came (deliver) or drop it (the undo: it is the end already)."""
+    one that came (deliver) or drop it (the undo: it is the end already).
+
+    A command that failed in the block while a signal waited is taken as the
+    signal's doing: Ctrl-C at a terminal reaches the whole process group, so a
+    zfs call dies of the same SIGINT, and the reason to give is the signal."""
     _signals_held.append(True)
     try:
         yield
+    except Failure:
+        if not (deliver and _signals_pending and len(_signals_held) == 1):
+            raise
     finally:
         _signals_held.pop()
         if not deliver and not _signals_held:

@@ -1709,11 +1709,12 @@ class ZfsBackend(object):
                 try:
                     code, _, err = self._run("snapshot", *(options + targets), check=False)
                 except Failure as failure:      # a timeout: zfs was killed
-                    raise SnapshotError(str(failure), made)
+                    raise self._failed(str(failure), made, targets, properties)
                 if code == 0:
                     made, one_by_one = targets, False
                 elif not (code == 2 and err.strip().splitlines()[:1] == [ZFS_ONE_NAME_ONLY]):
-                    raise SnapshotError("zfs snapshot %s: %s" % (" ".join(targets), err.strip()), made)
+                    raise self._failed("zfs snapshot %s: %s" % (" ".join(targets), err.strip()), made,
+                                       targets if code < 0 else [], properties)
                 else:
                     log.debug("zfs takes one snapshot per call here: one by one, %s last", datasets[-1])
             for target in targets if one_by_one else []:
@@ -1722,13 +1723,30 @@ class ZfsBackend(object):
                 try:
                     code, _, err = self._run("snapshot", *(options + [target]), check=False)
                 except Failure as failure:      # a timeout: zfs was killed
-                    raise SnapshotError(str(failure), made)
+                    raise self._failed(str(failure), made, [target], properties)
                 if code != 0:
-                    raise SnapshotError("zfs snapshot %s: %s" % (target, err.strip()), made)
+                    raise self._failed("zfs snapshot %s: %s" % (target, err.strip()), made,
+                                       [target] if code < 0 else [], properties)
                 made.append(target)
         if pending_signal():
             raise SnapshotError("stopped by signal %d" % pending_signal(), made)
         return made
+
+    def _failed(self, message, made, killed, properties):
+        """The SnapshotError for a zfs snapshot call that failed. A zfs killed (its
+        timeout, or Ctrl-C at a terminal, which reaches zfs too) after its ioctl has
+        made the snapshot all the same: each of those `killed` targets that exists
+        with this run's start_time counts as made and goes with the rest of the set
+        (a snapshot of that name made by anyone else is never touched)."""
+        made = list(made)
+        for target in killed:
+            try:
+                code, out, _ = self._run("get", "-H", "-o", "value", P + "start_time", target, check=False)
+            except Failure:
+                code, out = 1, ""
+            if code == 0 and out.strip() == properties.get("start_time") and target not in made:
+                made.append(target)
+        return SnapshotError(stopped_or(message), made)
 
     def set_properties(self, snapshots, properties, order):
         """Set properties on every snapshot; the last key of `order` only after the others.
@@ -1843,12 +1861,14 @@ class BtrfsBackend(object):
                     break
                 target = "%s@%s" % (subvolume, name)
                 path = btrfs_snapshot_path(target)
+                called = False
                 try:
                     make_private_dir(os.path.dirname(path))
                     for existing in (path, path + BTRFS_METADATA_SUFFIX):
                         # btrfs would put the snapshot INSIDE an existing directory.
                         if os.path.lexists(existing):
                             raise Failure("%s already exists" % existing, 1)
+                    called = True
                     code, _, err = self._run("subvolume", "snapshot", "-r", subvolume, path, check=False)
                     if code != 0:
                         raise Failure("btrfs subvolume snapshot -r %s %s: %s"
@@ -1856,7 +1876,9 @@ class BtrfsBackend(object):
                     made.append(target)
                     write_atomically(path + BTRFS_METADATA_SUFFIX, metadata_text(properties))
                 except Failure as failure:
-                    raise SnapshotError(str(failure), made)
+                    if called and target not in made and is_subvolume(path):
+                        made.append(target)     # btrfs killed (timeout, Ctrl-C) after it made the snapshot
+                    raise SnapshotError(stopped_or(str(failure)), made)
         if pending_signal():
             raise SnapshotError("stopped by signal %d" % pending_signal(), made)
         return made
@@ -3186,6 +3208,12 @@ def signals_deferred():
 def pending_signal():
     """The first signal that came while held, or None."""
     return _signals_pending[0] if _signals_pending else None
+
+
+def stopped_or(message):
+    """The reason a held zfs or btrfs call failed: the signal that came meanwhile if
+    any (Ctrl-C at a terminal kills the whole process group, the call too)."""
+    return "stopped by signal %d" % pending_signal() if pending_signal() else message
 
 
 def main(argv=None):

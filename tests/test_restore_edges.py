@@ -96,7 +96,9 @@ def test_ctrl_c_at_the_terminal_while_the_copy_starts_stops_it_and_removes_the_c
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                                 start_new_session=True)
         try:
-            wait_for(lambda: proc.poll() is not None or os.path.exists(os.path.join(pgdata, "postmaster.pid")),
+            # the clone carries the standby's postmaster.pid until the restore removes it:
+            # the copy's own names pgdata on its second line
+            wait_for(lambda: proc.poll() is not None or server_of(pgdata),
                      120, "the copy's server to start")
             assert proc.poll() is None, proc.communicate()
             os.killpg(proc.pid, signal.SIGINT)
@@ -115,6 +117,17 @@ def test_ctrl_c_at_the_terminal_while_the_copy_starts_stops_it_and_removes_the_c
     wait_for(lambda: not os.path.exists(os.path.join(pgdata, "postmaster.pid")), 30, "no server on the clone")
     assert nothing_left(story) == []
     assert our_clones(tb) == []
+
+
+def server_of(pgdata):
+    """True once pgdata's postmaster.pid is the copy's own server's (not the standby's,
+    which the snapshot carries)."""
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid")) as pidfile:
+            lines = pidfile.read().splitlines()
+    except OSError:
+        return False
+    return len(lines) > 1 and os.path.realpath(lines[1]) == os.path.realpath(pgdata)
 
 
 # -- a set taken on a standby that replayed no commit since it started ---------------

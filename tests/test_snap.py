@@ -303,9 +303,12 @@ def test_pgdata_on_a_dataset_nested_below_a_configured_one_is_refused(tb, tmp_pa
         tb.zfs.destroy(nested, recursive=True)
 
 
-def test_sigterm_while_a_snapshot_is_made_leaves_no_snapshot_and_no_backup(tb, tmp_path, cleanup):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl_c"])
+def test_sigterm_while_a_snapshot_is_made_leaves_no_snapshot_and_no_backup(tb, tmp_path, cleanup, ctrl_c):
     # The zfs call that SIGTERM interrupts finishes anyway: the run must wait for
-    # it, destroy what it made, and end backup mode.
+    # it, destroy what it made, and end backup mode. Ctrl-C at a terminal reaches
+    # the whole process group: the zfs call dies of it after making its snapshot
+    # (here, the wrapper dies in its sleep), and that snapshot must go too.
     cleanup("term")
     cfg = config(tb, tmp_path, "term")
     called = tmp_path / "snapshot_called"
@@ -320,14 +323,17 @@ def test_sigterm_while_a_snapshot_is_made_leaves_no_snapshot_and_no_backup(tb, t
     env.pop("PG_ZFS_CONFIG", None)
     proc = subprocess.Popen([PY36, os.path.join(BIN, SCRIPT + ".py"), "-c", cfg, "snapshot", "--no-prune"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                            env=env)
+                            env=env, start_new_session=True)
     deadline = time.time() + 60
     while not called.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if ctrl_c:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
-    assert "stopped by signal %d" % signal.SIGTERM in err
+    assert "stopped by signal %d" % (signal.SIGINT if ctrl_c else signal.SIGTERM) in err, err
     assert set_names(tb, "term") == []
     assert no_snap_session_left(tb)
 
