@@ -19,12 +19,19 @@ Commands:
                                WAITING for WAL (--json: waiting_for_wal)
     list --replica NAME        each set here and on [replica NAME], and its state there
     prune [--dry-run]          destroy the sets the retention policy lets go
-    check [--replica NAME]     Nagios line from the age of the newest complete set
-                               (here, or on the replica)
+    check [--replica NAME] [--json]
+                               Nagios line from the age of the newest complete set
+                               (here, or on the replica); --json: one object
+                               {status, exit_code, message, perfdata}, same exit code
     metrics [--textfile DIR] [--no-replicas]
                                Prometheus metrics (sets by state, newest set's age,
                                bytes per set, pool size/allocation/health, each
-                               replica's newest set): DIR/pg_zfs.prom, written
+                               replica's newest set; the last snapshot run and the
+                               last drill: result, exit code, end, duration, from
+                               [snapshot] state_file and [restore] wal_root/
+                               last-drill.json; pg_wal_fetch.py's calls and seconds
+                               by outcome, from [archive] spool_dir/fetch-stats.json,
+                               and the spool's bytes): DIR/pg_zfs.prom, written
                                atomically, for node_exporter's textfile collector
     oldest-wal [--commands]    first WAL file the oldest kept set needs, here or
                                on a [replica NAME]: archived files before it may
@@ -33,13 +40,18 @@ Commands:
     replicate [--replica NAME] [--dry-run] [--no-prune]
                                send every complete set a replica lacks, then prune
                                the replica by its own keep_* (below); --dry-run
-                               prints each stream and its size, sends nothing
+                               prints each stream and its size, sends nothing;
+                               on a terminal a progress line every 3 s per stream
+                               (bytes, rate; share and time left where zfs send
+                               -nvP estimates it), none under cron
     receiver-script            print pg_zfs_receive, the forced command of the
                                guest's key on a replica
     authorized-keys [--replica NAME] [--receiver-path PATH]
                                print that key's authorized_keys line for each replica
 snapshot, prune, replicate and the cron run take the lock (flock on lock_file);
 while another run holds it they log a line and exit 0, or wait with --wait.
+Each snapshot run (cron, snapshot) leaves its result in [snapshot] state_file
+(JSON: exit_code, status, set, started, finished, seconds, message) for metrics.
 
 One backup is one snapshot set: DATASET@PREFIX_YYYYmmddTHHMMSSZ (UTC, so a
 daylight saving change cannot make two runs collide) on every configured
@@ -109,7 +121,8 @@ cluster's, even with the same prefix). All four keys 0 keeps only the newest set
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [postgres] pgdata, bindir, user, host, port, dbname
     [snapshot] backend, datasets, prefix, keep_hourly, keep_daily,
-               keep_weekly, keep_monthly, lock_file, warn_age, crit_age, wal_wait
+               keep_weekly, keep_monthly, lock_file, state_file, warn_age, crit_age,
+               wal_wait
     (check: [archive] and [source *] as pg_wal_fetch.py reads them)
     [replica NAME] host, port, user, identity_file, ssh_options, from, target,
                keep_hourly, keep_daily, keep_weekly, keep_monthly, bwlimit,
@@ -176,6 +189,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -185,7 +199,7 @@ VERSION = "0.1.0"
 PROG = "pg_zfs_snap"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 # The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
-CONFIG_READS = ("postgres", "snapshot", "archive", "source", "replica")
+CONFIG_READS = ("postgres", "snapshot", "archive", "source", "replica", "restore")
 
 log = logging.getLogger(PROG)
 
@@ -211,6 +225,15 @@ NAGIOS_STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 POOL_WARN_PERCENT, POOL_CRIT_PERCENT = 80, 90    # check: how full the pool may be
 DEFAULT_WAL_WAIT = 3600      # check: a newest set waiting this long for its stop WAL warns
 ARCHIVE_CHECK_TIMEOUT = 120  # pg_wal_fetch.py --check: every source probed and listed
+# The last snapshot run ([snapshot] state_file), the last drill (pg_zfs_restore.py
+# writes WAL_ROOT/last-drill.json) and pg_wal_fetch.py's counters
+# (SPOOL_DIR/fetch-stats.json), for metrics.
+DEFAULT_STATE_FILE = "/var/lib/pg_zfs/last-snapshot.json"
+DEFAULT_SPOOL = "/var/lib/pg_zfs/spool"
+DEFAULT_WAL_ROOT = "/var/lib/pg_zfs/restore-wal"
+DRILL_STATE_NAME = "last-drill.json"
+FETCH_STATS_NAME = "fetch-stats.json"
+FETCH_OUTCOMES = ("delivered", "absent", "invalid", "unreachable")
 
 
 # ---------------------------------------------------------------------------
@@ -453,6 +476,18 @@ def human_size(count):
         count /= 1024.0
 
 
+def send_progress_line(what, sent, total, elapsed):
+    """'sending WHAT: 1.5G of 4.0G (37%), 52.3M/s, 48 s left'; total None (no
+    estimate): without the share and the time left."""
+    rate = sent / elapsed if elapsed > 0 else 0.0
+    share = left = ""
+    if total:
+        share = " of %s (%d%%)" % (human_size(total), min(100, int(100.0 * sent / total)))
+        if rate > 0 and total > sent:
+            left = ", %d s left" % math.ceil((total - sent) / rate)
+    return "sending %s: %s%s, %s/s%s" % (what, human_size(sent), share, human_size(int(rate)), left)
+
+
 def period_key(rule, when):
     """The UTC hour, day, ISO week or month that epoch seconds `when` falls in."""
     moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
@@ -541,13 +576,16 @@ def prometheus_label(value):
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def metrics_text(sets, now, pools=(), replicas=()):
+def metrics_text(sets, now, pools=(), replicas=(), runs=None, fetch_stats=None, spool_bytes=None):
     """The Prometheus text exposition (node_exporter's textfile collector) of the sets.
 
     sets: this config's sets (with used bytes); pools: [(pool, size bytes,
     allocated bytes, health)]; replicas: [(name, its sets or None when it
-    could not be listed)]. Every family has HELP and TYPE lines; times are
-    UTC epoch seconds.
+    could not be listed)]; runs: {"snapshot": record, "drill": record} of the
+    last run of each (a record: exit_code, finished, seconds; absent when there
+    was none); fetch_stats: pg_wal_fetch.py's {outcome: {count, seconds}};
+    spool_bytes: bytes waiting in the spool. Every family has HELP and TYPE
+    lines; times are UTC epoch seconds.
     """
     out = []
 
@@ -587,7 +625,88 @@ def metrics_text(sets, now, pools=(), replicas=()):
                [((("replica", name),), max(now - there[-1].time, 0)) for name, there in newest if there])
         family("pg_zfs_replica_sets", "gauge", "Sets complete on the replica.",
                [((("replica", name),), len(there)) for name, there in newest])
+    runs = [(kind, record) for kind, record in sorted((runs or {}).items()) if record]
+    if runs:
+        family("pg_zfs_last_run_success", "gauge", "1 when the last run of the job (snapshot, drill) succeeded.",
+               [((("job", kind),), 1 if record["exit_code"] == 0 else 0) for kind, record in runs])
+        family("pg_zfs_last_run_exit_code", "gauge", "Exit code of the last run of the job (drill: Nagios state).",
+               [((("job", kind),), record["exit_code"]) for kind, record in runs])
+        family("pg_zfs_last_run_timestamp_seconds", "gauge", "When the last run of the job ended.",
+               [((("job", kind),), float(record["finished"])) for kind, record in runs])
+        family("pg_zfs_last_run_duration_seconds", "gauge", "How long the last run of the job took.",
+               [((("job", kind),), float(record["seconds"])) for kind, record in runs])
+    if fetch_stats is not None:
+        family("pg_zfs_wal_fetch_calls_total", "counter",
+               "restore_command calls of pg_wal_fetch.py, by outcome.",
+               [((("outcome", outcome),), fetch_stats[outcome]["count"]) for outcome in FETCH_OUTCOMES])
+        family("pg_zfs_wal_fetch_seconds_total", "counter",
+               "Seconds spent in restore_command calls of pg_wal_fetch.py, by outcome.",
+               [((("outcome", outcome),), float(fetch_stats[outcome]["seconds"])) for outcome in FETCH_OUTCOMES])
+    if spool_bytes is not None:
+        family("pg_zfs_spool_bytes", "gauge", "Bytes of prefetched WAL waiting in the spool.",
+               [((), spool_bytes)])
     return "\n".join(out) + "\n"
+
+
+def run_record(record, kind):
+    """A last-run record (JSON already parsed) with exit_code, finished and seconds
+    as numbers; ValueError saying what is wrong otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError("%s: not a JSON object" % kind)
+    for key in ("exit_code", "finished", "seconds"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError("%s: %s is %r, not a number" % (kind, key, value))
+    return record
+
+
+def fetch_counters(record):
+    """pg_wal_fetch.py's counters with every outcome (count int, seconds float);
+    ValueError when the file holds something else."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    counters = {}
+    for outcome in FETCH_OUTCOMES:
+        entry = record.get(outcome, {"count": 0, "seconds": 0.0})
+        count, seconds = (entry.get("count"), entry.get("seconds")) if isinstance(entry, dict) else (None, None)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or \
+                isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise ValueError("%s: %r is not {count, seconds}" % (outcome, entry))
+        counters[outcome] = {"count": count, "seconds": float(seconds)}
+    return counters
+
+
+def snapshot_run_record(started, finished, set_name, failure):
+    """The last-run record of a snapshot run ([snapshot] state_file)."""
+    return {"exit_code": failure.code if failure else 0, "status": "failed" if failure else "ok",
+            "set": set_name, "started": started, "finished": finished,
+            "seconds": round(max(finished - started, 0.0), 3),
+            "message": str(failure) if failure else "took set %s" % set_name}
+
+
+def parse_perfdata(perf):
+    """{label: {"value": number, "unit": text, "warn", "crit" (when given)}} of a
+    Nagios perfdata string ("sets=3 age=3600s;93600;180000")."""
+    result = {}
+    for item in perf.split():
+        label, _, rest = item.partition("=")
+        fields = rest.split(";")
+        match = re.match(r"^(-?[0-9.]+)([^0-9.;]*)$", fields[0])
+        if not label or not match:
+            continue
+        entry = {"value": float(match.group(1)) if "." in match.group(1) else int(match.group(1)),
+                 "unit": match.group(2)}
+        for key, field in zip(("warn", "crit"), fields[1:3]):
+            if re.match(r"^-?[0-9]+(\.[0-9]+)?$", field):
+                entry[key] = float(field) if "." in field else int(field)
+        result[label] = entry
+    return result
+
+
+def check_json(state, text, perf):
+    """check --json: the Nagios result as one JSON object (the exit code stays the state)."""
+    return json.dumps({"status": NAGIOS_STATES[state], "exit_code": state, "message": text,
+                       "perfdata": parse_perfdata(perf)}, sort_keys=True)
 
 
 def pool_state(pools):
@@ -1066,7 +1185,7 @@ CONFIG_SCHEMA = {
                  "dbname": "text", "system_identifier": "int"},
     "snapshot": {"backend": ("zfs", "btrfs"), "datasets": "text", "prefix": "text", "keep_hourly": "int",
                  "keep_daily": "int", "keep_weekly": "int", "keep_monthly": "int", "lock_file": "text",
-                 "warn_age": "duration", "crit_age": "duration", "wal_wait": "duration"},
+                 "state_file": "text", "warn_age": "duration", "crit_age": "duration", "wal_wait": "duration"},
     "archive": {"sources": "text", "spool_dir": "text", "prefetch": "int", "timeout": "int",
                 "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
                 "connect_timeout": "int"},
@@ -1627,6 +1746,8 @@ def parse_args(argv):
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")
     check = commands.add_parser("check", help="Nagios check of the newest set's age")
     check.add_argument("--replica", metavar="NAME", help="of the newest set complete on [replica NAME]")
+    check.add_argument("--json", action="store_true",
+                       help="one JSON object (status, exit_code, message, perfdata) instead of the Nagios line")
     oldest = commands.add_parser("oldest-wal", help="print the first WAL file the oldest set needs")
     oldest.add_argument("--commands", action="store_true",
                         help="print the pg_archivecleanup lines for each archive host instead")
@@ -2219,6 +2340,7 @@ SSH_CONNECT_TIMEOUT = 10
 REPLICA_TIMEOUT = 300        # one listing, set or destroy on the replica
 REPLICA_SESSIONS = 4         # sessions at once on the connection (sshd's MaxSessions is 10)
 SEND_CHUNK = 1 << 20
+SEND_PROGRESS_INTERVAL = 3      # seconds between two progress lines of a send (on a terminal only)
 
 
 class Replica(object):
@@ -2359,15 +2481,21 @@ class ReplicaLink(object):
                                 % self.replica.target, check=False)
         return parse_resume_tokens(out, self.replica.target) if code == 0 else None
 
-    def receive(self, send_argv, resumable):
+    def receive(self, send_argv, resumable, what=None):
         """Pipe `send_argv` (zfs send ...) into `zfs recv -u -d TARGET` there, at most
         bwlimit bytes a second; (bytes, seconds). A Failure with the last line of
-        whichever side failed; both are ended on any way out."""
+        whichever side failed; both are ended on any way out. On a terminal, a
+        progress line every SEND_PROGRESS_INTERVAL seconds (of `what`, with the
+        share and time left where zfs send -nvP estimates the stream); quiet
+        otherwise (cron)."""
         import tempfile
         command = "zfs recv %s-u -d %s" % ("-s " if resumable else "", self.replica.target)
         send_errors, recv_errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         started, sent, sender, receiver = time.time(), 0, None, None
         log.debug("run: %s | %s", " ".join(send_argv), " ".join(self.argv(command)))
+        progress = what is not None and sys.stderr.isatty()
+        total = send_estimate(send_argv) if progress else None
+        next_line = started + SEND_PROGRESS_INTERVAL
         try:
             sender = subprocess.Popen(send_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=send_errors, cwd="/")
@@ -2383,6 +2511,9 @@ class ReplicaLink(object):
                     ahead = self.replica.bwlimit and sent / float(self.replica.bwlimit) - (time.time() - started)
                     if ahead and ahead > 0:
                         time.sleep(ahead)
+                    if progress and time.time() >= next_line:
+                        log.info("%s", send_progress_line(what, sent, total, time.time() - started))
+                        next_line += SEND_PROGRESS_INTERVAL
                 receiver.stdin.close()
             except (IOError, OSError):          # the receiving side is gone: its stderr says why
                 pass
@@ -2435,11 +2566,20 @@ def zfs_properties(zfs, snapshots, keys):
     return found
 
 
+def send_estimate(argv):
+    """The bytes `zfs send -nvP` expects the send argv to write; None where zfs
+    cannot estimate (zfs-fuse) or fails."""
+    try:
+        code, out, err = run([argv[0], "send", "-nvP"] + argv[2:], timeout=ZFS_TIMEOUT, check=False)
+    except Failure:
+        return None
+    return send_size_of(out + "\n" + err) if code == 0 else None
+
+
 def stream_size(zfs, argv):
     """(bytes, how) a send would write: `zfs send -nvP` where zfs has it, else the
     stream itself counted here (zfs-fuse has no -n), nothing sent anywhere."""
-    code, out, err = run([zfs, "send", "-nvP"] + argv[2:], timeout=ZFS_TIMEOUT, check=False)
-    size = send_size_of(out + "\n" + err) if code == 0 else None
+    size = send_estimate([zfs] + argv[1:])
     if size is not None:
         return size, "zfs send -nvP"
     total = 0
@@ -2483,6 +2623,7 @@ class Job(object):
         self.policy = Policy(*[config.int("snapshot", "keep_" + rule, RETENTION_DEFAULTS[rule])
                                for rule in RETENTION_RULES])
         self.lock_file = config.str("snapshot", "lock_file", "/run/pg_zfs_snap.lock")
+        self.state_file = config.str("snapshot", "state_file", DEFAULT_STATE_FILE)
         self.warn_age = config.duration("snapshot", "warn_age", 93600)
         self.crit_age = config.duration("snapshot", "crit_age", 180000)
         self.wal_wait = config.duration("snapshot", "wal_wait", DEFAULT_WAL_WAIT)
@@ -2823,7 +2964,10 @@ def run_check(args):
         state, text, perf = 3, str(failure), "sets=0"
     except Exception as error:      # a monitoring check says UNKNOWN, never a traceback
         state, text, perf = 3, "internal error: %s: %s" % (type(error).__name__, error), "sets=0"
-    print("PG_ZFS_SNAP %s - %s | %s" % (NAGIOS_STATES[state], text, perf))
+    if args.json:
+        print(check_json(state, text, perf))
+    else:
+        print("PG_ZFS_SNAP %s - %s | %s" % (NAGIOS_STATES[state], text, perf))
     return state
 
 
@@ -2929,7 +3073,8 @@ def send_set(job, link, replica, one, sends, resumable):
     snapshot's GUID, then write the set's properties there, pgzfs:stop_lsn last,
     and note the replica in the set's pgzfs:replicated_to here."""
     for send in sends:
-        sent, seconds = link.receive(send_argv(job.backend.zfs, send.snapshot, send.base), resumable)
+        sent, seconds = link.receive(send_argv(job.backend.zfs, send.snapshot, send.base), resumable,
+                                     "%s to %s" % (send.snapshot, replica.host))
         log.info("sent %s to %s:%s (%s): %s in %.1f s", send.snapshot, replica.host, send.target,
                  "incremental from %s" % send.base.partition("@")[2] if send.base else "full",
                  human_size(sent), seconds)
@@ -3100,13 +3245,71 @@ def cmd_metrics(job, textfile_dir, with_replicas):
             except Failure as failure:
                 log.warning("%s cannot be listed: %s", replica, failure)
                 replicas.append((replica.name, None))
-    text = metrics_text(sets, job.clock.now(), pools, replicas)
+    runs = {"snapshot": read_state(job.state_file, "the last snapshot run", run_record),
+            "drill": read_state(os.path.join(job.config.str("restore", "wal_root", DEFAULT_WAL_ROOT),
+                                             DRILL_STATE_NAME), "the last drill", run_record)}
+    fetch_stats = spool_bytes = None
+    if job.config.has_section("archive"):
+        spool_dir = job.config.str("archive", "spool_dir", DEFAULT_SPOOL)
+        fetch_stats = read_state(os.path.join(spool_dir, FETCH_STATS_NAME), "pg_wal_fetch.py's counters",
+                                 lambda record, _: fetch_counters(record))
+        fetch_stats = fetch_stats or fetch_counters({})
+        spool_bytes = tree_bytes(spool_dir)
+    text = metrics_text(sets, job.clock.now(), pools, replicas, runs, fetch_stats, spool_bytes)
     if not textfile_dir:
         print(text, end="")
         return
     path = os.path.join(textfile_dir, "pg_zfs.prom")
     write_atomically(path, text)
     os.chmod(path, 0o644)
+
+
+def read_state(path, what, parse):
+    """parse(the JSON in path, what), or None when the file is not there (never
+    run) or cannot be read (a warning: metrics go on without it)."""
+    try:
+        with open(path) as handle:
+            return parse(json.load(handle), what)
+    except (OSError, IOError) as error:
+        if error.errno != errno.ENOENT:
+            log.warning("%s: cannot read %s: %s", what, path, error.strerror)
+    except ValueError as error:
+        log.warning("%s: %s is not what it should be: %s", what, path, error)
+    return None
+
+
+def tree_bytes(directory):
+    """Bytes of the regular files below directory (0 when it is not there)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                status = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(status.st_mode):
+                    total += status.st_size
+    return total
+
+
+def snapshot_and_record(job, label_text):
+    """cmd_snapshot, then the run's record in [snapshot] state_file (for metrics);
+    a record that cannot be written is a warning, never the run's failure."""
+    started = time.time()
+    name = failure = None
+    try:
+        name = cmd_snapshot(job, label_text)
+    except Exception as error:
+        failure = error if isinstance(error, Failure) else unexpected_failure(error)
+        raise
+    finally:
+        record = snapshot_run_record(started, time.time(), name, failure)
+        try:
+            if not os.path.isdir(os.path.dirname(job.state_file)):
+                os.makedirs(os.path.dirname(job.state_file), 0o755)     # /var/lib/pg_zfs: others' too
+            write_atomically(job.state_file, json.dumps(record, sort_keys=True) + "\n")
+            os.chmod(job.state_file, 0o644)
+        except (Failure, OSError) as error:
+            log.warning("the run's record for metrics: %s", error)
+    return name
 
 
 def cmd_receiver_script():
@@ -3260,7 +3463,7 @@ def main(argv=None):
                 raise Failure("%d replica(s) not brought up to date" % failed, 1)
             return 0
         if command in ("cron", "snapshot"):
-            cmd_snapshot(job, getattr(args, "label", ""))
+            snapshot_and_record(job, getattr(args, "label", ""))
         failed = 0 if getattr(args, "no_prune", False) else cmd_prune(job, getattr(args, "dry_run", False))
         failed_replicas = (cmd_replicate(job, prune=not getattr(args, "no_prune", False))
                            if getattr(args, "replicate", False) else 0)

@@ -237,7 +237,7 @@ CONFIG_SCHEMA = {
                  "dbname": "text", "system_identifier": "int"},
     "snapshot": {"backend": ("zfs", "btrfs"), "datasets": "text", "prefix": "text", "keep_hourly": "int",
                  "keep_daily": "int", "keep_weekly": "int", "keep_monthly": "int", "lock_file": "text",
-                 "warn_age": "duration", "crit_age": "duration", "wal_wait": "duration"},
+                 "state_file": "text", "warn_age": "duration", "crit_age": "duration", "wal_wait": "duration"},
     "archive": {"sources": "text", "spool_dir": "text", "prefetch": "int", "timeout": "int",
                 "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
                 "connect_timeout": "int"},

@@ -29,11 +29,17 @@ def pg_version(request):
 def tb(pg_version):
     if os.geteuid() != 0:
         pytest.fail("the testbed needs root (zfs, mount, nft, runuser)")
+    # the product's default state paths: a test whose config forgot to name its own
+    # (state_file, spool_dir, wal_root) would write on this machine's
+    defaults = ["/var/lib/pg_zfs/last-snapshot.json", "/var/lib/pg_zfs/spool", "/var/lib/pg_zfs/restore-wal"]
+    before = [path for path in defaults if os.path.exists(path)]
     bed = testbed.Testbed(pg_version)
     try:
         yield bed
     finally:
         bed.teardown()
+        made = [path for path in defaults if os.path.exists(path) and path not in before]
+        assert made == [], "tests wrote the product's default paths (give their config its own): %s" % made
 
 
 @pytest.fixture

@@ -285,16 +285,21 @@ def slow_replicate_cut(rep, config, cut):
     return run.returncode, err
 
 
-def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and_the_next_run_repairs(rep):
+def bulk_set_and_slow_config(rep, table, rows, config_name):
+    """A set after a bulk table of `rows` rows (tens of MiB), and a config sending at 2 MiB/s."""
     tb = rep.tb
-    tb.primary.psql("CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 16) AS filler "
-                    "FROM generate_series(1, 60000) g")
+    tb.primary.psql("CREATE TABLE %s AS SELECT g, repeat(md5(g::text), 16) AS filler "
+                    "FROM generate_series(1, %d) g" % (table, rows))
     lsn = tb.primary.psql("SELECT pg_current_wal_lsn()")
     wait_for(lambda: tb.standby.psql("SELECT pg_last_wal_replay_lsn() >= '%s'" % lsn) == "t", 60,
              "the standby to replay the bulk table")
-    d = take_set(rep)
-    slow = tb.write_config(os.path.join(tb.run_dir, "replicate_slow.conf"), {
+    return take_set(rep), tb.write_config(os.path.join(tb.run_dir, config_name), {
         "snapshot": {"prefix": PREFIX}, "replica r1": dict(rep.replica_keys, bwlimit="2M")})
+
+
+def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and_the_next_run_repairs(rep):
+    tb = rep.tb
+    d, slow = bulk_set_and_slow_config(rep, "bulk", 60000, "replicate_slow.conf")
     # Kill the zfs receive on the replica while PGDATA's stream is under way.
     code, err = slow_replicate_cut(rep, slow, lambda pid, run: os.kill(pid, 9))
     assert code == 1, err
@@ -317,6 +322,7 @@ def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and
     # zfs-fuse has no resumable receive: the set is sent again.
     again = snap(rep.config, "replicate", "--no-prune", timeout=300)
     assert again.returncode == 0, again.stderr
+    assert "sending " not in again.stderr       # not on a terminal: no progress lines
     if kernel_zfs():
         assert re.search(r"resumed the cut receive of %s/data02: [0-9.]+[BKMGT] more in " % re.escape(rep.parent),
                          again.stderr), again.stderr
@@ -330,6 +336,50 @@ def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and
 
 
 # -- what each side keeps --------------------------------------------------------------
+
+
+def on_a_terminal(argv, timeout):
+    """(exit code, what argv wrote on its stderr), a pseudo-terminal (stdout a pipe)."""
+    import pty
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    chunks = []
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:         # EIO: the last holder of the terminal is gone
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.communicate(timeout=max(deadline - time.time(), 1))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_on_a_terminal_a_long_send_shows_its_progress(rep):
+    tb = rep.tb
+    d, slow = bulk_set_and_slow_config(rep, "bulk2", 30000, "replicate_progress.conf")
+    code, err = on_a_terminal([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", slow, "replicate", "--no-prune"],
+                              300)
+    assert code == 0, err
+    lines = re.findall(r"sending %s/data02@%s to %s: [0-9.]+[BKMGT]( of [0-9.]+[BKMGT] \(\d+%%\))?, "
+                       r"[0-9.]+[BKMGT]/s" % (re.escape(tb.zfs.name), d, re.escape(rep.host.address)), err)
+    assert lines, err
+    if kernel_zfs():        # zfs send -nvP estimates the stream: the share and the time left
+        assert all(share for share in lines), err
+    assert_arrived_whole(rep, d)
+    rep.sets.append(d)
+    assert complete_there(rep) == rep.sets
 
 
 def test_the_replica_keeps_by_its_own_policy_and_never_a_snapshot_the_tool_did_not_send(rep):

@@ -54,7 +54,8 @@ class BtrfsStandby(object):
             "postgres": {"pgdata": self.pgdata, "bindir": self.tb.pg_bindir, "user": PG_USER,
                          "host": cluster.socket_dir, "port": str(cluster.port), "dbname": "postgres"},
             "snapshot": {"backend": "btrfs", "datasets": " ".join(self.subvolumes), "prefix": self.prefix,
-                         "lock_file": os.path.join(self.tb.run_dir, self.prefix + "_snap.lock")},
+                         "lock_file": os.path.join(self.tb.run_dir, self.prefix + "_snap.lock"),
+                         "state_file": os.path.join(self.tb.run_dir, self.prefix + "_snap.json")},
         })
         sections["restore"] = {"mount_root": self.clone_root, "wal_root": self.wal_root, "timeout": "240"}
         sections["restore"].update(restore_keys or {})

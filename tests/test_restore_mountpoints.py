@@ -26,7 +26,8 @@ def own_standby_config(tb, standby, datasets, tag):
         "postgres": {"pgdata": standby.pgdata, "bindir": tb.pg_bindir, "user": PG_USER,
                      "host": standby.socket_dir, "port": str(standby.port), "dbname": "postgres"},
         "snapshot": {"backend": "zfs", "datasets": " ".join(datasets), "prefix": tag,
-                     "lock_file": os.path.join(tb.run_dir, "%s.lock" % tag)},
+                     "lock_file": os.path.join(tb.run_dir, "%s.lock" % tag),
+                     "state_file": os.path.join(tb.run_dir, "%s.json" % tag)},
         "restore": {"mount_root": os.path.join(tb.run_dir, "%s_mnt" % tag),
                     "wal_root": os.path.join(tb.run_dir, "%s_wal" % tag), "timeout": "240"}})
     return tb.write_config(os.path.join(tb.run_dir, "%s.conf" % tag), sections=sections)

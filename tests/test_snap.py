@@ -192,7 +192,7 @@ def test_list_rebuilds_the_sets_from_the_pool(tb, tmp_path, cleanup):
 def test_metrics_textfile_is_written_whole_and_parses_as_prometheus_text(tb, tmp_path, cleanup):
     from prometheus_client.parser import text_string_to_metric_families
     cleanup("metered")
-    cfg = config(tb, tmp_path, "metered")
+    cfg = config(tb, tmp_path, "metered", state_file=tmp_path / "state.json")
     assert snap(cfg, "snapshot", "--no-prune").returncode == 0
     [name] = set_names(tb, "metered")
     textfile = tmp_path / "textfile"
@@ -214,6 +214,21 @@ def test_metrics_textfile_is_written_whole_and_parses_as_prometheus_text(tb, tmp
     assert samples[("pg_zfs_pool_size_bytes", (("pool", tb.zfs.name),))] > 0
     printed = snap(cfg, "metrics")
     assert printed.returncode == 0 and printed.stdout.startswith("# HELP pg_zfs_sets ")
+    # the last snapshot run: its result and how long it took
+    state_file = json.loads(open(cfg.replace("pg_zfs.conf", "state.json")).read())
+    assert state_file["exit_code"] == 0 and state_file["set"] == name and state_file["seconds"] > 0
+    assert samples[("pg_zfs_last_run_success", (("job", "snapshot"),))] == 1
+    assert 0 < samples[("pg_zfs_last_run_duration_seconds", (("job", "snapshot"),))] < 600
+    assert samples[("pg_zfs_last_run_timestamp_seconds", (("job", "snapshot"),))] >= state_file["started"]
+    assert ("pg_zfs_spool_bytes", ()) in samples
+    # a run that fails is recorded as failed, with its reason
+    missing = tb.write_config(tmp_path / "missing.conf", {"snapshot": {
+        "prefix": "metered", "state_file": tmp_path / "state.json", "datasets": "nosuchpool/data"}})
+    assert snap(missing, "snapshot", "--no-prune").returncode == 2
+    failed = json.loads(open(cfg.replace("pg_zfs.conf", "state.json")).read())
+    assert failed["exit_code"] != 0 and failed["set"] is None and failed["message"], failed
+    after = snap(cfg, "metrics").stdout
+    assert 'pg_zfs_last_run_success{job="snapshot"} 0' in after.splitlines(), after
 
 
 def test_stopped_postgres_gives_a_shutdown_set(tb, tmp_path, cleanup):
@@ -460,3 +475,13 @@ def test_check_gives_each_of_its_four_states(tb, tmp_path, cleanup):
     # The pool's fill, from zpool list, in the perfdata (warn at 80%, critical at 90%).
     assert re.search(r" pool_%s=\d+%%;80;90$" % tb.zfs.name,
                      snap(cfg, "--now", "20260601T003000Z", "check").stdout.strip())
+    # --json: the same result as one object, the same exit code
+    for now, code, status in (("20260601T003000Z", 0, "OK"), ("20260601T013000Z", 1, "WARNING")):
+        proc = snap(cfg, "--now", now, "check", "--json")
+        result = json.loads(proc.stdout)
+        assert proc.returncode == code == result["exit_code"] and result["status"] == status, proc.stdout
+        assert result["perfdata"]["sets"] == {"value": 1, "unit": ""}
+        assert result["perfdata"]["pool_" + tb.zfs.name]["unit"] == "%"
+        assert result["perfdata"]["pool_" + tb.zfs.name]["crit"] == 90
+    proc = snap(broken, "check", "--json")
+    assert proc.returncode == 3 and json.loads(proc.stdout)["status"] == "UNKNOWN", proc.stdout

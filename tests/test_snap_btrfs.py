@@ -44,7 +44,8 @@ class BtrfsStandby(object):
     def config(self, tmp_path, prefix, file_name="pg_zfs.conf", **snapshot_keys):
         keys = {"backend": "btrfs", "datasets": " ".join(self.subvolumes), "prefix": prefix,
                 "keep_hourly": "0", "keep_daily": "7", "keep_weekly": "4", "keep_monthly": "3",
-                "lock_file": os.path.join(self.tb.run_dir, "bt_snap.lock")}
+                "lock_file": os.path.join(self.tb.run_dir, "bt_snap.lock"),
+                "state_file": os.path.join(self.tb.run_dir, "bt_snap.json")}
         keys.update((key, str(value)) for key, value in snapshot_keys.items())
         cluster = self.cluster
         sections = {

@@ -27,7 +27,8 @@ def test_sigterm_during_prune_finishes_the_set_under_way_and_keeps_the_rest(tb):
             "postgres": {"pgdata": own.pgdata, "user": "postgres"},
             "snapshot": {"backend": "zfs", "datasets": " ".join(own.datasets), "prefix": PREFIX,
                          "keep_hourly": "0", "keep_daily": "0", "keep_weekly": "0", "keep_monthly": "0",
-                         "lock_file": os.path.join(tb.run_dir, "prn.lock")}})
+                         "lock_file": os.path.join(tb.run_dir, "prn.lock"),
+                         "state_file": os.path.join(tb.run_dir, "prn.json")}})
         os.mkdir(wrapper_dir)
         with open(os.path.join(wrapper_dir, "zfs"), "w") as out:
             out.write('#!/bin/sh\nif [ "$1" = destroy ]; then touch %s; sleep 1; fi\nexec %s "$@"\n'

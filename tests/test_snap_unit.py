@@ -5,6 +5,7 @@ No database, no zfs: the script is imported by path.
 
 import base64
 import calendar
+import json
 import time
 
 import pytest
@@ -616,3 +617,55 @@ def test_check_warns_on_a_pool_80_percent_full_and_is_critical_at_90_or_not_onli
     assert snap.pool_state([("tank", 10 * gib, 9.5 * gib, "ONLINE")])[:2] == (2, ["pool tank is 95% full"])
     state, texts, perf = snap.pool_state([("tank", 10 * gib, gib, "DEGRADED"), ("b:x", gib, 0, "ONLINE")])
     assert (state, texts) == (2, ["pool tank is DEGRADED"]) and perf == "pool_tank=10%;80;90 pool_b_x=0%;80;90"
+
+
+def test_metrics_of_the_last_runs_the_wal_fetches_and_the_spool_are_strict_prometheus_text():
+    from prometheus_client.parser import text_string_to_metric_families
+    sets = sets_at("2026-11-25 04:01:00")
+    now = utc("2026-11-25 06:01:00")
+    runs = {"snapshot": snap.run_record({"exit_code": 0, "finished": now - 60, "seconds": 12.5}, "snapshot"),
+            "drill": snap.run_record({"exit_code": 2, "finished": now - 30, "seconds": 300}, "drill")}
+    fetches = snap.fetch_counters({"delivered": {"count": 7, "seconds": 0.7}, "absent": {"count": 1, "seconds": 5},
+                                   "future": {"count": 1}})
+    text = snap.metrics_text(sets, now, runs=runs, fetch_stats=fetches, spool_bytes=16 << 20)
+    values = dict(((sample.name, tuple(sorted(sample.labels.items()))), sample.value)
+                  for family in text_string_to_metric_families(text) for sample in family.samples)
+    assert values[("pg_zfs_last_run_success", (("job", "snapshot"),))] == 1
+    assert values[("pg_zfs_last_run_success", (("job", "drill"),))] == 0
+    assert values[("pg_zfs_last_run_exit_code", (("job", "drill"),))] == 2
+    assert values[("pg_zfs_last_run_duration_seconds", (("job", "snapshot"),))] == 12.5
+    assert values[("pg_zfs_last_run_timestamp_seconds", (("job", "drill"),))] == now - 30
+    # counters: the parser names the samples NAME_total
+    assert values[("pg_zfs_wal_fetch_calls_total", (("outcome", "delivered"),))] == 7
+    assert values[("pg_zfs_wal_fetch_calls_total", (("outcome", "unreachable"),))] == 0
+    assert values[("pg_zfs_wal_fetch_seconds_total", (("outcome", "absent"),))] == 5
+    assert values[("pg_zfs_spool_bytes", ())] == 16 << 20
+    # nothing known: no family at all rather than a made-up zero
+    bare = snap.metrics_text(sets, now, runs={"snapshot": None, "drill": None})
+    assert "pg_zfs_last_run" not in bare and "pg_zfs_wal_fetch" not in bare and "spool" not in bare
+
+
+@pytest.mark.parametrize("record", [[], {"delivered": 3}, {"delivered": {"count": -1, "seconds": 0}},
+                                    {"delivered": {"count": True, "seconds": 0}},
+                                    {"absent": {"count": 1, "seconds": "x"}}])
+def test_fetch_counters_that_are_not_counters_are_refused(record):
+    with pytest.raises(ValueError):
+        snap.fetch_counters(record)
+
+
+@pytest.mark.parametrize("record", [None, {"exit_code": "0", "finished": 1, "seconds": 1},
+                                    {"exit_code": 0, "finished": 1}, {"exit_code": 0, "finished": 1,
+                                                                     "seconds": float("nan")}])
+def test_a_run_record_without_numbers_is_refused(record):
+    with pytest.raises(ValueError):
+        snap.run_record(record, "drill")
+
+
+def test_check_json_carries_the_nagios_result_and_its_perfdata():
+    text = snap.check_json(1, "newest set is 27h old", "sets=3 age=97200s;93600;180000 pool_tank=12%;80;90")
+    result = json.loads(text)
+    assert result == {"status": "WARNING", "exit_code": 1, "message": "newest set is 27h old",
+                      "perfdata": {"sets": {"value": 3, "unit": ""},
+                                   "age": {"value": 97200, "unit": "s", "warn": 93600, "crit": 180000},
+                                   "pool_tank": {"value": 12, "unit": "%", "warn": 80, "crit": 90}}}
+    assert "\n" not in text

@@ -807,7 +807,8 @@ class Testbed(object):
                          "dbname": "postgres"},
             "snapshot": {"backend": "zfs", "datasets": " ".join(self.datasets),
                          "prefix": "pgzfs",
-                         "lock_file": os.path.join(self.run_dir, "snap.lock")},
+                         "lock_file": os.path.join(self.run_dir, "snap.lock"),
+                         "state_file": os.path.join(self.run_dir, "last-snapshot.json")},
         }
         sections.update(self.archive_config())
         return sections
