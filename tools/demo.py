@@ -194,6 +194,7 @@ class Demo(object):
         self.step("5. Restore drill, snapshot check")
         self.script("pg_zfs_restore", "drill", "--query", "SELECT count(*) FROM demo")
         self.script("pg_zfs_snap", "check")
+        self.script("pg_zfs_snap", "check", "--json")
 
     def toolbox(self):
         self.step("6. The rest of the daily toolbox")
