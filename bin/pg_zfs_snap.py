@@ -17,7 +17,8 @@ Commands:
     list [--json]              every set rebuilt from the pool alone; a complete set
                                whose stop segment no archive holds yet is shown
                                WAITING for WAL (--json: waiting_for_wal)
-    list --replica NAME        each set here and on [replica NAME], and its state there
+    list --replica NAME [--json]
+                               each set here and on [replica NAME], and its state there
     prune [--dry-run]          destroy the sets the retention policy lets go
     check [--replica NAME] [--json]
                                Nagios line from the age of the newest complete set
@@ -3156,26 +3157,54 @@ def replica_listing(replica):
         link.close()
 
 
-def cmd_list_replica(job, name):
+def replica_comparison(here, there, guids, there_guids, target, prefix):
+    """One row per set on either side, oldest first: {set, time, here, replica}.
+
+    here/there: the sets on each side; guids/there_guids: {snapshot: guid} of
+    each side. here is "complete", "incomplete" or None (not here); replica is
+    None (not there) or {state: complete|incomplete, present, datasets,
+    other_guid: a snapshot there is not the copy of the one here}.
+    """
+    here = dict((one.name, one) for one in here)
+    there = dict((one.name, one) for one in there)
+    rows = []
+    for set_name in sorted(set(here) | set(there), key=lambda n: (parse_set_name(n, prefix), n)):
+        mine, theirs = here.get(set_name), there.get(set_name)
+        copy = None
+        if theirs is not None:
+            copy = {"state": "complete" if theirs.complete else "incomplete", "present": len(theirs.present),
+                    "datasets": len(theirs.datasets),
+                    "other_guid": mine is not None and any(
+                        there_guids.get(theirs.snapshot(replica_dataset(target, d))) != guids.get(mine.snapshot(d))
+                        for d in mine.present)}
+        rows.append({"set": set_name, "time": iso_utc(parse_set_name(set_name, prefix)),
+                     "here": None if mine is None else "complete" if mine.complete else "incomplete",
+                     "replica": copy})
+    return rows
+
+
+def cmd_list_replica(job, name, as_json=False):
     """Each set here or on the replica, and its state on both sides."""
     [replica] = replicas_of(job, name)
     sets = job.sets()
-    rows, there_guids, _ = replica_listing(replica)
-    there = dict((one.name, one) for one in replica_sets(rows, job.prefix, replica.target, job.datasets))
-    here = dict((one.name, one) for one in sets)
+    listing, there_guids, _ = replica_listing(replica)
+    there = replica_sets(listing, job.prefix, replica.target, job.datasets)
     guids = zfs_guids(job.backend.zfs, [one.snapshot(d) for one in sets for d in one.present])
+    rows = replica_comparison(sets, there, guids, there_guids, replica.target, job.prefix)
+    if as_json:
+        print(json.dumps({"replica": replica.name, "host": replica.host, "target": replica.target, "sets": rows},
+                         indent=2, sort_keys=True))
+        return
     print("\t".join(["set", "time", "here", "replica " + replica.name]))
-    for set_name in sorted(set(here) | set(there), key=lambda n: (parse_set_name(n, job.prefix), n)):
-        mine, theirs = here.get(set_name), there.get(set_name)
+    for row in rows:
+        copy = row["replica"]
         state = "-"
-        if theirs is not None:
-            state = "complete" if theirs.complete else "INCOMPLETE (%d of %d)" % (
-                len(theirs.present), len(theirs.datasets))
-            if mine is not None and any(there_guids.get(theirs.snapshot(replica_dataset(replica.target, d)))
-                                        != guids.get(mine.snapshot(d)) for d in mine.present):
-                state += ", OTHER GUID"
-        print("\t".join([set_name, iso_utc(parse_set_name(set_name, job.prefix)),
-                         "-" if mine is None else "complete" if mine.complete else "INCOMPLETE", state]))
+        if copy is not None:
+            state = "complete" if copy["state"] == "complete" else "INCOMPLETE (%d of %d)" % (
+                copy["present"], copy["datasets"])
+            state += ", OTHER GUID" if copy["other_guid"] else ""
+        print("\t".join([row["set"], row["time"], (row["here"] or "-").replace("incomplete", "INCOMPLETE"),
+                         state]))
 
 
 def replica_check_state(job, replica):
@@ -3437,7 +3466,7 @@ def main(argv=None):
         job = Job(Config.load(config_path(args.config)), Clock(args.now))
         if command == "list":
             if args.replica:
-                cmd_list_replica(job, args.replica)
+                cmd_list_replica(job, args.replica, args.json)
             else:
                 cmd_list(job, args.json)
             return 0

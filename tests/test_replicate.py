@@ -8,6 +8,7 @@ primary; set A; the target time T; set B; the WAL archived (test_restore's
 pitr_story). Later tests add sets C, D, E, F. Each test says what it proves.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -64,7 +65,14 @@ def complete_there(rep):
     """The sets `list --replica r1` shows complete on the replica."""
     proc = snap(rep.config, "list", "--replica", "r1")
     assert proc.returncode == 0, proc.stderr
-    return [line.split("\t")[0] for line in proc.stdout.splitlines()[1:] if line.split("\t")[3] == "complete"]
+    table = [line.split("\t")[0] for line in proc.stdout.splitlines()[1:] if line.split("\t")[3] == "complete"]
+    as_json = snap(rep.config, "list", "--replica", "r1", "--json")      # the same, for a machine
+    assert as_json.returncode == 0, as_json.stderr
+    listed = json.loads(as_json.stdout)
+    assert (listed["replica"], listed["target"]) == ("r1", rep.parent)
+    assert [row["set"] for row in listed["sets"] if row["replica"] and row["replica"]["state"] == "complete"
+            and not row["replica"]["other_guid"]] == table
+    return table
 
 
 def assert_arrived_whole(rep, name):
