@@ -90,10 +90,22 @@ from the glob of its own command line; the same requests sent to a key
 installed unrestricted run as a plain `sh -c` script, so this file works both
 ways, and --check warns that such a key runs any command on the host.
 
+That key never removes anything. Archive cleanup (`pg_zfs_snap.py oldest-wal
+--apply`) uses a SEPARATE key, [source NAME] cleanup_identity, whose line
+(--authorized-keys prints it too) runs pg_wal_serve in cleanup mode:
+
+    restrict,from="GUEST",command="/usr/local/bin/pg_wal_serve --cleanup '/data04/pgdata/arch/*'" ssh-ed25519 AAAA...
+
+It serves only `cleanup NAME [dry-run]`, NAME a segment name: it removes in
+the glob's directories the segments and .partial segments, plain or
+.gz/.bz2/.xz, before NAME as pg_archivecleanup does (timeline ignored,
+.history and .backup kept) and names each; anything else is refused (exit 2).
+
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [archive] sources, spool_dir, prefetch, timeout, stall_timeout,
               control_dir, control_persist, connect_timeout
-    [source NAME] host, port, user, path, probe, identity_file, ssh_options
+    [source NAME] host, port, user, path, probe, identity_file, ssh_options,
+              cleanup_identity (--authorized-keys only)
     [postgres] pgdata, system_identifier, bindir
 
 Exit codes:
@@ -711,7 +723,7 @@ CONFIG_SCHEMA = {
                 "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
                 "connect_timeout": "int"},
     "source": {"host": "text", "port": "int", "user": "text", "path": "text", "probe": ("ping", "tcp", "none"),
-               "identity_file": "text", "ssh_options": "text", "from": "text"},
+               "identity_file": "text", "ssh_options": "text", "from": "text", "cleanup_identity": "text"},
     "guest": {"primary_conninfo": "text", "waldir": "text", "logfile": "text", "start_timeout": "int",
               "systemd_unit": "text", "dataset_properties": "text", "tablespace_mapping": "text",
               "cron_schedule": "text", "check_clock": ("yes", "no")},
@@ -1681,6 +1693,17 @@ def address_toward(host, port):
 # End of the archive key block.
 
 
+def cleanup_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
+    """The authorized_keys line that lets public_key (the cleanup key of
+    pg_zfs_snap.py oldest-wal --apply, not the fetch key) run
+    `pg_wal_serve --cleanup GLOB` and nothing else: authorized_keys_line's, its
+    checks included, with --cleanup after the server's path."""
+    import shlex
+    line = authorized_keys_line(public_key, from_patterns, path_glob, server_path)
+    forced = 'command="%s ' % shlex.quote(server_path).replace('"', '\\"')
+    return line.replace(forced, forced + "--cleanup ", 1)
+
+
 # ---------------------------------------------------------------------------
 # The archive host's side: one sh program, sent or installed
 # ---------------------------------------------------------------------------
@@ -1719,7 +1742,7 @@ h8=$h$h$h$h$h$h$h$h
 refuse() {
 	printf "pg_wal_serve: refused: %.200s\n" "$1" >&2
 	logger -p auth.notice -t pg_wal_serve "refused a request from ${SSH_CLIENT%% *}: $(printf "%.200s" "$1")" >/dev/null 2>&1
-	exit 1
+	exit ${refusal:-1}
 }
 is_wal_name() {
 	case $1 in
@@ -1783,21 +1806,128 @@ serve() {
 	probe)
 		[ $# -eq 1 ] || refuse "probe takes no argument"
 		serve_probe ;;
+	cleanup)
+		refuse "cleanup: this key reads WAL only (the cleanup key runs pg_wal_serve --cleanup)" ;;
 	*)
 		refuse "not a pg_wal_fetch request: $1" ;;
 	esac
 }
 """
 
-# pg_wal_serve after SERVE_FUNCTIONS: the request comes from sshd's
-# $SSH_ORIGINAL_COMMAND, the archive glob from authorized_keys.
+# The cleanup mode of pg_wal_serve (`pg_wal_serve --cleanup GLOB`, the forced
+# command of a second key, pg_zfs_snap.py oldest-wal --apply's), only in the
+# installed program: never part of the script a fetch sends (remote_command), so
+# no fetch key, restricted or not, is ever handed a way to remove a file.
+# Request: `cleanup NAME` or `cleanup NAME dry-run`, NAME a segment name (24
+# hex, timeline not 0; .partial, .backup and .history names are refused). It
+# removes what `pg_archivecleanup DIR NAME` removes, plus the compressed copies
+# (what `-x .gz`, `-x .bz2`, `-x .xz` runs add): in each directory of the glob,
+# every file whose name, less one .gz, .bz2 or .xz, is a segment or a .partial
+# segment whose 16 hex digits after the timeline sort before NAME's. Like
+# pg_archivecleanup it ignores the timeline (a parent timeline's segments stay
+# as long as the child's same position does), keeps .history and .backup
+# files, and compares the names only. Answer: "removed PATH" (dry-run: "would
+# remove PATH") per file, then "CLEANED NAME COUNT DIRS". In sh, not Python or
+# pg_archivecleanup: the hosts need neither (the 16 digits are compared as two
+# 8-digit numbers, $((0x...)), which POSIX sh has).
+CLEANUP_FUNCTIONS = r"""serve_cleanup() {
+	IFS=
+	set +f
+	LC_ALL=C
+	export LC_ALL
+	[ "${1:-}" = cleanup ] || refuse "not a cleanup request: ${1:-}: this key only removes archived WAL (pg_zfs_snap.py oldest-wal --apply)"
+	[ $# -ge 2 ] || refuse "cleanup wants one WAL segment name, then dry-run or nothing"
+	case $2 in
+	00000000*)
+		refuse "not a WAL segment name: $2" ;;
+	$h8$h8$h8)
+		;;
+	*)
+		refuse "not a WAL segment name: $2" ;;
+	esac
+	case $# in
+	2)
+		n= ;;
+	3)
+		[ "$3" = dry-run ] || refuse "not a cleanup option: $3"
+		n=1 ;;
+	*)
+		refuse "cleanup wants one WAL segment name, then dry-run or nothing" ;;
+	esac
+	t=${2#$h8}
+	hi=$((0x${t%$h8}))
+	lo=$((0x${t#$h8}))
+	dirs=0
+	for d in $g; do if [ -d "$d" ]; then dirs=$((dirs+1)); fi; done
+	if [ $dirs -eq 0 ]; then
+		printf "pg_wal_serve: %s matches no directory: nothing removed\n" "$g" >&2
+		exit 3
+	fi
+	k=0
+	e=0
+	for d in $g; do
+		[ -d "$d" ] || continue
+		for f in "$d"/*; do
+			w=${f##*/}
+			case $w in
+			*.gz) w=${w%.gz} ;;
+			*.bz2) w=${w%.bz2} ;;
+			*.xz) w=${w%.xz} ;;
+			esac
+			case $w in
+			$h8$h8$h8|$h8$h8$h8.partial) ;;
+			*) continue ;;
+			esac
+			t=${w#$h8}
+			t=${t%.partial}
+			a=$((0x${t%$h8}))
+			b=$((0x${t#$h8}))
+			if [ $a -lt $hi ] || { [ $a -eq $hi ] && [ $b -lt $lo ]; }; then
+				if [ ! -f "$f" ]; then
+					continue
+				elif [ -n "$n" ]; then
+					echo "would remove $f"
+					k=$((k+1))
+				elif rm -f -- "$f"; then
+					echo "removed $f"
+					k=$((k+1))
+				else
+					e=$((e+1))
+				fi
+			fi
+		done
+	done
+	if [ -z "$n" ]; then
+		logger -p auth.notice -t pg_wal_serve "removed $k archived WAL file(s) before $2 for ${SSH_CLIENT%% *}" >/dev/null 2>&1
+	fi
+	if [ $e -gt 0 ]; then
+		printf "pg_wal_serve: %s file(s) before %s could not be removed (%s removed)\n" "$e" "$2" "$k" >&2
+		exit 3
+	fi
+	echo "CLEANED $2 $k $dirs"
+}
+"""
+
+# pg_wal_serve after SERVE_FUNCTIONS and CLEANUP_FUNCTIONS: the request comes
+# from sshd's $SSH_ORIGINAL_COMMAND, the archive glob (and --cleanup) from
+# authorized_keys. A refusal of the cleanup mode exits 2.
 SERVER_MAIN = r"""m=restricted
 PATH=/usr/bin:/bin:/usr/sbin:/sbin
 export PATH
-[ $# -eq 1 ] || refuse "usage: pg_wal_serve ARCHIVE_GLOB (the command= of an authorized_keys line)"
+c=
+if [ "${1:-}" = --cleanup ]; then
+	c=1
+	refusal=2
+	shift
+fi
+[ $# -eq 1 ] || refuse "usage: pg_wal_serve [--cleanup] ARCHIVE_GLOB (the command= of an authorized_keys line)"
 g=$1
 case $g in /*) ;; *) refuse "the archive glob must be an absolute path" ;; esac
-[ -n "${SSH_ORIGINAL_COMMAND:-}" ] || refuse "no command: this key serves pg_wal_fetch.py requests only"
+if [ -n "$c" ]; then
+	[ -n "${SSH_ORIGINAL_COMMAND:-}" ] || refuse "no command: this key serves pg_zfs_snap.py oldest-wal --apply requests only"
+else
+	[ -n "${SSH_ORIGINAL_COMMAND:-}" ] || refuse "no command: this key serves pg_wal_fetch.py requests only"
+fi
 set -f
 unset IFS
 found=
@@ -1807,7 +1937,7 @@ for word in $SSH_ORIGINAL_COMMAND; do
 done
 [ -n "$found" ] || refuse "not a pg_wal_fetch request: $SSH_ORIGINAL_COMMAND"
 set -- $request
-serve "$@"
+if [ -n "$c" ]; then serve_cleanup "$@"; else serve "$@"; fi
 """
 
 SERVER_HEADER = """#!/bin/sh
@@ -1832,14 +1962,26 @@ SERVER_HEADER = """#!/bin/sh
 # argument above, never the client's. Anything else (a shell, scp, sftp, a
 # path, another word) gets one line "pg_wal_serve: refused: ..." on stderr
 # (and to syslog, auth.notice) and exit 1. It writes nothing anywhere.
-# Needs: sh, ls, wc, head -c, id (RHEL/CentOS 7+, Debian: every install).
+#
+# Cleanup mode, the forced command of a SEPARATE key (pg_zfs_snap.py
+# oldest-wal --apply; the line: pg_wal_fetch.py --authorized-keys):
+#
+#   restrict,from="GUEST",command="%(path)s --cleanup '/data04/pgdata/arch/*'" ssh-ed25519 AAAA...
+#
+# serves only "cleanup NAME [dry-run]", NAME a segment (24 hex digits): it
+# removes (dry-run: lists) in each directory of the glob the segments and
+# .partial segments, plain or .gz/.bz2/.xz, before NAME as pg_archivecleanup
+# does (timeline ignored; .history and .backup files kept), one "removed PATH"
+# line each, then "CLEANED NAME COUNT DIRS". Anything else: refused, exit 2.
+# In that mode it serves no fetch, list or probe; the fetch key no cleanup.
+# Needs: sh, ls, wc, head -c, id, rm (RHEL/CentOS 7+, Debian: every install).
 """
 
 
 def serve_script():
     """The text of pg_wal_serve, the forced command of a restricted key."""
     return (SERVER_HEADER % {"server": SERVER, "version": VERSION, "path": SERVER_PATH, "mark": REQUEST_MARK}
-            + "v=%s\n" % VERSION + SERVE_FUNCTIONS + SERVER_MAIN % {"mark": REQUEST_MARK})
+            + "v=%s\n" % VERSION + SERVE_FUNCTIONS + CLEANUP_FUNCTIONS + SERVER_MAIN % {"mark": REQUEST_MARK})
 
 
 def one_line(script):
@@ -3309,9 +3451,11 @@ def public_key_of(source):
                   % (source.name, " or ".join(candidates)), UNAVAILABLE)
 
 
-def authorized_keys_command(settings, server_path):
+def authorized_keys_command(settings, server_path, config=None):
     """--authorized-keys: for each ssh source, the authorized_keys line that lets
-    this guest's key run pg_wal_serve on the host and nothing else."""
+    this guest's key run pg_wal_serve on the host and nothing else; and where
+    the source has a cleanup_identity, the line of that key (pg_zfs_snap.py
+    oldest-wal --apply) for pg_wal_serve --cleanup."""
     import pwd
     me = pwd.getpwuid(os.getuid()).pw_name
     for source in settings.sources:
@@ -3328,6 +3472,16 @@ def authorized_keys_command(settings, server_path):
               "line appended to ~%s/.ssh/authorized_keys (key %s; from = %s: the address the host must "
               "see this guest come from)" % (source.name, source.host, server_path, user, key_path, from_patterns))
         print(authorized_keys_line(public_key, from_patterns, source.path, server_path))
+        section = "source " + source.name
+        cleanup_identity = config.str(section, "cleanup_identity", "") if config is not None else ""
+        if cleanup_identity:
+            cleanup_key = Source(source.name, source.host, source.port, source.user, source.path, source.probe,
+                                 cleanup_identity, source.ssh_options)
+            key_path, public_key = public_key_of(cleanup_key)
+            print("# [source %s] on %s: the cleanup key (pg_zfs_snap.py oldest-wal --apply, as root), this "
+                  "line appended to ~%s/.ssh/authorized_keys too (key %s): it removes archived WAL and "
+                  "reads nothing" % (source.name, source.host, user, key_path))
+            print(cleanup_keys_line(public_key, from_patterns, source.path, server_path))
         if user == "root":
             log.warning("[source %s] user = root: install the key for the archive's owner (postgres) "
                         "and set user = postgres", source.name)
@@ -3375,7 +3529,8 @@ def parse_args(argv):
                         help="write DIR/pg_wal_serve (0755, atomically; unchanged if current)")
     parser.add_argument("--authorized-keys", action="store_true",
                         help="print, for each ssh source, the authorized_keys line restricting "
-                             "this guest's key to pg_wal_serve")
+                             "this guest's key to pg_wal_serve (and its cleanup_identity's to "
+                             "pg_wal_serve --cleanup)")
     parser.add_argument("--server", default=SERVER_PATH, metavar="PATH",
                         help="where pg_wal_serve is on the hosts, for --authorized-keys (default %(default)s)")
     parser.add_argument("wal_name", nargs="?", metavar="WALNAME",
@@ -3460,7 +3615,7 @@ def full_main(argv=None):
         if args.check:
             return check_command(Settings(config))
         if args.authorized_keys:
-            return authorized_keys_command(Settings(config), args.server)
+            return authorized_keys_command(Settings(config), args.server, config)
         return fetch_command(args, config)
     except Failure as failure:
         return stop_or(args, failure.code if 0 < failure.code <= 3 else UNAVAILABLE, failure)

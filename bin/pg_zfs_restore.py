@@ -379,7 +379,7 @@ CONFIG_SCHEMA = {
                 "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
                 "connect_timeout": "int"},
     "source": {"host": "text", "port": "int", "user": "text", "path": "text", "probe": ("ping", "tcp", "none"),
-               "identity_file": "text", "ssh_options": "text", "from": "text"},
+               "identity_file": "text", "ssh_options": "text", "from": "text", "cleanup_identity": "text"},
     "guest": {"primary_conninfo": "text", "waldir": "text", "logfile": "text", "start_timeout": "int",
               "systemd_unit": "text", "dataset_properties": "text", "tablespace_mapping": "text",
               "cron_schedule": "text", "check_clock": ("yes", "no")},

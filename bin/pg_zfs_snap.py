@@ -34,10 +34,17 @@ Commands:
                                by outcome, from [archive] spool_dir/fetch-stats.json,
                                and the spool's bytes): DIR/pg_zfs.prom, written
                                atomically, for node_exporter's textfile collector
-    oldest-wal [--commands]    first WAL file the oldest kept set needs, here or
+    oldest-wal [--commands | --apply [--dry-run]]
+                               first WAL file the oldest kept set needs, here or
                                on a [replica NAME]: archived files before it may
                                go; --commands prints the pg_archivecleanup lines
-                               for each [source NAME] (plain and -x .gz/.bz2/.xz)
+                               for each [source NAME] (plain and -x .gz/.bz2/.xz);
+                               --apply removes them on each [source NAME] over
+                               ssh with its cleanup_identity key, restricted to
+                               `pg_wal_serve --cleanup` there (pg_wal_fetch.py
+                               --authorized-keys), printing each file removed
+                               (--dry-run: that would be); exit 1 if a source
+                               failed (each one says why), the others still go
     replicate [--replica NAME] [--dry-run] [--no-prune]
                                send every complete set a replica lacks, then prune
                                the replica by its own keep_* (below); --dry-run
@@ -125,6 +132,8 @@ Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
                keep_weekly, keep_monthly, lock_file, state_file, warn_age, crit_age,
                wal_wait
     (check: [archive] and [source *] as pg_wal_fetch.py reads them)
+    (oldest-wal --apply: [source *] host, port, user, path, ssh_options,
+               cleanup_identity; [archive] sources, connect_timeout)
     [replica NAME] host, port, user, identity_file, ssh_options, from, target,
                keep_hourly, keep_daily, keep_weekly, keep_monthly, bwlimit,
                warn_age, crit_age
@@ -570,6 +579,82 @@ def archive_cleanup_lines(sources, wal_name):
         lines.append("# [source %s] %s:" % (name, where))
         lines.append("for d in %s; do [ -d \"$d\" ] && %s; done" % (path, runs))
     return lines
+
+
+# pg_wal_fetch.py's REQUEST_MARK: pg_wal_serve serves the words after it.
+CLEANUP_MARK = "pg_wal_fetch-request"
+CLEANUP_TIMEOUT = 600       # seconds one archive host may take to remove its files
+
+
+def cleanup_request(sets, dry_run):
+    """(wal_name, the command string for pg_wal_serve --cleanup) from the complete
+    sets here and on the replicas: the name is always oldest_needed_wal(sets),
+    never one a caller could pass, so nothing a set needs can be asked for.
+    A Failure when no complete set names a valid segment."""
+    wal_name = oldest_needed_wal(sorted(sets, key=lambda one: (one.time, one.name)))
+    if wal_name is None:
+        raise Failure("no complete snapshot set: keep every archived WAL file", 1)
+    if wal_name.startswith("00000000"):
+        raise Failure("the oldest set's start WAL file %s has timeline 0: keep every archived WAL file"
+                      % wal_name, 1)
+    return wal_name, " ".join([CLEANUP_MARK, "cleanup", wal_name] + (["dry-run"] if dry_run else []))
+
+
+def cleanup_ssh_argv(source, request, connect_timeout):
+    """The ssh command sending request to source's host with its cleanup key,
+    or a Failure saying why this source cannot be cleaned up. source: a dict of
+    its [source NAME] keys. Never a shared connection (another key's master
+    would run the request under that key's forced command); ssh_options come
+    after the key and connection choices, so they cannot replace them."""
+    import shlex
+    name = source["name"]
+    if not source["cleanup_identity"]:
+        raise Failure("[source %s] has no cleanup_identity: not cleaned up (pg_wal_fetch.py --authorized-keys "
+                      "prints the line of a cleanup key)" % name, 2)
+    if not source["host"]:
+        raise Failure("[source %s] is a local directory (no host): run the lines of oldest-wal --commands "
+                      "instead" % name, 2)
+    if not source["user"]:
+        raise Failure("[source %s] has no user: set user = the archive's owner there (the cleanup key's "
+                      "user)" % name, 2)
+    try:
+        extra = shlex.split(source["ssh_options"])
+    except ValueError as error:
+        raise Failure("[source %s] ssh_options: %s" % (name, error), 2)
+    return (["ssh", "-o", "BatchMode=yes", "-o", "ControlMaster=no", "-o", "ControlPath=none",
+             "-o", "IdentitiesOnly=yes", "-i", source["cleanup_identity"]] + extra
+            + ["-o", "ConnectTimeout=%d" % connect_timeout, "-p", str(source["port"]),
+               "-l", source["user"], "-T", "--", source["host"], request])
+
+
+def parse_cleanup_answer(text, wal_name, dry_run):
+    """The paths pg_wal_serve --cleanup removed (dry_run: would remove), from its
+    answer: one "removed PATH" line each, then "CLEANED NAME COUNT DIRS"; None
+    if the answer is not that (cut short, or not pg_wal_serve's)."""
+    lines = text.splitlines()
+    if not lines:
+        return None
+    words = lines[-1].split(" ")
+    if len(words) != 4 or words[:2] != ["CLEANED", wal_name] or not words[2].isdigit() \
+            or not words[3].isdigit():
+        return None
+    prefix = "would remove " if dry_run else "removed "
+    paths = [line[len(prefix):] for line in lines[:-1] if line.startswith(prefix)]
+    if len(paths) != len(lines) - 1 or len(paths) != int(words[2]):
+        return None
+    return paths
+
+
+def cleanup_failure(source_name, returncode, stderr_text):
+    """Why pg_wal_serve --cleanup did not clean up a source, in one line."""
+    last = (stderr_text.strip().splitlines() or ["no message"])[-1]
+    if returncode == 255:
+        return "[source %s] not reached by ssh: %s" % (source_name, last)
+    if returncode == 127:
+        return ("[source %s] the cleanup key is not restricted to pg_wal_serve --cleanup (the host ran "
+                "the request as a command): install its line from pg_wal_fetch.py --authorized-keys: %s"
+                % (source_name, last))
+    return "[source %s] not cleaned up (exit %d): %s" % (source_name, returncode, last)
 
 
 def prometheus_label(value):
@@ -1191,7 +1276,7 @@ CONFIG_SCHEMA = {
                 "stall_timeout": "int", "control_dir": "text", "control_persist": "int",
                 "connect_timeout": "int"},
     "source": {"host": "text", "port": "int", "user": "text", "path": "text", "probe": ("ping", "tcp", "none"),
-               "identity_file": "text", "ssh_options": "text", "from": "text"},
+               "identity_file": "text", "ssh_options": "text", "from": "text", "cleanup_identity": "text"},
     "guest": {"primary_conninfo": "text", "waldir": "text", "logfile": "text", "start_timeout": "int",
               "systemd_unit": "text", "dataset_properties": "text", "tablespace_mapping": "text",
               "cron_schedule": "text", "check_clock": ("yes", "no")},
@@ -1752,6 +1837,10 @@ def parse_args(argv):
     oldest = commands.add_parser("oldest-wal", help="print the first WAL file the oldest set needs")
     oldest.add_argument("--commands", action="store_true",
                         help="print the pg_archivecleanup lines for each archive host instead")
+    oldest.add_argument("--apply", action="store_true",
+                        help="remove the archived WAL before it on each [source NAME] (its cleanup_identity "
+                             "key, pg_wal_serve --cleanup)")
+    oldest.add_argument("--dry-run", action="store_true", help="with --apply: only list what would go")
     metrics = commands.add_parser("metrics", help="Prometheus metrics of the sets, the pool and the replicas")
     metrics.add_argument("--textfile", metavar="DIR",
                          help="write DIR/pg_zfs.prom atomically (node_exporter's textfile collector)")
@@ -1766,6 +1855,10 @@ def parse_args(argv):
     keys.add_argument("--receiver-path", metavar="PATH", default=RECEIVER_PATH,
                       help="where pg_zfs_receive is on the replica (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.command == "oldest-wal" and args.commands and args.apply:
+        parser.error("oldest-wal: --commands or --apply, not both")
+    if args.command == "oldest-wal" and args.dry_run and not args.apply:
+        parser.error("oldest-wal: --dry-run goes with --apply")
     if args.now:
         try:
             parse_utc(args.now)
@@ -3219,10 +3312,12 @@ def replica_check_state(job, replica):
     return state, "%s: %s" % (replica, text), perf
 
 
-def cmd_oldest_wal(job, commands):
+def cmd_oldest_wal(job, commands, apply=False, dry_run=False):
     """Print the first WAL file a set here or on any [replica NAME] needs (with
-    --commands, the pg_archivecleanup lines for each [source NAME] instead). A
-    replica that cannot be listed is a Failure: its sets may need older WAL."""
+    --commands, the pg_archivecleanup lines for each [source NAME] instead;
+    with --apply, remove the files before it on each archive host). A
+    replica that cannot be listed is a Failure: its sets may need older WAL.
+    Returns the exit code."""
     sets = [one for one in job.sets() if one.complete]
     if replica_names(job.config):
         for replica in replicas_of(job):
@@ -3232,6 +3327,8 @@ def cmd_oldest_wal(job, commands):
                 raise Failure("%s cannot be listed (%s): its sets may need older WAL; keep every archived "
                               "WAL file" % (replica, failure), 1)
             sets += [one for one in replica_sets(rows, job.prefix, replica.target, job.datasets) if one.complete]
+    if apply:
+        return apply_archive_cleanup(job, sets, dry_run)
     wal_name = oldest_needed_wal(sorted(sets, key=lambda one: (one.time, one.name)))
     if wal_name is None:
         raise Failure("no complete snapshot set: keep every archived WAL file", 1)
@@ -3245,6 +3342,58 @@ def cmd_oldest_wal(job, commands):
         raise Failure("%s: no [archive] sources: nothing to clean up" % job.config.path, 2)
     for line in archive_cleanup_lines(sources, wal_name):
         print(line)
+    return 0
+
+
+def archive_sources(config):
+    """Each [source NAME] of [archive] sources, as a dict of the keys cleanup uses."""
+    names = config.list("archive", "sources", "") if config.has_section("archive") else []
+    sources = []
+    for name in names:
+        section = "source " + name
+        if not config.has_section(section):
+            raise Failure("%s: [%s] missing (named in [archive] sources)" % (config.path, section), 2)
+        sources.append({"name": name, "host": config.str(section, "host", ""),
+                        "port": config.int(section, "port", 22, minimum=1), "user": config.str(section, "user", ""),
+                        "path": config.str(section, "path"), "ssh_options": config.str(section, "ssh_options", ""),
+                        "cleanup_identity": config.str(section, "cleanup_identity", "")})
+    if not sources:
+        raise Failure("%s: no [archive] sources: nothing to clean up" % config.path, 2)
+    return sources
+
+
+def apply_archive_cleanup(job, sets, dry_run):
+    """oldest-wal --apply: on each [source NAME], pg_wal_serve --cleanup removes
+    (dry_run: lists) the archived WAL before the oldest needed file, over ssh
+    with the source's cleanup key. Every source is tried; 1 if any failed."""
+    wal_name, request = cleanup_request(sets, dry_run)
+    sources = archive_sources(job.config)
+    connect_timeout = job.config.int("archive", "connect_timeout", 5, minimum=1)
+    print("oldest needed WAL file: %s" % wal_name)
+    failed = 0
+    for source in sources:
+        where = "[source %s] %s" % (source["name"], source["host"] or "local")
+        try:
+            argv = cleanup_ssh_argv(source, request, connect_timeout)
+            code, out, err = run(argv, timeout=CLEANUP_TIMEOUT, check=False)
+            paths = parse_cleanup_answer(out, wal_name, dry_run) if code == 0 else None
+            for line in out.splitlines():
+                if line.startswith(("removed ", "would remove ")):
+                    print("%s: %s" % (where, line))
+            if code != 0:
+                raise Failure(cleanup_failure(source["name"], code, err), 1)
+            if paths is None:
+                raise Failure("[source %s] answered not as pg_wal_serve --cleanup does: %r"
+                              % (source["name"], (out.strip().splitlines() or [""])[-1][:200]), 1)
+        except Failure as failure:
+            log.error("%s", failure)
+            failed += 1
+            continue
+        print("%s: %d file(s) %s before %s" % (where, len(paths), "would be removed" if dry_run else "removed",
+                                               wal_name))
+    if failed:
+        log.error("%d of %d archive source(s) not cleaned up", failed, len(sources))
+    return 1 if failed else 0
 
 
 def job_pools(job):
@@ -3477,8 +3626,7 @@ def main(argv=None):
             failed = cmd_replicate(job, args.replica, dry_run=True, prune=not args.no_prune)
             return 1 if failed else 0
         if command == "oldest-wal":
-            cmd_oldest_wal(job, args.commands)
-            return 0
+            return cmd_oldest_wal(job, args.commands, args.apply, args.dry_run)
         if command == "metrics":
             cmd_metrics(job, args.textfile, not args.no_replicas)
             return 0
