@@ -15,6 +15,7 @@ import glob
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -264,10 +265,11 @@ class ZfsPool(object):
 
     @staticmethod
     def _destroy_stale_pools():
-        """Destroy pools of test sessions that died without teardown (their net lock is free)."""
+        """Destroy pools of test sessions that died without teardown (their net lock is
+        free): the testbed's pgzfs_tN and a ReplicaHost's pgzfs_rN."""
         names = sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
         for name in names:
-            if not name.startswith("pgzfs_t") or not name[7:].isdigit():
+            if not re.match(r"^pgzfs_[tr][0-9]+$", name):
                 continue
             with open("/tmp/pg_zfs-tests-net-%s.lock" % name[7:], "a") as lock:
                 try:
