@@ -108,17 +108,33 @@ Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
               cleanup_identity (--authorized-keys only)
     [postgres] pgdata, system_identifier, bindir
 
-Exit codes:
-    0    delivered
-    1    not found: every source answered that it has no copy (the normal
-         end of the archive)
-    2    bad arguments, bad config, or an invalid WAL name (in archive
-         recovery: 200)
-    3    not delivered, and not every source said absent (a source
-         unreachable or stalled, only bad copies, no archive directory,
-         [archive] timeout); in archive recovery of a segment: 200
-    200  archive recovery of a segment in doubt (see above): PostgreSQL stops
-    SIGTERM (PostgreSQL shutting down): clean up, then end by SIGTERM itself.
+Exit codes, and what [archive] spool_dir/fetch-stats.json counts the call as:
+    0    delivered (from the spool or a source)                  delivered
+    1    not found: every source answered that it has no copy    absent
+         (the normal end of the archive)
+    2    bad arguments, bad config, or an invalid WAL name (in   unreachable
+         archive recovery: 200)
+    3    not delivered, and not every source said absent (a      invalid when every
+         source unreachable or stalled, only bad copies, no      source answered and
+         archive directory, [archive] timeout); in archive       all copies found were
+         recovery of a segment: 200                              invalid; else unreachable
+    200  archive recovery of a segment in doubt (see above):     as for 2 or 3
+         PostgreSQL stops
+    SIGTERM (PostgreSQL shutting down): clean up, then end by    not counted
+         SIGTERM itself.
+An exit 1 for any other reason (an error) counts as unreachable.
+
+Counters for monitoring (pg_zfs_snap.py metrics reads them): every
+restore_command call (not --check, not the prefetcher) adds its outcome and
+its wall time to [archive] spool_dir/fetch-stats.json (0644), e.g.
+
+    {"delivered": {"count": 812, "seconds": 17.3}, "absent": {"count": 1,
+     "seconds": 0.21}, "invalid": {"count": 0, "seconds": 0.0},
+     "unreachable": {"count": 2, "seconds": 40.1}, "updated": 1764525799.25}
+
+under a flock of .fetch-stats.lock there. A call that cannot count (the lock
+busy for a second, no permission, a full disk) goes uncounted, saying so only
+with -v; counting never changes what the call did or how it exits.
 """
 
 # ---------------------------------------------------------------------------
@@ -130,7 +146,8 @@ Exit codes:
 # prefetch spool does (README, "Benchmarks"). So the file has two parts:
 #   1. This first part: what a delivery from the spool needs, compiled on
 #      every call: quick_delivery() and the few pure functions it uses. It
-#      imports nothing but os, sys, struct, errno, fcntl and time.
+#      imports nothing but os, sys, struct, errno, fcntl and time (and json
+#      only to read or write a counters file other than its own, count_fetch).
 #   2. Everything else (the config, the sources and ssh, the whole-segment
 #      checks, the prefetcher, --check, the archive hosts' program), below as
 #      the text of REST: plain Python, read it as such. It runs as part of this
@@ -198,6 +215,11 @@ STOP_MARK = "stopping recovery at"
 DEFAULT_SPOOL = "/var/lib/pg_zfs/spool"
 CONFIG_NOTE = ".config-ok"   # in each spool: the config file the last full run validated
 CODE_DIR = ".code"           # in [archive] spool_dir: REST compiled (load_rest)
+# In [archive] spool_dir: restore_command calls counted by outcome (count_fetch).
+FETCH_STATS = "fetch-stats.json"
+FETCH_STATS_LOCK = ".fetch-stats.lock"
+FETCH_OUTCOMES = ("delivered", "absent", "invalid", "unreachable")
+FETCH_STATS_WAIT = 1.0       # seconds a call waits for the counters' lock before going uncounted
 
 
 def is_hex(text):
@@ -578,22 +600,168 @@ def keep_code(code_dir, tag, data):
         pass
 
 
+def add_fetch_outcome(stats, outcome, seconds, now):
+    """The counters of stats (fetch-stats.json as read, or None) with one call of
+    outcome that took seconds added, and "updated" now. The four outcomes come
+    first, always (one missing or malformed starts at zero); other keys are kept."""
+    stats = stats if isinstance(stats, dict) else {}
+    counted = {}
+    for name in FETCH_OUTCOMES:
+        counter = stats.get(name)
+        if isinstance(counter, dict) and type(counter.get("count")) is int \
+                and type(counter.get("seconds")) in (int, float):
+            counter = dict(counter, seconds=float(counter["seconds"]))
+        else:
+            counter = {"count": 0, "seconds": 0.0}
+        counted[name] = counter
+    counted[outcome]["count"] += 1
+    counted[outcome]["seconds"] += seconds
+    counted["updated"] = float(now)
+    for key, value in stats.items():
+        counted.setdefault(key, value)
+    return counted
+
+
+def fetch_stats_text(stats):
+    """The text of fetch-stats.json for stats, exactly as json.dumps writes it (plus a
+    newline), when stats holds only the four outcomes (count and seconds each) and
+    "updated"; else None (the json module writes it then). Importing json, which
+    imports re, would add about 10 ms to a delivery from the spool (16 ms)."""
+    if list(stats) != list(FETCH_OUTCOMES) + ["updated"] or type(stats["updated"]) is not float:
+        return None
+    parts = []
+    for name in FETCH_OUTCOMES:
+        counter = stats[name]
+        if list(counter) != ["count", "seconds"] or type(counter["count"]) is not int \
+                or type(counter["seconds"]) is not float:
+            return None
+        parts.append('"%s": {"count": %d, "seconds": %r}' % (name, counter["count"], counter["seconds"]))
+    return '{%s, "updated": %r}\n' % (", ".join(parts), stats["updated"])
+
+
+def parse_fetch_stats(text):
+    """The counters in text if it is exactly what fetch_stats_text writes, else None
+    (the json module reads it then)."""
+    words = text.replace("{", " ").replace("}", " ").replace(":", " ").replace(",", " ").split()
+    if len(words) != 22:
+        return None
+    stats = {}
+    try:
+        for index, name in enumerate(FETCH_OUTCOMES):
+            stats[name] = {"count": int(words[index * 5 + 2]), "seconds": float(words[index * 5 + 4])}
+        stats["updated"] = float(words[21])
+    except ValueError:
+        return None
+    return stats if fetch_stats_text(stats) == text else None
+
+
+def read_fetch_stats(path):
+    """(counters of the file at path or None, why None) for count_fetch."""
+    try:
+        with open(path, "rb") as stats_file:
+            text = stats_file.read(MAX_TEXT_FILE).decode("utf-8", "replace")
+    except (IOError, OSError) as error:
+        if error.errno == errno.ENOENT:
+            return None, "%s not there yet: counting from zero" % path
+        raise
+    stats = parse_fetch_stats(text)
+    if stats is None:
+        import json
+        try:
+            stats = json.loads(text)
+        except ValueError as error:
+            return None, "%s is not JSON (%s): counting from zero" % (path, error)
+        if not isinstance(stats, dict):
+            return None, "%s is not a JSON object: counting from zero" % path
+    return stats, None
+
+
+def count_fetch(spool_root, outcome, seconds):
+    """Add one restore_command call of outcome (FETCH_OUTCOMES) that took seconds to
+    spool_root/fetch-stats.json, which pg_zfs_snap.py metrics reads. Returns a line
+    for the debug log when the call was not counted or started from zero, else None.
+
+    Counters, not a record: under an exclusive flock of spool_root/.fetch-stats.lock,
+    read, add, write a temporary file beside and rename it over (0644, no fsync). It
+    never raises, never waits more than FETCH_STATS_WAIT for the lock (the call then
+    goes uncounted), never creates spool_root and leaves no temporary file behind
+    (one a killed call left is written over by the next).
+    """
+    if not spool_root:
+        return "call not counted: no [archive] spool_dir"
+    path = os.path.join(spool_root, FETCH_STATS)
+    staged = os.path.join(spool_root, "." + FETCH_STATS + ".tmp")   # only the lock's holder writes it
+    lock_fd = None
+    wrote = False
+    try:
+        lock_fd = os.open(os.path.join(spool_root, FETCH_STATS_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
+        info = os.fstat(lock_fd)
+        if info.st_uid == os.geteuid() and info.st_mode & 0o777 != 0o644:
+            os.fchmod(lock_fd, 0o644)    # PostgreSQL's umask is 077: the metrics reader needs the file
+        give_up = time.monotonic() + FETCH_STATS_WAIT
+        while not try_lock(lock_fd):
+            if time.monotonic() > give_up:
+                return "call not counted: %s stayed locked %.0f s" % (
+                    os.path.join(spool_root, FETCH_STATS_LOCK), FETCH_STATS_WAIT)
+            time.sleep(0.002)
+        stats, note = read_fetch_stats(path)
+        stats = add_fetch_outcome(stats, outcome, seconds, time.time())
+        text = fetch_stats_text(stats)
+        if text is None:
+            import json
+            text = json.dumps(stats) + "\n"
+        wrote = True
+        with open(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb") as out:
+            os.fchmod(out.fileno(), 0o644)
+            out.write(text.encode("utf-8"))
+        os.replace(staged, path)
+        wrote = False
+        return note
+    except Exception as error:         # counting never changes what the call did
+        return "call not counted in %s: %s" % (path, error)
+    finally:
+        if wrote:
+            try:
+                os.unlink(staged)
+            except OSError:
+                pass
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
 def main(argv=None):
     """Deliver from the spool when that is all this call has to do (quick_delivery);
-    otherwise load the rest of this file and run the whole story (full_main)."""
+    otherwise load the rest of this file and run the whole story (full_main). Then
+    count a restore_command call by its outcome and time (count_fetch)."""
+    started = time.monotonic()
     argv = sys.argv[1:] if argv is None else argv
     code = quick_delivery(argv)
+    spool_root = quick_spool_root(argv)
     if code is not None:
+        # Its notes are for the debug log, and a delivery from the spool is never -v.
+        count_fetch(spool_root, "delivered", time.monotonic() - started)
         return code
-    spool_root = None
+    load_rest(spool_root)
+    call = {}
+    code = globals()["full_main"](argv, call)     # in REST
+    if call:
+        note = count_fetch(call["spool_root"] or spool_root, call["outcome"], time.monotonic() - started)
+        if note:
+            globals()["log"].debug("%s", note)
+    return code
+
+
+def quick_spool_root(argv):
+    """[archive] spool_dir of the config argv names, read the simple way (a hint for
+    the full run; the spool's config note proves it for a quick delivery); None when
+    the config cannot be read."""
     try:
         config_path = config_path_of(argv)
         if config_path:
-            spool_root = quick_config_value(config_path, "archive", "spool_dir") or DEFAULT_SPOOL
+            return quick_config_value(config_path, "archive", "spool_dir") or DEFAULT_SPOOL
     except (IOError, OSError):
         pass
-    load_rest(spool_root)
-    return globals()["full_main"](argv)     # in REST
+    return None
 
 
 def config_path_of(argv):
@@ -1523,6 +1691,25 @@ def exit_code_for(outcomes, stop_on_doubt=False):
     if outcomes and all(outcome == ABSENT for outcome in outcomes):
         return NOT_FOUND
     return STOP_RECOVERY if stop_on_doubt else UNAVAILABLE
+
+
+def fetch_outcome(code, source_outcomes):
+    """What fetch-stats.json counts a restore_command call as (FETCH_OUTCOMES), from its
+    exit code and the outcomes of the sources it asked, in order.
+
+    "delivered": exit 0. "absent": exit 1 because every source said absent (or
+    the segment lies before its timeline). "invalid": not delivered, every
+    source answered, and the copies found were all invalid. "unreachable": any
+    other miss: a source down, stalled, failing or without its archive
+    directory, [archive] timeout, a bad config, name or destination, an error.
+    """
+    if code == DELIVERED:
+        return "delivered"
+    if code == NOT_FOUND and source_outcomes and all(outcome == ABSENT for outcome in source_outcomes):
+        return "absent"
+    if INVALID in source_outcomes and all(outcome in (INVALID, ABSENT) for outcome in source_outcomes):
+        return "invalid"
+    return "unreachable"
 
 
 def recovery_mode(files, recovery_conf):
@@ -3065,7 +3252,7 @@ def fetch_command(args, config):
     deadline = time.time() + settings.timeout
     cluster = read_cluster(settings)
     # PostgreSQL runs restore_command in the data directory.
-    spool_root = settings.spool_dir
+    spool_root = args.spool_root = settings.spool_dir
     settings.spool_dir = spool_for(spool_root, os.getcwd())
     prefetching = kind == "segment" and settings.prefetch > 0
     if prefetching:
@@ -3075,6 +3262,7 @@ def fetch_command(args, config):
             return DELIVERED
     if kind == "segment" and before_its_timeline(args.wal_name, timeline_begins(history_here(args.wal_name))):
         log.debug("%s lies before its timeline began: absent", args.wal_name)
+        args.source_outcomes = [ABSENT]
         return NOT_FOUND
     settings.control_dir = prepare_control_dir(settings.control_dir)
     waldump = find_waldump(settings.bindir, cluster.pg_major) if kind == "segment" else None
@@ -3088,7 +3276,8 @@ def fetch_command(args, config):
         if outcome == FOUND:
             log.debug("%s delivered from [source %s]", args.wal_name, source.name)
             break
-    code = exit_code_for([outcome for _name, outcome, _detail in results], args.stop_on_doubt)
+    args.source_outcomes = [outcome for _name, outcome, _detail in results]
+    code = exit_code_for(args.source_outcomes, args.stop_on_doubt)
     if code == DELIVERED:
         if prefetching:
             after_delivery(settings, args, cluster, waldump)
@@ -3585,7 +3774,10 @@ def stop_or(args, code, reason):
     return STOP_RECOVERY
 
 
-def full_main(argv=None):
+def full_main(argv=None, call=None):
+    """Run what argv asks. call (a dict), when given, receives for a restore_command
+    call (WALNAME DEST) the "outcome" main counts it as (fetch_outcome) and the
+    "spool_root" of its config (None if the config was not read)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = quick_args(argv) or parse_args(argv)
@@ -3593,6 +3785,24 @@ def full_main(argv=None):
         return done.code if isinstance(done.code, int) and 0 <= done.code <= 2 else USAGE
     setup_logging(args.verbose)
     args.stop_on_doubt = False
+    args.source_outcomes, args.spool_root = [], None
+    code = run_command(args)
+    if call is not None and restore_call(args):
+        call.update(outcome=fetch_outcome(code, args.source_outcomes), spool_root=args.spool_root)
+        # Only the counting is left: a signal now ends the call at once, by that signal.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+    return code
+
+
+def restore_call(args):
+    """True for a restore_command call (WALNAME DEST), False for the other commands."""
+    return not (args.check or args.prefetch or args.serve_script or args.install_server
+                or args.authorized_keys)
+
+
+def run_command(args):
+    """The command args asks for, in its order; its exit code."""
     try:
         # The archive host's side needs no config (the host may have none).
         if args.serve_script:
@@ -3600,7 +3810,7 @@ def full_main(argv=None):
             return DELIVERED
         if args.install_server:
             return install_server_command(args.install_server)
-        if not args.check and not args.prefetch and not args.authorized_keys:
+        if restore_call(args):
             kind = wal_kind(args.wal_name)
             if kind is None:
                 # Before anything else, the config included.
