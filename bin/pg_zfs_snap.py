@@ -242,7 +242,7 @@ DEFAULT_STATE_FILE = "/var/lib/pg_zfs/last-snapshot.json"
 DEFAULT_SPOOL = "/var/lib/pg_zfs/spool"
 DEFAULT_WAL_ROOT = "/var/lib/pg_zfs/restore-wal"
 DRILL_STATE_NAME = "last-drill.json"
-FETCH_STATS_NAME = "fetch-stats.json"
+FETCH_STATS = "fetch-stats.json"
 FETCH_OUTCOMES = ("delivered", "absent", "invalid", "unreachable")
 
 
@@ -3429,7 +3429,7 @@ def cmd_metrics(job, textfile_dir, with_replicas):
     fetch_stats = spool_bytes = None
     if job.config.has_section("archive"):
         spool_dir = job.config.str("archive", "spool_dir", DEFAULT_SPOOL)
-        fetch_stats = read_state(os.path.join(spool_dir, FETCH_STATS_NAME), "pg_wal_fetch.py's counters",
+        fetch_stats = read_state(os.path.join(spool_dir, FETCH_STATS), "pg_wal_fetch.py's counters",
                                  lambda record, _: fetch_counters(record))
         fetch_stats = fetch_stats or fetch_counters({})
         spool_bytes = tree_bytes(spool_dir)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from testbed import chown_pg, wait_for
+from testbed import chown_pg, run_script, wait_for
 from test_wal_fetch import FETCH, py36, segments, wal  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
@@ -96,6 +96,14 @@ def test_each_outcome_is_counted_once_with_its_time(stats, tb):
     assert no_temporary_files(stats), os.listdir(stats.spool_root)
     # The sources said what they said: nothing of the counting in the call's output.
     assert "fetch-stats" not in proc.stderr and proc.stdout == ""
+    # What root's metrics cron job makes of them (pg_zfs_snap.py metrics).
+    metrics = run_script("pg_zfs_snap", "metrics", "--no-replicas", config=stats.config)
+    assert metrics.returncode == 0, metrics.stderr
+    lines = metrics.stdout.splitlines()
+    for outcome, count in counts(stats).items():
+        assert 'pg_zfs_wal_fetch_calls_total{outcome="%s"} %d' % (outcome, count) in lines, metrics.stdout
+        assert 'pg_zfs_wal_fetch_seconds_total{outcome="%s"} %r' % (outcome, found[outcome]["seconds"]) in lines
+    assert [line for line in lines if line.startswith("pg_zfs_spool_bytes ")], metrics.stdout
 
 
 def test_a_delivery_from_the_spool_counts_and_the_prefetcher_does_not(stats):
