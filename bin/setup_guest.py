@@ -330,11 +330,30 @@ def setup_logging(verbose=False, use_syslog=False):
     stderr.setFormatter(logging.Formatter(PROG + ": %(levelname)s: %(message)s"))
     logger.handlers = [stderr]
     if use_syslog and os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
-        handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_DAEMON)
+        try:
+            handler = never_waiting_syslog_handler()
+        except OSError:             # /dev/log left by a daemon that is gone: stderr only
+            return logger
         handler.setFormatter(logging.Formatter(PROG + "[%(process)d]: %(message)s"))
         logger.addHandler(handler)
     return logger
+
+
+def never_waiting_syslog_handler():
+    """A SysLogHandler on /dev/log that never blocks nor fails the script: a syslog
+    daemon that takes nothing (its queue full, stalled, restarting) loses the
+    line, which stderr has, rather than hang a restore_command or a restore."""
+    from logging.handlers import SysLogHandler
+
+    class NeverWaiting(SysLogHandler):
+        def emit(self, record):
+            try:
+                self.socket.setblocking(False)
+                priority = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+                self.socket.send(("<%d>%s\000" % (priority, self.format(record))).encode("utf-8"))
+            except (OSError, ValueError):
+                pass
+    return NeverWaiting(address="/dev/log", facility=SysLogHandler.LOG_DAEMON)
 
 
 def unexpected_failure(error):
