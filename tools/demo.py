@@ -14,7 +14,12 @@
    (between the sets) still succeeds through host 2; the rows it has and the
    ones it rightly lacks.
 5. `pg_zfs_restore.py drill`, `pg_zfs_snap.py check`.
-6. The rest of the toolbox: `pg_wal_fetch.py --check`, `prune --dry-run`,
+6. A copy on another machine: a second pool behind its own sshd (127.N.0.4)
+   where the guest's key may only run pg_zfs_receive; `replicate`, `list
+   --replica`, `check --replica`; then, as if the guest's host were gone,
+   `pg_zfs_restore.py restore --target-time` on the replica's own config
+   (the received datasets, the surviving archive host) with the same rows.
+7. The rest of the toolbox: `pg_wal_fetch.py --check`, `prune --dry-run`,
    `oldest-wal`, and `rollback` refusing while the standby runs; cleanup.
 
 Everything is removed at the end, also on Ctrl-C or failure, unless --keep.
@@ -52,10 +57,10 @@ class Demo(object):
     def say(self, text):
         print("   " + text.replace("\n", "\n   "), flush=True)
 
-    def script(self, name, *args, user=None, check=True):
+    def script(self, name, *args, user=None, check=True, config=None):
         shown = " ".join([name + ".py"] + [str(a) for a in args])
         started = time.monotonic()
-        proc = run_script(name, *args, config=self.config, python=PYTHON, user=user,
+        proc = run_script(name, *args, config=config or self.config, python=PYTHON, user=user,
                           timeout=600)
         self.say("$ %s   [exit %d, %.1f s]" % (shown, proc.returncode,
                                                  time.monotonic() - started))
@@ -109,6 +114,7 @@ class Demo(object):
                                                        os.path.join(mnt, "data01", "ts1")),
                       "check_clock": "no"},
         })
+        self.sections = sections
         self.config = bed.write_config(os.path.join(guest_dir, "pg_zfs.conf"),
                                        sections=sections)
         self.say("pool %s on a sparse file; config %s" % (zfs.name, self.config))
@@ -173,8 +179,14 @@ class Demo(object):
         host1 = self.bed.hosts[0]
         host1.kill()
         self.say("nft drops every packet to %s (host1)" % host1.address)
+        self.restore_and_compare()
+        host1.revive()
+        self.script("pg_zfs_restore", "cleanup", "--all")
+
+    def restore_and_compare(self, config=None):
+        """restore --target-time, then the copy's rows: those before the target, none after."""
         proc = self.script("pg_zfs_restore", "restore", "--target-time", self.target,
-                           "--action", "promote")
+                           "--action", "promote", config=config)
         socket_dir, port = _connect_line(proc.stdout)
         copy = testbed.Cluster("restored", "/nonexistent", self.bed.pg_bindir,
                                self.bed.run_dir, port=port)
@@ -187,8 +199,6 @@ class Demo(object):
         self.say("rows written after the target in the copy: %s (rightly none)" % later)
         if later != "0" or "between the sets" not in rows:
             raise RuntimeError("the restored copy does not match the target")
-        host1.revive()
-        self.script("pg_zfs_restore", "cleanup", "--all")
 
     def drill_and_check(self):
         self.step("5. Restore drill, snapshot check")
@@ -196,8 +206,48 @@ class Demo(object):
         self.script("pg_zfs_snap", "check")
         self.script("pg_zfs_snap", "check", "--json")
 
+    def replica(self):
+        self.step("6. A copy on another machine; the guest's host gone, restore there")
+        bed = self.bed
+        host = testbed.ReplicaHost(bed)
+        parent = host.pool.create("guest1")
+        self.say("replica: pool %s, parent dataset %s, sshd %s:%d (root: forced commands only)"
+                 % (host.pool.name, parent, host.address, host.port))
+        receiver = os.path.join(host.home, "pg_zfs_receive")
+        with open(receiver, "w") as out:
+            out.write(self.script("pg_zfs_snap", "receiver-script").stdout)
+        os.chmod(receiver, 0o755)
+        self.sections["replica host3"] = {
+            "host": host.address, "port": host.port, "user": "root", "identity_file": host.key,
+            "ssh_options": host.ssh_options, "target": parent, "keep_daily": "7"}
+        self.config = bed.write_config(self.config, sections=self.sections)
+        keys = self.script("pg_zfs_snap", "authorized-keys", "--receiver-path", receiver)
+        with open(host.authorized_keys, "w") as out:
+            out.write(keys.stdout.splitlines()[-1] + "\n")
+        self.script("pg_zfs_snap", "replicate", "--dry-run")
+        # --no-prune: the replica's keep_daily would keep one set of today, and the
+        # target lies between today's two
+        self.script("pg_zfs_snap", "replicate", "--no-prune")
+        self.script("pg_zfs_snap", "list", "--replica", "host3")
+        self.script("pg_zfs_snap", "check", "--replica", "host3")
+        self.say("the guest's host is gone (its pool, and host1's archive with it): on the replica,"
+                 " a config naming the received datasets and host2 only")
+        sections = bed.archive_config()
+        sections["archive"]["sources"] = "host2"
+        del sections["source host1"]
+        sections["restore"] = {"mount_root": os.path.join(host.home, "restore"),
+                               "wal_root": os.path.join(bed.run_dir, "restore-wal")}
+        sections.update({
+            "postgres": {"bindir": bed.pg_bindir, "user": PG_USER, "dbname": "postgres"},
+            "snapshot": {"backend": "zfs", "prefix": "pgzfs",
+                         "datasets": " ".join("%s/data%02d" % (parent, n) for n in (1, 2, 3, 4))}})
+        on_the_replica = bed.write_config(os.path.join(host.home, "pg_zfs.conf"), sections=sections)
+        self.script("pg_zfs_restore", "list", config=on_the_replica)
+        self.restore_and_compare(on_the_replica)
+        self.script("pg_zfs_restore", "cleanup", "--all", config=on_the_replica)
+
     def toolbox(self):
-        self.step("6. The rest of the daily toolbox")
+        self.step("7. The rest of the daily toolbox")
         self.script("pg_wal_fetch", "--check", user=PG_USER)
         self.script("pg_zfs_snap", "prune", "--dry-run")
         self.script("pg_zfs_snap", "oldest-wal")
@@ -241,6 +291,7 @@ def main(argv=None):
         demo.snapshots()
         demo.restore()
         demo.drill_and_check()
+        demo.replica()
         demo.toolbox()
         ok = True
     except KeyboardInterrupt:
