@@ -58,7 +58,22 @@ Commands:
                          throwaway clones (DATASET_drill_SET) on a free port,
                          promote, run SELECT 1 and SQL (and pg_amcheck, 14+, on
                          request), stop, destroy; one Nagios line with the time
-                         of each step (and the newer sets waiting for WAL)
+                         of each step (and the newer sets waiting for WAL).
+                         At a terminal it logs the set and progress lines (see
+                         recover) on stderr; elsewhere (cron, a monitoring agent:
+                         stderr not a terminal) only its warnings and errors go
+                         to stderr, the rest to syslog, so a drill that passes
+                         prints its Nagios line and nothing else (-v: all).
+                         Each drill that read its config, passed or failed (a
+                         signal too), ends by writing WAL_ROOT/last-drill.json
+                         ([restore] wal_root; pg_zfs_snap.py metrics reads it),
+                         atomically, mode 0644, one JSON object:
+                           {"exit_code": 0 or 2, "status": "OK" or "CRITICAL",
+                            "set": the set drilled (null: none was chosen),
+                            "started": Unix time, "finished": Unix time,
+                            "seconds": its duration, "message": the Nagios line}
+                         (a file that cannot be written is a warning; the
+                         drill's line and exit code stay)
     cleanup NAME|--all   stop the server running on clones made by this tool and
                          destroy them (NAME: a set name or one of its clones)
     rollback --set NAME [--force]
@@ -104,7 +119,8 @@ What a restore does, in order (each step is timed and reported):
            full path, so cron's PATH does not matter; su where there is none)
   recover  wait (bounded by [restore] timeout) until the target is reached:
            paused, promoted or shut down, then report the last replayed LSN and
-           transaction time. Every 10 s (3 s on a terminal) a progress line:
+           transaction time. Every 10 s (3 s on a terminal) a progress line
+           (a drill not at a terminal: to syslog only):
            the LSN replay reached and its rate, the last commit's time, the
            segments restored from the archive, and the time left to a time
            target (by the pace of the commit times), an LSN target or
@@ -219,6 +235,9 @@ PORT_SPAN = 200                 # ports tried from port_start on
 POLL_INTERVAL = 0.5             # seconds between two looks at the recovering server
 PROGRESS_INTERVAL = 10          # seconds between two progress lines while it recovers
 TERMINAL_PROGRESS_INTERVAL = 3  # the same on a terminal
+# A drill's result, in [restore] wal_root, for pg_zfs_snap.py metrics (the format: drill_state_text).
+DRILL_STATE_FILE = "last-drill.json"
+NAGIOS_STATUS = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
 # zfs destroy (btrfs subvolume delete) right after pg_ctl stop may find the clone
 # "busy" for a while (a process still leaving it; zfs-fuse busy with other pools):
 # tried again for this many seconds before it counts as a failure.
@@ -1686,6 +1705,24 @@ def progress_line(status, events, elapsed, rate=None, left=None):
         "; about %ds to the target" % round(left) if left is not None else "")
 
 
+def drill_state_text(code, set_name, started, finished, seconds, message):
+    """The text of last-drill.json: {"exit_code": 0|1|2|3, "status": "OK"|"WARNING"|"CRITICAL"|
+    "UNKNOWN", "set": the set drilled or null (none chosen), "started", "finished": Unix times,
+    "seconds": how long it ran, "message": the Nagios line it printed}."""
+    return json.dumps({"exit_code": code, "status": NAGIOS_STATUS.get(code, "UNKNOWN"), "set": set_name,
+                       "started": started, "finished": finished, "seconds": seconds, "message": message},
+                      sort_keys=True) + "\n"
+
+
+def stderr_level(command, verbose, terminal):
+    """The least level logged to stderr. A drill not on a terminal runs from cron or a
+    monitoring agent, which mail or keep whatever reaches stderr: its info lines (the set
+    chosen, progress) go to syslog only, its warnings and errors to both."""
+    if verbose:
+        return logging.DEBUG
+    return logging.WARNING if command == "drill" and not terminal else logging.INFO
+
+
 def format_timings(timings):
     """'clone 0.12s, start 1.40s; total 1.52s'."""
     parts = ["%s %.2fs" % (name, seconds) for name, seconds in timings]
@@ -2337,7 +2374,7 @@ def write_file(path, data, mode, owner):
             os.fsync(out.fileno())
         os.chmod(temp, mode)
         os.chown(temp, owner[0], owner[1])
-        os.rename(temp, path)
+        os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -3089,6 +3126,13 @@ def target_of(args):
 def prepare_restore(config, args, kind, target, action, mount_root, port_option, dry_run):
     """Choose the set and the port, make and check the plan; return a Restorer."""
     zfs, pools = backend_of(config)
+    snapshot_set, waiting = choose_restore_set(zfs, pools, config, args, target)
+    return plan_restore(zfs, pools, config, args, kind, target, action, snapshot_set, waiting, mount_root,
+                        port_option, dry_run)
+
+
+def choose_restore_set(zfs, pools, config, args, target):
+    """(the set that serves target, {newer set passed over: its stop segment not archived})."""
     timeline = getattr(args, "timeline", None)
     sets = load_sets(zfs, pools, config)
     waiting = sets_waiting(config, [one for one in sets if args.set is None or one.name == args.set])
@@ -3101,6 +3145,13 @@ def prepare_restore(config, args, kind, target, action, mount_root, port_option,
     log.info("set %s (stop %s, LSN %s) serves target %s", snapshot_set.name,
              iso_time(set_stop_time(snapshot_set)) if set_stop_time(snapshot_set) else "?", snapshot_set.get("stop_lsn"),
              target)
+    return snapshot_set, waiting
+
+
+def plan_restore(zfs, pools, config, args, kind, target, action, snapshot_set, waiting, mount_root, port_option,
+                 dry_run):
+    """Choose the port, make and check the plan of a restore of snapshot_set; return a Restorer."""
+    timeline = getattr(args, "timeline", None)
     options = restore_options(config)
     used = system_ports()
     if port_option is not None:
@@ -3187,12 +3238,31 @@ def restore_with(restorer, args):
 
 
 def cmd_drill(config, args):
-    """Restore the newest set into throwaway clones, query it, remove it: one Nagios line."""
+    """Restore the newest set into throwaway clones, query it, remove it: one Nagios line,
+    and the same result in WAL_ROOT/last-drill.json."""
+    started, clock = time.time(), time.monotonic()
+    wal_root = restore_options(config)["wal_root"]     # bad: main's CRITICAL line, and no file
+    code, set_name, line = drill(config, args)
+    with signals_held(deliver=False):       # the drill is over: a late signal changes nothing
+        if code:
+            log.error("%s", line.split(": ", 1)[1])     # stderr and syslog; stdout is Nagios'
+        print(line)
+        sys.stdout.flush()
+        record_drill(wal_root, drill_state_text(code, set_name, started, time.time(),
+                                                time.monotonic() - clock, line))
+    return code
+
+
+def drill(config, args):
+    """The steps of cmd_drill: (exit code, the set drilled or None, the Nagios line)."""
     restorer = None
-    set_name = args.set or "?"
+    set_name = args.set
     try:
-        restorer = prepare_restore(config, args, "drill", Target("immediate"), "promote", None, None, False)
-        set_name = restorer.plan.snapshot_set.name
+        zfs, pools = backend_of(config)
+        snapshot_set, waiting = choose_restore_set(zfs, pools, config, args, Target("immediate"))
+        set_name = snapshot_set.name
+        restorer = plan_restore(zfs, pools, config, args, "drill", Target("immediate"), "promote", snapshot_set,
+                                waiting, None, None, False)
         steps = [("clone", restorer.clone), ("prepare", restorer.prepare), ("start", restorer.start),
                  ("recover", restorer.wait_for_target),
                  ("query", lambda: [restorer.server.execute(query) for query in ["SELECT 1"] + [args.query]
@@ -3216,15 +3286,27 @@ def cmd_drill(config, args):
                     destroyed = restorer.destroy()
         if not destroyed:
             raise Failure("destroy: clones left behind: %s" % " ".join(restorer.made_clones), 2)
-    except Failure as failure:
-        log.error("drill of set %s failed: %s", set_name, failure)
-        print("CRITICAL: drill of set %s failed: %s; %s" % (
-            set_name, failure, format_timings(restorer.timings if restorer else [])))
-        return 2
-    print("OK: drill of set %s restored, promoted and queried; %s%s"
-          % (set_name, format_timings(restorer.timings), "".join(
-              "; newer set %s waits for WAL %s" % item for item in sorted(restorer.waiting.items()))))
-    return 0
+    except Exception as error:      # Failure (a signal's Stopped too), and any other error as one line
+        failure = error if isinstance(error, Failure) else unexpected_failure(error)
+        return 2, set_name, "CRITICAL: drill of set %s failed: %s; %s" % (
+            set_name or "?", failure, format_timings(restorer.timings if restorer else []))
+    return 0, set_name, "OK: drill of set %s restored, promoted and queried; %s%s" % (
+        set_name, format_timings(restorer.timings), "".join(
+            "; newer set %s waits for WAL %s" % item for item in sorted(restorer.waiting.items())))
+
+
+def record_drill(wal_root, text):
+    """Write WAL_ROOT/last-drill.json (mode 0644, atomically: pg_zfs_snap.py metrics reads it);
+    a failure is a warning, never the drill's result."""
+    path = os.path.join(wal_root, DRILL_STATE_FILE)
+    try:
+        if not os.path.isdir(wal_root):
+            make_dir(wal_root, 0o755)
+        write_file(path, text.encode("utf-8"), 0o644, (os.getuid(), os.getgid()))
+        fsync_directory(wal_root)
+    except (Failure, EnvironmentError) as error:
+        log.warning("the drill's result was not recorded in %s: %s", path,
+                    error if isinstance(error, Failure) else error.strerror or error)
 
 
 def cmd_cleanup(config, args):
@@ -3444,7 +3526,10 @@ COMMANDS = {"list": cmd_list, "restore": cmd_restore, "drill": cmd_drill,
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # drill runs from cron; a restore, rollback or cleanup is worth a line where admins look.
-    setup_logging(args.verbose, use_syslog=args.command != "list")
+    logger = setup_logging(args.verbose, use_syslog=args.command != "list")
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:      # stderr; syslog keeps every info line
+            handler.setLevel(stderr_level(args.command, args.verbose, sys.stderr.isatty()))
     if args.command != "list":
         catch_signals()
     try:
