@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PY36, load_script, wait_for
+from testbed import BIN, PY36, load_script, run_script, wait_for
 from test_restore import our_clones, restore_script, story  # noqa: F401  (story is a fixture)
 from test_restore_edges import server_of
 from test_restore_faults import nothing_left, stalled
@@ -95,6 +95,20 @@ def test_a_drill_that_passes_records_ok_the_set_and_its_duration(story, passed_d
         "OK: drill of set %s " % story.sets[1]), state
     assert_times_of(state, before, after)
     assert our_clones(story.tb) == []
+    assert drill_metrics(story) == {"success": 1, "exit_code": 0, "timestamp_seconds": state["finished"],
+                                    "duration_seconds": state["seconds"]}
+
+
+def drill_metrics(story):
+    """{name: value} of pg_zfs_snap.py metrics' job="drill" samples (root's cron job reads the file)."""
+    proc = run_script("pg_zfs_snap", "metrics", "--no-replicas", config=story.config)
+    assert proc.returncode == 0, proc.stderr
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("pg_zfs_last_run_") and '{job="drill"}' in line:
+            name, value = line.split(" ")
+            found[name[len("pg_zfs_last_run_"):].split("{")[0]] = float(value)
+    return found
 
 
 def test_a_drill_that_passes_off_a_terminal_prints_one_line_and_nothing_on_stderr(story, passed_drill):
@@ -162,6 +176,7 @@ def test_a_drill_whose_query_fails_records_critical_with_its_line(story, no_stat
     assert state["message"].startswith("CRITICAL: drill of set %s failed: query" % story.sets[1])
     assert "no_such_table" in state["message"]
     assert_times_of(state, before, after)
+    assert drill_metrics(story)["success"] == 0 and drill_metrics(story)["exit_code"] == 2
     assert our_clones(story.tb) == []
 
 

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from testbed import PG_USER, chown_pg, run_script, sh, wait_for
-from test_restore import (Story, assert_a_promoted_restore_leaves_untouched,
+from test_restore import (Story, work_dirs, assert_a_promoted_restore_leaves_untouched,
                           assert_rows_up_to, parse_iso, pgdata_fingerprint, pitr_story, restored)
 
 SCRIPT = "pg_zfs_restore"
@@ -88,7 +88,7 @@ class BtrfsStandby(object):
         clones = glob.glob(os.path.join(self.clone_root, "*")) + [
             path for path in glob.glob(os.path.join(self.parent, "*"))
             if re.search(r"_(restore|drill)_", os.path.basename(path))]
-        return markers + clones + glob.glob(os.path.join(self.wal_root, "*"))
+        return markers + clones + work_dirs(self.wal_root)
 
 
 def restore_script(config, *args, timeout=300):

@@ -141,7 +141,8 @@ def test_a_drill_that_runs_out_of_space_is_critical_and_leaves_nothing(story):
     assert proc.stdout.startswith("CRITICAL: drill of set %s failed: prepare: No space left on device"
                                   % story.sets[1]), proc.stdout
     assert "Traceback" not in proc.stderr
-    assert left == [] and nothing_left(story) == [] and our_clones(tb) == []
+    # the drill's result for metrics, if the full file system took it, and nothing else
+    assert left in ([], ["last-drill.json"]) and nothing_left(story) == [] and our_clones(tb) == []
 
 
 @pytest.mark.parametrize("args,message", [
