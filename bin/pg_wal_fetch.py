@@ -15,7 +15,7 @@ directory, the working directory PostgreSQL runs the command in) where it must
 appear. The sources of [archive] sources are tried in order; the first that
 holds a valid copy wins. Check the sources by hand with:
 
-    pg_wal_fetch.py --check
+    pg_wal_fetch.py --check             # --json: the same as one JSON object
 
 What it does, in order:
   1. Refuse any WALNAME that is not a segment (24 hex digits), a .partial
@@ -3495,52 +3495,77 @@ def needs_refill(settings, want, missing=None):
     return should_start_prefetch(spooled, settings.prefetch)
 
 
-def check_command(settings):
+def check_command(settings, as_json=False):
     """--check: print each source's state, how segments are checked, and the spool's
-    use; 0 if at least one source works."""
+    use (--json: one object, {"ok", "sources": [...], "segments", "spool"}, each
+    source with its state: working, unreachable, key_probe_failed, listing_failed
+    or no_directory); 0 if at least one source works."""
     # The ssh master this may start lingers (ControlPersist): never in a directory
     # someone may want to unmount, such as a data directory on a dataset.
     os.chdir("/")
     settings.control_dir = prepare_control_dir(settings.control_dir)
-    working = 0
+    found = []
     for source in settings.sources:
-        started = time.time()
-        where = "local" if source.is_local else "%s:%d" % (source.host, source.port)
-        if not probe(source, started + settings.timeout):
-            print("%s (%s): unreachable (probe = %s)" % (source.name, where, source.probe))
-            continue
-        access = None
-        if not source.is_local:
-            try:
-                access = ask_access(source, settings)
-            except Failure as failure:
-                print("%s (%s): reachable, but the probe of what its key may do failed: %s"
-                      % (source.name, where, failure))
-                continue
-        # A restricted key is served the host's glob (authorized_keys), not path.
-        served = access["glob"] if access and access["mode"] == "restricted" else source.path
-        try:
-            directories, names = list_archive(source, settings)
-        except Failure as failure:
-            print("%s (%s): reachable, listing %s failed: %s" % (source.name, where, served, failure))
-            continue
-        round_trip = (time.time() - started) * 1000
-        if directories:
-            working += 1
-        print("%s (%s): reachable, %s %s, newest WAL file %s, round trip %.0f ms" % (
-            source.name, where, served,
-            "matches %d director%s" % (directories, "y" if directories == 1 else "ies")
-            if directories else "matches NO directory",
-            newest_wal(names) or "none", round_trip))
-        if not directories:
-            print("WARNING: [source %s] %s matches no directory%s (archive disk not mounted?): a "
-                  "point-in-time restore stops when it needs a file this source may hold"
-                  % (source.name, served, "" if source.is_local else " on " + source.host))
-        for line in access_lines(source, access):
-            print(line)
-    print(verifier_line(settings))
-    print(spool_line(settings.spool_dir))
+        record = check_source(source, settings)
+        found.append(record)
+        lines = record.pop("lines")
+        if not as_json:
+            print("\n".join(lines), flush=True)      # a slow source: the ones before it are out
+    working = len([record for record in found if record["state"] == "working"])
+    segments, spool = verifier_line(settings), spool_line(settings.spool_dir)
+    if as_json:
+        import json
+        print(json.dumps({"ok": working > 0, "sources": found, "segments": segments, "spool": spool},
+                         sort_keys=True))
+    else:
+        print("%s\n%s" % (segments, spool))
     return DELIVERED if working else UNAVAILABLE
+
+
+def check_source(source, settings):
+    """--check of one source: {name, where, state, ...facts, warnings, lines} (lines:
+    what the text output says of it)."""
+    started = time.time()
+    where = "local" if source.is_local else "%s:%d" % (source.host, source.port)
+    record = {"name": source.name, "where": where, "state": "unreachable", "warnings": [], "lines": []}
+    if not probe(source, started + settings.timeout):
+        record["lines"].append("%s (%s): unreachable (probe = %s)" % (source.name, where, source.probe))
+        return record
+    access = None
+    if not source.is_local:
+        try:
+            access = ask_access(source, settings)
+        except Failure as failure:
+            record.update(state="key_probe_failed", error=str(failure))
+            record["lines"].append("%s (%s): reachable, but the probe of what its key may do failed: %s"
+                                   % (source.name, where, failure))
+            return record
+    # A restricted key is served the host's glob (authorized_keys), not path.
+    served = access["glob"] if access and access["mode"] == "restricted" else source.path
+    record.update(served=served, key=access)
+    try:
+        directories, names = list_archive(source, settings)
+    except Failure as failure:
+        record.update(state="listing_failed", error=str(failure))
+        record["lines"].append("%s (%s): reachable, listing %s failed: %s" % (source.name, where, served, failure))
+        return record
+    round_trip = (time.time() - started) * 1000
+    record.update(state="working" if directories else "no_directory", directories=directories,
+                  newest_wal=newest_wal(names), round_trip_ms=round(round_trip, 1))
+    record["lines"].append("%s (%s): reachable, %s %s, newest WAL file %s, round trip %.0f ms" % (
+        source.name, where, served,
+        "matches %d director%s" % (directories, "y" if directories == 1 else "ies")
+        if directories else "matches NO directory",
+        newest_wal(names) or "none", round_trip))
+    if not directories:
+        record["lines"].append(
+            "WARNING: [source %s] %s matches no directory%s (archive disk not mounted?): a "
+            "point-in-time restore stops when it needs a file this source may hold"
+            % (source.name, served, "" if source.is_local else " on " + source.host))
+    for line in access_lines(source, access):
+        record["lines"].append(line)
+    record["warnings"] = [line[len("WARNING: "):] for line in record["lines"] if line.startswith("WARNING: ")]
+    return record
 
 
 def access_lines(source, access):
@@ -3730,6 +3755,7 @@ def parse_args(argv):
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     parser.add_argument("--check", action="store_true",
                         help="test every source: reachable, archive path, newest WAL file, round trip")
+    parser.add_argument("--json", action="store_true", help="--check: one JSON object instead of lines")
     parser.add_argument("--serve-script", action="store_true",
                         help="print pg_wal_serve, the sh program an archive host runs as the forced "
                              "command of the guest's key")
@@ -3842,7 +3868,7 @@ def run_command(args):
         if args.prefetch:
             return prefetch_command(args, config)
         if args.check:
-            return check_command(Settings(config))
+            return check_command(Settings(config), args.json)
         if args.authorized_keys:
             return authorized_keys_command(Settings(config), args.server, config)
         return fetch_command(args, config)

@@ -11,6 +11,7 @@ a PTY, another source address) is refused and changes nothing on the host.
 """
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -319,6 +320,10 @@ def test_check_says_the_key_is_restricted_and_how_the_host_sees_the_guest(fresh)
             "this guest as %s" % (FETCH.VERSION, fresh.host.address, fresh.host.glob, fresh.guest_address)
             ) in lines
     assert "WARNING" not in proc.stdout
+    [source] = json.loads(fresh.run("--check", "--json").stdout)["sources"]
+    assert source["state"] == "working" and source["warnings"] == []
+    assert (source["key"]["mode"], source["key"]["user"], source["key"]["client"]) == (
+        "restricted", "postgres", fresh.guest_address)
 
 
 def test_check_warns_that_an_unrestricted_key_runs_any_command(fresh, tb):

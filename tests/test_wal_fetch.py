@@ -2,6 +2,7 @@
 directory, against the testbed's two sshd archive hosts (and nft for a dead host)."""
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -407,9 +408,19 @@ def test_check_reports_each_source_and_fails_only_when_none_works(wal, tb):
     assert lines[0].startswith("host1") and "unreachable" in lines[0]
     assert lines[1].startswith("host2") and "reachable" in lines[1] and wal.segments[-1] in lines[1]
     assert "round trip" in lines[1]
+    with tb.hosts[0].dead():
+        as_json = wal.run("--check", "--json")          # the same facts, for a machine
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is True and [(one["name"], one["state"]) for one in report["sources"]] == [
+        ("host1", "unreachable"), ("host2", "working")]
+    assert report["sources"][1]["newest_wal"] == wal.segments[-1] and report["sources"][1]["directories"] == 1
+    assert report["segments"] == lines[-2] and report["spool"] == lines[-1]
     with tb.hosts[0].dead(), tb.hosts[1].dead():
         proc = wal.run("--check")
+        dead = wal.run("--check", "--json")
     assert proc.returncode == 3
+    assert dead.returncode == 3 and json.loads(dead.stdout)["ok"] is False
 
 
 # ---------------------------------------------------------------------------
