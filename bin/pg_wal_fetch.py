@@ -3499,7 +3499,8 @@ def check_command(settings, as_json=False):
     """--check: print each source's state, how segments are checked, and the spool's
     use (--json: one object, {"ok", "sources": [...], "segments", "spool"}, each
     source with its state: working, unreachable, key_probe_failed, listing_failed
-    or no_directory); 0 if at least one source works."""
+    or no_directory, and the WAL segments it holds, for pg_zfs_snap.py check's
+    continuity); 0 if at least one source works."""
     # The ssh master this may start lingers (ControlPersist): never in a directory
     # someone may want to unmount, such as a data directory on a dataset.
     os.chdir("/")
@@ -3551,7 +3552,9 @@ def check_source(source, settings):
         return record
     round_trip = (time.time() - started) * 1000
     record.update(state="working" if directories else "no_directory", directories=directories,
-                  newest_wal=newest_wal(names), round_trip_ms=round(round_trip, 1))
+                  newest_wal=newest_wal(names), round_trip_ms=round(round_trip, 1),
+                  segments=sorted(set(n for n in (strip_compression(name) for name in names)
+                                      if wal_kind(n) == "segment")))
     record["lines"].append("%s (%s): reachable, %s %s, newest WAL file %s, round trip %.0f ms" % (
         source.name, where, served,
         "matches %d director%s" % (directories, "y" if directories == 1 else "ies")

@@ -22,7 +22,12 @@ Commands:
     prune [--dry-run]          destroy the sets the retention policy lets go
     check [--replica NAME] [--json]
                                Nagios line from the age of the newest complete set
-                               (here, or on the replica); --json: one object
+                               (here, or on the replica), the pools' fill and health,
+                               and the archive's continuity: every WAL segment from
+                               the oldest set's start to the newest archived one on
+                               some source (pg_wal_fetch.py --check --json), else
+                               CRITICAL when the hole is after the newest set's
+                               start, WARNING before it; --json: one object
                                {status, exit_code, message, perfdata}, same exit code
     metrics [--textfile DIR] [--no-replicas]
                                Prometheus metrics (sets by state, newest set's age,
@@ -836,6 +841,72 @@ def check_state(sets, now, warn_age, crit_age, newest_archived=None, wal_wait=DE
                 "archives it: archive_timeout?)" % segment
         state = max(state, 1 if age >= wal_wait else 0)
     return state, text, perf
+
+
+def segment_size(start_lsn, start_wal):
+    """The WAL segment size (bytes) that makes start_wal the segment of start_lsn, or
+    None. Every size PostgreSQL allows (1 MiB to 1 GiB, powers of two) is tried."""
+    try:
+        high, low = start_lsn.split("/")
+        lsn = int(high, 16) << 32 | int(low, 16)
+        log, seg = int(start_wal[8:16], 16), int(start_wal[16:24], 16)
+    except (AttributeError, ValueError, IndexError):
+        return None
+    for shift in range(20, 31):
+        size = 1 << shift
+        if lsn // size == log * (0x100000000 // size) + seg and seg < 0x100000000 // size:
+            return size
+    return None
+
+
+def wal_holes(sets, archived):
+    """The segments (names) from the oldest complete set's start to the newest
+    archived segment that no source holds, on any timeline since that set's;
+    [] when there is no set, no listing or no size to count by.
+
+    archived: every segment name some source holds. A segment is there when a
+    file of its position exists on the set's timeline or a later one (after a
+    promotion the new timeline carries the positions on).
+    """
+    complete = [one for one in sets if one.complete]
+    if not complete or not archived:
+        return []
+    oldest = complete[0]
+    start = oldest.properties.get("start_wal", "")
+    size = segment_size(oldest.properties.get("start_lsn"), start)
+    if size is None:
+        return []
+    per_log = 0x100000000 // size
+    timeline = int(start[:8], 16)
+    ours = [name for name in archived if int(name[:8], 16) >= timeline]
+    if not ours:
+        return []
+    present = {}
+    for name in ours:
+        position = int(name[8:16], 16) * per_log + int(name[16:24], 16)
+        present[position] = max(present.get(position, 0), int(name[:8], 16))
+    holes, current = [], timeline
+    for position in range(int(start[8:16], 16) * per_log + int(start[16:24], 16), max(present) + 1):
+        if position in present:
+            current = present[position]
+        else:           # named on the timeline of the segment before it
+            holes.append("%08X%08X%08X" % (current, position // per_log, position % per_log))
+    return holes
+
+
+def continuity_state(sets, holes):
+    """(Nagios state 0-2, [texts]) of the archive's holes (wal_holes): CRITICAL when
+    one comes after the newest complete set's start (no set restores past it to
+    now), WARNING when only older sets are cut off by one."""
+    if not holes:
+        return 0, []
+    complete = [one for one in sets if one.complete]
+    newest_start = complete[-1].properties.get("start_wal", "") if complete else ""
+    late = [name for name in holes if name[8:] >= newest_start[8:]]
+    text = "WAL %s is in no archive%s: %s" % (
+        holes[0], " (and %d more)" % (len(holes) - 1) if len(holes) > 1 else "",
+        "no set restores past it" if late else "sets before it cannot be restored past it")
+    return (2 if late else 1), [text]
 
 
 # -- replication: what to send, what the replica keeps ----------------------------
@@ -3042,22 +3113,35 @@ def archive_newest(job):
     """Each source's newest WAL segment, from pg_wal_fetch.py --check (beside this
     script) run as the PostgreSQL user, as restore_command runs; None without an
     [archive] section or when it cannot run (check then judges by age alone)."""
+    listing = archive_segments(job)
+    return None if listing is None else listing[0]
+
+
+def archive_segments(job):
+    """([each working source's newest segment], {every segment some source holds}),
+    from `pg_wal_fetch.py --check --json` (beside this script) run as the
+    PostgreSQL user, as restore_command runs; None without an [archive] section
+    or when it cannot run or answers otherwise."""
     fetch_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pg_wal_fetch.py")
     if not job.config.has_section("archive") or not os.path.exists(fetch_script):
         return None
     demote, env = demote_to(job.user)
     try:
-        proc = subprocess.Popen([fetch_script, "-c", os.path.abspath(job.config.path), "--check"],
+        proc = subprocess.Popen([fetch_script, "-c", os.path.abspath(job.config.path), "--check", "--json"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 universal_newlines=True, preexec_fn=demote, env=env, cwd="/")
         out, _ = proc.communicate(timeout=ARCHIVE_CHECK_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as error:
+        sources = json.loads(out)["sources"]
+        newest = [one["newest_wal"] for one in sources if one.get("newest_wal")]
+        segments = set(name for one in sources for name in one.get("segments", [])
+                       if re.match(r"^[0-9A-F]{24}$", name))
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as error:
         with contextlib.suppress(Exception):
             proc.kill()
             proc.communicate()
         log.warning("pg_wal_fetch.py --check: %s: the sets' WAL is not checked", error)
         return None
-    return re.findall(r"newest WAL file ([0-9A-F]{24})\b", out)
+    return newest, segments
 
 
 def run_check(args):
@@ -3067,11 +3151,14 @@ def run_check(args):
         if args.replica:
             state, text, perf = replica_check_state(job, replicas_of(job, args.replica)[0])
         else:
-            state, text, perf = check_state(job.sets(), job.clock.now(), job.warn_age, job.crit_age,
-                                            archive_newest(job), job.wal_wait)
+            sets = job.sets()
+            listing = archive_segments(job)
+            state, text, perf = check_state(sets, job.clock.now(), job.warn_age, job.crit_age,
+                                            listing and listing[0], job.wal_wait)
+            holes, hole_texts = continuity_state(sets, wal_holes(sets, listing[1])) if listing else (0, [])
             pools, pool_texts, pool_perf = pool_state(job_pools(job))
-            state = max(state, pools)
-            text = "; ".join([text] + pool_texts)
+            state = max(state, holes, pools)
+            text = "; ".join([text] + hole_texts + pool_texts)
             perf = " ".join(part for part in (perf, pool_perf) if part)
     except Failure as failure:
         state, text, perf = 3, str(failure), "sets=0"

@@ -537,6 +537,23 @@ def test_latest_at_a_hole_in_every_archive_fails_naming_the_missing_segment(stor
                      % (three_more_segments[0], three_more_segments[2], hole), error), error
 
 
+def test_check_names_a_segment_missing_in_every_archive_and_not_one_missing_in_one(story, three_more_segments):
+    # pg_zfs_snap.py check: every segment from the oldest set's start to the newest
+    # archived one must be on some source (Barman's check does as much).
+    def check():
+        proc = run_script("pg_zfs_snap", "check", config=story.config, timeout=180)
+        assert proc.stdout.startswith("PG_ZFS_SNAP ") and len(proc.stdout.splitlines()) == 1, proc.stdout + proc.stderr
+        return proc
+    assert "in no archive" not in check().stdout
+    hole = three_more_segments[1]
+    with archive_changed(story, hole, story.tb.hosts[:1]):          # host2 still has it
+        assert "in no archive" not in check().stdout
+    with archive_changed(story, hole, story.tb.hosts):
+        proc = check()
+    assert proc.returncode == 2, proc.stdout
+    assert "; WAL %s is in no archive: no set restores past it" % hole in proc.stdout, proc.stdout
+
+
 def test_latest_with_a_damaged_copy_in_one_archive_restores_from_the_other(story, three_more_segments):
     with archive_changed(story, three_more_segments[1], story.tb.hosts[:1], damage=True):
         with restored(story, "--latest") as copy:

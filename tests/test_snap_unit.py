@@ -669,3 +669,61 @@ def test_check_json_carries_the_nagios_result_and_its_perfdata():
                                    "age": {"value": 97200, "unit": "s", "warn": 93600, "crit": 180000},
                                    "pool_tank": {"value": 12, "unit": "%", "warn": 80, "crit": 90}}}
     assert "\n" not in text
+
+
+# -- the archive's continuity (check) ---------------------------------------------
+
+def test_the_segment_size_is_the_one_that_puts_the_start_lsn_in_the_start_segment():
+    assert snap.segment_size("0/2000028", "000000010000000000000002") == 16 << 20
+    assert snap.segment_size("1/A0000028", "0000000100000001000000A0") == 16 << 20
+    assert snap.segment_size("1/A0000028", "00000001000000010000000A") == 256 << 20
+    assert snap.segment_size("0/80000028", "000000010000000000000002") == 1 << 30
+    assert snap.segment_size("0/2000028", "000000010000000000000005") is None
+    assert snap.segment_size(None, "000000010000000000000002") is None
+
+
+def two_sets(first_start, second_start, size=16 << 20):
+    """The oldest and the newest complete set, starting at these segments."""
+    def lsn(name):
+        position = int(name[8:16], 16) * (0x100000000 // size) + int(name[16:24], 16)
+        value = position * size + 0x28
+        return "%X/%X" % (value >> 32, value & 0xFFFFFFFF)
+    rows = rows_for("pgzfs_20261125T040100Z", start_wal=first_start, start_lsn=lsn(first_start)) + \
+        rows_for("pgzfs_20261126T040100Z", start_wal=second_start, start_lsn=lsn(second_start))
+    return snap.group_sets(rows, "pgzfs")
+
+
+def segments(timeline, log, first, last):
+    return ["%08X%08X%08X" % (timeline, log, seg) for seg in range(first, last + 1)]
+
+
+def test_every_segment_from_the_oldest_set_on_some_source_is_no_hole_even_across_a_log_and_a_timeline():
+    sets = two_sets("0000000100000000000000FE", "000000020000000100000003")
+    archived = segments(1, 0, 0xF0, 0xFF) + segments(1, 1, 0, 2) + segments(2, 1, 2, 6)
+    assert snap.wal_holes(sets, archived) == []
+    assert snap.continuity_state(sets, []) == (0, [])
+
+
+def test_a_segment_on_no_source_is_named_on_its_timeline_critical_after_the_newest_set_warning_before():
+    sets = two_sets("000000010000000000000003", "000000010000000000000008")
+    archived = segments(1, 0, 3, 12)
+    late = [name for name in archived if name != "00000001000000000000000A"]
+    assert snap.wal_holes(sets, late) == ["00000001000000000000000A"]
+    assert snap.continuity_state(sets, ["00000001000000000000000A"]) == (
+        2, ["WAL 00000001000000000000000A is in no archive: no set restores past it"])
+    early = [name for name in archived if name not in ("000000010000000000000005", "000000010000000000000006")]
+    holes = snap.wal_holes(sets, early)
+    assert holes == ["000000010000000000000005", "000000010000000000000006"]
+    assert snap.continuity_state(sets, holes) == (
+        1, ["WAL 000000010000000000000005 is in no archive (and 1 more): sets before it cannot be restored "
+            "past it"])
+    # segments before the oldest set's start, or of an older timeline than its, do not count
+    assert snap.wal_holes(sets, segments(1, 0, 0, 1) + archived) == []
+    assert snap.wal_holes(two_sets("000000020000000000000003", "000000020000000000000004"),
+                          segments(1, 0, 3, 5) + segments(2, 0, 3, 3) + segments(2, 0, 5, 5)) == [
+        "000000020000000000000004"]
+
+
+def test_no_listing_or_no_set_is_no_hole():
+    assert snap.wal_holes([], segments(1, 0, 3, 5)) == []
+    assert snap.wal_holes(two_sets("000000010000000000000003", "000000010000000000000004"), []) == []
