@@ -102,7 +102,9 @@ def story(tb):
         "timeout": "240"}})
     s.sets_before = set(set_names(tb))
     s.leftovers = lambda: our_clones(tb) + work_dirs(os.path.join(tb.run_dir, "restore_wal"))
-    pitr_story(tb, s, lambda: snap(tb, s.config), "pitr_point")
+    # a name of its own: another module's story made its pitr_point earlier on the same
+    # primary, and PostgreSQL stops at the first restore point of a name after the set
+    pitr_story(tb, s, lambda: snap(tb, s.config), "pitr_point_%d" % int(time.time() * 1000))
     s.sets = [name for name in set_names(tb) if name not in s.sets_before]
     assert len(s.sets) == 2
     return s
@@ -111,6 +113,7 @@ def story(tb):
 def pitr_story(tb, s, take_set, point_name):
     """On tb.primary, while a loop inserts rows: set A (take_set()); T, the LSN at T,
     a restore point point_name; set B; then the WAL is archived. Fills in s."""
+    s.point_name = point_name
     primary = tb.primary
     primary.psql("DROP TABLE IF EXISTS pitr; DROP TABLE IF EXISTS pitr_stop; "
                  "CREATE TABLE pitr_stop (x int); "
@@ -270,8 +273,8 @@ def test_target_lsn_stops_at_that_wal_location(story):
 
 
 def test_target_name_stops_at_the_restore_point(story):
-    with restored(story, "--target-name", "pitr_point", "--action", "promote") as copy:
-        assert "recovery stopping at restore point \"pitr_point\"" in copy.out
+    with restored(story, "--target-name", story.point_name, "--action", "promote") as copy:
+        assert "recovery stopping at restore point \"%s\"" % story.point_name in copy.out
         assert_rows_up_to(story, copy.rows(), story.point_time, story.point_committed)
 
 

@@ -113,7 +113,7 @@ def story(tb):
     s.config = standby.config
     s.leftovers = standby.leftovers
     try:
-        pitr_story(tb, s, standby.snap, "pitr_point_bt")
+        pitr_story(tb, s, standby.snap, "pitr_point_bt_%d" % int(time.time() * 1000))
         s.sets = standby.set_names()
         assert len(s.sets) == 2
         yield s
@@ -171,8 +171,8 @@ def test_btrfs_latest_replays_the_whole_archive_and_opens(story):
 
 
 def test_btrfs_target_name_stops_at_the_restore_point(story):
-    with restored(story, "--target-name", "pitr_point_bt", "--action", "promote") as copy:
-        assert "recovery stopping at restore point \"pitr_point_bt\"" in copy.out
+    with restored(story, "--target-name", story.point_name, "--action", "promote") as copy:
+        assert "recovery stopping at restore point \"%s\"" % story.point_name in copy.out
         assert_rows_up_to(story, copy.rows(), story.point_time, story.point_committed)
 
 
