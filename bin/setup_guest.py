@@ -23,8 +23,12 @@ Commands (exactly one):
                (backend = btrfs: create the missing subvolumes, whose parent
                directory must exist on a mounted btrfs; dataset_properties
                are ZFS properties and do not apply);
-               `pg_basebackup -R -X stream --waldir WALDIR` from
-               [guest] primary_conninfo (WALDIR must not be on ZFS or btrfs);
+               `pg_basebackup -R -X stream --waldir WALDIR --progress` from
+               [guest] primary_conninfo (WALDIR must not be on ZFS or btrfs):
+               on a terminal its progress line redraws as it goes; elsewhere
+               (a pipe, a log) its messages are logged, and its progress
+               ("pg_basebackup: 1234567/9876543 kB (12%), 1/1 tablespace")
+               once every 10 s and when it ends;
                set restore_command (pg_wal_fetch.py), primary_conninfo, port
                (postgresql.auto.conf on 12+, recovery.conf on 11 and older).
                A non-empty PGDATA that is not already a standby is refused
@@ -77,6 +81,7 @@ import argparse
 import configparser
 import glob
 import json
+import locale
 import logging
 import os
 import pwd
@@ -117,6 +122,12 @@ DEFAULT_DATASET_PROPERTIES = "compression=lz4 recordsize=8K atime=off xattr=sa"
 DEFAULT_CRON_SCHEDULE = "1 4 * * *"
 DEFAULT_START_TIMEOUT = 120
 POLL_SECONDS = 1.0
+# pg_basebackup -P reports once a second; a log (not a terminal) gets one such
+# line every PROGRESS_INTERVAL seconds, and the last one.
+PROGRESS_INTERVAL = 10
+# Its report, 9.6 to 18 (translations keep the numbers), right-aligned, ended
+# by \r or \n: "1234567/9876543 kB (12%), 1/1 tablespace" (-v adds a file name).
+BASEBACKUP_PROGRESS = re.compile(r"^\s*\d+/\d+ \S+ \(\s*\d+\s*%\)")
 
 CRON_FILE = "etc/cron.d/pg_zfs"
 RC_LOCAL = "etc/rc.local"
@@ -513,6 +524,53 @@ def parse_pg_version(text):
 def waldir_option(version):
     """pg_basebackup's option for the WAL directory: renamed in 10."""
     return "--waldir" if version >= (10,) else "--xlogdir"
+
+
+def thin_progress(timed_lines, interval=PROGRESS_INTERVAL):
+    """The lines of pg_basebackup -P's stderr worth a log, from (seconds, line) as they come.
+
+    Yields (is_progress, line), blank lines dropped: every line that is not a
+    progress report (errors, warnings, "waiting for checkpoint"; only trailing
+    blanks cut: a leading tab marks a continuation) at once; a report, stripped,
+    when none was passed on in the last interval seconds; the latest report held
+    back otherwise, passed on before the next other line or at the end, so the
+    log shows how far it got.
+    """
+    passed_at = None
+    held = None
+    for seconds, line in timed_lines:
+        line = line.rstrip()
+        if not line:
+            continue
+        if not BASEBACKUP_PROGRESS.match(line):
+            if held:
+                yield True, held
+                held = None
+            yield False, line
+        elif passed_at is None or seconds - passed_at >= interval:
+            passed_at = seconds
+            held = None
+            yield True, line.strip()
+        else:
+            held = line.strip()
+    if held:
+        yield True, held
+
+
+def basebackup_failure(messages, code):
+    """Why pg_basebackup failed, in one line, from its messages (no progress lines).
+
+    Its first "pg_basebackup: error:" line (12+), else its first line naming
+    itself (9.6-11): the clean-up notes after it ("removing contents of data
+    directory") and the continuations ("\\tIs the server running...?") say less.
+    Else its last line; else the exit code.
+    """
+    prefix = "pg_basebackup: "
+    named = [line[len(prefix):] for line in messages if line.startswith(prefix)]
+    errors = [line for line in named if line.startswith("error:")]
+    others = [line.strip() for line in messages if line.strip()]
+    reason = errors[:1] or named[:1] or others[-1:] or ["exit code %d" % code]
+    return "pg_basebackup failed: " + reason[0]
 
 
 def wal_dir_name(version):
@@ -1517,11 +1575,69 @@ def make_standby(guest, version, steps, owner, force):
             steps.change("create %s for %s" % (target, guest.user), make_dirs, target, 0o700, owner)
     argv = [find_program("pg_basebackup", guest.bindir), "-D", guest.pgdata,
             "%s=%s" % (waldir_option(version), guest.waldir), "-R", "-X", "stream", "-c", "fast",
-            "-d", guest.primary_conninfo]
+            "--progress", "-d", guest.primary_conninfo]
     for old, new in guest.tablespace_mapping:
         argv += ["-T", "%s=%s" % (old, new)]
     steps.change("make the standby: " + " ".join(shlex.quote(word) for word in argv),
-                 run, as_user(guest.user, argv))
+                 run_basebackup, as_user(guest.user, argv))
+
+
+def run_basebackup(argv):
+    """Run pg_basebackup --progress (argv, perhaps behind runuser) to its end; a Failure if it fails.
+
+    On a terminal its stderr is ours: its progress line redraws there as it
+    draws it, its messages stay on the screen. Elsewhere (rc.local, systemd, a
+    pipe) its output is read as it comes and logged: every message, and a
+    progress report at most every PROGRESS_INTERVAL seconds (thin_progress).
+    No timeout: a base backup of a large cluster takes hours.
+    """
+    log.debug("run: %s", " ".join(argv))
+    terminal = sys.stderr.isatty()
+    try:
+        # stdout (nothing, with -D DIR) with stderr in one pipe: one reader, no deadlock.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=None if terminal else subprocess.STDOUT)
+    except OSError as error:
+        raise Failure("cannot run %s: %s" % (argv[0], error.strerror or error), 1)
+    messages = []
+    try:
+        if terminal:
+            proc.communicate()
+        else:
+            for is_progress, line in thin_progress(pipe_lines(proc.stdout.fileno())):
+                text = line.strip()
+                log.info("%s", text if text.startswith("pg_basebackup:") else "pg_basebackup: " + text)
+                if not is_progress:
+                    messages.append(line)
+            proc.wait()
+    except BaseException:       # Ctrl-C, a failed read: the copy does not outlive us
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    if proc.returncode != 0:
+        if terminal:
+            raise Failure("pg_basebackup failed: exit code %d (its messages are above)" % proc.returncode, 1)
+        raise Failure(basebackup_failure(messages, proc.returncode), 1)
+
+
+def pipe_lines(fd):
+    """(monotonic seconds, line) for each line read from fd as it arrives; a line
+    ends at \\n or \\r (older pg_basebackups end each report with \\r, even in a pipe)."""
+    encoding = locale.getpreferredencoding(False)
+    pending = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        lines = re.split(rb"[\r\n]", pending + chunk)
+        pending = lines.pop()
+        now = time.monotonic()
+        for line in lines:
+            yield now, line.decode(encoding, "replace")
+    if pending:
+        yield time.monotonic(), pending.decode(encoding, "replace")
 
 
 def standby_settings(guest, version, config_file):

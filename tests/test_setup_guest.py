@@ -19,6 +19,8 @@ doctor's healthy case.
 import contextlib
 import json
 import os
+import re
+import select
 import shutil
 import socket
 import subprocess
@@ -26,7 +28,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PY36, chown_pg, free_port, sh, wait_for
+from testbed import BIN, PY36, chown_pg, free_port, load_script, sh, wait_for
 
 PG_USER = "postgres"
 
@@ -64,6 +66,37 @@ def host_config(tmp_path, node, **keys):
 def setup_guest(*args, **kwargs):
     """Run bin/setup_guest.py under Python 3.6, as rc.local would."""
     return run_script_copy(os.path.join(BIN, "setup_guest.py"), *args, **kwargs)
+
+
+def setup_guest_on_a_terminal(*args, timeout=300):
+    """Run bin/setup_guest.py under Python 3.6 with stdout and stderr on a new terminal
+    (a pty), as a DBA at a shell would: (exit code, what the terminal received)."""
+    argv = [PY36, os.path.join(BIN, "setup_guest.py")] + [str(arg) for arg in args]
+    env = dict(os.environ)
+    env.pop("PG_ZFS_CONFIG", None)
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    finally:
+        os.close(slave)
+    received = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:      # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            received += chunk
+        else:
+            proc.kill()
+        return proc.wait(timeout=60), received
+    finally:
+        os.close(master)
 
 
 def run_script_copy(path, *args, **kwargs):
@@ -277,9 +310,24 @@ def test_init_dry_run_prints_every_step_and_does_none(own, tb):
     assert not os.path.exists(own.waldir)
 
 
+# pg_basebackup --progress's report as setup_guest logs it when stderr is not a terminal.
+PROGRESS_LOG_LINE = re.compile(r"^setup_guest: INFO: pg_basebackup: (\d+)/(\d+) kB \((\d+)%\), (\d+)/(\d+) tablespaces?$")
+PROGRESS_INTERVAL = load_script("setup_guest").PROGRESS_INTERVAL
+
+
 def test_init_builds_a_standby_on_new_datasets_with_pg_wal_off_zfs(own, tb):
+    started = time.monotonic()
     proc = setup_guest("-c", own.config, "--init", timeout=900)
+    elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
+    assert "--progress" in proc.stderr
+    # Not a terminal: pg_basebackup's progress, thinned to one report per 10 s and the last.
+    reports = [PROGRESS_LOG_LINE.match(line) for line in proc.stderr.splitlines()]
+    reports = [report for report in reports if report]
+    assert reports, proc.stderr
+    assert len(reports) <= 2 + elapsed // PROGRESS_INTERVAL, proc.stderr
+    done, total, percent, tablespace, tablespaces = (int(field) for field in reports[-1].groups())
+    assert (percent, done, tablespace, tablespaces) == (100, total, 2, 2), proc.stderr   # pg_default and ts1
     for dataset in own.datasets:
         assert tb.zfs.run("get", "-H", "-o", "value", "recordsize", dataset).strip() == "8K"
         assert tb.zfs.run("get", "-H", "-o", "value", "atime", dataset).strip() == "off"
@@ -332,6 +380,48 @@ def test_init_refuses_a_non_empty_data_directory_without_force(own):
     assert "is not empty (unknown files): refusing to overwrite it without --force" in proc.stderr
     assert os.listdir(other) == ["notes.txt"]
     shutil.rmtree(other)
+
+
+def test_init_whose_pg_basebackup_fails_names_its_error_in_one_line(own):
+    """Its messages reach the log as they come; the last line names the error, not the
+    continuation ("\tIs the server running...") after it."""
+    dead = free_port()   # nothing listens there
+    failing = os.path.join(own.mountpoint(own.datasets[1]), "failing")
+    waldir = os.path.join(own.dir, "wal_failing")
+    config = own.write_config("failing.conf", {
+        "postgres": {"pgdata": failing},
+        "guest": {"primary_conninfo": "host=127.0.0.1 port=%d connect_timeout=5" % dead, "waldir": waldir,
+                  "tablespace_mapping": ""}})
+    try:
+        proc = setup_guest("-c", config, "--init")
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("setup_guest: ERROR: pg_basebackup failed: "), proc.stderr
+        assert "Connection refused" in last and "Is the server running" not in last, proc.stderr
+        assert "setup_guest: INFO: pg_basebackup: Is the server running" in proc.stderr
+    finally:
+        shutil.rmtree(failing, ignore_errors=True)
+        shutil.rmtree(waldir, ignore_errors=True)
+
+
+def test_init_on_a_terminal_leaves_pg_basebackups_progress_line_to_redraw_itself(own, tb):
+    pgdata = os.path.join(own.mountpoint(own.datasets[1]), "on_tty")
+    ts1 = os.path.join(own.mountpoint(own.datasets[0]), "ts1_on_tty")
+    waldir = os.path.join(own.dir, "wal_on_tty")
+    config = own.write_config("on_tty.conf", {"postgres": {"pgdata": pgdata},
+                                              "guest": {"waldir": waldir,
+                                                        "tablespace_mapping": "%s=%s" % (tb.primary.ts1_dir, ts1)}})
+    try:
+        code, received = setup_guest_on_a_terminal("-c", config, "--init", timeout=900)
+        text = received.decode(errors="replace")
+        assert code == 0, text
+        assert re.search(r"\r(?!\n)", text), text          # a report redrawn over the one before
+        assert re.search(r"\d+/\d+ kB \(100%\), 2/2 tablespaces", text), text
+        assert "INFO: pg_basebackup:" not in text                # not thinned into the log
+        assert os.path.exists(os.path.join(pgdata, "standby.signal"))
+    finally:
+        for directory in (pgdata, ts1, waldir):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_init_refuses_a_waldir_on_zfs(own):
