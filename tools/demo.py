@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import testbed  # noqa: E402
-from testbed import PG_USER, chown_pg, run_script, sh  # noqa: E402
+from testbed import PG_USER, chown_pg, run_script  # noqa: E402
 
 PYTHON = testbed.PY36 if os.path.exists(testbed.PY36) else sys.executable
 ZFS_FUSE_PROPERTIES = "compression=on recordsize=8K atime=off"
