@@ -1828,9 +1828,10 @@ SERVER = "pg_wal_serve"
 SERVER_PATH = "/usr/local/bin/pg_wal_serve"
 
 
-def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
+def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH, cleanup=False):
     """The authorized_keys line that lets public_key run pg_wal_serve on path_glob
-    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *).
+    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *);
+    cleanup: `pg_wal_serve --cleanup`, the key of pg_zfs_snap.py oldest-wal --apply.
 
     restrict: no forwarding of any kind, no PTY, no ~/.ssh/rc (and whatever a
     later OpenSSH adds). Inside command="..." sshd turns \\" into " and
@@ -1852,7 +1853,7 @@ def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVE
     key = public_key.split()
     if len(key) < 2 or not key[0].startswith(("ssh-", "ecdsa-", "sk-")):
         raise Failure("not an ssh public key: %r" % public_key[:40], 2)
-    command = "%s %s" % (shlex.quote(server_path), shlex.quote(path_glob))
+    command = "%s %s%s" % (shlex.quote(server_path), "--cleanup " if cleanup else "", shlex.quote(path_glob))
     return 'restrict,from="%s",command="%s" %s' % (from_patterns, command.replace('"', '\\"'), " ".join(key))
 
 
@@ -1897,17 +1898,6 @@ def address_toward(host, port):
 
 
 # End of the archive key block.
-
-
-def cleanup_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
-    """The authorized_keys line that lets public_key (the cleanup key of
-    pg_zfs_snap.py oldest-wal --apply, not the fetch key) run
-    `pg_wal_serve --cleanup GLOB` and nothing else: authorized_keys_line's, its
-    checks included, with --cleanup after the server's path."""
-    import shlex
-    line = authorized_keys_line(public_key, from_patterns, path_glob, server_path)
-    forced = 'command="%s ' % shlex.quote(server_path).replace('"', '\\"')
-    return line.replace(forced, forced + "--cleanup ", 1)
 
 
 # ---------------------------------------------------------------------------
@@ -3717,7 +3707,7 @@ def authorized_keys_command(settings, server_path, config=None):
             print("# [source %s] on %s: the cleanup key (pg_zfs_snap.py oldest-wal --apply, as root), this "
                   "line appended to ~%s/.ssh/authorized_keys too (key %s): it removes archived WAL and "
                   "reads nothing" % (source.name, source.host, user, key_path))
-            print(cleanup_keys_line(public_key, from_patterns, source.path, server_path))
+            print(authorized_keys_line(public_key, from_patterns, source.path, server_path, cleanup=True))
         if user == "root":
             log.warning("[source %s] user = root: install the key for the archive's owner (postgres) "
                         "and set user = postgres", source.name)

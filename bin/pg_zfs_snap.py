@@ -246,7 +246,7 @@ ARCHIVE_CHECK_TIMEOUT = 120  # pg_wal_fetch.py --check: every source probed and 
 DEFAULT_STATE_FILE = "/var/lib/pg_zfs/last-snapshot.json"
 DEFAULT_SPOOL = "/var/lib/pg_zfs/spool"
 DEFAULT_WAL_ROOT = "/var/lib/pg_zfs/restore-wal"
-DRILL_STATE_NAME = "last-drill.json"
+DRILL_STATE_FILE = "last-drill.json"
 FETCH_STATS = "fetch-stats.json"
 FETCH_OUTCOMES = ("delivered", "absent", "invalid", "unreachable")
 
@@ -591,14 +591,21 @@ CLEANUP_MARK = "pg_wal_fetch-request"
 CLEANUP_TIMEOUT = 600       # seconds one archive host may take to remove its files
 
 
-def cleanup_request(sets, dry_run):
-    """(wal_name, the command string for pg_wal_serve --cleanup) from the complete
-    sets here and on the replicas: the name is always oldest_needed_wal(sets),
-    never one a caller could pass, so nothing a set needs can be asked for.
-    A Failure when no complete set names a valid segment."""
+def oldest_wal_name(sets):
+    """oldest_needed_wal of the complete sets here and on the replicas, in any order;
+    a Failure when there is none."""
     wal_name = oldest_needed_wal(sorted(sets, key=lambda one: (one.time, one.name)))
     if wal_name is None:
         raise Failure("no complete snapshot set: keep every archived WAL file", 1)
+    return wal_name
+
+
+def cleanup_request(sets, dry_run):
+    """(wal_name, the command string for pg_wal_serve --cleanup) from the complete
+    sets here and on the replicas: the name is always oldest_wal_name(sets),
+    never one a caller could pass, so nothing a set needs can be asked for.
+    A Failure when no complete set names a valid segment."""
+    wal_name = oldest_wal_name(sets)
     if wal_name.startswith("00000000"):
         raise Failure("the oldest set's start WAL file %s has timeline 0: keep every archived WAL file"
                       % wal_name, 1)
@@ -739,15 +746,15 @@ def metrics_text(sets, now, pools=(), replicas=(), runs=None, fetch_stats=None, 
     return "\n".join(out) + "\n"
 
 
-def run_record(record, kind):
+def run_record(record):
     """A last-run record (JSON already parsed) with exit_code, finished and seconds
     as numbers; ValueError saying what is wrong otherwise."""
     if not isinstance(record, dict):
-        raise ValueError("%s: not a JSON object" % kind)
+        raise ValueError("not a JSON object")
     for key in ("exit_code", "finished", "seconds"):
         value = record.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ValueError("%s: %s is %r, not a number" % (kind, key, value))
+            raise ValueError("%s is %r, not a number" % (key, value))
     return record
 
 
@@ -3435,17 +3442,11 @@ def cmd_oldest_wal(job, commands, apply=False, dry_run=False):
             sets += [one for one in replica_sets(rows, job.prefix, replica.target, job.datasets) if one.complete]
     if apply:
         return apply_archive_cleanup(job, sets, dry_run)
-    wal_name = oldest_needed_wal(sorted(sets, key=lambda one: (one.time, one.name)))
-    if wal_name is None:
-        raise Failure("no complete snapshot set: keep every archived WAL file", 1)
+    wal_name = oldest_wal_name(sets)
     if not commands:
         print(wal_name)
-        return
-    names = job.config.list("archive", "sources", "") if job.config.has_section("archive") else []
-    sources = [(name, job.config.str("source " + name, "host", ""), job.config.str("source " + name, "user", ""),
-                job.config.str("source " + name, "path")) for name in names]
-    if not sources:
-        raise Failure("%s: no [archive] sources: nothing to clean up" % job.config.path, 2)
+        return 0
+    sources = [(one["name"], one["host"], one["user"], one["path"]) for one in archive_sources(job.config)]
     for line in archive_cleanup_lines(sources, wal_name):
         print(line)
     return 0
@@ -3531,13 +3532,12 @@ def cmd_metrics(job, textfile_dir, with_replicas):
                 replicas.append((replica.name, None))
     runs = {"snapshot": read_state(job.state_file, "the last snapshot run", run_record),
             "drill": read_state(os.path.join(job.config.str("restore", "wal_root", DEFAULT_WAL_ROOT),
-                                             DRILL_STATE_NAME), "the last drill", run_record)}
+                                             DRILL_STATE_FILE), "the last drill", run_record)}
     fetch_stats = spool_bytes = None
     if job.config.has_section("archive"):
         spool_dir = job.config.str("archive", "spool_dir", DEFAULT_SPOOL)
         fetch_stats = read_state(os.path.join(spool_dir, FETCH_STATS), "pg_wal_fetch.py's counters",
-                                 lambda record, _: fetch_counters(record))
-        fetch_stats = fetch_stats or fetch_counters({})
+                                 fetch_counters) or fetch_counters({})
         spool_bytes = tree_bytes(spool_dir)
     text = metrics_text(sets, job.clock.now(), pools, replicas, runs, fetch_stats, spool_bytes)
     if not textfile_dir:
@@ -3549,11 +3549,11 @@ def cmd_metrics(job, textfile_dir, with_replicas):
 
 
 def read_state(path, what, parse):
-    """parse(the JSON in path, what), or None when the file is not there (never
-    run) or cannot be read (a warning: metrics go on without it)."""
+    """parse(the JSON in path), or None when the file is not there (never run) or
+    cannot be read (a warning naming what: metrics go on without it)."""
     try:
         with open(path) as handle:
-            return parse(json.load(handle), what)
+            return parse(json.load(handle))
     except (OSError, IOError) as error:
         if error.errno != errno.ENOENT:
             log.warning("%s: cannot read %s: %s", what, path, error.strerror)

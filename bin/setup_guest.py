@@ -750,9 +750,10 @@ SERVER = "pg_wal_serve"
 SERVER_PATH = "/usr/local/bin/pg_wal_serve"
 
 
-def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH):
+def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVER_PATH, cleanup=False):
     """The authorized_keys line that lets public_key run pg_wal_serve on path_glob
-    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *).
+    and nothing else, from from_patterns (sshd's from=: addresses, CIDR, *);
+    cleanup: `pg_wal_serve --cleanup`, the key of pg_zfs_snap.py oldest-wal --apply.
 
     restrict: no forwarding of any kind, no PTY, no ~/.ssh/rc (and whatever a
     later OpenSSH adds). Inside command="..." sshd turns \\" into " and
@@ -774,7 +775,7 @@ def authorized_keys_line(public_key, from_patterns, path_glob, server_path=SERVE
     key = public_key.split()
     if len(key) < 2 or not key[0].startswith(("ssh-", "ecdsa-", "sk-")):
         raise Failure("not an ssh public key: %r" % public_key[:40], 2)
-    command = "%s %s" % (shlex.quote(server_path), shlex.quote(path_glob))
+    command = "%s %s%s" % (shlex.quote(server_path), "--cleanup " if cleanup else "", shlex.quote(path_glob))
     return 'restrict,from="%s",command="%s" %s' % (from_patterns, command.replace('"', '\\"'), " ".join(key))
 
 

@@ -8,7 +8,6 @@ nothing on stderr, so cron mails nothing but that line.
 import json
 import logging
 import os
-import pty
 import signal
 import stat
 import subprocess
@@ -17,7 +16,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PY36, load_script, run_script, wait_for
+from testbed import BIN, PY36, load_script, on_a_terminal, run_script, wait_for
 from test_restore import our_clones, restore_script, story  # noqa: F401  (story is a fixture)
 from test_restore_edges import server_of
 from test_restore_faults import nothing_left, stalled
@@ -138,28 +137,8 @@ def test_a_drill_off_a_terminal_logs_the_set_it_drills_to_syslog_only(story, no_
 
 
 def test_a_drill_at_a_terminal_logs_the_set_it_drills_on_stderr(story, no_state):
-    main, terminal = pty.openpty()
-    try:
-        proc = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config, "drill"],
-                                stdout=subprocess.PIPE, stderr=terminal, universal_newlines=True)
-        os.close(terminal)
-        terminal = None
-        err = b""
-        while True:         # read the terminal as it goes: a full one would block the drill
-            try:
-                chunk = os.read(main, 4096)
-            except OSError:         # EIO: the drill closed its end
-                break
-            if not chunk:
-                break
-            err += chunk
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        os.close(main)
-        if terminal is not None:
-            os.close(terminal)
-    err = err.decode("utf-8", "replace")
-    assert proc.returncode == 0, out + err
+    code, out, err = on_a_terminal([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config, "drill"])
+    assert code == 0, out + err
     assert "pg_zfs_restore: INFO: set %s " % story.sets[1] in err, err
     assert read_state(no_state)["message"] == out.strip()
 

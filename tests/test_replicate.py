@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from testbed import BIN, PG_USER, PY36, ReplicaHost, free_port, kernel_zfs, run_script, sh, wait_for
+from testbed import (BIN, PG_USER, PY36, ReplicaHost, free_port, kernel_zfs, on_a_terminal, run_script, sh,
+                     wait_for)
 from test_restore import Story, assert_rows_up_to, pitr_story, Restored
 
 PREFIX = "repl"
@@ -86,6 +87,19 @@ def assert_arrived_whole(rep, name):
         assert pgzfs_properties(target) == dict(sent, **{"pgzfs:copy_of": dataset})
 
 
+def install_receiver(host):
+    """pg_zfs_receive as `pg_zfs_snap.py receiver-script` writes it, in the replica
+    host's HOME/bin (0755); its path."""
+    receiver = os.path.join(host.home, "bin", "pg_zfs_receive")
+    os.makedirs(os.path.dirname(receiver))
+    script = run_script("pg_zfs_snap", "receiver-script")
+    assert script.returncode == 0, script.stderr
+    with open(receiver, "w") as out:
+        out.write(script.stdout)
+    os.chmod(receiver, 0o755)
+    return receiver
+
+
 @pytest.fixture(scope="module")
 def rep(tb):
     tb.standby
@@ -94,13 +108,7 @@ def rep(tb):
     s.host = ReplicaHost(tb)
     try:
         s.parent = s.host.pool.create("guest1")
-        receiver = os.path.join(s.host.home, "bin", "pg_zfs_receive")
-        os.makedirs(os.path.dirname(receiver))
-        script = run_script("pg_zfs_snap", "receiver-script")
-        assert script.returncode == 0, script.stderr
-        with open(receiver, "w") as out:
-            out.write(script.stdout)
-        os.chmod(receiver, 0o755)
+        receiver = install_receiver(s.host)
         replica = {"host": s.host.address, "port": s.host.port, "user": "root", "identity_file": s.host.key,
                    "ssh_options": s.host.ssh_options, "target": s.parent, "keep_hourly": 0, "keep_daily": 7,
                    "keep_weekly": 0, "keep_monthly": 0}
@@ -346,39 +354,11 @@ def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and
 # -- what each side keeps --------------------------------------------------------------
 
 
-def on_a_terminal(argv, timeout):
-    """(exit code, what argv wrote on its stderr), a pseudo-terminal (stdout a pipe)."""
-    import pty
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
-    finally:
-        os.close(slave)
-    chunks = []
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:         # EIO: the last holder of the terminal is gone
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        proc.communicate(timeout=max(deadline - time.time(), 1))
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
-
-
 def test_on_a_terminal_a_long_send_shows_its_progress(rep):
     tb = rep.tb
     d, slow = bulk_set_and_slow_config(rep, "bulk2", 30000, "replicate_progress.conf")
-    code, err = on_a_terminal([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", slow, "replicate", "--no-prune"],
-                              300)
+    code, _, err = on_a_terminal([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", slow, "replicate",
+                                  "--no-prune"])
     assert code == 0, err
     lines = re.findall(r"sending %s/data02@%s to %s: [0-9.]+[BKMGT]( of [0-9.]+[BKMGT] \(\d+%%\))?, "
                        r"[0-9.]+[BKMGT]/s" % (re.escape(tb.zfs.name), d, re.escape(rep.host.address)), err)

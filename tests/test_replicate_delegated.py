@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from testbed import ReplicaHost, kernel_zfs, run_script, sh
+from test_replicate import install_receiver
 
 pytestmark = pytest.mark.skipif(not kernel_zfs(), reason="zfs-fuse has no zfs allow: its replica receives as root")
 
@@ -44,13 +45,7 @@ def test_a_user_given_zfs_allow_receives_the_sets_and_can_do_nothing_else(tb):
         parent = host.pool.create("guest1")
         other = host.pool.create("other")
         sh(["zfs", "allow", USER, PERMISSIONS, parent])
-        receiver = os.path.join(host.home, "bin", "pg_zfs_receive")
-        os.makedirs(os.path.dirname(receiver))
-        script = run_script("pg_zfs_snap", "receiver-script")
-        assert script.returncode == 0, script.stderr
-        with open(receiver, "w") as out:
-            out.write(script.stdout)
-        os.chmod(receiver, 0o755)
+        receiver = install_receiver(host)
         config = tb.write_config(os.path.join(tb.run_dir, "delegated.conf"), {
             "snapshot": {"prefix": PREFIX, "keep_hourly": 0, "keep_daily": 7, "keep_weekly": 0, "keep_monthly": 0},
             "replica d1": {"host": host.address, "port": host.port, "user": USER, "identity_file": host.key,

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import select
 import shutil
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PY36, chown_pg, free_port, load_script, sh, wait_for
+from testbed import BIN, PY36, chown_pg, free_port, load_script, on_a_terminal, sh, wait_for
 
 PG_USER = "postgres"
 
@@ -66,37 +65,6 @@ def host_config(tmp_path, node, **keys):
 def setup_guest(*args, **kwargs):
     """Run bin/setup_guest.py under Python 3.6, as rc.local would."""
     return run_script_copy(os.path.join(BIN, "setup_guest.py"), *args, **kwargs)
-
-
-def setup_guest_on_a_terminal(*args, timeout=300):
-    """Run bin/setup_guest.py under Python 3.6 with stdout and stderr on a new terminal
-    (a pty), as a DBA at a shell would: (exit code, what the terminal received)."""
-    argv = [PY36, os.path.join(BIN, "setup_guest.py")] + [str(arg) for arg in args]
-    env = dict(os.environ)
-    env.pop("PG_ZFS_CONFIG", None)
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
-    finally:
-        os.close(slave)
-    received = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([master], [], [], 1.0)[0]:
-                continue
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:      # EIO: every writer closed the terminal
-                break
-            if not chunk:
-                break
-            received += chunk
-        else:
-            proc.kill()
-        return proc.wait(timeout=60), received
-    finally:
-        os.close(master)
 
 
 def run_script_copy(path, *args, **kwargs):
@@ -412,8 +380,8 @@ def test_init_on_a_terminal_leaves_pg_basebackups_progress_line_to_redraw_itself
                                               "guest": {"waldir": waldir,
                                                         "tablespace_mapping": "%s=%s" % (tb.primary.ts1_dir, ts1)}})
     try:
-        code, received = setup_guest_on_a_terminal("-c", config, "--init", timeout=900)
-        text = received.decode(errors="replace")
+        code, _, text = on_a_terminal([PY36, os.path.join(BIN, "setup_guest.py"), "-c", config, "--init"],
+                                      timeout=900, stdout_too=True)
         assert code == 0, text
         assert re.search(r"\r(?!\n)", text), text          # a report redrawn over the one before
         assert re.search(r"\d+/\d+ kB \(100%\), 2/2 tablespaces", text), text

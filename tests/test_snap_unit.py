@@ -623,8 +623,8 @@ def test_metrics_of_the_last_runs_the_wal_fetches_and_the_spool_are_strict_prome
     from prometheus_client.parser import text_string_to_metric_families
     sets = sets_at("2026-11-25 04:01:00")
     now = utc("2026-11-25 06:01:00")
-    runs = {"snapshot": snap.run_record({"exit_code": 0, "finished": now - 60, "seconds": 12.5}, "snapshot"),
-            "drill": snap.run_record({"exit_code": 2, "finished": now - 30, "seconds": 300}, "drill")}
+    runs = {"snapshot": snap.run_record({"exit_code": 0, "finished": now - 60, "seconds": 12.5}),
+            "drill": snap.run_record({"exit_code": 2, "finished": now - 30, "seconds": 300})}
     fetches = snap.fetch_counters({"delivered": {"count": 7, "seconds": 0.7}, "absent": {"count": 1, "seconds": 5},
                                    "future": {"count": 1}})
     text = snap.metrics_text(sets, now, runs=runs, fetch_stats=fetches, spool_bytes=16 << 20)
@@ -658,7 +658,7 @@ def test_fetch_counters_that_are_not_counters_are_refused(record):
                                                                      "seconds": float("nan")}])
 def test_a_run_record_without_numbers_is_refused(record):
     with pytest.raises(ValueError):
-        snap.run_record(record, "drill")
+        snap.run_record(record)
 
 
 def test_check_json_carries_the_nagios_result_and_its_perfdata():

@@ -151,6 +151,41 @@ def python_description():
     return "Python %s (%s)" % (version, "pyenv" if PY36 == PY36_PYENV else "no pyenv 3.6.15 here: " + PY36)
 
 
+def on_a_terminal(argv, timeout=300, stdout_too=False):
+    """Run argv with its stderr (and, stdout_too, its stdout) on a new terminal (a
+    pty), as a DBA at a shell: (exit code, stdout text or "", what the terminal
+    received as text). The terminal is read as it goes (a full one would block
+    the program); past timeout the program is killed. PG_ZFS_CONFIG is dropped."""
+    import select
+    env = dict(os.environ)
+    env.pop("PG_ZFS_CONFIG", None)
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave if stdout_too else subprocess.PIPE,
+                                stderr=slave, env=env)
+    finally:
+        os.close(slave)
+    received = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:      # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            received += chunk
+        else:
+            proc.kill()
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, (out or b"").decode("utf-8", "replace"), received.decode("utf-8", "replace")
+    finally:
+        os.close(master)
+
+
 def run_script(name, *args, config=None, python=PY36, user=None, cwd=None,
                timeout=120, env=None, input=None):
     """Run bin/NAME.py as a process, as cron, rc.local or PostgreSQL would.
