@@ -777,6 +777,7 @@ def config_path_of(argv):
 # The rest of pg_wal_fetch.py: see "How this file is laid out" at the top.
 REST = r'''
 import configparser
+import itertools
 import logging
 import signal
 
@@ -2448,6 +2449,9 @@ def need_subprocess():
 # Files: staged writes, decompression
 # ---------------------------------------------------------------------------
 
+STAGED_COUNT = itertools.count()
+
+
 class StagedFile(object):
     """A file written beside its final name and invisible until commit().
 
@@ -2466,7 +2470,8 @@ class StagedFile(object):
             except OSError:
                 fd = None
         if fd is None:
-            self.temp_path = os.path.join(self.directory, ".%s.%d.tmp" % (PROG, os.getpid()))
+            # pid and a count: the prefetcher has two staged files at once.
+            self.temp_path = os.path.join(self.directory, ".%s.%d.%d.tmp" % (PROG, os.getpid(), next(STAGED_COUNT)))
             remove_quietly(self.temp_path)      # left by an earlier process with this pid
             fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.file = os.fdopen(fd, "wb")
@@ -2498,7 +2503,7 @@ class StagedFile(object):
                 except OSError as error:
                     if error.errno != errno.EEXIST:
                         raise
-                    temp = ".%s.%d.tmp" % (PROG, os.getpid())
+                    temp = ".%s.%d.%d.tmp" % (PROG, os.getpid(), next(STAGED_COUNT))
                     remove_quietly(os.path.join(self.directory, temp))
                     os.link(source, temp, dst_dir_fd=dir_fd)
                     os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -2635,7 +2640,7 @@ class Receiver(object):
             self.problem = "compressed stream ends early"
 
 
-def store(wal_name, suffix, size, read, target, durable, cluster, verify):
+def store(wal_name, suffix, size, read, target, durable, cluster, verify, later=None):
     """Receive size bytes from read() as wal_name, check them, and put them at target.
 
     Returns (outcome, reason, drained): FOUND, INVALID (a bad copy: nothing
@@ -2643,6 +2648,11 @@ def store(wal_name, suffix, size, read, target, durable, cluster, verify):
     drained is False when the rest of the file was left unread, so a stream of
     several files is out of step. verify(staged, wal_name) checks a whole
     segment. Nothing is left at target or beside it unless FOUND.
+
+    later(wal_name, finish): the checks of a received file and its commit are
+    handed to finish() (BackgroundChecks: the prefetcher checks one segment
+    while the next arrives), and FOUND means received; finish() returns the
+    outcome and, like store(), leaves nothing at target unless FOUND.
     """
     kind = wal_kind(wal_name)
     most = MAX_TEXT_FILE if kind in ("history", "backup") else MAX_SEG_SIZE
@@ -2664,15 +2674,26 @@ def store(wal_name, suffix, size, read, target, durable, cluster, verify):
             receiver.finish()
         except (OSError, IOError) as error:
             return FAILED, "cannot write beside %s: %s" % (target, error.strerror or error), False
-        problem = receiver.problem or check_file(kind, wal_name, receiver.head, receiver.size, cluster)
-        if not problem and kind == "segment":
-            problem = verify(staged, wal_name)
-        if problem:
-            return INVALID, problem, True
-        staged.commit(target)
+
+        def finish(staged=staged):
+            try:
+                problem = receiver.problem or check_file(kind, wal_name, receiver.head, receiver.size, cluster)
+                if not problem and kind == "segment":
+                    problem = verify(staged, wal_name)
+                if problem:
+                    return INVALID, problem, True
+                staged.commit(target)
+                return FOUND, "", True
+            finally:
+                staged.discard()
+        if later is None:
+            return finish()
+        later(wal_name, finish)
+        staged = None                   # finish() owns it now
         return FOUND, "", True
     finally:
-        staged.discard()
+        if staged is not None:
+            staged.discard()
 
 
 # ---------------------------------------------------------------------------
@@ -3205,10 +3226,23 @@ def prefetch_window(settings, want, cluster, verify):
             log.info("[source %s] does not answer", source.name)
             continue
         # One session asks for the window and STREAM_AHEAD segments after it; each
-        # is taken when it fits the window of the newest want (paced_delivery).
+        # is taken when it fits the window of the newest want (paced_delivery),
+        # and checked while the next one arrives (BackgroundChecks).
         names = missing + following_segments(window[-1], want[1], STREAM_AHEAD)
-        deliver = paced_delivery(settings, source, cluster, verify)
-        results = fetch_files(source, settings, names, deliver, share, renew=settings.timeout)
+        checks = BackgroundChecks()
+        try:
+            deliver = paced_delivery(settings, source, cluster, verify, checks.later)
+            results = fetch_files(source, settings, names, deliver, share, renew=settings.timeout)
+        finally:
+            # The time limit pauses while the last segment is checked: a time-out
+            # inside close() would leave the checks running beside the next ones.
+            remaining = signal.setitimer(signal.ITIMER_REAL, 0)[0]
+            checked = checks.close()
+            if remaining > 0:
+                signal.setitimer(signal.ITIMER_REAL, remaining)
+        for name, outcome in checked.items():
+            if name in results:
+                results[name] = outcome + results[name][2:]
         remember(settings, source, any(result[0] in (STALLED, UNREACHABLE) for result in results.values()))
         log.info("[source %s] %s", source.name, " ".join(
             "%s:%s%s" % (name, results[name][0], " (%s)" % results[name][1] if results[name][1] else "")
@@ -3216,11 +3250,53 @@ def prefetch_window(settings, want, cluster, verify):
         missing = [name for name in missing if results.get(name, (None,))[0] != FOUND]
 
 
-def paced_delivery(settings, source, cluster, verify):
-    """deliver() for prefetch_window: spool a segment (checked whole, fsynced) once
-    it fits the window after the newest want; until then hold the stream (the
-    host waits, by ssh's flow control). FAILED, with the stream left, when
-    recovery moved past it or elsewhere, or asked nothing new for PREFETCH_LINGER."""
+class BackgroundChecks(object):
+    """The prefetcher's second stage: a thread that checks a received segment whole
+    (its pages, pg_waldump), fsyncs it and renames it into the spool while the
+    main thread receives the next one. later() waits while one segment is
+    still waiting to be checked, so at most two are staged at once; close()
+    waits for the last and returns {name: (outcome, detail)} of those that
+    were checked. A copy found invalid here is not spooled: the delivery call
+    fetches that segment itself and tries every copy."""
+
+    def __init__(self):
+        import queue
+        import threading
+        self.waiting = queue.Queue(maxsize=1)
+        self.checked = {}
+        self.thread = threading.Thread(target=self._work, name="checks")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def later(self, wal_name, finish):
+        self.waiting.put((wal_name, finish))
+
+    def _work(self):
+        while True:
+            item = self.waiting.get()
+            if item is None:
+                return
+            wal_name, finish = item
+            try:
+                outcome, detail, _drained = finish()
+            except Exception as error:      # written, yet not spooled: said, never raised here
+                outcome, detail = FAILED, "checking or spooling it: %s" % (getattr(error, "strerror", None) or error)
+            if outcome != FOUND:
+                log.warning("%s: the prefetched copy is not spooled: %s", wal_name, detail)
+            self.checked[wal_name] = (outcome, detail)
+
+    def close(self):
+        self.waiting.put(None)
+        self.thread.join()
+        return self.checked
+
+
+def paced_delivery(settings, source, cluster, verify, later):
+    """deliver() for prefetch_window: spool a segment (checked whole, fsynced: by
+    later, see BackgroundChecks) once it fits the window after the newest want;
+    until then hold the stream (the host waits, by ssh's flow control). FAILED,
+    with the stream left, when recovery moved past it or elsewhere, or asked
+    nothing new for PREFETCH_LINGER."""
     def deliver(wal_name, suffix, size, read, path):
         signal.setitimer(signal.ITIMER_REAL, 0)      # waiting for recovery is no time-out
         asked, since = None, time.time()
@@ -3240,7 +3316,7 @@ def paced_delivery(settings, source, cluster, verify):
             time.sleep(0.01)
         signal.setitimer(signal.ITIMER_REAL, settings.timeout)
         return report_copy(wal_name, source, path, store(
-            wal_name, suffix, size, read, spool_file(settings, wal_name), True, cluster, verify))
+            wal_name, suffix, size, read, spool_file(settings, wal_name), True, cluster, verify, later))
     return deliver
 
 

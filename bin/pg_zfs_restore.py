@@ -1319,9 +1319,34 @@ def quote_setting(value):
     return "'" + str(value).replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def restore_command_for(fetch_script, config_file):
-    """restore_command: pg_wal_fetch.py beside this script, with the same config."""
-    return "%s -c %s %%f %%p" % (shlex.quote(fetch_script), shlex.quote(config_file))
+def restore_command_for(fetch_script, config_file, first_line=None):
+    """restore_command: pg_wal_fetch.py beside this script, with the same config, run
+    as script_words says. first_line: the fetch script's, read from it when not given."""
+    if first_line is None:
+        first_line = first_line_of(fetch_script)
+    return "%s -c %s %%f %%p" % (" ".join(shlex.quote(word) for word in script_words(fetch_script, first_line)),
+                                 shlex.quote(config_file))
+
+
+def script_words(script, first_line):
+    """The words that run script in a restore_command: its #! interpreter with -S
+    (no site-packages: none of their .pth files run at each of the thousands
+    of calls a recovery makes; these scripts need only the standard library),
+    e.g. /usr/bin/env python3 -S SCRIPT; just SCRIPT when its first line
+    names no python."""
+    words = first_line[2:].split() if first_line.startswith("#!") else []
+    if not any(os.path.basename(word).startswith(("python", "platform-python")) for word in words):
+        return [script]
+    return words + ["-S", script]
+
+
+def first_line_of(path):
+    """The first line of a file, or "" when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.readline(256).decode("utf-8", "replace").rstrip("\n")
+    except (IOError, OSError):
+        return ""
 
 
 def recovery_settings(major, target, action, restore_command, timeline=None, inclusive=True):

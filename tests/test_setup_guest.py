@@ -304,7 +304,9 @@ def test_init_builds_a_standby_on_new_datasets_with_pg_wal_off_zfs(own, tb):
     assert os.path.realpath(os.path.join(own.pgdata, "pg_wal")) == os.path.realpath(own.waldir)
     assert os.listdir(own.ts1), "the tablespace was not mapped into g_data01"
     auto = open(os.path.join(own.pgdata, "postgresql.auto.conf")).read()
-    assert "restore_command = '%s -c %s %%f %%p'" % (os.path.join(BIN, "pg_wal_fetch.py"), own.config) in auto
+    # The fetch script's own interpreter (#!/usr/bin/env python3), with -S.
+    assert "restore_command = '/usr/bin/env python3 -S %s -c %s %%f %%p'" % (
+        os.path.join(BIN, "pg_wal_fetch.py"), own.config) in auto
     assert "primary_conninfo = '%s'" % own.overrides["guest"]["primary_conninfo"] in auto
     assert "port = '%d'" % own.port in auto
 

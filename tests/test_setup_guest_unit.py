@@ -204,7 +204,22 @@ def test_recovery_settings_go_where_the_version_reads_them(sg, tmp_path):
 
 
 def test_restore_command_quotes_paths_for_the_shell(sg):
-    assert sg.restore_command("/a b/pg_wal_fetch.py", "/c.conf") == "'/a b/pg_wal_fetch.py' -c /c.conf %f %p"
+    assert sg.restore_command("/a b/pg_wal_fetch.py", "/c.conf", "#!/usr/bin/env python3") == \
+        "/usr/bin/env python3 -S '/a b/pg_wal_fetch.py' -c /c.conf %f %p"
+    # A script it cannot read (or not a python one) runs by itself, as before.
+    assert sg.restore_command("/a b/none.py", "/c.conf") == "'/a b/none.py' -c /c.conf %f %p"
+
+
+@pytest.mark.parametrize("first_line, words", [
+    ("#!/usr/bin/env python3", ["/usr/bin/env", "python3", "-S", "/s.py"]),
+    ("#!/usr/bin/python3", ["/usr/bin/python3", "-S", "/s.py"]),
+    ("#! /usr/libexec/platform-python -s", ["/usr/libexec/platform-python", "-s", "-S", "/s.py"]),
+    ("#!/opt/py/bin/python3.6", ["/opt/py/bin/python3.6", "-S", "/s.py"]),
+    ("#!/bin/sh", ["/s.py"]),
+    ("import os", ["/s.py"]),
+    ("", ["/s.py"])])
+def test_restore_command_runs_the_scripts_own_python_with_minus_S(sg, first_line, words):
+    assert sg.script_words("/s.py", first_line) == words
 
 
 def test_versions_pick_options_and_names(sg):

@@ -838,6 +838,38 @@ def assert_stopped_short(case, name, reason_parts):
     assert "archive recovery complete" not in log_text
 
 
+def test_the_prefetcher_checks_each_segment_while_the_next_arrives_and_spools_no_bad_copy(wal, tb):
+    # The prefetcher checks segment N (pages, pg_waldump) in a thread while N+1
+    # arrives: host1's bad copy is found there and never spooled, nothing staged
+    # is left, and the segment comes from host2 instead.
+    wal.configure(archive={"prefetch": "4"})
+    first, window = wal.segments[0], wal.segments[1:5]
+    bad = window[1]
+    # These segments hold a few short records each (switch_wal): flip a byte of the first.
+    offset, length = waldump_records(tb, os.path.join(tb.hosts[0].wal_dir, bad))[0]
+    damaged = bytearray(wal.original(bad))
+    damaged[offset + length - 3] ^= 0x55
+    wal.replace(0, bad, bytes(damaged))
+    proc = wal.run(first, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: all(os.path.exists(os.path.join(wal.spool, name)) for name in window), 60,
+             "the prefetcher to spool %s" % window)
+    wal.wait_for_prefetcher()
+    with open(os.path.join(wal.spool, ".prefetch.log")) as log_file:
+        log_text = log_file.read()
+    assert "%s: the prefetched copy is not spooled" % bad in log_text, log_text
+    assert [name for name in os.listdir(wal.spool) if name.endswith(".tmp")] == []
+    for name in window:
+        with open(os.path.join(wal.spool, name), "rb") as spooled_copy:
+            assert spooled_copy.read() == wal.original(name), name
+    os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+    os.unlink(wal.shim_log)
+    proc = wal.run(bad, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered() == wal.original(bad)
+    assert wal.commands(this_call_only=True) == []      # from the spool: host2's copy
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("damage, prefetch", [
     ("flipped_record_byte", 0), ("flipped_record_byte", 4),
