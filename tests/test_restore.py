@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 
 import pytest
 
-from testbed import ARCHIVE_TIMEOUT, PG_USER, PY36, run_script, sh, wait_for
+from testbed import ARCHIVE_TIMEOUT, PG_USER, PY36, kernel_zfs, run_script, sh, wait_for
 
 SCRIPT = "pg_zfs_restore"
 # One statement (psql -c sends one query string; COMMIT inside DO needs that).
@@ -562,6 +563,54 @@ def test_latest_with_a_damaged_copy_in_one_archive_restores_from_the_other(story
         with restored(story, "--latest") as copy:
             assert copy.psql("SELECT count(*) FROM later_rows") == "300"
             assert copy.rows() == story.rows
+
+
+@pytest.mark.skipif(kernel_zfs(), reason="the archive's clean-up is not ZFS's: on the host only (CI's time)")
+def test_an_archive_cleaned_by_oldest_wal_still_restores_the_oldest_set_whole(story, three_more_segments):
+    # oldest-wal --commands' pg_archivecleanup lines run on copies of both archives
+    # (hard links: the testbed's own stay whole), then the oldest complete set is
+    # restored from the cleaned copies alone, to the end: every row of the primary.
+    tb = story.tb
+    cleaned = os.path.join(tb.run_dir, "cleaned_archives")
+    sources = {}
+    for host in tb.hosts:
+        directory = os.path.join(cleaned, host.name)
+        os.makedirs(directory)
+        for name in os.listdir(host.wal_dir):
+            os.link(os.path.join(host.wal_dir, name), os.path.join(directory, name))
+        sources["source c" + host.name] = {"path": directory}
+    sections = tb.default_config()
+    for section in [section for section in sections if section.startswith("source ")]:
+        del sections[section]
+    sections.update(sources)
+    sections["archive"]["sources"] = " ".join(sorted(name.split()[1] for name in sources))
+    sections["restore"] = {"mount_root": os.path.join(tb.run_dir, "restore_mnt"),
+                           "wal_root": os.path.join(tb.run_dir, "restore_wal"), "timeout": "240"}
+    try:
+        config = tb.write_config(os.path.join(tb.run_dir, "cleaned.conf"), sections=sections)
+        oldest = run_script("pg_zfs_snap", "oldest-wal", config=config)
+        assert oldest.returncode == 0, oldest.stderr
+        [wal_name] = oldest.stdout.split()
+        commands = run_script("pg_zfs_snap", "oldest-wal", "--commands", config=config)
+        assert commands.returncode == 0, commands.stderr
+        before = dict((d, sorted(os.listdir(os.path.join(cleaned, d)))) for d in os.listdir(cleaned))
+        env = dict(os.environ, PATH=tb.pg_bindir + ":" + os.environ["PATH"])
+        subprocess.run(["sh", "-ec", commands.stdout], env=env, check=True, timeout=120)
+        for directory, names in before.items():
+            left = sorted(os.listdir(os.path.join(cleaned, directory)))
+            assert wal_name in left
+            segments_before = [n for n in names if len(n) == 24 and n[8:] < wal_name[8:]]
+            assert segments_before and not [n for n in left if n in segments_before], (directory, wal_name)
+        listed = run_script("pg_zfs_snap", "list", "--json", config=config)
+        assert listed.returncode == 0, listed.stderr
+        oldest_set = [one["name"] for one in json.loads(listed.stdout) if one["complete"]][0]
+        only_cleaned = Story()
+        only_cleaned.__dict__.update(story.__dict__, config=config)
+        with restored(only_cleaned, "--set", oldest_set, "--latest") as copy:
+            assert copy.psql("SELECT count(*) FROM later_rows") == "300"
+            assert copy.rows() == story.rows
+    finally:
+        shutil.rmtree(cleaned, ignore_errors=True)
 
 
 def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached(story, three_more_segments):
