@@ -972,9 +972,10 @@ def remove_run_dir(run_dir):
     bed.nft_table = "pgzfs_test_%d" % bed.net
     bed._reap_processes()
     sh(["nft", "delete", "table", "inet", bed.nft_table], check=False)
-    if os.path.exists(ZFS_SOCKET):
+    # The testbed's pool and a ReplicaHost's (the demo's step 6).
+    for pool_name in (bed.pool_name, "pgzfs_r%d" % bed.net) if os.path.exists(ZFS_SOCKET) else ():
         for _ in range(50):      # right after the servers stop, the pool can be busy
-            proc = sh(["zpool", "destroy", "-f", bed.pool_name], check=False, timeout=60)
+            proc = sh(["zpool", "destroy", "-f", pool_name], check=False, timeout=60)
             if proc.returncode == 0 or "no such pool" in proc.stderr:
                 break
             time.sleep(0.2)
