@@ -1903,7 +1903,9 @@ def install_archive_key(user, line, root, steps):
     if server is None:
         raise Failure("--authorized-key: not a line that restricts a key to %s (restrict, from= and "
                       "command=\"%s 'GLOB'\"): a bare key would run any command; print the line with "
-                      "setup_guest.py --role guest --install --print" % (SERVER, SERVER_PATH), 2)
+                      "setup_guest.py --role guest --install --print%s" % (
+                          SERVER, SERVER_PATH, " (this one is a replica's: --role replica)"
+                          if restricted_receiver(line) else ""), 2)
     if user == "root":
         raise Failure("[postgres] user = root: the guest's key goes to the archive's owner (postgres), "
                       "never root", 2)
@@ -1964,7 +1966,9 @@ def install_replica(args):
     if found is None:
         raise Failure("--authorized-key: not a line that restricts a key to %s below one parent (restrict, "
                       "from= and command=\"%s PARENT\"): a bare key would run any command; print the line "
-                      "with setup_guest.py --role guest --install --print" % (RECEIVER, RECEIVER_PATH), 2)
+                      "with setup_guest.py --role guest --install --print%s" % (
+                          RECEIVER, RECEIVER_PATH, " (this one is an archive host's: --role host)"
+                          if restricted_server(args.authorized_key) else ""), 2)
     receiver, parent = found
     user = args.user or "root"
     try:

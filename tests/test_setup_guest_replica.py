@@ -224,7 +224,17 @@ def test_replica_install_refuses_a_line_that_does_not_restrict_the_key_and_write
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "not a line that restricts a key to pg_zfs_receive below one parent" in proc.stderr
+    assert ("(this one is an archive host's: --role host)" in proc.stderr) == (SETUP.SERVER_PATH in line)
     assert not tree.exists()
+
+
+def test_an_archive_host_refuses_the_replicas_line_and_names_the_role_it_is_for(tmp_path):
+    config = tmp_path / "host.conf"
+    config.write_text("[host]\ndomain = guest\n")
+    proc = setup_guest("-c", config, "--role", "host", "--install", "--authorized-key", guest_key_line(),
+                       "--root", tmp_path / "host")
+    assert proc.returncode == 2 and "(this one is a replica's: --role replica)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "host").exists()
 
 
 @pytest.mark.parametrize("args, says", [
