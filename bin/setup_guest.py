@@ -51,6 +51,21 @@ Commands (exactly one):
                script) where LINE's command= runs it, LINE as the guest key's
                only line in ~USER/.ssh/authorized_keys ([postgres] user, not
                root), and that key taken out of root's authorized_keys.
+               The guest's replicas too ([replica NAME]; replicate runs from
+               root's cron, with root's key): root's key (or the replica's
+               identity_file) is created when missing, and for each replica
+               `pg_zfs_snap.py -c CONFIG authorized-keys --replica NAME` (beside
+               this script) prints the line that restricts that key to
+               pg_zfs_receive below the replica's target, from the guest's
+               address.
+               On a replica, --role replica --install --authorized-key LINE
+               [--user NAME] instead (no config is read): pg_zfs_receive (from
+               pg_zfs_snap.py beside this script) where LINE's command= runs it,
+               LINE as that key's only line in ~USER/.ssh/authorized_keys (USER
+               root, or on OpenZFS one given `zfs allow`), the key taken out of
+               root's other authorized_keys files; the parent dataset is not
+               created: the `zfs create -p PARENT` (and `zfs allow`) lines to
+               run next are printed.
     --check    a doctor: one line per check on stdout, then the Nagios line
                `SETUP_GUEST OK|WARNING|CRITICAL - ...` (--json: one JSON object).
 
@@ -58,6 +73,9 @@ The role: --role host|guest if given; else the one of [host] and [guest] that
 the config has. A config with both and no --role is an error (exit 2): the
 example config carries both, and guessing (say, from whether virsh answers)
 would make the same rc.local line do different things on different days.
+--role replica is never guessed: a replica host's config (if it has one: a
+restore there reads its own) names neither, and the role has --install
+--authorized-key only.
 
 Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [host] domain, libvirt_uri, start_timeout, guest_address, guest_port
@@ -67,6 +85,8 @@ Config (default /etc/pg_zfs/pg_zfs.conf, or -c, or $PG_ZFS_CONFIG):
     [snapshot] backend, datasets
     [archive] sources; [source NAME] host, port, user, path, from, identity_file,
               ssh_options
+    [replica NAME] host, user, identity_file (--install on the guest;
+              pg_zfs_snap.py reads the rest)
 
 Exit codes:
     --start, --init, --install
@@ -98,6 +118,8 @@ VERSION = "0.1.0"
 PROG = "setup_guest"
 DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 # The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
+# Not [replica NAME]: --install reads three of its keys and runs pg_zfs_snap.py,
+# which refuses its typos there; a typo in it never stops the guest's --start.
 CONFIG_READS = ("postgres", "snapshot", "archive", "source", "guest", "host")
 # runuser by its full path: cron's PATH (/usr/bin:/bin) lacks the sbin directories.
 RUNUSER_CANDIDATES = ("/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser", "/bin/runuser")
@@ -887,22 +909,67 @@ def authorized_key_fields(line):
     return options, words[0], words[1]
 
 
-def restricted_server(line):
-    """The server path of a line that restricts a key to pg_wal_serve (restrict,
-    from= and a command= running an absolute .../pg_wal_serve), else None."""
+def forced_command(line):
+    """(command= as written, its words as the shell reads them) of a line that
+    restricts its key (restrict, from= and one command=), else None."""
     fields = authorized_key_fields(line)
     if fields is None:
         return None
     options = dict(fields[0])
-    if "restrict" not in options or not options.get("from") or not options.get("command"):
+    commands = [value for name, value in fields[0] if name == "command"]
+    if "restrict" not in options or not options.get("from") or len(commands) != 1 or not commands[0]:
         return None
     try:
-        command = shlex.split(options["command"])
+        return commands[0], shlex.split(commands[0])
     except ValueError:
         return None
+
+
+def restricted_server(line):
+    """The server path of a line that restricts a key to pg_wal_serve (restrict,
+    from= and a command= running an absolute .../pg_wal_serve), else None."""
+    forced = forced_command(line)
+    if forced is None:
+        return None
+    command = forced[1]
     if len(command) != 2 or not command[0].startswith("/") or os.path.basename(command[0]) != SERVER:
         return None
     return command[0]
+
+
+# pg_zfs_receive, the forced command of the guest's key on a replica (pg_zfs_snap.py
+# receiver-script writes it), and the dataset names it takes (as pg_zfs_snap.py).
+RECEIVER = "pg_zfs_receive"
+RECEIVER_PATH = "/usr/local/bin/pg_zfs_receive"
+DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)*$")
+# What a user other than root needs on the parent to receive (README, "A copy on
+# another machine: replicas"); no mountpoint: a stream that sets one is refused.
+RECEIVE_PERMISSIONS = "create,mount,receive,destroy,userprop"
+
+
+def dataset_name_problem(name):
+    """Why name cannot be written on a replica's command line as a dataset, or None."""
+    if not DATASET_NAME_RE.match(name) or any(part in (".", "..") for part in name.split("/")):
+        return "%r is not a dataset name (letters, digits, _ . : - and /)" % name
+    return None
+
+
+def restricted_receiver(line):
+    """(receiver path, parent) of a line that restricts a key to pg_zfs_receive below
+    one parent dataset, else None: restrict, from= and command="PATH PARENT", PATH
+    an absolute, normalised .../pg_zfs_receive, written as pg_zfs_snap.py writes it
+    (each word quoted for the shell where it needs it: the shell reads exactly
+    these two words, nothing runs before or after)."""
+    forced = forced_command(line)
+    if forced is None:
+        return None
+    text, command = forced
+    if len(command) != 2 or not command[0].startswith("/") or os.path.normpath(command[0]) != command[0] \
+            or os.path.basename(command[0]) != RECEIVER or dataset_name_problem(command[1]):
+        return None
+    if text != "%s %s" % (shlex.quote(command[0]), shlex.quote(command[1])):
+        return None
+    return command[0], command[1]
 
 
 def key_blob(line):
@@ -1714,11 +1781,12 @@ def install(cfg, role, args):
         install_archive_key(cfg.str("postgres", "user", "postgres"), args.authorized_key, args.root, steps)
         return finish_install(steps)
     if args.authorized_key:
-        raise Failure("--authorized-key is for an archive host (--role host)", 2)
+        raise Failure("--authorized-key is for an archive host (--role host) or a replica (--role replica)", 2)
     if role == "host":
         install_rc_local(args.root, start_line(setup_script, config_file, "host"), steps)
         return finish_install(steps)
     guest = Guest(cfg)
+    replicas = guest_replicas(cfg)
     using = args.using if args.using != "auto" else ("systemd" if systemd_running(args.root) else "cron")
     if using == "cron":
         snap = os.path.join(BIN_DIR, SNAP)
@@ -1729,6 +1797,7 @@ def install(cfg, role, args):
     else:
         install_units(args.root, config_file, steps)
     failures = install_ssh_keys(guest, args.root, steps)
+    failures += install_replica_keys(replicas, args.root, config_file, steps)
     if args.known_hosts:
         failures += install_known_hosts(guest, args.root, steps)
     finish_install(steps)
@@ -1859,27 +1928,40 @@ def install_archive_key(user, line, root, steps):
     if server is None:
         raise Failure("--authorized-key: not a line that restricts a key to %s (restrict, from= and "
                       "command=\"%s 'GLOB'\"): a bare key would run any command; print the line with "
-                      "setup_guest.py --role guest --install --print" % (SERVER, SERVER_PATH), 2)
+                      "setup_guest.py --role guest --install --print%s" % (
+                          SERVER, SERVER_PATH, " (this one is a replica's: --role replica)"
+                          if restricted_receiver(line) else ""), 2)
     if user == "root":
         raise Failure("[postgres] user = root: the guest's key goes to the archive's owner (postgres), "
                       "never root", 2)
-    uid, gid, home = user_ids(user)
+    ids = user_ids(user)
     script = sibling_script(WAL_FETCH)
     if script is None:
         raise Failure("%s not found in %s: it writes %s" % (WAL_FETCH, BIN_DIR, SERVER), 1)
-    text = run([script, "--serve-script"], timeout=60)[1]
-    path = under_root(root, server)
+    install_program(under_root(root, server), run([script, "--serve-script"], timeout=60)[1], steps)
+    install_restricted_key(user, ids, line, SERVER, root, steps)
+
+
+def install_program(path, text, steps):
+    """A forced command's script at path (under --root): root's, 0755, atomically."""
     if read_text(path) != text or os.stat(path).st_mode & 0o7777 != 0o755:
         steps.change("write %s" % path, install_file, path, text, 0o755, (0, 0))
     else:
         steps.same("%s is up to date" % path)
+
+
+def install_restricted_key(user, ids, line, program, root, steps):
+    """line as its key's only line in ~USER/.ssh/authorized_keys (0600, in a 0700
+    ~/.ssh, USER's), and that key taken out of root's other authorized_keys files,
+    where it would run any command as root; restorecon where SELinux has it."""
+    uid, gid, home = ids
     ssh_dir = under_root(root, os.path.join(home, ".ssh"))
     if not os.path.isdir(ssh_dir):
         steps.change("create %s (0700, %s)" % (ssh_dir, user), make_dirs, ssh_dir, 0o700, (uid, gid))
     keys = os.path.join(ssh_dir, "authorized_keys")
     new_text, changed = merge_authorized_key(read_text(keys) or "", line)
     if changed:
-        steps.change("add the guest's key, restricted to %s, to %s" % (SERVER, keys),
+        steps.change("add the guest's key, restricted to %s, to %s" % (program, keys),
                      install_file, keys, new_text, 0o600, (uid, gid))
     else:
         steps.same("%s has the guest's restricted key" % keys)
@@ -1887,6 +1969,8 @@ def install_archive_key(user, line, root, steps):
     root_home = pwd.getpwuid(0).pw_dir
     for name in ("authorized_keys", "authorized_keys2"):
         root_keys = under_root(root, os.path.join(root_home, ".ssh", name))
+        if root_keys == keys:
+            continue
         kept, removed = without_key(read_text(root_keys) or "", blob)
         if removed:
             steps.change("remove the guest's key from %s (it ran any command as root)" % root_keys,
@@ -1896,6 +1980,41 @@ def install_archive_key(user, line, root, steps):
         run(["restorecon", "-R", ssh_dir], timeout=60, check=False)
 
 
+def install_replica(args):
+    """A replica's side (--role replica): pg_zfs_receive where the line's command=
+    runs it, the line as the key's only line in ~USER/.ssh/authorized_keys, and
+    the next steps printed: the parent dataset is the DBA's to create."""
+    if not args.install or not args.authorized_key:
+        raise Failure("--role replica takes --install --authorized-key LINE only (LINE: printed by "
+                      "setup_guest.py --role guest --install on the guest)", 2)
+    found = restricted_receiver(args.authorized_key)
+    if found is None:
+        raise Failure("--authorized-key: not a line that restricts a key to %s below one parent (restrict, "
+                      "from= and command=\"%s PARENT\"): a bare key would run any command; print the line "
+                      "with setup_guest.py --role guest --install --print%s" % (
+                          RECEIVER, RECEIVER_PATH, " (this one is an archive host's: --role host)"
+                          if restricted_server(args.authorized_key) else ""), 2)
+    receiver, parent = found
+    user = args.user or "root"
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise Failure("--user %r does not exist on this machine" % user, 2)
+    script = sibling_script(SNAP)
+    if script is None:
+        raise Failure("%s not found in %s: it writes %s" % (SNAP, BIN_DIR, RECEIVER), 1)
+    steps = Steps(args.print_only)
+    install_program(under_root(args.root, receiver), run([script, "receiver-script"], timeout=60)[1], steps)
+    install_restricted_key(user, (entry.pw_uid, entry.pw_gid, entry.pw_dir), args.authorized_key, RECEIVER,
+                           args.root, steps)
+    finish_install(steps)
+    print("# next, as root on this replica, once: the parent the copies go below (not made by --install)")
+    print("zfs create -p %s" % parent)
+    if user != "root":
+        print("zfs allow -u %s %s %s" % (user, RECEIVE_PERMISSIONS, parent))
+    return 0
+
+
 def create_ssh_key(key, user, owner):
     directory = os.path.dirname(key)
     make_dirs(directory, 0o700, owner)
@@ -1903,6 +2022,95 @@ def create_ssh_key(key, user, owner):
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key], timeout=60)
     for path in (key, key + ".pub"):
         os.chown(path, owner[0], owner[1])
+
+
+def guest_replicas(cfg):
+    """The [replica NAME] sections as --install reads them: name, host, user,
+    identity_file (pg_zfs_snap.py authorized-keys checks the rest)."""
+    replicas = []
+    for section in cfg.parser.sections():
+        if schema_section(section) == "replica":
+            replica_section = section
+            replicas.append({"name": section.split()[1], "host": cfg.str(replica_section, "host"),
+                             "user": cfg.str(replica_section, "user", "root"),
+                             "identity_file": cfg.str(replica_section, "identity_file", "")})
+    return replicas
+
+
+# The keys of root that pg_zfs_snap.py authorized-keys (and so ssh) looks for, in its order.
+ROOT_KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+def replica_identity(replica, root, root_home):
+    """The private key (under root) replicate's ssh uses for a replica: its
+    identity_file, else root's first key of ROOT_KEY_NAMES, else root's
+    id_ed25519 (to be created)."""
+    if replica["identity_file"]:
+        return under_root(root, replica["identity_file"])
+    keys = [under_root(root, os.path.join(root_home, ".ssh", name)) for name in ROOT_KEY_NAMES]
+    return next((key for key in keys if os.path.exists(key)), keys[0])
+
+
+def install_replica_keys(replicas, root, config_file, steps):
+    """Create each missing key for root (replicate runs from root's cron); print,
+    for each replica, the next step on the replica and the lines of pg_zfs_snap.py
+    authorized-keys there: the line that restricts the key to pg_zfs_receive below
+    the replica's target. Returns the failures, one line each."""
+    failures, created = [], set()
+    root_home = pwd.getpwuid(0).pw_dir
+    script = sibling_script(SNAP)
+    for replica in replicas:
+        key = replica_identity(replica, root, root_home)
+        if not os.path.exists(key) and key not in created:
+            created.add(key)
+            steps.change("create ssh key %s for root" % key, create_ssh_key, key, "root", (0, 0))
+        if script is None:
+            failures.append("%s not found in %s: it prints the replicas' authorized_keys lines" % (SNAP, BIN_DIR))
+            break
+        public = read_text(key + ".pub")
+        if public is None and not steps.dry_run:
+            failures.append("no public key %s.pub next to %s" % (key, key))
+            continue
+        lines = ""
+        if public is not None:
+            code, lines, err = replica_key_lines(script, replica["name"], config_file, key, root, root_home)
+            if code != 0:
+                last = (err.strip().splitlines() or ["exit code %d" % code])[-1]
+                failures.append("[replica %s]: %s authorized-keys: %s" % (
+                    replica["name"], SNAP, last.split(": ERROR: ", 1)[-1]))
+                continue
+        print("# on replica %s (%s), as root: setup_guest.py --role replica --install%s --authorized-key "
+              "'LINE', LINE being the last line below (or by hand: README, \"A copy on another machine: "
+              "replicas\")" % (replica["name"], replica["host"],
+                               " --user " + replica["user"] if replica["user"] != "root" else ""))
+        print(lines.rstrip("\n") if public is not None
+              else "(the lines of %s authorized-keys --replica %s for the public key of %s, once created)"
+              % (SNAP, replica["name"], key))
+    return failures
+
+
+def replica_key_lines(script, name, config_file, key, root, root_home):
+    """(exit code, stdout, stderr) of `pg_zfs_snap.py -c CONFIG authorized-keys
+    --replica NAME`, run as root's cron runs replicate (HOME root's home, where
+    its default key is). Under --root, on a copy of the config whose [replica
+    NAME] identity_file names key, the key in the tree, removed afterwards."""
+    argv = ["authorized-keys", "--replica", name]
+    if root == "/":
+        return run(["/usr/bin/env", "HOME=" + root_home, script, "--config", config_file] + argv,
+                   timeout=60, check=False)
+    parser = configparser.ConfigParser(interpolation=None)
+    with open(config_file, encoding="utf-8-sig") as handle:
+        parser.read_file(handle, config_file)
+    parser.set("replica " + name, "identity_file", key)
+    handle, copy = tempfile.mkstemp(prefix="setup_guest-", suffix=".conf")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            parser.write(stream)
+        code, out, err = run(["/usr/bin/env", "HOME=" + under_root(root, root_home), script, "--config", copy]
+                             + argv, timeout=60, check=False)
+        return code, out, err.replace(copy, config_file)
+    finally:
+        os.unlink(copy)
 
 
 def install_known_hosts(guest, root, steps):
@@ -2194,7 +2402,9 @@ def parse_args(argv):
     command.add_argument("--init", action="store_true", help="guest: datasets, standby, recovery settings")
     command.add_argument("--install", action="store_true", help="cron/rc.local lines or systemd units, ssh key")
     command.add_argument("--check", action="store_true", help="the doctor: Nagios line, exit 0/1/2")
-    parser.add_argument("--role", choices=("host", "guest"), help="override the role the config implies")
+    parser.add_argument("--role", choices=("host", "guest", "replica"),
+                        help="override the role the config implies (host, guest); replica: a replica "
+                             "host, --install --authorized-key only, no config read")
     parser.add_argument("--force", action="store_true", help="--init: rebuild a non-empty PGDATA")
     parser.add_argument("--dry-run", action="store_true", help="--init: print each step, do none")
     parser.add_argument("--root", default="/", help="--install/--check: the tree to write or read (default /)")
@@ -2206,7 +2416,11 @@ def parse_args(argv):
                         help="--install: record the archive hosts' keys under their HostKeyAlias")
     parser.add_argument("--authorized-key", metavar="LINE",
                         help="--install on an archive host (--role host): install pg_wal_serve and LINE, "
-                             "the guest's key restricted to it (printed by --role guest --install)")
+                             "the guest's key restricted to it; on a replica (--role replica): "
+                             "pg_zfs_receive and LINE (both lines printed by --role guest --install)")
+    parser.add_argument("--user", metavar="NAME",
+                        help="--role replica: whose authorized_keys takes LINE (default root; on OpenZFS "
+                             "a user given zfs allow)")
     parser.add_argument("--json", action="store_true", help="--check: one JSON object instead of lines")
     args = parser.parse_args(argv)
     args.root = os.path.abspath(args.root)
@@ -2217,9 +2431,13 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # --start runs from rc.local or systemd at boot, where nobody reads stderr.
     setup_logging(args.verbose, use_syslog=bool(args.start))
-    if args.check:
+    if args.check and args.role != "replica":
         return doctor(args)
     try:
+        if args.role == "replica":
+            return install_replica(args)
+        if args.user is not None:
+            raise Failure("--user is for --role replica (an archive host's user is [postgres] user)", 2)
         cfg = Config.load(config_path(args.config))
         role = choose_role(cfg.has_section("host"), cfg.has_section("guest"), args.role)
         if args.install:

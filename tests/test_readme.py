@@ -130,3 +130,7 @@ def test_demo_keep_leaves_it_running_and_its_remove_line_removes_everything():
     assert removed.returncode == 0, removed.stdout
     assert not os.path.exists(run_dir)
     assert run_dir not in open("/proc/mounts").read()
+    net = int(os.path.basename(run_dir).split("-")[2])
+    pools = subprocess.run(["zpool", "list", "-H", "-o", "name"], stdout=subprocess.PIPE,
+                           universal_newlines=True, timeout=60).stdout.split()
+    assert [pool for pool in pools if pool in ("pgzfs_t%d" % net, "pgzfs_r%d" % net)] == []   # the replica's too

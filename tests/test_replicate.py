@@ -19,6 +19,7 @@ import pytest
 from testbed import (BIN, PG_USER, PY36, ReplicaHost, free_port, kernel_zfs, on_a_terminal, run_script, sh,
                      wait_for)
 from test_restore import Story, assert_rows_up_to, pitr_story, Restored
+from test_restore_rollback import hand_made_set
 
 PREFIX = "repl"
 
@@ -458,3 +459,74 @@ def test_the_key_is_refused_from_any_other_address(rep):
     assert done.returncode == 255 and "Permission denied" in done.stderr
     allowed = rep.host.ssh("zfs get -rHp -o name,property,value guid %s" % rep.parent)
     assert allowed.returncode == 0 and rep.parent in allowed.stdout
+
+
+# -- the key as setup_guest.py installs it ----------------------------------------------
+
+TREE_SSHD_PORT = 2224
+
+
+def setup_guest(*args):
+    return run_script("setup_guest", *args)
+
+
+def test_the_line_setup_guest_prints_and_installs_lets_replicate_send_and_the_key_do_nothing_else(rep):
+    """On the guest, setup_guest.py --install (into a tree) makes the replica's key and
+    prints its line; on the replica, --role replica --install writes pg_zfs_receive and
+    the line into a tree that a second sshd of the replica sees as its / (root's home
+    and /usr/local/bin: ReplicaHost.sshd_seeing). replicate sends a small hand-made
+    set through that key; the same key gets no shell and cannot destroy the parent."""
+    tb, host = rep.tb, rep.host
+    guest_tree, replica_tree = (os.path.join(tb.run_dir, name) for name in ("sg_guest_tree", "sg_replica_tree"))
+    sshd = host.sshd_seeing(replica_tree, TREE_SSHD_PORT)
+    # Made after the sshd started: its mount namespace holds no copy of their mounts.
+    datasets = [tb.zfs.create("sgr_ts"), tb.zfs.create("sgr_pg")]
+    parent = host.pool.name + "/viasetup"
+    try:
+        name = hand_made_set(tb, datasets, "sgr_20261125T040000Z")
+        replica = {"host": host.address, "port": TREE_SSHD_PORT, "user": "root",
+                   "identity_file": "/etc/pg_zfs/replica_key", "ssh_options": host.ssh_options,
+                   "target": parent, "keep_hourly": 0, "keep_daily": 7, "keep_weekly": 0, "keep_monthly": 0}
+        sections = {"postgres": {"pgdata": os.path.join(tb.zfs.mountpoint(datasets[1]), "pgdata"),
+                                 "user": PG_USER},
+                    "snapshot": {"backend": "zfs", "datasets": " ".join(datasets), "prefix": "sgr",
+                                 "lock_file": os.path.join(tb.run_dir, "sgr.lock"),
+                                 "state_file": os.path.join(tb.run_dir, "sgr-state.json")},
+                    "guest": {"primary_conninfo": "host=unused"},
+                    "replica s1": replica}
+        config = tb.write_config(os.path.join(tb.run_dir, "sgr.conf"), sections=sections)
+        guest = setup_guest("-c", config, "--role", "guest", "--install", "--using", "cron", "--root", guest_tree)
+        assert guest.returncode == 0, guest.stderr
+        assert "setup_guest.py --role replica --install --authorized-key 'LINE'" in guest.stdout
+        line = guest.stdout.splitlines()[-1]
+        key = os.path.join(guest_tree, "etc", "pg_zfs", "replica_key")
+        assert line.startswith('restrict,from="%s",command="/usr/local/bin/pg_zfs_receive %s" ssh-ed25519 '
+                               % (host.guest_address, parent)), guest.stdout
+        installed = setup_guest("--role", "replica", "--install", "--authorized-key", line, "--root", replica_tree)
+        assert installed.returncode == 0, installed.stderr
+        create = installed.stdout.splitlines()[-1]
+        assert create == "zfs create -p " + parent
+        sh(create.split())                       # the next step it prints, as the DBA runs it
+        # replicate as root's cron runs it on the guest, with the key in the guest's tree.
+        replica["identity_file"] = key
+        sending = tb.write_config(os.path.join(tb.run_dir, "sgr_send.conf"), sections=sections)
+        sent = snap(sending, "replicate", "--replica", "s1", "--no-prune", timeout=180)
+        assert sent.returncode == 0, sent.stderr
+        for dataset in datasets:
+            assert guid("%s/%s@%s" % (parent, dataset.partition("/")[2], name)) == guid("%s@%s" % (dataset, name))
+        assert "pg_zfs_receive" in open(os.path.join(host.home, "sshd_%d.log" % TREE_SSHD_PORT)).read()
+        # The same key: no shell, no destroy of the parent, no session without a command.
+        before = sh(["zfs", "list", "-H", "-t", "all", "-o", "name", "-r", host.pool.name]).stdout
+        for command in ("sh -c id", "zfs destroy -r %s" % parent, "zfs destroy %s" % parent, None):
+            done = host.ssh(command, port=TREE_SSHD_PORT, key=key)
+            assert done.returncode == 1 and "pg_zfs_receive: refused: " in done.stderr, (command, done)
+            assert done.stdout == ""
+        assert host.ssh("true", bind=False, port=TREE_SSHD_PORT, key=key).returncode == 255    # from elsewhere
+        assert sh(["zfs", "list", "-H", "-t", "all", "-o", "name", "-r", host.pool.name]).stdout == before
+    finally:
+        host.stop_sshd(sshd)
+        if host.pool.exists(parent):
+            host.pool.destroy(parent, recursive=True)
+        for dataset in datasets:
+            tb.zfs.destroy(dataset, recursive=True)
+

@@ -352,3 +352,43 @@ def test_an_archive_source_without_user_is_the_local_postgres_user_as_pg_wal_fet
                       "[source b]\nhost = 10.0.0.2\nuser = archiver\npath = /arch/*\n")
     guest = sg.Guest(sg.Config.load(str(config)))
     assert [source["user"] for source in guest.sources] == ["pgsql", "archiver"]
+
+
+# -- the replica's key: only a line restricted to pg_zfs_receive is installed --------
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGuestGuestGuestGuestGuestGuestGuestGues root@guest pg_zfs"
+
+
+@pytest.mark.parametrize("line, found", [
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/g1" ' + KEY,
+     ("/usr/local/bin/pg_zfs_receive", "bk/g1")),
+    ('restrict,from="10.0.0.5,10.0.0.6",command="\'/opt/pg zfs/pg_zfs_receive\' bk/g1" ' + KEY,
+     ("/opt/pg zfs/pg_zfs_receive", "bk/g1")),
+    (KEY, None),                                                                         # bare: any command
+    ('from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/g1" ' + KEY, None),     # no restrict
+    ('restrict,command="/usr/local/bin/pg_zfs_receive bk/g1" ' + KEY, None),            # from anywhere
+    ('restrict,from="10.0.0.5" ' + KEY, None),                                          # no forced command
+    ('restrict,from="10.0.0.5",command="/bin/sh -c id" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_wal_serve \'/arch/*\'" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="pg_zfs_receive bk/g1" ' + KEY, None),           # PATH decides
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/../bin/pg_zfs_receive bk/g1" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive" ' + KEY, None),  # no parent
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/g1 bk" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/g1;id" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/../etc" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive /bk" ' + KEY, None),
+    # the shell would run /x first: the words must be written as the shell reads them
+    ('restrict,from="10.0.0.5",command="/x;id/pg_zfs_receive bk/g1" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive \'bk/g1\'" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/g1",command="/bin/sh" ' + KEY, None),
+])
+def test_only_a_line_restricting_the_key_to_pg_zfs_receive_below_one_parent_is_a_replicas(sg, line, found):
+    assert sg.restricted_receiver(line) == found
+
+
+def test_the_line_pg_zfs_snap_writes_is_one_a_replica_takes(sg):
+    snap = load_script("pg_zfs_snap")
+    for path, parent in ((snap.RECEIVER_PATH, "bk/centos6_6_x64"), ("/opt/pg zfs/pg_zfs_receive", "tank/a.b:c-d")):
+        line = snap.receiver_keys_line(KEY, "192.168.122.10", parent, path)
+        assert sg.restricted_receiver(line) == (path, parent)
+    assert (sg.RECEIVER, sg.RECEIVER_PATH) == (snap.RECEIVER, snap.RECEIVER_PATH)

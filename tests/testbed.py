@@ -16,6 +16,7 @@ import importlib.util
 import os
 import pwd
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -971,9 +972,10 @@ def remove_run_dir(run_dir):
     bed.nft_table = "pgzfs_test_%d" % bed.net
     bed._reap_processes()
     sh(["nft", "delete", "table", "inet", bed.nft_table], check=False)
-    if os.path.exists(ZFS_SOCKET):
+    # The testbed's pool and a ReplicaHost's (the demo's step 6).
+    for pool_name in (bed.pool_name, "pgzfs_r%d" % bed.net) if os.path.exists(ZFS_SOCKET) else ():
         for _ in range(50):      # right after the servers stop, the pool can be busy
-            proc = sh(["zpool", "destroy", "-f", bed.pool_name], check=False, timeout=60)
+            proc = sh(["zpool", "destroy", "-f", pool_name], check=False, timeout=60)
             if proc.returncode == 0 or "no such pool" in proc.stderr:
                 break
             time.sleep(0.2)
@@ -1028,56 +1030,100 @@ class ReplicaHost(object):
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.key])
         self.authorized_keys = os.path.join(self.home, "authorized_keys")
         open(self.authorized_keys, "w").close()
-        host_key = os.path.join(self.home, "host_key")
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key])
+        self.host_key = os.path.join(self.home, "host_key")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.host_key])
         self.known_hosts = os.path.join(self.home, "known_hosts")
-        with open(host_key + ".pub") as pub, open(self.known_hosts, "w") as known:
-            known.write("[%s]:%d %s\n" % (self.address, port, " ".join(pub.read().split()[:2])))
+        open(self.known_hosts, "w").close()
         self.ssh_options = "-o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes -o BindAddress=%s" % (
             self.known_hosts, self.guest_address)
         self.log = os.path.join(self.home, "sshd.log")
         self.pidfile = os.path.join(self.home, "sshd.pid")
-        config = os.path.join(self.home, "sshd_config")
-        with open(config, "w") as out:
-            out.write("\n".join(["ListenAddress %s:%d" % (self.address, port), "HostKey %s" % host_key,
-                                 "AuthorizedKeysFile %s" % self.authorized_keys,
-                                 "PermitRootLogin forced-commands-only", "PasswordAuthentication no",
-                                 "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-                                 "PidFile %s" % self.pidfile, "MaxStartups 100", "MaxSessions 100",
-                                 "LogLevel VERBOSE", ""]))
         os.makedirs("/run/sshd", exist_ok=True)
         self.sshd_pid = None
+        self.tree_sshd_pids = []
         testbed._teardowns.append(self.teardown)
+        config = self._sshd_config("sshd_config", port, self.pidfile, self.authorized_keys)
         sh(["/usr/sbin/sshd", "-f", config, "-E", self.log])
-        self.sshd_pid = wait_for(self._pid, 10, "sshd on %s" % self.address)
-        wait_for(self._answers, 10, "sshd on %s to accept" % self.address)
+        self.sshd_pid = self._started(port, self.pidfile)
 
-    def _pid(self):
+    def _sshd_config(self, name, port, pidfile, authorized_keys=None):
+        """An sshd_config on port (root: forced commands only), its known_hosts entry
+        written; authorized_keys None: sshd's default, ~/.ssh/authorized_keys."""
+        with open(self.host_key + ".pub") as pub, open(self.known_hosts, "a") as known:
+            known.write("[%s]:%d %s\n" % (self.address, port, " ".join(pub.read().split()[:2])))
+        config = os.path.join(self.home, name)
+        with open(config, "w") as out:
+            out.write("\n".join(["ListenAddress %s:%d" % (self.address, port), "HostKey %s" % self.host_key]
+                                + (["AuthorizedKeysFile %s" % authorized_keys] if authorized_keys else [])
+                                + ["PermitRootLogin forced-commands-only", "PasswordAuthentication no",
+                                   "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
+                                   "PidFile %s" % pidfile, "MaxStartups 100", "MaxSessions 100",
+                                   "LogLevel VERBOSE", ""]))
+        return config
+
+    def _started(self, port, pidfile):
+        """The pid of the sshd that writes pidfile, once it accepts on port."""
+        pid = wait_for(lambda: self._pid(pidfile), 10, "sshd on %s:%d" % (self.address, port))
+        wait_for(lambda: self._answers(port), 10, "sshd on %s:%d to accept" % (self.address, port))
+        return pid
+
+    def sshd_seeing(self, tree, port):
+        """A second sshd of this replica, on port, that sees TREE/root as root's home
+        and TREE/usr/local/bin as /usr/local/bin (bind mounts in a mount namespace
+        of its own, unshare -m: nothing outside it changes). Root's keys are then
+        TREE/root/.ssh/authorized_keys, sshd's default file, and a forced command
+        /usr/local/bin/X runs TREE/usr/local/bin/X: what `setup_guest.py --role
+        replica --install --root TREE` wrote, as on a replica whose / it is.
+        Mounts made elsewhere after it started are not seen in it (private). Its
+        pid; stop_sshd(pid) stops it (teardown() too)."""
+        pidfile = os.path.join(self.home, "sshd_%d.pid" % port)
+        config = self._sshd_config("sshd_%d_config" % port, port, pidfile)
+        binds = []
+        for directory in (pwd.getpwuid(0).pw_dir, "/usr/local/bin"):
+            seen = os.path.join(tree, directory.lstrip("/"))
+            os.makedirs(seen, exist_ok=True)
+            binds.append("mount --bind %s %s" % (shlex.quote(seen), shlex.quote(directory)))
+        sh(["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join(
+            binds + ["exec /usr/sbin/sshd -f %s -E %s" % (shlex.quote(config),
+                                                           shlex.quote(os.path.join(self.home, "sshd_%d.log" % port)))])])
+        pid = self._started(port, pidfile)
+        self.tree_sshd_pids.append(pid)
+        return pid
+
+    def stop_sshd(self, pid):
+        """Stop an sshd of this replica and wait until it is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 15)
+        wait_for(lambda: not _pid_alive(pid), 10, "the replica's sshd %d to stop" % pid)
+        if pid in self.tree_sshd_pids:
+            self.tree_sshd_pids.remove(pid)
+
+    def _pid(self, pidfile=None):
         try:
-            with open(self.pidfile) as pidfile:
-                return int(pidfile.read().split()[0])
+            with open(pidfile or self.pidfile) as handle:
+                return int(handle.read().split()[0])
         except (OSError, IndexError, ValueError):
             return None
 
-    def _answers(self):
+    def _answers(self, port=None):
         with contextlib.closing(socket.socket()) as sock:
             sock.settimeout(1)
-            return sock.connect_ex((self.address, self.port)) == 0
+            return sock.connect_ex((self.address, port or self.port)) == 0
 
-    def ssh(self, command, bind=True, timeout=60):
-        """Run command there with the guest's key, as replicate's ssh does (from
-        guest_address unless bind is false); the CompletedProcess."""
-        options = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", self.key,
+    def ssh(self, command, bind=True, timeout=60, port=None, key=None):
+        """Run command there with the guest's key (or key), as replicate's ssh does
+        (from guest_address unless bind is false); the CompletedProcess."""
+        options = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", key or self.key,
                    "-o", "UserKnownHostsFile=%s" % self.known_hosts, "-o", "StrictHostKeyChecking=yes"]
         options += ["-o", "BindAddress=%s" % self.guest_address] if bind else []
-        return sh(["ssh", "-p", str(self.port)] + options + ["root@" + self.address, command],
-                  check=False, timeout=timeout)
+        return sh(["ssh", "-p", str(port or self.port)] + options + ["root@" + self.address]
+                  + ([command] if command is not None else []), check=False, timeout=timeout)
 
     def teardown(self):
+        for pid in list(self.tree_sshd_pids):
+            self.stop_sshd(pid)
         if self.sshd_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.sshd_pid, 15)
-            wait_for(lambda: not _pid_alive(self.sshd_pid), 10, "the replica's sshd to stop")
+            self.stop_sshd(self.sshd_pid)
             self.sshd_pid = None
         if self.pool is not None:
             self.pool.teardown()
