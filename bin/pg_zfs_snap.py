@@ -1340,7 +1340,7 @@ list_copies() {
 		n=${e##*/}
 		case $n in
 		*.json)
-			is_copy "${e%.json}" && [ -f "$e" ] || continue
+			is_copy "${e%.json}" && [ -f "$e" ] && [ ! -L "$e" ] || continue
 			printf "metadata %s " "${n%.json}"
 			head -c @METADATA_MAX@ "$e" | tr -d "\n"
 			echo ;;

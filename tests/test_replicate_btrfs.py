@@ -204,6 +204,34 @@ def test_snapshot_replicate_sends_the_new_set_from_the_one_before(rep):
     rep.sets.append(c)
 
 
+def test_oldest_wal_counts_the_sets_the_replica_holds(rep):
+    """A set on the replica alone, older than every set here, with an earlier
+    start_wal (made there from the copies of the oldest set), moves oldest-wal back."""
+    here = snap(rep.config, "oldest-wal")
+    assert here.returncode == 0, here.stderr
+    oldest = read_json(rep.bt.snapshot_path(rep.bt.subvolumes[1], rep.sets[0]) + ".json")
+    assert here.stdout.strip() == oldest["start_wal"]
+    older = "%s_20000101T000000Z" % PREFIX
+    made = [copy_path(rep, subvolume, older) for subvolume in rep.bt.subvolumes]
+    try:
+        for subvolume, copy in zip(rep.bt.subvolumes, made):
+            sh(["btrfs", "subvolume", "snapshot", "-r", copy_path(rep, subvolume, rep.sets[0]), copy])
+            metadata = read_json(copy_path(rep, subvolume, rep.sets[0]) + ".json")
+            metadata.update(set=older, start_wal="000000010000000000000001")
+            with open(copy + ".json", "w") as out:
+                json.dump(metadata, out)
+        assert older in complete_there(rep)
+        proc = snap(rep.config, "oldest-wal")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "000000010000000000000001"
+    finally:
+        for copy in made:
+            if is_subvolume(copy):
+                sh(["btrfs", "subvolume", "delete", copy])
+            if os.path.exists(copy + ".json"):
+                os.unlink(copy + ".json")
+
+
 def btrfs_processes(rep):
     """(PIDs of `btrfs receive ... TARGET/.pgzfs` there, of every btrfs send or receive of ours)."""
     there = os.path.join(rep.parent, ".pgzfs").encode()
