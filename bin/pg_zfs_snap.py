@@ -53,10 +53,11 @@ Commands:
     replicate [--replica NAME] [--dry-run] [--no-prune]
                                send every complete set a replica lacks, then prune
                                the replica by its own keep_* (below); --dry-run
-                               prints each stream and its size, sends nothing;
-                               on a terminal a progress line every 3 s per stream
-                               (bytes, rate; share and time left where zfs send
-                               -nvP estimates it), none under cron
+                               prints each stream and its size (btrfs: counted
+                               here), sends nothing; on a terminal a progress
+                               line every 3 s per stream (bytes, rate; share and
+                               time left where zfs send -nvP estimates it), none
+                               under cron
     receiver-script            print pg_zfs_receive, the forced command of the
                                guest's key on a replica
     authorized-keys [--replica NAME] [--receiver-path PATH]
@@ -163,6 +164,23 @@ set both sides hold (the next send's base), never a snapshot it did not send,
 never a set with clones there (a restore: kept with a warning). Here, prune
 keeps the newest set each replica holds. Every ssh session of a run shares one
 master connection; the replica runs the commands through pg_zfs_receive.
+
+btrfs replicas ([snapshot] backend = btrfs; target = an absolute directory on a
+btrfs there): the copy of subvolume /DIR/NAME is TARGET/NAME, so its snapshots
+land as TARGET/.pgzfs/NAME@SET with NAME@SET.json beside them, the layout
+pg_zfs_restore.py reads (only the snapshots exist there, not TARGET/NAME).
+Each is `btrfs send [-p BASE]` piped through ssh into `btrfs receive
+TARGET/.pgzfs` there. The GUID is the UUID the stream carries (btrfs subvolume
+show here), which the copy keeps as its Received UUID; a copy has arrived when
+it has that and is read-only. Once every copy of a set arrived, each
+NAME@SET.json is written there in one write (the keys here but replicated_to,
+plus copy_of, stop_lsn among them): the set is complete there when every file
+is written. A cut receive leaves a writable subvolume without a received UUID:
+the next run deletes such copies of this config's set snapshots and sends
+them again (btrfs cannot resume). Retention there deletes the subvolume, then
+its .json; a restore's clone there does not depend on its set (btrfs). The key
+is root's (btrfs receive needs CAP_SYS_ADMIN), restricted to pg_zfs_receive,
+whose btrfs verbs are its own (RECEIVER_SCRIPT).
 
 Exit codes (snapshot, prune, list, oldest-wal, replicate, the cron run):
     0  done (also: another run holds the lock and --wait was not given)
@@ -922,6 +940,12 @@ def continuity_state(sets, holes):
 # (pg_zfs_receive checks it again there).
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)*$")
 PROPERTY_VALUE_RE = re.compile(r"^[A-Za-z0-9+/=:.,_@ -]+$")
+# btrfs: a path on a replica's command line (its target; the guest's subvolumes,
+# whose last component names their copies there): absolute, no component
+# starting with a dot.
+BTRFS_PATH_RE = re.compile(r"^(/[A-Za-z0-9_:-][A-Za-z0-9_.:-]*)+$")
+# The largest NAME@SET.json pg_zfs_receive writes (a set's is about 2 KiB).
+REPLICA_METADATA_MAX = 65536
 # Properties of the guest that stay there: copy_of is written by the replica's
 # side, replicated_to says which replicas hold a set.
 NOT_SENT = ("copy_of", "replicated_to")
@@ -941,13 +965,21 @@ def dataset_name_problem(name):
     return None
 
 
+def btrfs_path_problem(path):
+    """Why path cannot be written on a replica's command line as a btrfs path, or None."""
+    if not BTRFS_PATH_RE.match(path) or os.path.normpath(path) != path:
+        return ("%r is not an absolute path of letters, digits, _ . : - (no component starting with a dot)"
+                % path)
+    return None
+
+
 def replica_layout_problem(datasets):
     """Why these datasets cannot be received below one replica parent, or None: a
     pool's root dataset has no PATH to land on, and POOL1/PATH and POOL2/PATH
-    would land on the same copy."""
+    (btrfs: /DIR1/NAME and /DIR2/NAME) would land on the same copy."""
     seen = {}
     for dataset in datasets:
-        problem = dataset_name_problem(dataset)
+        problem = btrfs_path_problem(dataset) if dataset.startswith("/") else dataset_name_problem(dataset)
         if problem:
             return problem
         tail = copy_tail(dataset)
@@ -995,10 +1027,94 @@ def parse_resume_tokens(text, parent):
     return tokens
 
 
+def parse_btrfs_listing(text, parent):
+    """(rows, {snapshot: received UUID}, {snapshot: (received UUID or None, read-only)})
+    of pg_zfs_receive's listing of a btrfs replica's PARENT/.pgzfs, one line each:
+
+        subvolume NAME@SET RECEIVED_UUID FLAGS   (`btrfs subvolume show`: `-` when none)
+        metadata NAME@SET JSON                   (NAME@SET.json, its line breaks removed)
+
+    The snapshot ids are PARENT/NAME@SET, as replica_dataset names the copies.
+    rows, as group_sets takes them: one per read-only subvolume (a writable one
+    is a receive that did not finish), its metadata {} when missing or not ours
+    to read. The UUIDs: a read-only subvolume's received UUID, `-` for any other
+    subvolume (never the UUID of a snapshot here: not arrived).
+    """
+    found, metadata = collections.OrderedDict(), {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        name, _, value = rest.partition(" ")
+        if "@" not in name or "/" in name or name.startswith("."):
+            continue
+        if kind == "subvolume" and len(value.split()) >= 2:
+            received, flags = value.split()[0], value.split()[1:]
+            found[name] = (None if received == "-" else received, "readonly" in flags)
+        elif kind == "metadata":
+            try:
+                metadata[name] = parse_metadata(value)
+            except ValueError:
+                metadata[name] = {}
+    rows, guids, subvolumes = [], {}, collections.OrderedDict()
+    for name, (received, read_only) in found.items():
+        copy, _, set_name = name.partition("@")
+        snapshot = "%s/%s" % (parent, name)
+        subvolumes[snapshot] = (received, read_only)
+        guids[snapshot] = received if read_only and received else "-"
+        if read_only:
+            rows.append(("%s/%s" % (parent, copy), set_name, 0, metadata.get(name, {})))
+    return rows, guids, subvolumes
+
+
+def btrfs_leftovers(subvolumes, parent, prefix, datasets, guids):
+    """The copies below parent that a cut `btrfs receive` left (parse_btrfs_listing's
+    subvolumes): writable, named as the snapshot of one of datasets in a set of
+    prefix, without a received UUID, or with the UUID of that snapshot here
+    (guids: cut between its last two steps). btrfs cannot resume a receive:
+    replicate deletes them and sends their snapshots again. Anything else
+    there (read-only, another UUID, another name) is never touched."""
+    copies = dict((replica_dataset(parent, dataset), dataset) for dataset in datasets)
+    leftovers = []
+    for snapshot, (received, read_only) in subvolumes.items():
+        copy, _, name = snapshot.partition("@")
+        if read_only or copy not in copies or parse_set_name(name, prefix) is None:
+            continue
+        if received is None or received == guids.get("%s@%s" % (copies[copy], name)):
+            leftovers.append(snapshot)
+    return leftovers
+
+
+def sent_uuid(show):
+    """The UUID `btrfs send` gives a snapshot's stream, from its `btrfs subvolume show`:
+    its Received UUID when it has one (a copy sent on), else its UUID; what the
+    copy's Received UUID becomes. None when the text has neither."""
+    found = dict(re.findall(r"^\s*(UUID|Received UUID):\s*(\S+)\s*$", show, re.MULTILINE))
+    received = found.get("Received UUID", "-")
+    return received if received != "-" else found.get("UUID")
+
+
+def replica_metadata_text(properties, source):
+    """NAME@SET.json of the copy of a btrfs snapshot: its keys here but NOT_SENT, plus
+    copy_of = source (the subvolume sent from). ValueError when a value has a
+    character pg_zfs_receive refuses, or the text is longer than it takes."""
+    found = dict((key, value) for key, value in properties.items() if key not in NOT_SENT)
+    found["copy_of"] = source
+    for key, value in sorted(found.items()):
+        if value and not PROPERTY_VALUE_RE.match(value):
+            raise ValueError("%s %r has a character the replica's pg_zfs_receive refuses" % (key, value[:60]))
+    text = metadata_text(found)
+    if len(text) > REPLICA_METADATA_MAX:
+        raise ValueError("its metadata is %d bytes, more than the replica's pg_zfs_receive takes (%d)"
+                         % (len(text), REPLICA_METADATA_MAX))
+    return text
+
+
 def replica_sets(rows, prefix, parent, datasets):
-    """The sets of this config (datasets here) whose copies are below parent."""
+    """The sets of this config (datasets here) whose copies are below parent: sets
+    whose snapshots carry copy_of (a btrfs replica's NAME is the basename of the
+    subvolume here, so a set of the replica's own could otherwise pass)."""
     return [one for one in sets_of(group_sets(rows, prefix), [replica_dataset(parent, d) for d in datasets])
-            if all(name == replica_dataset(parent, source) for name, source in one.sources.items())]
+            if one.get("copy_of") and all(name == replica_dataset(parent, source)
+                                          for name, source in one.sources.items())]
 
 
 def plan_replication(sets, guids, there, there_guids, there_filesystems, parent):
@@ -1090,6 +1206,15 @@ def parse_rate(text):
     return int(float(match.group(1)) * (1024 ** "BKMGTPEZ".index(match.group(2) or "B")))
 
 
+def failure_line(text, code):
+    """Why one side of a send failed: the last line of its stderr that is not btrfs
+    send's or receive's chatter (At subvol, At snapshot, Chroot to), else its
+    exit code."""
+    lines = [line for line in text.strip().splitlines()
+             if not re.match(r"^(At subvol|At snapshot|Chroot to) ", line)]
+    return lines[-1] if lines else "exit code %d" % code
+
+
 def send_size_of(output):
     """Bytes of `zfs send -nvP`'s 'size' line, or None."""
     match = re.search(r"^size\s+([0-9]+)\s*$", output, re.MULTILINE)
@@ -1107,6 +1232,18 @@ def send_size_of(output):
 #   zfs recv -A PARENT/PATH                                  drop a resumable partial receive
 #   zfs destroy PARENT/PATH@SET                              retention (SET: *_YYYYmmddTHHMMSSZ)
 #   zfs set 'pgzfs:KEY=VALUE' PARENT/PATH@SET...             a set's metadata
+# A btrfs replica's PARENT is an absolute path (a directory on a btrfs there);
+# its copies are PARENT/.pgzfs/NAME@SET with NAME@SET.json beside them (the
+# guest's layout), and the verbs are pg_zfs_receive's own (a bare key cannot
+# serve them: on btrfs the key always runs pg_zfs_receive):
+#   pgzfs-list PARENT                            one line per copy and per
+#                                                metadata file (parse_btrfs_listing)
+#   btrfs receive PARENT/.pgzfs                  a stream from stdin (run with -C:
+#                                                chrooted into PARENT/.pgzfs)
+#   pgzfs-delete PARENT/.pgzfs/NAME@SET          the subvolume, then NAME@SET.json
+#   pgzfs-write PARENT/.pgzfs/NAME@SET.json      the metadata from stdin (atomically;
+#                                                at most REPLICA_METADATA_MAX bytes of the
+#                                                characters metadata_text writes)
 RECEIVER = "pg_zfs_receive"
 RECEIVER_PATH = "/usr/local/bin/pg_zfs_receive"
 RECEIVER_SCRIPT = r"""#!/bin/sh
@@ -1115,10 +1252,11 @@ RECEIVER_SCRIPT = r"""#!/bin/sh
 # write it again after an upgrade.
 #
 # The forced command of the guest's key in the authorized_keys of the user
-# that receives (root on zfs-fuse; with OpenZFS a user given
+# that receives (root on zfs-fuse and on btrfs; with OpenZFS a user given
 # `zfs allow USER create,mount,receive,destroy,userprop PARENT`):
 #
 #   restrict,from="GUEST",command="@PATH@ bk/guest1" ssh-ed25519 AAAA...
+#   restrict,from="GUEST",command="@PATH@ /srv/replica/guest1" ssh-ed25519 AAAA...   (btrfs)
 #
 # sshd runs it for every session of that key, whatever the client asked. It
 # reads the client's command from $SSH_ORIGINAL_COMMAND, splits it into words
@@ -1130,6 +1268,14 @@ RECEIVER_SCRIPT = r"""#!/bin/sh
 #   zfs recv -A PARENT/PATH         drop a partial resumable receive (OpenZFS)
 #   zfs destroy PARENT/PATH@SET     one set's snapshot (SET ends _YYYYmmddTHHMMSSZ)
 #   zfs set 'pgzfs:KEY=VALUE' PARENT/PATH@SET...  a set's metadata
+# or, when PARENT is an absolute path (a directory on a btrfs):
+#   pgzfs-list PARENT               list PARENT/.pgzfs: each copy NAME@SET (its
+#                                   received UUID and flags) and NAME@SET.json
+#   btrfs receive PARENT/.pgzfs     receive the stream on stdin there (chrooted)
+#   pgzfs-delete PARENT/.pgzfs/NAME@SET         one set's copy, then its .json
+#   pgzfs-write PARENT/.pgzfs/NAME@SET.json     its metadata from stdin (at most
+#                                   @METADATA_MAX@ bytes of letters, digits, blanks
+#                                   and +/=:.,_@-{}")
 # Anything else (a shell, id, a destroy of PARENT, a receive elsewhere, a ;
 # or $(...) in a name) gets one line "pg_zfs_receive: refused: ..." on stderr
 # (and to syslog, auth.notice) and exit 1, and nothing changes.
@@ -1137,6 +1283,10 @@ v=@VERSION@
 refuse() {
 	printf "pg_zfs_receive: refused: %.200s\n" "$1" >&2
 	logger -p auth.notice -t pg_zfs_receive "refused a request from ${SSH_CLIENT%% *}: $(printf "%.200s" "$1")" >/dev/null 2>&1
+	exit 1
+}
+fail() {
+	printf "pg_zfs_receive: %.200s\n" "$1" >&2
 	exit 1
 }
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -1147,7 +1297,11 @@ d2=[0123456789][0123456789]
 [ $# -eq 1 ] || refuse "usage: pg_zfs_receive PARENT (the command= of an authorized_keys line)"
 p=$1
 case $p in
-""|/*|*/|*//*|.*|*/.*|*[!A-Za-z0-9_.:/-]*) refuse "not a dataset name: $p" ;;
+/*)
+	case $p/ in
+	*//*|*/.*|*[!A-Za-z0-9_.:/-]*) refuse "not an absolute path of letters, digits and _ . : -: $p" ;;
+	esac ;;
+""|*/|*//*|.*|*/.*|*[!A-Za-z0-9_.:/-]*) refuse "not a dataset name: $p" ;;
 esac
 below() {
 	case $1 in
@@ -1167,12 +1321,89 @@ is_set_snapshot() {
 	esac
 	below "${1%%@*}"
 }
+snapdir=$p/.pgzfs
+is_copy() {
+	case $1 in
+	"$snapdir"/*) ;;
+	*) return 1 ;;
+	esac
+	case ${1#"$snapdir"/} in
+	.*|*/*|*@*@*|*[!A-Za-z0-9_.:@-]*) return 1 ;;
+	?*@?*_${d2}${d2}${d2}${d2}T${d2}${d2}${d2}Z) return 0 ;;
+	esac
+	return 1
+}
+list_copies() {
+	[ -d "$snapdir" ] || return 0
+	set +f
+	for e in "$snapdir"/*@*; do
+		n=${e##*/}
+		case $n in
+		*.json)
+			is_copy "${e%.json}" && [ -f "$e" ] && [ ! -L "$e" ] || continue
+			printf "metadata %s " "${n%.json}"
+			head -c @METADATA_MAX@ "$e" | tr -d "\n"
+			echo ;;
+		*)
+			is_copy "$e" || continue
+			i=$(btrfs subvolume show "$e" 2>/dev/null) || continue
+			r=$(printf "%s\n" "$i" | sed -n "s/^[[:space:]]*Received UUID:[[:space:]]*//p")
+			f=$(printf "%s\n" "$i" | sed -n "s/^[[:space:]]*Flags:[[:space:]]*//p")
+			printf "subvolume %s %s %s\n" "$n" "${r:--}" "${f:--}" ;;
+		esac
+	done
+	set -f
+}
+btrfs_request() {
+	unset IFS
+	set -- $c
+	case ${1:-} in
+	pgzfs-list)
+		[ $# -eq 2 ] && [ "$2" = "$p" ] || refuse "not the listing pgzfs-list $p: $c"
+		list_copies
+		exit 0 ;;
+	btrfs)
+		[ "$*" = "btrfs receive $snapdir" ] || refuse "not btrfs receive $snapdir: $c"
+		[ -d "$snapdir" ] || mkdir -m 0700 "$snapdir" || exit 1
+		exec btrfs receive -C "$snapdir" ;;
+	pgzfs-delete)
+		[ $# -eq 2 ] && is_copy "$2" || refuse "not the delete of a set's copy in $snapdir: $c"
+		[ ! -L "$2" ] || fail "$2 is a symbolic link: not deleted"
+		if btrfs subvolume show "$2" >/dev/null 2>&1; then
+			btrfs subvolume delete "$2" >/dev/null || exit 1
+		fi
+		rm -f "$2.json" || exit 1
+		exit 0 ;;
+	pgzfs-write)
+		[ $# -eq 2 ] && [ "${2%.json}.json" = "$2" ] && is_copy "${2%.json}" ||
+			refuse "not the metadata NAME@SET.json of a set's copy in $snapdir: $c"
+		[ ! -L "$2" ] && [ ! -d "$2" ] && [ ! -L "${2%.json}" ] || fail "$2: not a plain file: not written"
+		btrfs subvolume show "${2%.json}" >/dev/null 2>&1 || fail "no copy ${2%.json} to describe"
+		t=$snapdir/.${2##*/}.$$.tmp
+		head -c $((@METADATA_MAX@ + 1)) > "$t" || { rm -f "$t"; exit 1; }
+		n=$(wc -c < "$t")
+		[ $n -le @METADATA_MAX@ ] || { rm -f "$t"; refuse "metadata of more than @METADATA_MAX@ bytes for $2"; }
+		[ -z "$(tr -d "A-Za-z0-9+/=:.,_@ {}\"\n-" < "$t")" ] ||
+			{ rm -f "$t"; refuse "a character pg_zfs_receive never writes, in the metadata for $2"; }
+		sync "$t" 2>/dev/null || sync
+		mv -f "$t" "$2" || { rm -f "$t"; exit 1; }
+		sync "$snapdir" 2>/dev/null || sync
+		exit 0 ;;
+	*)
+		refuse "not a command pg_zfs_receive runs on btrfs: $c" ;;
+	esac
+}
 c=${SSH_ORIGINAL_COMMAND:-}
 [ -n "$c" ] || refuse "no command: this key receives pg_zfs_snap.py replicate and nothing else"
 set -f
 case $c in
 *"
 "*) refuse "a line break in the command" ;;
+esac
+case $p in
+/*) btrfs_request ;;
+esac
+case $c in
 "zfs set '"*)
 	r=${c#"zfs set '"}
 	q=${r%%"' "*}
@@ -1225,7 +1456,8 @@ esac
 
 def receiver_script():
     """The text of pg_zfs_receive, the forced command of the guest's key on a replica."""
-    return RECEIVER_SCRIPT.replace("@VERSION@", VERSION).replace("@PATH@", RECEIVER_PATH)
+    return RECEIVER_SCRIPT.replace("@VERSION@", VERSION).replace("@PATH@", RECEIVER_PATH).replace(
+        "@METADATA_MAX@", str(REPLICA_METADATA_MAX))
 
 
 def receiver_keys_line(public_key, from_patterns, parent, receiver_path=RECEIVER_PATH):
@@ -1239,7 +1471,8 @@ def receiver_keys_line(public_key, from_patterns, parent, receiver_path=RECEIVER
     if not from_patterns or '"' in from_patterns or " " in from_patterns or "\n" in from_patterns:
         raise Failure("from %r: addresses or patterns separated by commas, no spaces or quotes"
                       % from_patterns, 2)
-    if dataset_name_problem(parent) or not receiver_path.startswith("/") or "\n" in receiver_path:
+    parent_problem = btrfs_path_problem(parent) if parent.startswith("/") else dataset_name_problem(parent)
+    if parent_problem or not receiver_path.startswith("/") or "\n" in receiver_path:
         raise Failure("cannot write an authorized_keys line for parent %r and receiver %r"
                       % (parent, receiver_path), 2)
     command = "%s %s" % (shlex.quote(receiver_path), shlex.quote(parent))
@@ -2130,6 +2363,19 @@ class ZfsBackend(object):
                 raise Failure("zfs destroy %s: %s" % (snapshot, err.strip()), 1)
             time.sleep(0.5)
 
+    # replicate: what a snapshot's copy must match, how it is sent, what it says.
+
+    def guids(self, snapshots):
+        """{snapshot: GUID}: a copy on a replica is this snapshot's when it has that GUID."""
+        return zfs_guids(self.zfs, snapshots)
+
+    def send_argv(self, snapshot, base=None, token=None):
+        return send_argv(self.zfs, snapshot, base, token)
+
+    def snapshot_properties(self, snapshots, keys):
+        """{snapshot: {key: value}} of pgzfs:KEY, unset ones left out."""
+        return zfs_properties(self.zfs, snapshots, keys)
+
 
 class BtrfsBackend(object):
     """The same methods as ZfsBackend, on btrfs subvolumes (DEVELOPERS.md, btrfs layout).
@@ -2195,16 +2441,20 @@ class BtrfsBackend(object):
             raise SnapshotError("stopped by signal %d" % pending_signal(), made)
         return made
 
+    def _metadata(self, snapshot):
+        """(path, {key: value}) of a snapshot's metadata file; a Failure when it cannot be read."""
+        path = btrfs_snapshot_path(snapshot) + BTRFS_METADATA_SUFFIX
+        try:
+            with open(path) as handle:
+                return path, parse_metadata(handle.read())
+        except (OSError, IOError, ValueError) as error:
+            raise Failure("metadata %s: %s" % (path, getattr(error, "strerror", None) or error), 1)
+
     def set_properties(self, snapshots, properties, order):
         """Add properties to each snapshot's metadata file, all keys in one atomic
         rewrite per file (so `stop_lsn`, in `order` last, never comes before the others)."""
         for snapshot in snapshots:
-            path = btrfs_snapshot_path(snapshot) + BTRFS_METADATA_SUFFIX
-            try:
-                with open(path) as handle:
-                    current = parse_metadata(handle.read())
-            except (OSError, IOError, ValueError) as error:
-                raise Failure("metadata %s: %s" % (path, getattr(error, "strerror", None) or error), 1)
+            path, current = self._metadata(snapshot)
             current.update((key, properties[key]) for key in order)
             write_atomically(path, metadata_text(current))
 
@@ -2278,6 +2528,32 @@ class BtrfsBackend(object):
             if error.errno != errno.ENOENT:
                 raise Failure("%s: %s" % (path + BTRFS_METADATA_SUFFIX, error.strerror), 1)
         fsync_directory(os.path.dirname(path))
+
+    # replicate: a copy is this snapshot's when its Received UUID is the UUID the
+    # stream carries (sent_uuid) and it is read-only (btrfs receive finished).
+
+    def guids(self, snapshots):
+        """{snapshot: the UUID btrfs send gives its stream} (btrfs subvolume show)."""
+        found = {}
+        for snapshot in snapshots:
+            path = btrfs_snapshot_path(snapshot)
+            code, out, err = self._run("subvolume", "show", path, check=False)
+            found[snapshot] = sent_uuid(out) if code == 0 else None
+            if found[snapshot] is None:
+                raise Failure("btrfs subvolume show %s: %s" % (path, (err.strip().splitlines() or [
+                    "no UUID in its output"])[-1]), 1)
+        return found
+
+    def send_argv(self, snapshot, base=None, token=None):
+        return btrfs_send_argv(self.btrfs, snapshot, base)
+
+    def snapshot_properties(self, snapshots, keys):
+        """{snapshot: {key: value}} of the keys in each snapshot's NAME@SET.json."""
+        found = {}
+        for snapshot in snapshots:
+            metadata = self._metadata(snapshot)[1]
+            found[snapshot] = dict((key, metadata[key]) for key in keys if key in metadata)
+        return found
 
 
 def is_subvolume(path):
@@ -2557,10 +2833,15 @@ class Replica(object):
         except ValueError as error:
             raise config.error(replica_section, "ssh_options", str(error))
         self.from_patterns = config.str(replica_section, "from", "")
+        # btrfs: the copies are received into TARGET/.pgzfs, a directory on a btrfs there.
+        self.btrfs = config.choice("snapshot", "backend", ("zfs", "btrfs"), "zfs") == "btrfs"
         self.target = config.str(replica_section, "target")
-        problem = dataset_name_problem(self.target)
+        problem = btrfs_path_problem(self.target) if self.btrfs else dataset_name_problem(self.target)
         if problem:
             raise config.error(replica_section, "target", problem)
+        if self.btrfs and self.user != "root":
+            raise config.error(replica_section, "user", "btrfs receive needs root there (CAP_SYS_ADMIN): "
+                               "user = root, its key restricted to pg_zfs_receive")
         self.policy = Policy(*[config.int(replica_section, "keep_" + rule, RETENTION_DEFAULTS[rule])
                                for rule in RETENTION_RULES])
         try:
@@ -2582,7 +2863,9 @@ def replica_names(config):
 class ReplicaLink(object):
     """ssh to one replica: one master connection (ours: it ends with the run), each
     command a session on it. Commands are zfs command lines (replica_* below):
-    pg_zfs_receive runs them there, and so would a login shell."""
+    pg_zfs_receive runs them there, and so would a login shell. On a btrfs
+    replica they are pg_zfs_receive's own verbs (pgzfs-list, btrfs receive,
+    pgzfs-delete, pgzfs-write: RECEIVER_SCRIPT)."""
 
     def __init__(self, replica):
         self.replica = replica
@@ -2640,9 +2923,9 @@ class ReplicaLink(object):
             shutil.rmtree(self.control_dir, ignore_errors=True)
             self.control_dir = None
 
-    def run(self, command, check=True):
-        """(exit code, stdout, stderr) of one command there."""
-        code, out, err = run(self.argv(command), timeout=REPLICA_TIMEOUT, check=False)
+    def run(self, command, check=True, input_text=None):
+        """(exit code, stdout, stderr) of one command there (input_text: its stdin)."""
+        code, out, err = run(self.argv(command), timeout=REPLICA_TIMEOUT, input_text=input_text, check=False)
         if check and code != 0:
             last = (err.strip().splitlines() or ["exit code %d" % code])[-1]
             raise Failure("%s: %s: %s" % (self.replica, command[:120], last), 1)
@@ -2659,33 +2942,54 @@ class ReplicaLink(object):
             future.result()
 
     def listing(self):
-        """(rows, {snapshot: guid}, [file systems]) below the target (parse_replica_listing)."""
+        """(rows, {snapshot: guid}, [file systems]) below the target (parse_replica_listing;
+        btrfs: parse_btrfs_listing, its UUIDs as the GUIDs, no file systems)."""
+        if self.replica.btrfs:
+            rows, guids, _ = self.btrfs_listing()
+            return rows, guids, []
         columns = ",".join(["guid"] + [P + key for key in LIST_KEYS])
         _, out, _ = self.run("zfs get -rHp -o name,property,value %s %s" % (columns, self.replica.target))
         return parse_replica_listing(out, self.replica.target)
 
+    def btrfs_listing(self):
+        """btrfs: (rows, {snapshot: received UUID}, {snapshot: (received UUID, read-only)})
+        of the copies in TARGET/.pgzfs (parse_btrfs_listing)."""
+        _, out, _ = self.run("pgzfs-list %s" % self.replica.target)
+        return parse_btrfs_listing(out, self.replica.target)
+
     def resume_tokens(self):
         """{dataset: token} of partial resumable receives there, or None where its zfs
-        has none (zfs-fuse: no receive_resume_token, no recv -s): then a cut
-        receive is simply done again."""
+        has none (zfs-fuse: no receive_resume_token, no recv -s; btrfs): then a
+        cut receive is simply done again."""
+        if self.replica.btrfs:
+            return None
         code, out, _ = self.run("zfs get -rHp -o name,property,value receive_resume_token %s"
                                 % self.replica.target, check=False)
         return parse_resume_tokens(out, self.replica.target) if code == 0 else None
 
+    def destroy_command(self, snapshot):
+        """The command that destroys a copy there (btrfs: its subvolume, then its .json)."""
+        if self.replica.btrfs:
+            return "pgzfs-delete %s" % btrfs_snapshot_path(snapshot)
+        return "zfs destroy %s" % snapshot
+
     def receive(self, send_argv, resumable, what=None):
-        """Pipe `send_argv` (zfs send ...) into `zfs recv -u -d TARGET` there, at most
-        bwlimit bytes a second; (bytes, seconds). A Failure with the last line of
-        whichever side failed; both are ended on any way out. On a terminal, a
-        progress line every SEND_PROGRESS_INTERVAL seconds (of `what`, with the
-        share and time left where zfs send -nvP estimates the stream); quiet
-        otherwise (cron)."""
+        """Pipe `send_argv` (zfs send ...) into `zfs recv -u -d TARGET` there (btrfs:
+        btrfs send into `btrfs receive TARGET/.pgzfs`), at most bwlimit bytes a
+        second; (bytes, seconds). A Failure with the last line of whichever side
+        failed; both are ended on any way out. On a terminal, a progress line
+        every SEND_PROGRESS_INTERVAL seconds (of `what`, with the share and time
+        left where zfs send -nvP estimates the stream); quiet otherwise (cron)."""
         import tempfile
-        command = "zfs recv %s-u -d %s" % ("-s " if resumable else "", self.replica.target)
+        if self.replica.btrfs:
+            command = "btrfs receive %s" % os.path.join(self.replica.target, BTRFS_SNAPSHOT_DIR)
+        else:
+            command = "zfs recv %s-u -d %s" % ("-s " if resumable else "", self.replica.target)
         send_errors, recv_errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         started, sent, sender, receiver = time.time(), 0, None, None
         log.debug("run: %s | %s", " ".join(send_argv), " ".join(self.argv(command)))
         progress = what is not None and sys.stderr.isatty()
-        total = send_estimate(send_argv) if progress else None
+        total = send_estimate(send_argv) if progress and not self.replica.btrfs else None
         next_line = started + SEND_PROGRESS_INTERVAL
         try:
             sender = subprocess.Popen(send_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -2721,12 +3025,12 @@ class ReplicaLink(object):
                     process.kill()
                     process.wait()
         sides = [(sender.returncode, send_errors, " ".join(send_argv[1:])),
-                 (receiver.returncode, recv_errors, "zfs recv on %s" % self.replica.host)]
+                 (receiver.returncode, recv_errors, "%s on %s" % (" ".join(command.split()[:2]),
+                                                                   self.replica.host))]
         for code, errors, what in sides[1:] + sides[:1] if killed else sides:
             if code != 0:
                 errors.seek(0)
-                lines = errors.read().decode("utf-8", "replace").strip().splitlines()
-                raise Failure("%s: %s" % (what, lines[-1] if lines else "exit code %d" % code), 1)
+                raise Failure("%s: %s" % (what, failure_line(errors.read().decode("utf-8", "replace"), code)), 1)
         return sent, time.time() - started
 
 
@@ -2735,6 +3039,13 @@ def send_argv(zfs, snapshot, base=None, token=None):
     if token:
         return [zfs, "send", "-t", token]
     return [zfs, "send"] + (["-i", base] if base else []) + [snapshot]
+
+
+def btrfs_send_argv(btrfs, snapshot, base=None):
+    """btrfs send of snapshot id SUBVOLUME@SET, incrementally from base (-p): the
+    read-only PARENT/.pgzfs/NAME@SET paths."""
+    return [btrfs, "send", "-q"] + (["-p", btrfs_snapshot_path(base)] if base else []) + [
+        btrfs_snapshot_path(snapshot)]
 
 
 def zfs_guids(zfs, snapshots):
@@ -2767,10 +3078,11 @@ def send_estimate(argv):
     return send_size_of(out + "\n" + err) if code == 0 else None
 
 
-def stream_size(zfs, argv):
-    """(bytes, how) a send would write: `zfs send -nvP` where zfs has it, else the
-    stream itself counted here (zfs-fuse has no -n), nothing sent anywhere."""
-    size = send_estimate([zfs] + argv[1:])
+def stream_size(argv, estimate=True):
+    """(bytes, how) a send would write: `zfs send -nvP` where zfs has it (estimate),
+    else the stream itself counted here (zfs-fuse has no -n, btrfs send no
+    estimate), nothing sent anywhere."""
+    size = send_estimate(argv) if estimate else None
     if size is not None:
         return size, "zfs send -nvP"
     total = 0
@@ -2791,7 +3103,7 @@ def stream_size(zfs, argv):
         sender.wait()
     if sender.returncode != 0:
         raise Failure("%s failed (exit code %d)" % (" ".join(argv), sender.returncode), 1)
-    return total, "counted: this zfs has no send -n"
+    return total, "counted: this zfs has no send -n" if estimate else "counted: btrfs send has no estimate"
 
 
 # ---------------------------------------------------------------------------
@@ -3187,8 +3499,6 @@ def replicas_of(job, name=None):
     problem = replica_layout_problem(job.datasets)
     if problem:
         raise job.config.error("snapshot", "datasets", problem)
-    if isinstance(job.backend, BtrfsBackend):
-        raise Failure("replicate: only the zfs backend can be replicated (btrfs send/receive is not built yet)", 2)
     return [Replica(job.config, one) for one in names]
 
 
@@ -3218,12 +3528,15 @@ def replicate_to(job, replica, dry_run, prune=True):
     link = ReplicaLink(replica)
     link.open()
     try:
+        guids = job.backend.guids([one.snapshot(d) for one in sets for d in one.datasets])
         tokens = link.resume_tokens()
         if tokens and not dry_run:
             resume_receives(job, link, tokens)
+        leftovers = remove_leftovers(job, link, guids, dry_run) if replica.btrfs else []
         rows, there_guids, filesystems = link.listing()
+        for snapshot in leftovers if dry_run else ():
+            del there_guids[snapshot]           # as the run would find them: deleted
         there = replica_sets(rows, job.prefix, replica.target, job.datasets)
-        guids = zfs_guids(job.backend.zfs, [one.snapshot(d) for one in sets for d in one.datasets])
         common, plan, problems = plan_replication(sets, guids, there, there_guids, filesystems, replica.target)
         if problems:
             raise Failure("%s: %s; nothing sent" % (replica, "; ".join(problems)), 1)
@@ -3251,7 +3564,7 @@ def resume_receives(job, link, tokens):
         if dataset_name_problem(dataset):
             continue
         try:
-            sent, seconds = link.receive(send_argv(job.backend.zfs, None, token=token), True)
+            sent, seconds = link.receive(job.backend.send_argv(None, token=token), True)
             log.info("%s: resumed the cut receive of %s: %s more in %.1f s", link.replica, dataset,
                      human_size(sent), seconds)
         except SignalFailure:
@@ -3262,25 +3575,44 @@ def resume_receives(job, link, tokens):
             link.run("zfs recv -A %s" % dataset)
 
 
+def remove_leftovers(job, link, guids, dry_run):
+    """btrfs: delete the copies a cut receive left there (btrfs_leftovers), so that
+    their snapshots go again (btrfs cannot resume a receive); the leftovers
+    (dry_run: printed, left as they are)."""
+    replica = link.replica
+    _, _, subvolumes = link.btrfs_listing()
+    leftovers = btrfs_leftovers(subvolumes, replica.target, job.prefix, job.datasets, guids)
+    for snapshot in leftovers:
+        path = btrfs_snapshot_path(snapshot)
+        if dry_run:
+            print("would delete %s on [replica %s]: a receive cut short" % (path, replica.name))
+            continue
+        link.run(link.destroy_command(snapshot))
+        log.info("%s: deleted %s, left by a receive cut short: it is sent again", replica, path)
+    return leftovers
+
+
 def describe_sends(job, replica, one, sends):
     """--dry-run: what sending set one would do, with each stream's size."""
     total = 0
     for send in sends:
-        size, how = stream_size(job.backend.zfs, send_argv(job.backend.zfs, send.snapshot, send.base))
+        size, how = stream_size(job.backend.send_argv(send.snapshot, send.base), not replica.btrfs)
         total += size
         print("would send %s to %s:%s (%s): %s (%s)" % (
             send.snapshot, replica.host, send.target, "incremental from %s" % send.base.partition("@")[2]
             if send.base else "full", human_size(size), how))
-    print("would make set %s complete on [replica %s]: %s in %d stream(s), then its pgzfs:* properties"
-          % (one.name, replica.name, human_size(total), len(sends)))
+    print("would make set %s complete on [replica %s]: %s in %d stream(s), then its %s"
+          % (one.name, replica.name, human_size(total), len(sends),
+             "NAME@SET.json files" if replica.btrfs else "pgzfs:* properties"))
 
 
 def send_set(job, link, replica, one, sends, resumable):
     """Send the snapshots of set one that have not arrived, check every copy has its
-    snapshot's GUID, then write the set's properties there, pgzfs:stop_lsn last,
-    and note the replica in the set's pgzfs:replicated_to here."""
+    snapshot's GUID (btrfs: its UUID), then write the set's properties there,
+    pgzfs:stop_lsn last (btrfs: the NAME@SET.json files), and note the replica
+    in the set's pgzfs:replicated_to here."""
     for send in sends:
-        sent, seconds = link.receive(send_argv(job.backend.zfs, send.snapshot, send.base), resumable,
+        sent, seconds = link.receive(job.backend.send_argv(send.snapshot, send.base), resumable,
                                      "%s to %s" % (send.snapshot, replica.host))
         log.info("sent %s to %s:%s (%s): %s in %.1f s", send.snapshot, replica.host, send.target,
                  "incremental from %s" % send.base.partition("@")[2] if send.base else "full",
@@ -3288,15 +3620,29 @@ def send_set(job, link, replica, one, sends, resumable):
     snapshots = [one.snapshot(dataset) for dataset in one.datasets]
     copies = dict((snapshot, "%s@%s" % (replica_dataset(replica.target, dataset), one.name))
                   for dataset, snapshot in zip(one.datasets, snapshots))
-    guids = zfs_guids(job.backend.zfs, snapshots)
+    guids = job.backend.guids(snapshots)
     _, there_guids, _ = link.listing()
     for snapshot, copy in copies.items():
         if there_guids.get(copy) != guids.get(snapshot):
             raise Failure("%s: %s has GUID %s, not %s's %s: set %s not complete there"
                           % (replica, copy, there_guids.get(copy, "(absent)"), snapshot, guids.get(snapshot),
                              one.name), 1)
+    if replica.btrfs:
+        write_copy_metadata(job, link, one, copies)
+    else:
+        write_copy_properties(job, link, one, copies)
+    note_replicated(job, replica, one)
+    log.info("set %s complete on %s (%d datasets, %s checked)", one.name, replica, len(snapshots),
+             "UUIDs" if replica.btrfs else "GUIDs")
+
+
+def write_copy_properties(job, link, one, copies):
+    """zfs: the pgzfs:* of each snapshot of set one on its copy there (copies: {snapshot
+    here: copy there}), as they are here, plus copy_of; pgzfs:stop_lsn last."""
+    replica = link.replica
+    snapshots = [one.snapshot(dataset) for dataset in one.datasets]
     keys = [key for key in PROPERTY_KEYS if key not in NOT_SENT]
-    found = zfs_properties(job.backend.zfs, snapshots, keys)
+    found = job.backend.snapshot_properties(snapshots, keys)
     commands, last = [], []
     for key in keys:
         by_value = collections.OrderedDict()
@@ -3314,8 +3660,27 @@ def send_set(job, link, replica, one, sends, resumable):
     link.run_all(commands)
     for command in last:        # stop_lsn after all the others: it makes the set complete there
         link.run(command)
-    note_replicated(job, replica, one)
-    log.info("set %s complete on %s (%d datasets, GUIDs checked)", one.name, replica, len(snapshots))
+
+
+def write_copy_metadata(job, link, one, copies):
+    """btrfs: NAME@SET.json beside each copy of set one there (copies: {snapshot here:
+    copy there}), each in one write (pg_zfs_receive: temp file, rename): the
+    snapshot's keys here but NOT_SENT, plus copy_of. Each has stop_lsn: the set
+    is complete there once every file is written."""
+    replica = link.replica
+    snapshots = [one.snapshot(dataset) for dataset in one.datasets]
+    found = job.backend.snapshot_properties(snapshots, PROPERTY_KEYS)
+    texts = []
+    for dataset, snapshot in zip(one.datasets, snapshots):
+        if not found[snapshot].get("stop_lsn"):
+            raise Failure("set %s has no stop_lsn in %s here: not complete" % (one.name, snapshot), 1)
+        try:
+            texts.append((btrfs_snapshot_path(copies[snapshot]) + BTRFS_METADATA_SUFFIX,
+                          replica_metadata_text(found[snapshot], dataset)))
+        except ValueError as error:
+            raise Failure("%s: set %s: %s: %s" % (replica, one.name, snapshot, error), 1)
+    for path, text in texts:
+        link.run("pgzfs-write %s" % path, input_text=text)
 
 
 def note_replicated(job, replica, one):
@@ -3341,9 +3706,10 @@ def prune_replica(job, link, replica, common, dry_run):
             continue
         with signals_deferred():
             for snapshot in snapshots:
-                code, _, err = link.run("zfs destroy %s" % snapshot, check=False)
+                command = link.destroy_command(snapshot)
+                code, _, err = link.run(command, check=False)
                 if code != 0:
-                    log.warning("%s: set %s not pruned: zfs destroy %s: %s", replica, name, snapshot,
+                    log.warning("%s: set %s not pruned: %s: %s", replica, name, command,
                                 (err.strip().splitlines() or ["exit code %d" % code])[-1])
                     break
             else:
@@ -3395,7 +3761,7 @@ def cmd_list_replica(job, name, as_json=False):
     sets = job.sets()
     listing, there_guids, _ = replica_listing(replica)
     there = replica_sets(listing, job.prefix, replica.target, job.datasets)
-    guids = zfs_guids(job.backend.zfs, [one.snapshot(d) for one in sets for d in one.present])
+    guids = job.backend.guids([one.snapshot(d) for one in sets for d in one.present])
     rows = replica_comparison(sets, there, guids, there_guids, replica.target, job.prefix)
     if as_json:
         print(json.dumps({"replica": replica.name, "host": replica.host, "target": replica.target, "sets": rows},
@@ -3615,9 +3981,12 @@ def cmd_authorized_keys(job, name=None, receiver_path=RECEIVER_PATH):
                          or address_toward(replica.host, replica.port))
         if not from_patterns:
             raise Failure("%s: cannot tell the address it sees this guest come from: set from" % replica, 2)
+        made = ("mkdir -p %s, on a btrfs there" if replica.btrfs else "zfs create -p %s") % replica.target
         print("# %s: %s installed there (pg_zfs_snap.py receiver-script, mode 0755), the parent made "
-              "(zfs create -p %s), then this line in ~%s/.ssh/authorized_keys (key %s; from = %s)"
-              % (replica, receiver_path, replica.target, replica.user, key_path, from_patterns))
+              "(%s), then this line in ~%s/.ssh/authorized_keys (key %s; from = %s)%s"
+              % (replica, receiver_path, made, replica.user, key_path, from_patterns,
+                 "; root's key, as btrfs receive needs root (CAP_SYS_ADMIN): restricted to pg_zfs_receive "
+                 "by restrict, from= and command=" if replica.btrfs else ""))
         print(receiver_keys_line(public_key, from_patterns, replica.target, receiver_path))
 
 

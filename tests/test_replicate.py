@@ -101,6 +101,33 @@ def install_receiver(host):
     return receiver
 
 
+def install_key(host, config, receiver):
+    """The replica's key lines as `pg_zfs_snap.py authorized-keys` prints them for config
+    (the comment, the line), the line installed as the replica host's only one."""
+    keys = snap(config, "authorized-keys", "--receiver-path", receiver)
+    assert keys.returncode == 0, keys.stderr
+    comment, line = keys.stdout.splitlines()[-2:]
+    with open(host.authorized_keys, "w") as out:
+        out.write(line + "\n")
+    return comment, line
+
+
+def replica_host_config(tb, path, port, snapshot, mount_root):
+    """The config a restore on the replica host runs with (README "The guest's host is
+    gone"): [postgres] on port, its own [snapshot] section, the archive of host2
+    alone, clones below mount_root, WAL in PATH_wal (not on ZFS or btrfs); path."""
+    sections = {"postgres": {"bindir": tb.pg_bindir, "user": PG_USER, "port": str(port), "dbname": "postgres"},
+                "snapshot": snapshot}
+    sections.update(tb.archive_config())
+    sections["archive"]["sources"] = "host2"
+    del sections["source host1"]
+    wal_root = os.path.splitext(path)[0] + "_wal"
+    os.makedirs(wal_root)
+    sh(["chown", PG_USER, wal_root])
+    sections["restore"] = {"mount_root": mount_root, "wal_root": wal_root, "timeout": "240"}
+    return tb.write_config(path, sections=sections)
+
+
 @pytest.fixture(scope="module")
 def rep(tb):
     tb.standby
@@ -119,25 +146,13 @@ def rep(tb):
                          "keep_monthly": 3},
             "replica r1": replica})
         # The key's line as the guest prints it, installed as the replica's only one.
-        keys = snap(s.config, "authorized-keys", "--receiver-path", receiver)
-        assert keys.returncode == 0, keys.stderr
-        s.key_line = keys.stdout.splitlines()[-1]
-        with open(s.host.authorized_keys, "w") as out:
-            out.write(s.key_line + "\n")
+        _, s.key_line = install_key(s.host, s.config, receiver)
         # On the replica host: its own config, the received datasets and the surviving archive host.
-        sections = {"postgres": {"bindir": tb.pg_bindir, "user": PG_USER, "port": str(tb.standby.port),
-                                 "dbname": "postgres"},
-                    "snapshot": {"backend": "zfs", "prefix": PREFIX,
-                                 "datasets": " ".join("%s/data%02d" % (s.parent, n) for n in (1, 2, 3, 4))}}
-        sections.update(tb.archive_config())
-        sections["archive"]["sources"] = "host2"
-        del sections["source host1"]
-        wal_root = os.path.join(tb.run_dir, "replica_restore_wal")
-        os.makedirs(wal_root)
-        sh(["chown", PG_USER, wal_root])
-        sections["restore"] = {"mount_root": os.path.join(s.host.home, "restore"), "wal_root": wal_root,
-                               "timeout": "240"}
-        s.replica_config = tb.write_config(os.path.join(tb.run_dir, "on_the_replica.conf"), sections=sections)
+        s.replica_config = replica_host_config(
+            tb, os.path.join(tb.run_dir, "on_the_replica.conf"), tb.standby.port,
+            {"backend": "zfs", "prefix": PREFIX, "datasets": " ".join("%s/data%02d" % (s.parent, n)
+                                                                      for n in (1, 2, 3, 4))},
+            os.path.join(s.host.home, "restore"))
         pitr_story(tb, s, lambda: take_set(s), "repl_point")
         s.sets = set_names(tb)
         assert len(s.sets) == 2
@@ -149,6 +164,18 @@ def rep(tb):
                 tb.zfs.destroy(snapshot)
         tb.primary.psql("DROP TABLE IF EXISTS bulk")
         s.host.teardown()
+
+
+def assert_a_second_run_sends_nothing_and_check_is_ok(rep, newest, count):
+    """Once the replica holds every set (count, the newest named newest), replicate
+    sends nothing and check --replica is OK."""
+    again = snap(rep.config, "replicate", "--no-prune")
+    assert again.returncode == 0, again.stderr
+    assert "holds every set: the newest, %s" % newest in again.stderr and "sent " not in again.stderr
+    check = snap(rep.config, "check", "--replica", "r1")
+    assert check.returncode == 0, check.stdout
+    assert re.match(r"^PG_ZFS_SNAP OK - \[replica r1\] root@\S+: newest set %s is \d+s old, %d complete sets "
+                    r"\| age=\d+s sets=%d$" % (newest, count, count), check.stdout.strip()), check.stdout
 
 
 # -- sending ---------------------------------------------------------------------------
@@ -165,13 +192,7 @@ def test_the_first_run_sends_each_set_whole_then_from_the_one_before_and_a_secon
     for name in (a, b):
         assert_arrived_whole(rep, name)
     assert complete_there(rep) == [a, b]
-    again = snap(rep.config, "replicate", "--no-prune")
-    assert again.returncode == 0, again.stderr
-    assert "holds every set: the newest, %s" % b in again.stderr and "sent " not in again.stderr
-    check = snap(rep.config, "check", "--replica", "r1")
-    assert check.returncode == 0, check.stdout
-    assert re.match(r"^PG_ZFS_SNAP OK - \[replica r1\] root@\S+: newest set %s is \d+s old, 2 complete sets "
-                    r"\| age=\d+s sets=2$" % b, check.stdout.strip()), check.stdout
+    assert_a_second_run_sends_nothing_and_check_is_ok(rep, b, 2)
 
 
 def test_a_restore_on_the_replica_to_a_time_between_two_sets_has_the_primarys_rows_by_then(rep):
@@ -249,8 +270,8 @@ def test_oldest_wal_counts_the_sets_a_replica_holds_and_stops_when_one_cannot_be
     assert "cannot be listed" in proc.stderr and "keep every archived WAL file" in proc.stderr
 
 
-def processes(wanted):
-    """PIDs of the processes on this machine whose argument list wanted(args) likes."""
+def processes(wanted, program=b"zfs"):
+    """PIDs of the processes of program on this machine whose argument list wanted(args) likes."""
     found = []
     for entry in os.listdir("/proc"):
         try:
@@ -258,7 +279,7 @@ def processes(wanted):
                 args = cmdline.read().split(b"\0")
         except (OSError, IOError):
             continue
-        if args and os.path.basename(args[0]) == b"zfs" and wanted(args):
+        if args and os.path.basename(args[0]) == program and wanted(args):
             found.append(int(entry))
     return found
 
@@ -274,11 +295,14 @@ def send_processes(pool):
                                                                  for arg in args))
 
 
-def slow_replicate_cut(rep, config, cut):
+def slow_replicate_cut(rep, config, cut, receives=None, ours=None):
     """Run replicate with config (a bwlimit) and, once a receive has run three seconds
     (the small datasets' take well under one: it is PGDATA's, tens of MiB at 2
-    MiB/s), cut(receive pid, replicate Popen); (exit code, stderr). No zfs send or
-    receive of ours is left running afterwards."""
+    MiB/s), cut(receive pid, replicate Popen); (exit code, stderr). No send or
+    receive of ours is left running afterwards. receives(), ours(): the PIDs of
+    the receives there, of every send or receive of ours (zfs's by default)."""
+    receives = receives or (lambda: receive_processes(rep.parent))
+    ours = ours or (lambda: receive_processes(rep.parent) + send_processes(rep.tb.zfs.name))
     run = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_snap.py"), "-c", config, "replicate", "--no-prune"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     try:
@@ -286,7 +310,7 @@ def slow_replicate_cut(rep, config, cut):
 
         def long_receive():
             now = time.time()
-            for pid in receive_processes(rep.parent):
+            for pid in receives():
                 if now - seen.setdefault(pid, now) > 3:
                     return pid
             assert run.poll() is None, run.communicate()
@@ -297,19 +321,32 @@ def slow_replicate_cut(rep, config, cut):
         if run.poll() is None:
             run.kill()
             run.wait()
-    wait_for(lambda: not receive_processes(rep.parent) and not send_processes(rep.tb.zfs.name), 30,
-             "no zfs send or receive left")
+    wait_for(lambda: not ours(), 30, "no send or receive left")
     return run.returncode, err
+
+
+def replay_bulk_table(tb, standby, table, rows):
+    """A table of `rows` rows (about 560 bytes each) on the primary, replayed by standby."""
+    tb.primary.psql("CREATE TABLE %s AS SELECT g, repeat(md5(g::text), 16) AS filler "
+                    "FROM generate_series(1, %d) g" % (table, rows))
+    lsn = tb.primary.psql("SELECT pg_current_wal_lsn()")
+    wait_for(lambda: standby.psql("SELECT pg_last_wal_replay_lsn() >= '%s'" % lsn) == "t", 60,
+             "the standby to replay the bulk table")
+
+
+def assert_the_newest_set_there_drills(rep):
+    """A drill on the replica's config passes with the newest set complete there (its
+    stop segment archived first: a drill passes over a set waiting for WAL)."""
+    rep.tb.switch_wal()
+    drill = restore(rep.replica_config, "drill", "--query", "SELECT count(*) FROM pitr")
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert drill.stdout.startswith("OK: drill of set %s " % rep.sets[-1])
 
 
 def bulk_set_and_slow_config(rep, table, rows, config_name):
     """A set after a bulk table of `rows` rows (tens of MiB), and a config sending at 2 MiB/s."""
     tb = rep.tb
-    tb.primary.psql("CREATE TABLE %s AS SELECT g, repeat(md5(g::text), 16) AS filler "
-                    "FROM generate_series(1, %d) g" % (table, rows))
-    lsn = tb.primary.psql("SELECT pg_current_wal_lsn()")
-    wait_for(lambda: tb.standby.psql("SELECT pg_last_wal_replay_lsn() >= '%s'" % lsn) == "t", 60,
-             "the standby to replay the bulk table")
+    replay_bulk_table(tb, tb.standby, table, rows)
     return take_set(rep), tb.write_config(os.path.join(tb.run_dir, config_name), {
         "snapshot": {"prefix": PREFIX}, "replica r1": dict(rep.replica_keys, bwlimit="2M")})
 
@@ -328,12 +365,8 @@ def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and
     code, err = slow_replicate_cut(rep, slow, lambda pid, run: run.terminate())
     assert code == 1 and "stopped by signal 15" in err, err
     assert complete_there(rep) == rep.sets
-    # The newest complete set there still restores: a drill on the replica's config
-    # (its stop segment archived first: a drill passes over a set waiting for WAL).
-    tb.switch_wal()
-    drill = restore(rep.replica_config, "drill", "--query", "SELECT count(*) FROM pitr")
-    assert drill.returncode == 0, drill.stdout + drill.stderr
-    assert drill.stdout.startswith("OK: drill of set %s " % rep.sets[-1])
+    # The newest complete set there still restores.
+    assert_the_newest_set_there_drills(rep)
     # The next run sends what did not arrive, and the set is complete there.
     # OpenZFS (zfs recv -s) kept the cut stream: the token resumes it (zfs send -t);
     # zfs-fuse has no resumable receive: the set is sent again.

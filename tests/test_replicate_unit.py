@@ -4,7 +4,10 @@ replica keeps; and pg_zfs_receive, the replica's forced command, run by sh on
 command lines as sshd would hand them over, against a stand-in zfs that prints
 its arguments."""
 
+import collections
+import json
 import os
+import shutil
 import stat
 import subprocess
 
@@ -380,3 +383,294 @@ def test_the_receiver_refuses_anything_else_and_runs_nothing(receiver, command):
     assert done.returncode == 1
     assert done.stderr.startswith("pg_zfs_receive: refused: ") and len(done.stderr.splitlines()) == 1
     assert not receiver.log.exists()
+
+
+# -- btrfs: the layout, the listing, what a run deletes and writes ---------------------------
+
+BT = ("/srv/bt/data01", "/srv/bt/data02")
+UUIDS = {"/srv/bt/data01@pgzfs_" + STAMPS[0]: "u1-a", "/srv/bt/data02@pgzfs_" + STAMPS[0]: "u2-a",
+         "/srv/bt/data01@pgzfs_" + STAMPS[1]: "u1-b", "/srv/bt/data02@pgzfs_" + STAMPS[1]: "u2-b"}
+
+
+def bt_metadata(name, **extra):
+    found = props(name, BT, pgdata_dataset="/srv/bt/data02", **extra)
+    return found
+
+
+def bt_listing(entries):
+    """pg_zfs_receive's btrfs listing: (NAME@SET, received UUID, flags, metadata dict or None)."""
+    lines = []
+    for name, received, flags, metadata in entries:
+        lines.append("subvolume %s %s %s" % (name, received, flags))
+        if metadata is not None:
+            lines.append("metadata %s %s" % (name, "".join(json.dumps(metadata, indent=1).splitlines())))
+    return "\n".join(lines) + "\n"
+
+
+def test_a_btrfs_subvolume_lands_as_target_name_and_two_with_one_name_are_refused(snap):
+    assert snap.replica_dataset("/srv/replica/g1", "/srv/bt/data02") == "/srv/replica/g1/data02"
+    assert snap.replica_layout_problem(list(BT)) is None
+    assert "would both be TARGET/data02" in snap.replica_layout_problem(["/srv/a/data02", "/srv/b/data02"])
+    for path in ("/srv/my data/data02", "/srv/.hidden/data02", "/srv/bt/da$ta"):
+        assert "is not an absolute path of letters" in snap.replica_layout_problem([path])
+
+
+@pytest.mark.parametrize("path", ["/srv/replica/g1", "/r", "/srv/r-1/g_1.x:y"])
+def test_a_btrfs_target_is_an_absolute_path_of_plain_components(snap, path):
+    assert snap.btrfs_path_problem(path) is None
+
+
+@pytest.mark.parametrize("path", ["/", "srv/replica", "/srv/replica/", "/srv//replica", "/srv/../etc", "/srv/./r",
+                                  "/srv/.pgzfs", "/srv/a b", "/srv/a;id", "/srv/a@b"])
+def test_a_btrfs_target_the_receiver_would_refuse_is_refused(snap, path):
+    assert snap.btrfs_path_problem(path)
+
+
+def test_the_btrfs_listing_gives_the_read_only_copies_as_rows_and_their_received_uuids(snap):
+    a, b = ("pgzfs_" + stamp for stamp in STAMPS[:2])
+    text = bt_listing([
+        ("data01@" + a, "u1-a", "readonly", bt_metadata(a, copy_of="/srv/bt/data01")),
+        ("data02@" + a, "u2-a", "readonly", bt_metadata(a, copy_of="/srv/bt/data02")),
+        ("data02@" + b, "-", "-", None),                       # a receive cut short
+        ("data01@" + b, "-", "readonly", None),                # made there by hand
+    ]) + "metadata data02@%s not json\n" % b + "subvolume ../x@%s - readonly\n" % b
+    rows, guids, subvolumes = snap.parse_btrfs_listing(text, "/r/g1")
+    assert [(dataset, name) for dataset, name, _, _ in rows] == [
+        ("/r/g1/data01", a), ("/r/g1/data02", a), ("/r/g1/data01", b)]
+    assert rows[0][3]["copy_of"] == "/srv/bt/data01" and rows[2][3] == {}
+    assert guids == {"/r/g1/data01@" + a: "u1-a", "/r/g1/data02@" + a: "u2-a", "/r/g1/data02@" + b: "-",
+                     "/r/g1/data01@" + b: "-"}
+    assert subvolumes["/r/g1/data02@" + b] == (None, False)
+    [one] = snap.replica_sets(rows, "pgzfs", "/r/g1", list(BT))
+    assert (one.name, one.complete, one.datasets) == (a, True, ("/r/g1/data01", "/r/g1/data02"))
+    assert one.sources == {"/r/g1/data01": "/srv/bt/data01", "/r/g1/data02": "/srv/bt/data02"}
+
+
+def test_a_set_without_copy_of_below_the_target_is_not_a_copy(snap):
+    # On btrfs a copy's name is the basename of the subvolume here: a set of the
+    # replica's own below the target, named alike, would otherwise pass as ours.
+    a = "pgzfs_" + STAMPS[0]
+    rows = [("/r/g1/data02", a, 0, props(a, ("/r/g1/data02",), pgdata_dataset="/r/g1/data02"))]
+    assert snap.group_sets(rows, "pgzfs")[0].complete
+    assert snap.replica_sets(rows, "pgzfs", "/r/g1", ["/srv/bt/data02"]) == []
+
+
+def test_the_leftovers_of_a_cut_receive_are_our_writable_copies_without_another_uuid(snap):
+    a, b = ("pgzfs_" + stamp for stamp in STAMPS[:2])
+    subvolumes = collections.OrderedDict([
+        ("/r/g1/data01@" + a, ("u1-a", True)),         # arrived
+        ("/r/g1/data02@" + b, (None, False)),          # cut: no received UUID
+        ("/r/g1/data01@" + b, ("u1-b", False)),        # cut between its last two steps
+        ("/r/g1/data01@" + a + "x", (None, False)),    # not a set name
+        ("/r/g1/data03@" + b, (None, False)),          # not a copy of ours
+        ("/r/g1/data02@other_" + STAMPS[1], (None, False)),    # another prefix
+        ("/r/g1/data02@" + a, ("someone", False)),     # another UUID: not ours to delete
+        ("/r/g1/data01@pgzfs_" + STAMPS[2], (None, True)),     # read-only: never
+    ])
+    assert snap.btrfs_leftovers(subvolumes, "/r/g1", "pgzfs", list(BT), UUIDS) == [
+        "/r/g1/data02@" + b, "/r/g1/data01@" + b]
+
+
+def test_a_btrfs_run_sends_from_the_newest_copy_with_the_uuid_and_a_copy_of_another_is_a_problem(snap):
+    a, b = ("pgzfs_" + stamp for stamp in STAMPS[:2])
+    sets = snap.group_sets([(d, n, 0, bt_metadata(n)) for n in (a, b) for d in BT], "pgzfs")
+    text = bt_listing([("data01@" + a, "u1-a", "readonly", bt_metadata(a, copy_of=BT[0])),
+                       ("data02@" + a, "u2-a", "readonly", bt_metadata(a, copy_of=BT[1]))])
+    rows, guids, _ = snap.parse_btrfs_listing(text, "/r/g1")
+    there = snap.replica_sets(rows, "pgzfs", "/r/g1", list(BT))
+    common, plan, problems = snap.plan_replication(sets, UUIDS, there, guids, [], "/r/g1")
+    assert (common.name, problems) == (a, [])
+    assert plan[0][1] == [snap.Send(BT[0] + "@" + b, BT[0] + "@" + a, "/r/g1/data01"),
+                          snap.Send(BT[1] + "@" + b, BT[1] + "@" + a, "/r/g1/data02")]
+    assert snap.btrfs_send_argv("btrfs", BT[1] + "@" + b, BT[1] + "@" + a) == [
+        "btrfs", "send", "-q", "-p", "/srv/bt/.pgzfs/data02@" + a, "/srv/bt/.pgzfs/data02@" + b]
+    assert snap.btrfs_send_argv("btrfs", BT[1] + "@" + a) == ["btrfs", "send", "-q", "/srv/bt/.pgzfs/data02@" + a]
+    # A read-only copy without our UUID where the next set's copy goes: not ours to replace.
+    text += "subvolume data02@%s - readonly\n" % b
+    rows, guids, _ = snap.parse_btrfs_listing(text, "/r/g1")
+    _, _, problems = snap.plan_replication(sets, UUIDS, there, guids, [], "/r/g1")
+    assert problems == ["/r/g1/data02@%s exists there with another GUID than %s@%s: not a copy of it"
+                        % (b, BT[1], b)]
+
+
+def test_the_uuid_a_copy_gets_is_the_snapshots_own_or_the_one_it_was_received_with(snap):
+    show = ("/srv/bt/.pgzfs/data02@s\n\tName: \t\t\tdata02@s\n\tUUID: \t\t\t33654675-67da\n"
+            "\tParent UUID: \t\t654d9bc5-8a11\n\tReceived UUID: \t\t-\n\tFlags: \t\t\treadonly\n")
+    assert snap.sent_uuid(show) == "33654675-67da"
+    assert snap.sent_uuid(show.replace("Received UUID: \t\t-", "Received UUID: \t\tabc-1")) == "abc-1"
+    assert snap.sent_uuid("ERROR: not a subvolume") is None
+
+
+def test_a_copys_metadata_is_the_snapshots_without_replicated_to_plus_copy_of(snap):
+    a = "pgzfs_" + STAMPS[0]
+    text = snap.replica_metadata_text(bt_metadata(a, replicated_to="r1 r2", backup_label=""), "/srv/bt/data02")
+    found = json.loads(text)
+    assert found == dict(bt_metadata(a, backup_label=""), copy_of="/srv/bt/data02")
+    assert set(text) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=:.,_@ -{}\"\n")
+    for value in ("it's", "a$(id)", "x\ny", "caf\u00e9"):
+        with pytest.raises(ValueError):
+            snap.replica_metadata_text(bt_metadata(a, pgdata_rel=value), "/srv/bt/data02")
+    with pytest.raises(ValueError):
+        snap.replica_metadata_text(bt_metadata(a, backup_label="QUFB" * 20000), "/srv/bt/data02")
+
+
+def test_a_failed_side_is_named_by_its_error_not_by_btrfs_chatter(snap):
+    assert snap.failure_line("Chroot to /r/g1/.pgzfs\nAt snapshot data02@s\n", 255) == "exit code 255"
+    assert snap.failure_line("At subvol data02@s\nERROR: creating snapshot failed: File exists\n", 1) == \
+        "ERROR: creating snapshot failed: File exists"
+
+
+def test_the_authorized_keys_line_of_a_btrfs_replica_names_its_target_path(snap):
+    line = snap.receiver_keys_line("ssh-ed25519 AAAAC3Nz guest\n", "192.168.122.10", "/srv/replica/g1")
+    assert line == ('restrict,from="192.168.122.10",command="/usr/local/bin/pg_zfs_receive /srv/replica/g1" '
+                    'ssh-ed25519 AAAAC3Nz guest')
+    for parent in ("/srv/replica/g1;id", "/srv/../g1", "/"):
+        with pytest.raises(snap.Failure):
+            snap.receiver_keys_line("ssh-ed25519 AAAAC3Nz", "10.0.0.1", parent)
+
+
+# -- pg_zfs_receive on btrfs, by sh, with a btrfs that prints its arguments ------------------
+
+FAKE_BTRFS = r"""#!/bin/sh
+# A stand-in btrfs: logs its arguments; a directory is a "subvolume" whose
+# received UUID and flags are in its files received and flags.
+for a in "$@"; do printf "[%%s]" "$a"; done >> %(log)s
+echo >> %(log)s
+case "$1 $2" in
+"subvolume show")
+    [ -d "$3" ] || { echo "ERROR: Not a Btrfs subvolume" >&2; exit 1; }
+    printf "%%s\n\tName: \t\t\t%%s\n\tUUID: \t\t\tu-%%s\n\tReceived UUID: \t\t%%s\n\tFlags: \t\t\t%%s\n" \
+        "$3" "${3##*/}" "${3##*/}" "$(cat "$3/received" 2>/dev/null || echo -)" "$(cat "$3/flags" 2>/dev/null || echo -)" ;;
+"subvolume delete") rm -r "$3" ;;
+"receive -C") cat > "$3/received.stream" ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def bt_receiver(snap, tmp_path_factory):
+    """(run(command, input) -> CompletedProcess): pg_zfs_receive for the parent
+    run.parent (a directory) with a stand-in btrfs first on its PATH (run.log)."""
+    directory = tmp_path_factory.mktemp("receiver_btrfs")
+    log = directory / "btrfs.log"
+    fake = directory / "btrfs"
+    fake.write_text(FAKE_BTRFS % {"log": log})
+    fake.chmod(0o755)
+    script = directory / "pg_zfs_receive"
+    script.write_text(snap.receiver_script().replace("\nPATH=/usr/sbin:", "\nPATH=%s:/usr/sbin:" % directory))
+    script.chmod(0o755)
+    parent = directory / "g1"
+
+    def run(command, shell="sh", input=""):
+        if log.exists():
+            log.unlink()
+        env = {"PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": command, "SSH_CLIENT": "127.0.0.5 40000 22"}
+        return subprocess.run([shell, str(script), str(parent)], env=env, stdout=subprocess.PIPE, input=input,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    run.log, run.parent, run.snapshots = log, str(parent), parent / ".pgzfs"
+    return run
+
+
+def make_copy(run, name, received="-", flags="readonly", metadata=None):
+    copy = run.snapshots / name
+    copy.mkdir(parents=True)
+    (copy / "received").write_text(received)
+    (copy / "flags").write_text(flags)
+    if metadata is not None:
+        (run.snapshots / (name + ".json")).write_text(metadata)
+    return copy
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_the_btrfs_receiver_lists_receives_deletes_and_writes_below_its_target(bt_receiver, shell):
+    run = bt_receiver
+    shutil.rmtree(run.parent, ignore_errors=True)
+    os.makedirs(run.parent)
+    done = run("pgzfs-list %s" % run.parent, shell)        # nothing received yet
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    # btrfs receive, chrooted into TARGET/.pgzfs, made 0700 by the first receive
+    done = run("btrfs receive %s/.pgzfs" % run.parent, shell, input="stream")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert run.log.read_text() == "[receive][-C][%s/.pgzfs]\n" % run.parent
+    assert stat.S_IMODE(os.stat(str(run.snapshots)).st_mode) == 0o700
+    assert (run.snapshots / "received.stream").read_text() == "stream"
+    metadata = '{\n "copy_of": "/srv/bt/data02",\n "set": "%s"\n}\n' % SET
+    make_copy(run, "data02@" + SET, "u-2", "readonly", metadata)
+    make_copy(run, "data01@" + SET, "-", "-")
+    make_copy(run, "data01@manual")
+    (run.snapshots / ".data02@x.json.1.tmp").write_text("{}")
+    done = run("pgzfs-list %s" % run.parent, shell)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("subvolume data01@%s - -\nsubvolume data02@%s u-2 readonly\n"
+                           'metadata data02@%s { "copy_of": "/srv/bt/data02", "set": "%s"}\n' % (SET, SET, SET, SET))
+    rows, guids, _ = load_script("pg_zfs_snap").parse_btrfs_listing(done.stdout, run.parent)
+    assert rows[0][3] == {"copy_of": "/srv/bt/data02", "set": SET}
+    # the metadata from stdin, atomically, replacing the one there
+    path = "%s/.pgzfs/data02@%s.json" % (run.parent, SET)
+    done = run("pgzfs-write " + path, shell, input=metadata.replace("data02", "data2"))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert open(path).read() == metadata.replace("data02", "data2")
+    assert sorted(os.listdir(str(run.snapshots))) == sorted([
+        ".data02@x.json.1.tmp", "data01@" + SET, "data01@manual", "data02@" + SET, "data02@%s.json" % SET,
+        "received.stream"])
+    # a copy, then its metadata
+    done = run("pgzfs-delete %s/.pgzfs/data02@%s" % (run.parent, SET), shell)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert not os.path.exists(path) and not (run.snapshots / ("data02@" + SET)).exists()
+    assert "[subvolume][delete][%s/.pgzfs/data02@%s]\n" % (run.parent, SET) in run.log.read_text()
+    done = run("pgzfs-write " + path, shell, input=metadata)     # its copy is gone: nothing to describe
+    assert done.returncode == 1 and done.stderr.startswith("pg_zfs_receive: no copy ")
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("command, input", [
+    ("id", ""),
+    ("", ""),
+    ("zfs get -rHp -o name,property,value guid {parent}", ""),
+    ("zfs recv -u -d {parent}", ""),
+    ("pgzfs-list", ""),
+    ("pgzfs-list /", ""),
+    ("pgzfs-list {parent}/..", ""),
+    ("pgzfs-list {parent} {parent}", ""),
+    ("btrfs receive {parent}", ""),
+    ("btrfs receive -e {parent}/.pgzfs", ""),
+    ("btrfs receive {parent}/.pgzfs/x", ""),
+    ("btrfs subvolume delete {parent}/.pgzfs/data02@" + SET, ""),
+    ("pgzfs-delete {parent}/.pgzfs/data02@manual", ""),
+    ("pgzfs-delete {parent}/.pgzfs/.data02@" + SET, ""),
+    ("pgzfs-delete {parent}/.pgzfs/x/data02@" + SET, ""),
+    ("pgzfs-delete {parent}/.pgzfs/../.pgzfs/data02@" + SET, ""),
+    ("pgzfs-delete {parent}/data02@" + SET, ""),
+    ("pgzfs-delete {parent}/.pgzfs/data02@%s@%s" % (SET, SET), ""),
+    ("pgzfs-delete {parent}/.pgzfs/data02@%s;id" % SET, ""),
+    ("pgzfs-delete {parent}/.pgzfs/data02@%s $(id)" % SET, ""),
+    ("pgzfs-write {parent}/.pgzfs/data02@" + SET, "{}"),
+    ("pgzfs-write {parent}/.pgzfs/data02@%s.txt" % SET, "{}"),
+    ("pgzfs-write {parent}/.pgzfs/clones/x.json", "{}"),
+    ("pgzfs-write {parent}/.pgzfs/data02@%s.json" % SET, '{"set": "$(id)"}'),
+    ("pgzfs-write {parent}/.pgzfs/data02@%s.json" % SET, '{"set": "a\\\\b"}'),
+    ("pgzfs-write {parent}/.pgzfs/data02@%s.json" % SET, "{'set': 1}"),
+    ("pgzfs-write {parent}/.pgzfs/data02@%s.json" % SET, "{" + " " * 65536 + "}"),
+    ("pgzfs-list {parent}\nid", ""),
+])
+def test_the_btrfs_receiver_refuses_anything_else_and_changes_nothing(bt_receiver, command, input):
+    run = bt_receiver
+    shutil.rmtree(run.parent, ignore_errors=True)
+    make_copy(run, "data02@" + SET, "u-2", "readonly", "{}")
+    make_copy(run, "data02@manual")
+    before = sorted((str(path), path.read_text() if path.is_file() else "") for path in run.snapshots.rglob("*"))
+    done = run(command.format(parent=run.parent), input=input)
+    assert done.returncode == 1
+    assert done.stderr.startswith("pg_zfs_receive: refused: ") and len(done.stderr.splitlines()) == 1
+    assert not run.log.exists() or "delete" not in run.log.read_text()
+    assert sorted((str(path), path.read_text() if path.is_file() else "")
+                  for path in run.snapshots.rglob("*")) == before
+
+
+@pytest.mark.parametrize("parent", ["/", "/srv//r", "/srv/r/", "/srv/../r", "/srv/.r", "/srv/r x", "/srv/r;id"])
+def test_the_btrfs_receiver_refuses_a_target_that_is_not_a_plain_absolute_path(snap, tmp_path, parent):
+    script = tmp_path / "pg_zfs_receive"
+    script.write_text(snap.receiver_script())
+    done = subprocess.run(["sh", str(script), parent], env={"SSH_ORIGINAL_COMMAND": "pgzfs-list " + parent},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert done.returncode == 1 and done.stderr.startswith("pg_zfs_receive: refused: not an absolute path")

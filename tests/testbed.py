@@ -453,7 +453,8 @@ def _pid_alive(pid):
 # ---------------------------------------------------------------------------
 
 class BtrfsMount(object):
-    """A btrfs filesystem on a loop file, mounted at run_dir/bt."""
+    """A btrfs filesystem on a loop file (run_dir/bt.img), mounted at run_dir/bt;
+    teardown() unmounts it, detaches its loop device and removes the file."""
 
     def __init__(self, run_dir, size="512M"):
         self.image = os.path.join(run_dir, "bt.img")
@@ -473,9 +474,16 @@ class BtrfsMount(object):
     def teardown(self):
         for _ in range(50):
             if sh(["umount", self.mountpoint], check=False).returncode == 0:
-                return
+                break
             time.sleep(0.2)
-        sh(["umount", "-l", self.mountpoint], check=False)
+        else:
+            sh(["umount", "-l", self.mountpoint], check=False)
+        # mount -o loop detaches its device on umount; a lazy one only once unused.
+        for line in sh(["losetup", "-j", self.image], check=False).stdout.splitlines():
+            sh(["losetup", "-d", line.split(":", 1)[0]], check=False)
+        if not sh(["losetup", "-j", self.image], check=False).stdout.strip():
+            with contextlib.suppress(OSError):
+                os.unlink(self.image)
 
 
 # ---------------------------------------------------------------------------
@@ -1010,22 +1018,30 @@ done
 
 class ReplicaHost(object):
     """Where `pg_zfs_snap.py replicate` sends sets: a second zfs pool (`pool`, named
-    pgzfs_rN, under run_dir/NAME) and an sshd on 127.N.0.4:PORT where root logs
-    in with a forced command only (PermitRootLogin forced-commands-only); its
-    `authorized_keys` is the test's to write, empty at first. The guest's side:
-    `key` (a key pair of its own) and `ssh_options` (known_hosts, and
-    BindAddress 127.N.0.5 = `guest_address`, the address the replica sees it
-    come from). teardown() stops the sshd and destroys the pool; the testbed's
-    teardown does it too."""
+    pgzfs_rN, under run_dir/NAME), or with btrfs=True a second loop-mounted
+    btrfs (`btrfs`, a BtrfsMount: run_dir/NAME/bt; `pool` is None), and an sshd
+    on 127.N.0.4:PORT where root logs in with a forced command only
+    (PermitRootLogin forced-commands-only); its `authorized_keys` is the test's
+    to write, empty at first. The guest's side: `key` (a key pair of its own)
+    and `ssh_options` (known_hosts, and BindAddress 127.N.0.5 =
+    `guest_address`, the address the replica sees it come from). teardown()
+    stops the sshd and destroys the pool (unmounts the btrfs, detaches its
+    loop device, removes its file); the testbed's teardown does it too."""
 
-    def __init__(self, testbed, name="replica", port=2222):
+    def __init__(self, testbed, name="replica", port=2222, btrfs=False):
         self.home = os.path.join(testbed.run_dir, name)
         os.makedirs(self.home)
         self.address, self.guest_address, self.port = testbed.address(4), testbed.address(5), port
-        testbed.zfs                      # the daemon, and this session's loopback block
-        pool_name = "pgzfs_r%d" % testbed.net
-        sh(["zpool", "destroy", "-f", pool_name], check=False, timeout=60)   # a dead session's (same N)
-        self.pool = ZfsPool(self.home, pool_name, size="1G")
+        self.pool = self.btrfs = self.sshd_pid = None
+        self.tree_sshd_pids = []
+        testbed._teardowns.append(self.teardown)
+        if btrfs:
+            self.btrfs = BtrfsMount(self.home)
+        else:
+            testbed.zfs                      # the daemon, and this session's loopback block
+            pool_name = "pgzfs_r%d" % testbed.net
+            sh(["zpool", "destroy", "-f", pool_name], check=False, timeout=60)   # a dead session's (same N)
+            self.pool = ZfsPool(self.home, pool_name, size="1G")
         self.key = os.path.join(self.home, "guest_key")
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.key])
         self.authorized_keys = os.path.join(self.home, "authorized_keys")
@@ -1039,9 +1055,6 @@ class ReplicaHost(object):
         self.log = os.path.join(self.home, "sshd.log")
         self.pidfile = os.path.join(self.home, "sshd.pid")
         os.makedirs("/run/sshd", exist_ok=True)
-        self.sshd_pid = None
-        self.tree_sshd_pids = []
-        testbed._teardowns.append(self.teardown)
         config = self._sshd_config("sshd_config", port, self.pidfile, self.authorized_keys)
         sh(["/usr/sbin/sshd", "-f", config, "-E", self.log])
         self.sshd_pid = self._started(port, self.pidfile)
@@ -1110,14 +1123,14 @@ class ReplicaHost(object):
             sock.settimeout(1)
             return sock.connect_ex((self.address, port or self.port)) == 0
 
-    def ssh(self, command, bind=True, timeout=60, port=None, key=None):
+    def ssh(self, command, bind=True, timeout=60, port=None, key=None, input=None):
         """Run command there with the guest's key (or key), as replicate's ssh does
-        (from guest_address unless bind is false); the CompletedProcess."""
+        (from guest_address unless bind is false; input: its stdin); the CompletedProcess."""
         options = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", key or self.key,
                    "-o", "UserKnownHostsFile=%s" % self.known_hosts, "-o", "StrictHostKeyChecking=yes"]
         options += ["-o", "BindAddress=%s" % self.guest_address] if bind else []
         return sh(["ssh", "-p", str(port or self.port)] + options + ["root@" + self.address]
-                  + ([command] if command is not None else []), check=False, timeout=timeout)
+                  + ([command] if command is not None else []), check=False, timeout=timeout, input=input)
 
     def teardown(self):
         for pid in list(self.tree_sshd_pids):
@@ -1128,3 +1141,6 @@ class ReplicaHost(object):
         if self.pool is not None:
             self.pool.teardown()
             self.pool = None
+        if self.btrfs is not None:
+            self.btrfs.teardown()
+            self.btrfs = None
