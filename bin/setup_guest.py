@@ -954,6 +954,20 @@ def dataset_name_problem(name):
     return None
 
 
+# btrfs: a path on a replica's command line (its target; the guest's subvolumes,
+# whose last component names their copies there): absolute, no component
+# starting with a dot.
+BTRFS_PATH_RE = re.compile(r"^(/[A-Za-z0-9_:-][A-Za-z0-9_.:-]*)+$")
+
+
+def btrfs_path_problem(path):
+    """Why path cannot be written on a replica's command line as a btrfs path, or None."""
+    if not BTRFS_PATH_RE.match(path) or os.path.normpath(path) != path:
+        return ("%r is not an absolute path of letters, digits, _ . : - (no component starting with a dot)"
+                % path)
+    return None
+
+
 def restricted_receiver(line):
     """(receiver path, parent) of a line that restricts a key to pg_zfs_receive below
     one parent dataset, else None: restrict, from= and command="PATH PARENT", PATH
@@ -965,7 +979,10 @@ def restricted_receiver(line):
         return None
     text, command = forced
     if len(command) != 2 or not command[0].startswith("/") or os.path.normpath(command[0]) != command[0] \
-            or os.path.basename(command[0]) != RECEIVER or dataset_name_problem(command[1]):
+            or os.path.basename(command[0]) != RECEIVER:
+        return None
+    # A zfs parent dataset, or a btrfs replica's directory (an absolute path).
+    if (btrfs_path_problem if command[1].startswith("/") else dataset_name_problem)(command[1]):
         return None
     if text != "%s %s" % (shlex.quote(command[0]), shlex.quote(command[1])):
         return None
@@ -1996,6 +2013,9 @@ def install_replica(args):
                           if restricted_server(args.authorized_key) else ""), 2)
     receiver, parent = found
     user = args.user or "root"
+    if parent.startswith("/") and user != "root":
+        raise Failure("--user %s: a btrfs replica (parent %s) receives as root: btrfs receive needs it; the "
+                      "key stays restricted to %s by the line" % (user, parent, RECEIVER), 2)
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
@@ -2009,6 +2029,9 @@ def install_replica(args):
                            args.root, steps)
     finish_install(steps)
     print("# next, as root on this replica, once: the parent the copies go below (not made by --install)")
+    if parent.startswith("/"):
+        print("mkdir -p %s    # a directory on a btrfs" % parent)
+        return 0
     print("zfs create -p %s" % parent)
     if user != "root":
         print("zfs allow -u %s %s %s" % (user, RECEIVE_PERMISSIONS, parent))

@@ -109,7 +109,7 @@ def rep(tb):
     s = Story()
     s.tb = tb
     s.bt = BtrfsStandby(tb, "rp", PREFIX)
-    s.host = ReplicaHost(tb, "replica_bt", port=2224, btrfs=True)
+    s.host = ReplicaHost(tb, "replica_bt", port=2225, btrfs=True)
     try:
         s.parent = os.path.join(s.host.btrfs.mountpoint, "guest1")
         os.makedirs(s.parent)

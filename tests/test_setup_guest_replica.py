@@ -209,6 +209,23 @@ def test_replica_install_for_a_user_takes_the_key_out_of_roots_files_and_prints_
         "zfs create -p bk/g1", "zfs allow -u %s create,mount,receive,destroy,userprop bk/g1" % PG_USER]
 
 
+def test_a_btrfs_replicas_line_installs_for_root_only_and_names_a_directory_to_make(tmp_path):
+    tree, root_keys = replica_tree(tmp_path)
+    line = guest_key_line(parent="/srv/replica/g1")
+    proc = setup_guest("--role", "replica", "--install", "--authorized-key", line, "--root", tree)
+    assert proc.returncode == 0, proc.stderr
+    with open(in_tree(tree, SNAP.RECEIVER_PATH)) as written:
+        assert written.read() == SNAP.receiver_script()
+    assert root_keys.read_text() == "%s\n%s\n" % (OTHER_KEY, line)
+    assert proc.stdout.splitlines()[-1].startswith("mkdir -p /srv/replica/g1 ")
+    assert "zfs" not in proc.stdout.splitlines()[-1]
+    other = tmp_path / "other"
+    refused = setup_guest("--role", "replica", "--install", "--user", PG_USER, "--authorized-key", line,
+                          "--root", other)
+    assert refused.returncode == 2 and "btrfs receive needs it" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not other.exists()
+
+
 @pytest.mark.parametrize("line", [
     GUEST_KEY,
     guest_key_line().replace("restrict,", ""),

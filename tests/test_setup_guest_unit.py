@@ -376,7 +376,12 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGuestGuestGuestGuestGuestGuestGuestG
     ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/g1 bk" ' + KEY, None),
     ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/g1;id" ' + KEY, None),
     ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive bk/../etc" ' + KEY, None),
-    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive /bk" ' + KEY, None),
+    # a btrfs replica's parent: an absolute, normalised directory without dot components
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive /srv/bk" ' + KEY,
+     ("/usr/local/bin/pg_zfs_receive", "/srv/bk")),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive /srv/../etc" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive /srv/.pgzfs" ' + KEY, None),
+    ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive /srv/bk/" ' + KEY, None),
     # the shell would run /x first: the words must be written as the shell reads them
     ('restrict,from="10.0.0.5",command="/x;id/pg_zfs_receive bk/g1" ' + KEY, None),
     ('restrict,from="10.0.0.5",command="/usr/local/bin/pg_zfs_receive \'bk/g1\'" ' + KEY, None),
@@ -388,7 +393,8 @@ def test_only_a_line_restricting_the_key_to_pg_zfs_receive_below_one_parent_is_a
 
 def test_the_line_pg_zfs_snap_writes_is_one_a_replica_takes(sg):
     snap = load_script("pg_zfs_snap")
-    for path, parent in ((snap.RECEIVER_PATH, "bk/centos6_6_x64"), ("/opt/pg zfs/pg_zfs_receive", "tank/a.b:c-d")):
+    for path, parent in ((snap.RECEIVER_PATH, "bk/centos6_6_x64"), ("/opt/pg zfs/pg_zfs_receive", "tank/a.b:c-d"),
+                         (snap.RECEIVER_PATH, "/srv/replica/centos6_6_x64")):
         line = snap.receiver_keys_line(KEY, "192.168.122.10", parent, path)
         assert sg.restricted_receiver(line) == (path, parent)
     assert (sg.RECEIVER, sg.RECEIVER_PATH) == (snap.RECEIVER, snap.RECEIVER_PATH)
