@@ -14,6 +14,18 @@ def pytest_report_header(config):
     return "pg_zfs testbed: ZFS = %s; scripts run under %s" % (testbed.zfs_description(), testbed.python_description())
 
 
+def pytest_collection_modifyitems(config, items):
+    # make test-guest runs the ZFS modules on kernel OpenZFS; a test marked
+    # recovery_side proves the recovery's side (targets, the archive, fetch) on a
+    # set as every other restore test makes it, and runs on the host only.
+    if not testbed.kernel_zfs():
+        return
+    skip = pytest.mark.skip(reason="recovery's side, not ZFS's: on the host only (make test-guest: CI's 90 minutes)")
+    for item in items:
+        if item.get_closest_marker("recovery_side"):
+            item.add_marker(skip)
+
+
 def pytest_addoption(parser):
     parser.addoption("--pg", default=None,
                      help="PostgreSQL major version to test against: 14, 15 (default) or 18; "

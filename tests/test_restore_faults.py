@@ -189,6 +189,7 @@ def test_a_clone_zfs_made_but_could_not_mount_is_destroyed(story):
 
 # -- two restores started together --------------------------------------------------
 
+@pytest.mark.recovery_side("ports of two restores at once")
 def test_two_restores_started_together_run_on_different_ports(story):
     procs = [subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config, "restore",
                                "--immediate", "--set", name],
