@@ -2799,18 +2799,21 @@ def make_verifier(cluster, waldump, timeout):
 # Sources: the probe, local directories, ssh
 # ---------------------------------------------------------------------------
 
-def probe(source, deadline):
+def probe(source, deadline, patience=1.0):
     """True if source's host seems up (or there is nothing to probe). probe = tcp
-    waits for sshd's banner: a host that accepts connections and never speaks is down."""
+    waits for sshd's banner: a host that accepts connections and never speaks is
+    down. patience: seconds for the banner (ping: the reply); the connection
+    itself gets at most one."""
     if source.is_local or source.probe == "none":
         return True
     wait = max(0.1, min(1.0, deadline - time.time()))
+    patience = max(wait, min(patience, deadline - time.time()))
     if source.probe == "tcp":
         import socket
         try:
             connection = socket.create_connection((source.host, source.port), timeout=wait)
             try:
-                connection.settimeout(wait)
+                connection.settimeout(patience)
                 return connection.recv(64).startswith(b"SSH-")
             finally:
                 connection.close()
@@ -2818,7 +2821,8 @@ def probe(source, deadline):
             return False
     need_subprocess()
     try:
-        code = run(["ping", "-c", "1", "-W", "1", source.host], timeout=wait + 1, check=False)[0]
+        code = run(["ping", "-c", "1", "-W", str(max(1, int(patience))), source.host], timeout=patience + 1,
+                   check=False)[0]
     except Failure as failure:
         log.warning("[source %s] probe = ping: %s; trying the host anyway", source.name, failure)
         return True
@@ -2863,9 +2867,9 @@ def remember(settings, source, down):
         pass
 
 
-def reachable(source, settings, deadline):
+def reachable(source, settings, deadline, patience=1.0):
     """probe(source); a failure is remembered (source_order puts the source last)."""
-    up = probe(source, deadline)
+    up = probe(source, deadline, patience)
     if not up:
         remember(settings, source, True)
     return up
@@ -3361,6 +3365,19 @@ def fetch_command(args, config):
         if outcome == FOUND:
             log.debug("%s delivered from [source %s]", args.wal_name, source.name)
             break
+    if all_probes_failed(results) and deadline - time.time() > 1:
+        # Not one host answered its probe within a second. A host so loaded that
+        # its sshd is slow to speak is not down, and the answer "none answers"
+        # stops a restore: once more, each given connect_timeout to speak.
+        log.warning("no source answered its probe in time: probing each once more, %d s each",
+                    settings.connect_timeout)
+        results = []
+        for index, source in enumerate(order):
+            share = source_deadline(time.time(), deadline, len(order) - index)
+            outcome, detail = fetch_from(source, settings, args, cluster, share, verify, settings.connect_timeout)
+            results.append((source.name, outcome, detail))
+            if outcome == FOUND:
+                break
     args.source_outcomes = [outcome for _name, outcome, _detail in results]
     code = exit_code_for(args.source_outcomes, args.stop_on_doubt)
     if code == DELIVERED:
@@ -3377,6 +3394,13 @@ def fetch_command(args, config):
     return code
 
 
+def all_probes_failed(results):
+    """True when every source was asked and each failed its probe (fetch_from's
+    (UNREACHABLE, "probe ...")), so none was even asked for the file."""
+    return bool(results) and all(outcome == UNREACHABLE and detail.startswith("probe ")
+                                 for _name, outcome, detail in results)
+
+
 def report_copy(wal_name, source, path, stored):
     """Log a rejected copy once, with where it is and why; pass store()'s result on."""
     outcome, detail, _drained = stored
@@ -3388,11 +3412,12 @@ def report_copy(wal_name, source, path, stored):
     return stored
 
 
-def fetch_from(source, settings, args, cluster, deadline, verify):
+def fetch_from(source, settings, args, cluster, deadline, verify, patience=1.0):
     """(outcome, detail) of asking one source for args.wal_name: every copy it holds,
     in order, until one is valid. A source that stalls or does not answer is
-    remembered as down; one that answers is forgotten as down."""
-    if not reachable(source, settings, deadline):
+    remembered as down; one that answers is forgotten as down. patience: the
+    probe's (probe)."""
+    if not reachable(source, settings, deadline, patience):
         log.warning("[source %s] %s does not answer (probe = %s)", source.name, source.host, source.probe)
         return UNREACHABLE, "probe %s" % source.probe
     def deliver(wal_name, suffix, size, read, path):

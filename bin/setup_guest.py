@@ -931,8 +931,12 @@ def restricted_server(line):
     forced = forced_command(line)
     if forced is None:
         return None
-    command = forced[1]
+    text, command = forced
     if len(command) != 2 or not command[0].startswith("/") or os.path.basename(command[0]) != SERVER:
+        return None
+    # Written as pg_wal_fetch.py writes it: the login shell reads exactly these two
+    # words (an unquoted $(...) or glob in the line would run or expand there).
+    if text != "%s %s" % (shlex.quote(command[0]), shlex.quote(command[1])):
         return None
     return command[0]
 

@@ -739,6 +739,11 @@ def test_authorized_keys_lines_are_read_as_sshd_reads_them(line, fields):
     ('restrict,from="1.2.3.4",command="/bin/sh -c id" ssh-ed25519 AAAA', None),
     ('restrict,from="1.2.3.4",command="pg_wal_serve /a/*" ssh-ed25519 AAAA', None),
     ('restrict,from="1.2.3.4",command="/usr/local/bin/pg_wal_serve /a/* ; id" ssh-ed25519 AAAA', None),
+    # two words to shlex, but the login shell would run id first / expand the glob
+    ('restrict,from="1.2.3.4",command="/usr/local/bin/pg_wal_serve $(id)" ssh-ed25519 AAAA', None),
+    ('restrict,from="1.2.3.4",command="/usr/local/bin/pg_wal_serve /a/*" ssh-ed25519 AAAA', None),
+    ('restrict,from="1.2.3.4",command="/usr/local/bin/pg_wal_serve \'/a/*\'" ssh-ed25519 AAAA',
+     "/usr/local/bin/pg_wal_serve"),
 ])
 def test_only_a_line_restricted_to_pg_wal_serve_is_installed(line, server):
     assert SETUP.restricted_server(line) == server

@@ -477,6 +477,87 @@ def silent_listener(address):
         server.close()
 
 
+@contextlib.contextmanager
+def slow_to_speak(address, target, delay):
+    """A TCP proxy on address to target (host, port) that holds each connection delay
+    seconds before it passes anything on: an sshd so loaded it is slow to send its
+    banner. Yields its port."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((address, 0))
+    server.listen(16)
+    server.settimeout(0.1)
+    stop, open_sockets = threading.Event(), []
+
+    def pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def relay(client):
+        if stop.wait(delay):
+            return
+        upstream = socket.create_connection(target, timeout=10)
+        upstream.settimeout(None)
+        client.settimeout(None)
+        open_sockets.append(upstream)
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def serve():
+        while not stop.is_set():
+            try:
+                client = server.accept()[0]
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            open_sockets.append(client)
+            threading.Thread(target=relay, args=(client,), daemon=True).start()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in open_sockets:
+            sock.close()
+        server.close()
+
+
+def test_every_host_slow_to_speak_is_probed_again_with_patience_and_delivers(full, tb):
+    # Both hosts take 2 s to send sshd's banner (a loaded machine): the first probes
+    # call them down, and "none answers" would stop a restore. The call probes each
+    # once more, giving it connect_timeout, and delivers.
+    name = full.segments[0]
+    with slow_to_speak(tb.address(9), (tb.hosts[0].address, tb.hosts[0].port), 2) as port1, \
+            slow_to_speak(tb.address(10), (tb.hosts[1].address, tb.hosts[1].port), 2) as port2:
+        with open(tb.known_hosts, "a") as known:        # each proxy is its host to ssh
+            for host, address, port in ((tb.hosts[0], tb.address(9), port1), (tb.hosts[1], tb.address(10), port2)):
+                with open(host.host_key + ".pub") as pub:
+                    known.write("[%s]:%d %s\n" % (address, port, " ".join(pub.read().split()[:2])))
+        # ssh waits for the banner as long as ConnectTimeout: connect_timeout's 5 s,
+        # not the testbed's 2 s.
+        options = "-o IdentitiesOnly=yes -o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes" % tb.known_hosts
+        full.configure(archive={"stall_timeout": str(STALL), "connect_timeout": "5"},
+                       host1={"host": tb.address(9), "port": str(port1), "probe": "tcp", "ssh_options": options},
+                       host2={"host": tb.address(10), "port": str(port2), "probe": "tcp", "ssh_options": options})
+        proc = full.run(name, "pg_wal/RECOVERYXLOG")
+    assert_delivered(proc.returncode, proc.stderr)
+    assert full.delivered() == full.original(name)
+    assert lines_with(proc.stderr, "no source answered its probe in time: probing each once more"), proc.stderr
+
+
 def test_listener_that_never_speaks_is_down_within_a_second_and_asked_last(full, tb):
     name, later = full.segments[0], full.segments[1]
     address = tb.address(9)

@@ -852,3 +852,12 @@ def test_aes_gcm_goes_first_only_on_a_cpu_with_aes_instructions():
     assert sorted(fetch.AES_FIRST_CIPHERS.split(",")) == sorted(
         "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,"
         "aes256-gcm@openssh.com".split(","))
+
+
+def test_a_second_patient_probe_only_when_every_source_failed_its_probe():
+    probe_failed = (fetch.UNREACHABLE, "probe tcp")
+    assert fetch.all_probes_failed([("h1",) + probe_failed, ("h2", fetch.UNREACHABLE, "probe ping")])
+    assert not fetch.all_probes_failed([])
+    assert not fetch.all_probes_failed([("h1",) + probe_failed, ("h2", fetch.ABSENT, "")])
+    # ssh itself gave up after the probe answered: asking again with patience would not help
+    assert not fetch.all_probes_failed([("h1",) + probe_failed, ("h2", fetch.UNREACHABLE, "ssh h2: timed out")])
