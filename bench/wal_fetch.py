@@ -412,8 +412,9 @@ for name in names:
         subprocess.check_call(["%(python)s", "-S", "%(script)s", "-c", "%(config)s", name, "pg_wal/RECOVERYXLOG"],
                               cwd=target)
         os.unlink(dest)
+        # This data directory's spool: the directory beside fetch-stats.json.
         spool = [os.path.join("%(spool_root)s", d) for d in os.listdir("%(spool_root)s")
-                 if not d.startswith(".")][0]
+                 if not d.startswith(".") and os.path.isdir(os.path.join("%(spool_root)s", d))][0]
         # Hold the prefetch lock (once the prefetcher this call started has ended):
         # no prefetcher competes for the 2 cores while deliveries are timed.
         import fcntl
