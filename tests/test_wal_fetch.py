@@ -383,6 +383,33 @@ def test_prefetch_fills_the_spool_and_the_next_call_uses_no_ssh(wal):
     assert not os.path.exists(os.path.join(wal.spool, window[0]))
 
 
+def test_at_the_end_of_the_archive_a_call_waits_for_no_prefetcher_that_found_nothing(wal):
+    # The prefetcher asks both hosts for the segments after the last one archived,
+    # in vain, and notes so; a call for the next one then asks the hosts itself at
+    # once, rather than waiting (up to 3 s) for a prefetcher that lingers.
+    wal.configure(archive={"prefetch": "4"})
+    last = wal.segments[-1]
+    after = FETCH.following_segments(last, 16 * 1024 * 1024, 1)[0]
+    proc = wal.run(wal.segments[-2], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: after in FETCH.read_missed(wal.spool), 60, "the prefetcher to note %s missed" % after)
+    assert os.path.exists(os.path.join(wal.spool, last))
+    wal.wait_for_prefetcher()
+    os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+    # As if that prefetcher still ran: the call could only wait on its lock.
+    with open(os.path.join(wal.spool, ".prefetch.lock")) as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        proc = wal.run("-v", after, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 1, proc.stderr                  # every host said: absent
+    assert "%s: the prefetcher's last pass found it on no source" % after in proc.stderr
+    assert "not found on any source" in proc.stderr
+    assert os.listdir(wal.pg_wal) == []
+    # The last one is still delivered from the spool, whole.
+    proc = wal.run(last, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered() == wal.original(last)
+
+
 def test_invalid_spool_file_is_removed_and_the_segment_fetched_again(wal):
     wal.configure(archive={"prefetch": "2"})
     name = wal.segments[6]
