@@ -273,6 +273,15 @@ def absolute(path):
     return path_join(posix.getcwd(), path)
 
 
+def make_directories(path, mode):
+    """What os.makedirs(path, mode) does on Python 3.6: every missing directory of
+    path made, each with mode."""
+    parent = path_dirname(path.rstrip("/"))
+    if parent and not is_directory(parent):
+        make_directories(parent, mode)
+    posix.mkdir(path, mode)
+
+
 def environment(name):
     """The environment variable name, or None (posix.environ holds bytes)."""
     value = posix.environ.get(name.encode("ascii"))
@@ -663,7 +672,7 @@ def keep_code(code_dir, tag, data):
     nothing when the directory cannot be made private."""
     try:
         if not is_directory(code_dir):
-            posix.mkdir(code_dir, 0o700)    # none below a new spool_root yet: quietly not kept
+            make_directories(code_dir, 0o700)      # spool_root too: prefetch = 0 makes no spool
         if not private_directory(code_dir):
             return
         for old in posix.listdir(code_dir):

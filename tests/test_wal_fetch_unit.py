@@ -267,6 +267,19 @@ def test_the_quick_path_reads_the_environment_as_os_does(monkeypatch, tmp_path):
     assert not fetch.path_exists("bad\0name")
 
 
+def test_the_compiled_rest_is_kept_below_a_spool_dir_not_made_yet(tmp_path):
+    # prefetch = 0 makes no spool: without the directory the rest was compiled at
+    # every call (about 50 ms), not loaded from spool_dir/.code.
+    code_dir = str(tmp_path / "spool" / "root" / ".code")
+    fetch.keep_code(code_dir, "tag-1", b"compiled")
+    assert open(os.path.join(code_dir, "tag-1"), "rb").read() == b"compiled"
+    for path in (code_dir, os.path.dirname(code_dir)):
+        assert os.stat(path).st_mode & 0o777 == 0o700
+    assert fetch.private_directory(code_dir)
+    fetch.keep_code(code_dir, "tag-2", b"newer")          # another version replaces it
+    assert os.listdir(code_dir) == ["tag-2"]
+
+
 def test_the_quick_path_imports_no_os():
     # os brings posixpath, stat and _collections_abc: about 4 ms of a delivery under 3.6.
     import ast
