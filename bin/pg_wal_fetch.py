@@ -53,9 +53,11 @@ What it does, in order:
      segments in ONE ssh session and takes each when it fits the window of
      the newest delivery (the host waits meanwhile), so a delivery from the
      spool is a rename when the spool is on pg_wal's file system (the
-     default, /var/lib/pg_zfs/spool, often is not: see the README). A spool
-     whose data directory is gone is removed by the next call that fetches
-     from a source.
+     default, /var/lib/pg_zfs/spool, often is not: see the README). A call
+     waits (3 s at most) for a segment the prefetcher is fetching, never for
+     one its last pass asked every source for in vain (the end of the
+     archive): it asks the sources itself. A spool whose data directory is
+     gone is removed by the next call that fetches from a source.
 
 Doubt stops a point-in-time restore: PostgreSQL reads every exit code up to
 125 as "not found", and in archive recovery (recovery.signal without
