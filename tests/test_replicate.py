@@ -430,9 +430,13 @@ def test_the_replica_keeps_by_its_own_policy_and_never_a_snapshot_the_tool_did_n
 
 def test_the_guest_keeps_the_set_the_next_send_builds_on_and_the_send_uses_it(rep):
     e = take_set(rep)
-    proc = snap(rep.config, "prune")
-    # Every set is of today: keep_daily keeps the newest (e), and the set the replica
-    # holds (the last one sent) stays as the base of the next send.
+    # The guest's keep_* all 0: it keeps its newest set (e) and nothing else but the
+    # set the replica holds (the last one sent), the base of the next send. (Not
+    # keep_daily: a run across midnight would keep yesterday's newest by that rule.)
+    newest_only = rep.tb.write_config(os.path.join(rep.tb.run_dir, "replicate_newest.conf"), {
+        "snapshot": {"prefix": PREFIX, "keep_hourly": 0, "keep_daily": 0, "keep_weekly": 0,
+                     "keep_monthly": 0}, "replica r1": rep.replica_keys})
+    proc = snap(newest_only, "prune")
     assert proc.returncode == 0, proc.stderr
     assert "set %s kept: the base of the next send to [replica r1]" % rep.sets[-1] in proc.stderr
     assert set_names(rep.tb) == [rep.sets[-1], e]
