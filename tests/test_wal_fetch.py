@@ -500,5 +500,11 @@ def test_real_recovery_replays_30_segments_with_host1_dead_for_a_while(tb, wal):
         assert "could not restore file" not in log_text
         assert restored.psql("SELECT count(*), sum(id), md5(string_agg(note, ',' ORDER BY id)) "
                              "FROM wf_recovery") == expected
+        # It ended through the prefetcher's note: its last pass found the segments
+        # after the archive's last on no host, and the call for the next one did
+        # not wait for it (test_at_the_end_of_the_archive_...).
+        spool = FETCH.spool_for(wal.spool_root, backup)
+        missed = wait_for(lambda: FETCH.read_missed(spool), 60, "the prefetcher's note of the missed")
+        assert all(name > last for name in missed), missed
     finally:
         restored.stop("immediate")
