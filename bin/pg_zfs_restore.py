@@ -2555,9 +2555,9 @@ def on_stop_signal(signum, frame):
 
 
 @contextlib.contextmanager
-def signals_held(deliver=True):
+def signals_held():
     """Hold SIGTERM, SIGHUP and SIGINT while the block runs; after it, raise the first
-    one that came (deliver) or drop it (the undo: it is the end already).
+    one that came (unless signals_settled() came first: then it is the end already).
 
     A command that failed in the block while a signal waited is taken as the
     signal's doing: Ctrl-C at a terminal reaches the whole process group, so a
@@ -2566,14 +2566,19 @@ def signals_held(deliver=True):
     try:
         yield
     except Failure:
-        if not (deliver and _signals_pending and len(_signals_held) == 1):
+        if not (_signals_pending and len(_signals_held) == 1):
             raise
     finally:
         _signals_held.pop()
-        if not deliver and not _signals_held:
-            del _signals_pending[:]
     if _signals_pending and not _signals_held:
         raise signal_failure(_signals_pending.pop(0))
+
+
+def signals_settled():
+    """The outcome is settled (made and reported, or undone): from now on SIGTERM,
+    SIGHUP and SIGINT are only noted. A late one changes nothing, and ends in no
+    traceback while the interpreter exits."""
+    _signals_held.append(True)
 
 
 def catch_signals():
@@ -3072,16 +3077,17 @@ class Restorer(object):
         return ok
 
     def undo(self, keep):
-        """After a failure: stop, destroy, remove; or say what was kept."""
+        """After a failure: stop, destroy, remove; or say what was kept. The command
+        ends with the failure that brought it here, whatever signal comes."""
+        signals_settled()
         if keep:
             log.error("kept for inspection (--keep-on-failure): clones %s, server log %s; remove with "
                       "`%s.py cleanup %s`", " ".join(self.made_clones) or "none", self.plan.log_file,
                       PROG, self.plan.snapshot_set.name)
             return
-        with signals_held(deliver=False):
-            with contextlib.suppress(Failure):
-                self.stop()
-            self.destroy()
+        with contextlib.suppress(Failure):
+            self.stop()
+        self.destroy()
 
 
 # ---------------------------------------------------------------------------
@@ -3231,6 +3237,7 @@ def restore_with(restorer, args):
         with restorer.step("prepare"):
             restorer.prepare()
         if args.no_start:
+            signals_settled()
             print("prepared set %s for recovery to %s in %s (port %d); start it with:\n"
                   "  runuser -u %s -- %s start -D %s -l %s\nsteps: %s"
                   % (plan.snapshot_set.name, plan.target, plan.pgdata, plan.port, restorer.server.user,
@@ -3241,6 +3248,7 @@ def restore_with(restorer, args):
             restorer.start()
         with restorer.step("recover"):
             outcome = restorer.wait_for_target()
+        signals_settled()       # restored: a signal from now on undoes nothing
     except BaseException:
         log.error("restore of set %s failed after: %s", plan.snapshot_set.name,
                   format_timings(restorer.timings))
@@ -3267,14 +3275,13 @@ def cmd_drill(config, args):
     and the same result in WAL_ROOT/last-drill.json."""
     started, clock = time.time(), time.monotonic()
     wal_root = restore_options(config)["wal_root"]     # bad: main's CRITICAL line, and no file
-    code, set_name, line = drill(config, args)
-    with signals_held(deliver=False):       # the drill is over: a late signal changes nothing
-        if code:
-            log.error("%s", line.split(": ", 1)[1])     # stderr and syslog; stdout is Nagios'
-        print(line)
-        sys.stdout.flush()
-        record_drill(wal_root, drill_state_text(code, set_name, started, time.time(),
-                                                time.monotonic() - clock, line))
+    code, set_name, line = drill(config, args)       # settled its signals (a late one changes nothing)
+    if code:
+        log.error("%s", line.split(": ", 1)[1])     # stderr and syslog; stdout is Nagios'
+    print(line)
+    sys.stdout.flush()
+    record_drill(wal_root, drill_state_text(code, set_name, started, time.time(),
+                                            time.monotonic() - clock, line))
     return code
 
 
@@ -3303,12 +3310,12 @@ def drill(config, args):
             raise Failure("%s: %s" % (step, error if isinstance(error, Failure) else unexpected_failure(error)), 2)
         finally:
             release_port(restorer.port_claim)
-            with signals_held(deliver=False):
-                with restorer.step("stop"):
-                    with contextlib.suppress(Failure):
-                        restorer.stop()
-                with restorer.step("destroy"):
-                    destroyed = restorer.destroy()
+            signals_settled()       # the drill ends here, whatever comes
+            with restorer.step("stop"):
+                with contextlib.suppress(Failure):
+                    restorer.stop()
+            with restorer.step("destroy"):
+                destroyed = restorer.destroy()
         if not destroyed:
             raise Failure("destroy: clones left behind: %s" % " ".join(restorer.made_clones), 2)
     except Exception as error:      # Failure (a signal's Stopped too), and any other error as one line
@@ -3438,16 +3445,16 @@ def cmd_rollback(config, args):
     live_pgdata = os.path.normpath(os.path.join(mountpoints[snapshot_set.get("pgdata_dataset")],
                                                 snapshot_set.get("pgdata_rel")))
     owner = owner_of(config.str("postgres", "user", "postgres"))
-    # Once it starts, the rollback and its backup_label go through whole: a signal waits.
-    with signals_held(deliver=False):
-        zfs.rollback_set(snapshot_set, later)
-        for name in ("postmaster.pid", "postmaster.opts"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(live_pgdata, name))
-        if backup_label:
-            write_file(os.path.join(live_pgdata, "backup_label"), backup_label, 0o600, owner)
-        if tablespace_map.strip():
-            write_file(os.path.join(live_pgdata, "tablespace_map"), tablespace_map, 0o600, owner)
+    # Once it starts, the rollback and its backup_label go through whole: a signal changes nothing.
+    signals_settled()
+    zfs.rollback_set(snapshot_set, later)
+    for name in ("postmaster.pid", "postmaster.opts"):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(live_pgdata, name))
+    if backup_label:
+        write_file(os.path.join(live_pgdata, "backup_label"), backup_label, 0o600, owner)
+    if tablespace_map.strip():
+        write_file(os.path.join(live_pgdata, "tablespace_map"), tablespace_map, 0o600, owner)
     print("%s is at set %s%s; start it as before (it replays from %s on and follows the primary)"
           % (live_pgdata, args.set, " with its backup_label" if backup_label else "",
              snapshot_set.get("start_lsn")))
@@ -3561,6 +3568,7 @@ def main(argv=None):
         config = Config.load(config_path(args.config))
         return COMMANDS[args.command](config, args)
     except Exception as error:      # Failure, and any other error as one line
+        signals_settled()           # the failure is the outcome
         failure = error if isinstance(error, Failure) else unexpected_failure(error)
         if args.command == "drill":
             log.error("drill failed: %s", failure)        # stderr and syslog; stdout is Nagios'
@@ -3568,6 +3576,8 @@ def main(argv=None):
             return 2
         log.error("%s", failure)
         return failure.code
+    finally:
+        signals_settled()
 
 
 if __name__ == "__main__":

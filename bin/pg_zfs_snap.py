@@ -4061,6 +4061,13 @@ def signals_deferred():
         _signals_held.pop()
 
 
+def signals_settled():
+    """The outcome is settled (made and reported, or undone): from now on SIGTERM,
+    SIGHUP and SIGINT are only noted. A late one changes nothing, and ends in no
+    traceback while the interpreter exits."""
+    _signals_held.append(True)
+
+
 def pending_signal():
     """The first signal that came while held, or None."""
     return _signals_pending[0] if _signals_pending else None
@@ -4126,10 +4133,12 @@ def main(argv=None):
                                           % failed_replicas)) if count), 1)
         return 0
     except Exception as error:      # Failure, and any other error as one line
+        signals_settled()           # the failure is the outcome
         failure = error if isinstance(error, Failure) else unexpected_failure(error)
         log.error("%s", failure)
         return failure.code
     finally:
+        signals_settled()
         if lock is not None:
             lock.release()
 

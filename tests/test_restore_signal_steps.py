@@ -125,3 +125,42 @@ def test_ctrl_c_that_kills_the_zfs_clone_too_ends_as_stopped_by_sigint(story, co
         assert out.strip().splitlines() == [out.strip()] and "stopped by SIGINT" in out, out
         assert "exit code" not in out, out
     assert nothing_left(story) == [] and our_clones(story.tb) == []
+
+
+@pytest.mark.parametrize("command", ["restore", "drill"])
+def test_a_signal_once_the_command_reported_changes_nothing(story, command):
+    """SIGTERM the moment the report starts: the restore is done (its copy stays up,
+    exit 0), the drill is done (OK, its record written). Under load a sweep's
+    signal landed there: the restore said "stopped by SIGTERM" with its copy left
+    running, or ended in a traceback while Python exited."""
+    args = ["restore", "--immediate", "--set", story.sets[0], "--action", "promote"] \
+        if command == "restore" else ["drill"]
+    first = "restored set " if command == "restore" else "OK: drill of set "
+    record = os.path.join(story.tb.run_dir, "restore_wal", "last-drill.json")
+    for attempt in range(3):
+        if os.path.exists(record):
+            os.unlink(record)
+        proc = subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config] + args,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith(first), line + proc.communicate(timeout=240)[1]
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert "Traceback" not in err and "ERROR" not in err, err
+        assert proc.returncode == 0, (attempt, line + out, err)
+        if command == "restore":
+            clones = our_clones(story.tb)
+            assert clones and all(story.sets[0] in name for name in clones), clones
+            servers = glob.glob(os.path.join(story.tb.run_dir, "restore_mnt", "*", "pgdata", "postmaster.pid"))
+            assert len(servers) == 1, servers
+            assert restore_script(story.config, "cleanup", "--all").returncode == 0
+        else:
+            with open(record) as drilled:
+                assert '"OK: drill of set ' in drilled.read()
+        assert nothing_left(story) == [] and our_clones(story.tb) == []

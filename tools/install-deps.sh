@@ -38,8 +38,9 @@ if [ -n "$missing" ]; then
     # Package scripts may try to start services: the tests start their own.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
 fi
-if ! "$PYTHON" -c "import pytest, pytest_timeout, prometheus_client" 2>/dev/null || ! command -v vermin >/dev/null 2>&1; then
-    # prometheus-client: its text-format parser reads our metrics file in the tests.
-    echo "install-deps: pip install pytest pytest-timeout vermin prometheus-client"
-    "$PYTHON" -m pip install -q pytest pytest-timeout vermin prometheus-client
+if ! "$PYTHON" -c "import pytest, pytest_timeout, prometheus_client, pyflakes" 2>/dev/null || ! command -v vermin >/dev/null 2>&1; then
+    # prometheus-client: its text-format parser reads our metrics file in the tests;
+    # pyflakes reads pg_wal_fetch.py as plain code (its REST part is a string).
+    echo "install-deps: pip install pytest pytest-timeout vermin prometheus-client pyflakes"
+    "$PYTHON" -m pip install -q pytest pytest-timeout vermin prometheus-client pyflakes
 fi
