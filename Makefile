@@ -6,6 +6,8 @@
 #             the image is built once, ~3 GB in ~/.cache/pg_zfs-tests), then the article's
 #             topology (tests/test_guest_topology.py: the guest started through libvirt)
 #             GUEST_TESTS="tests/test_snap.py ..." other modules in the guest (default: those using the pool)
+#             (make test-guest-suite and make test-guest-topology: each half alone; the suite
+#             needs nothing of the host's testbed, so CI runs it beside the host's legs)
 # make install  the four scripts (BINDIR), /etc/pg_zfs/pg_zfs.conf (kept if there),
 #             man pages, systemd units (not enabled), README and the cron and
 #             rc.local examples (DOCDIR/examples); PREFIX=/usr DESTDIR=... for a package
@@ -39,7 +41,7 @@ DIST_FILES = Makefile README.md DEVELOPERS.md bin/*.py etc tools/mkman.py tools/
 # rpmbuild on Debian has no rpm database to find BuildRequires in.
 RPMBUILD_FLAGS ?= $(if $(wildcard /etc/debian_version),--nodeps)
 
-.PHONY: test test-guest guest-deps demo deps build install uninstall dist rpm deb check-version clean
+.PHONY: test test-guest test-guest-suite test-guest-topology guest-deps demo deps build install uninstall dist rpm deb check-version clean
 
 deps:
 	PYTHON=$(PYTHON) sh tools/install-deps.sh
@@ -50,8 +52,12 @@ test: deps
 guest-deps:
 	GUEST=1 PYTHON=$(PYTHON) sh tools/install-deps.sh
 
-test-guest: guest-deps
+test-guest: test-guest-suite test-guest-topology
+
+test-guest-suite: guest-deps
 	$(PYTHON) tools/guest.py test -- $(PYTEST_ARGS) $(GUEST_TESTS)
+
+test-guest-topology: guest-deps
 	PG_ZFS_TEST_GUEST=1 PG_ZFS_TEST_PG=15 $(PYTHON) -m pytest $(PYTEST_ARGS) tests/test_guest_topology.py
 
 demo: deps
