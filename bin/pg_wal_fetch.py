@@ -145,38 +145,205 @@ with -v; counting never changes what the call did or how it exits.
 # PostgreSQL starts a new process for every file it wants, and Python compiles
 # the script it runs (__main__) on every start, never from a cache. Compiling
 # all of this file took longer than everything else a delivery from the
-# prefetch spool does (README, "Benchmarks"). So the file has two parts:
-#   1. This first part: what a delivery from the spool needs, compiled on
-#      every call: quick_delivery() and the few pure functions it uses. It
-#      imports nothing but posix, sys, struct, errno, fcntl and time (and json
-#      only to read or write a counters file other than its own, count_fetch).
-#      posix, not os: importing os loads posixpath, stat and _collections_abc,
-#      about 4 ms of a 20 ms call under Python 3.6, so the few path helpers
-#      this part needs are its own (path_join, is_directory, ...); REST
+# prefetch spool does (README, "Benchmarks"). So the file has three parts:
+#   1. This first part, compiled on every call: finding the config's
+#      [archive] spool_dir, and load_part(), which runs a part below into
+#      this module from its code compiled earlier. That is kept under
+#      spool_dir/.code (a private directory, one file per part, version of
+#      this file and of Python): loading it takes a fraction of a millisecond,
+#      compiling it several. It imports nothing but posix and sys: importing
+#      os loads posixpath, stat and _collections_abc, about 4 ms of a 20 ms
+#      call under Python 3.6, so the few path helpers it needs are its own
+#      (path_join, is_directory, ...).
+#   2. QUICK: what a delivery from the spool needs, loaded on every call:
+#      quick_delivery() and the few pure functions it uses. It imports only
+#      errno, fcntl, struct and time besides (and json only to read or write a
+#      counters file other than its own, count_fetch), and no os either.
+#   3. REST: everything else (the config, the sources and ssh, the
+#      whole-segment checks, the prefetcher, --check, the archive hosts'
+#      program), loaded only when a call needs more than the spool. It
 #      imports os and uses it as usual.
-#   2. Everything else (the config, the sources and ssh, the whole-segment
-#      checks, the prefetcher, --check, the archive hosts' program), below as
-#      the text of REST: plain Python, read it as such. It runs as part of this
-#      module, compiled only when a call needs more than the spool. Its compiled
-#      code is kept under [archive] spool_dir/.code (a private directory, one
-#      file per version of this file and of Python), so the next call loads it
-#      in about a millisecond instead of compiling it again (load_rest).
+# QUICK and REST are plain Python kept as text: read them as such. They run
+# as part of this module, with this file's own line numbers in tracebacks.
 # Anything quick_delivery is not sure of (a config changed since the last
 # full run, a copy that is not valid, no spool, -v, another argument) is left
 # to the rest, which does everything as if quick_delivery had not run.
 # tests/test_wal_fetch_unit.py runs pyflakes and the project's checks over the
-# file as if REST were plain code (plain_text() there).
+# file as if QUICK and REST were plain code (plain_text() there).
+import posix
+import sys
+
+DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
+DEFAULT_SPOOL = "/var/lib/pg_zfs/spool"
+CODE_DIR = ".code"           # in [archive] spool_dir: QUICK and REST compiled (load_part)
+LOADED = set()               # the parts load_part ran here
+
+
+# The path helpers of the first two parts (posixpath's rules; see above).
+
+def path_join(path, *names):
+    """What os.path.join(path, *names) returns."""
+    for name in names:
+        if name.startswith("/"):
+            path = name
+        elif not path or path.endswith("/"):
+            path += name
+        else:
+            path += "/" + name
+    return path
+
+
+def path_dirname(path):
+    """What os.path.dirname(path) returns."""
+    head = path[:path.rfind("/") + 1]
+    if head and head != "/" * len(head):
+        head = head.rstrip("/")
+    return head
+
+
+def is_directory(path):
+    try:
+        return posix.stat(path).st_mode & 0o170000 == 0o040000
+    except (OSError, ValueError):
+        return False
+
+
+def make_directories(path, mode):
+    """What os.makedirs(path, mode) does on Python 3.6: every missing directory of
+    path made, each with mode."""
+    parent = path_dirname(path.rstrip("/"))
+    if parent and not is_directory(parent):
+        make_directories(parent, mode)
+    posix.mkdir(path, mode)
+
+
+def environment(name):
+    """The environment variable name, or None (posix.environ holds bytes)."""
+    value = posix.environ.get(name.encode("ascii"))
+    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
+def config_path_of(argv):
+    """The config file argv names (-c/--config, else $PG_ZFS_CONFIG, else the default)."""
+    for index, word in enumerate(argv):
+        if word in ("-c", "--config") and index + 1 < len(argv):
+            return argv[index + 1]
+        if word.startswith("--config="):
+            return word[len("--config="):]
+    return environment("PG_ZFS_CONFIG") or DEFAULT_CONFIG
+
+
+def quick_config_value(path, section, key):
+    """The value of key in [section] of the INI file at path, read the simple way
+    (no configparser: start-up time); None if absent or the file is not simple.
+    Only a hint for finding the spool: the config note there says whether the
+    full reader validated this very file (quick_delivery)."""
+    with open(path, "rb") as config_file:
+        raw = config_file.read()
+    # As "utf-8-sig" decodes it, without loading that codec (start-up time).
+    text = (raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw).decode("utf-8", "replace")
+    current, found = None, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped[1:-1]
+        elif current == section:
+            name, equals, value = stripped.partition("=")
+            if equals and name.strip().lower() == key:
+                found = value.strip()
+    return found
+
+
+def quick_spool_root(argv):
+    """[archive] spool_dir of the config argv names, read the simple way (a hint for
+    the full run; the spool's config note proves it for a quick delivery); None when
+    the config cannot be read."""
+    try:
+        config_path = config_path_of(argv)
+        if config_path:
+            return quick_config_value(config_path, "archive", "spool_dir") or DEFAULT_SPOOL
+    except (IOError, OSError):
+        pass
+    return None
+
+
+def load_part(name, spool_root=None):
+    """Run the text of part name ("QUICK" or "REST") into this module, once: its
+    code from spool_root/.code when that private directory holds it compiled
+    from this very text by this very Python, else compiled here (and kept there)."""
+    if name in LOADED:
+        return
+    import marshal
+    text = globals()[name]
+    code, code_dir, tag = None, None, None
+    try:
+        info = posix.stat(__file__)
+        tag = "%s-%s-%x-%x" % (name.lower(), sys.implementation.cache_tag, info.st_dev, info.st_ino)
+        code_dir = path_join(spool_root, CODE_DIR) if spool_root else None
+    except OSError:
+        pass
+    if code_dir and private_directory(code_dir):
+        try:
+            with open(path_join(code_dir, tag), "rb") as cached:
+                if posix.fstat(cached.fileno()).st_uid == posix.getuid():
+                    kept_text, code = marshal.loads(cached.read())
+                    if kept_text != text:       # this file was written since
+                        code = None
+        except (IOError, OSError, EOFError, ValueError, TypeError):
+            code = None
+    if code is None:
+        # Blank lines first: tracebacks name this file's own line numbers.
+        with open(__file__, "rb") as whole:
+            head = whole.read().split(("\n%s = r'''\n" % name).encode("ascii"), 1)[0]
+        code = compile("\n" * (head.count(b"\n") + 1) + text, __file__, "exec")
+        if code_dir:
+            keep_code(code_dir, tag, marshal.dumps((text, code)))
+    exec(code, globals())
+    LOADED.add(name)
+
+
+def private_directory(path):
+    """True if path is a directory of this user that no one else may write to."""
+    try:
+        info = posix.lstat(path)
+    except OSError:
+        return False
+    return info.st_uid == posix.getuid() and not info.st_mode & 0o022 and (info.st_mode & 0o170000) == 0o040000
+
+
+def keep_code(code_dir, tag, data):
+    """Store data as code_dir/tag (atomically), removing the same part's other
+    versions (their tags start with the same word, up to a "-"); quietly nothing
+    when the directory cannot be made private."""
+    part = tag.split("-", 1)[0] + "-"
+    try:
+        if not is_directory(code_dir):
+            make_directories(code_dir, 0o700)      # spool_root too: prefetch = 0 makes no spool
+        if not private_directory(code_dir):
+            return
+        for old in posix.listdir(code_dir):
+            if old.startswith(part) and old != tag:
+                posix.unlink(path_join(code_dir, old))
+        temp = path_join(code_dir, ".%s.%d.tmp" % (tag, posix.getpid()))
+        with open(temp, "wb") as out:
+            out.write(data)
+        posix.rename(temp, path_join(code_dir, tag))
+    except (IOError, OSError):
+        pass
+
+
+# The delivery from the spool: see "How this file is laid out" at the top.
+QUICK = r'''
 import errno
 import fcntl
-import posix
 import struct
-import sys
 import time
 
 
 VERSION = "0.1.0"
 PROG = "pg_wal_fetch"
-DEFAULT_CONFIG = "/etc/pg_zfs/pg_zfs.conf"
 # The config sections this script reads (CONFIG_SCHEMA): typos in them are refused.
 CONFIG_READS = ("postgres", "archive", "source")
 
@@ -219,9 +386,7 @@ STREAM_AHEAD = 120       # segments after the window one prefetch session asks f
 DOWN_MEMO = 60.0         # seconds a source whose probe failed is tried last
 SPOOL_OWNER = ".pgdata"  # in each spool: the data directory it serves
 STOP_MARK = "stopping recovery at"
-DEFAULT_SPOOL = "/var/lib/pg_zfs/spool"
 CONFIG_NOTE = ".config-ok"   # in each spool: the config file the last full run validated
-CODE_DIR = ".code"           # in [archive] spool_dir: REST compiled (load_rest)
 # In [archive] spool_dir: restore_command calls counted by outcome (count_fetch).
 FETCH_STATS = "fetch-stats.json"
 FETCH_STATS_LOCK = ".fetch-stats.lock"
@@ -233,28 +398,6 @@ def is_hex(text):
     return bool(text) and set(text) <= HEX
 
 
-# The path helpers of this first part (posixpath's rules; see the top).
-
-def path_join(path, *names):
-    """What os.path.join(path, *names) returns."""
-    for name in names:
-        if name.startswith("/"):
-            path = name
-        elif not path or path.endswith("/"):
-            path += name
-        else:
-            path += "/" + name
-    return path
-
-
-def path_dirname(path):
-    """What os.path.dirname(path) returns."""
-    head = path[:path.rfind("/") + 1]
-    if head and head != "/" * len(head):
-        head = head.rstrip("/")
-    return head
-
-
 def path_exists(path):
     try:
         posix.stat(path)
@@ -263,31 +406,9 @@ def path_exists(path):
     return True
 
 
-def is_directory(path):
-    try:
-        return posix.stat(path).st_mode & 0o170000 == 0o040000
-    except (OSError, ValueError):
-        return False
-
-
 def absolute(path):
     """path made absolute against the working directory (not normalized)."""
     return path_join(posix.getcwd(), path)
-
-
-def make_directories(path, mode):
-    """What os.makedirs(path, mode) does on Python 3.6: every missing directory of
-    path made, each with mode."""
-    parent = path_dirname(path.rstrip("/"))
-    if parent and not is_directory(parent):
-        make_directories(parent, mode)
-    posix.mkdir(path, mode)
-
-
-def environment(name):
-    """The environment variable name, or None (posix.environ holds bytes)."""
-    value = posix.environ.get(name.encode("ascii"))
-    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
 
 
 def wal_kind(wal_name):
@@ -439,29 +560,6 @@ def config_identity(path):
     info = posix.stat(path)
     return "%s %d %d %d %d %d" % (absolute(path), info.st_dev, info.st_ino, info.st_size,
                                   info.st_mtime_ns, info.st_ctime_ns)
-
-
-def quick_config_value(path, section, key):
-    """The value of key in [section] of the INI file at path, read the simple way
-    (no configparser: start-up time); None if absent or the file is not simple.
-    Only a hint for finding the spool: the config note there says whether the
-    full reader validated this very file (quick_delivery)."""
-    with open(path, "rb") as config_file:
-        raw = config_file.read()
-    # As "utf-8-sig" decodes it, without loading that codec (start-up time).
-    text = (raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw).decode("utf-8", "replace")
-    current, found = None, None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;":
-            continue
-        if stripped.startswith("[") and stripped.endswith("]"):
-            current = stripped[1:-1]
-        elif current == section:
-            name, equals, value = stripped.partition("=")
-            if equals and name.strip().lower() == key:
-                found = value.strip()
-    return found
 
 
 def cluster_identity(pgdata_candidates, configured_identifier):
@@ -625,67 +723,8 @@ def quick_delivery(argv):
     except (IOError, OSError):
         pass
     # No prefetcher and the spool runs low: the rest starts one (never failing the delivery).
-    load_rest(spool_root)
+    load_part("REST", spool_root)
     return globals()["refill_after_quick_delivery"](config_path, spool, wal_name, dest)   # in REST
-
-
-def load_rest(spool_root=None):
-    """Run the text of REST (everything but the delivery from the spool) into this
-    module, once. Compiled from REST, or loaded from spool_root/.code when that
-    private directory holds this very text compiled by this very Python."""
-    if "full_main" in globals():
-        return
-    import marshal
-    import zlib
-    source = REST.encode("utf-8")
-    tag = "%s-%08x-%d" % (sys.implementation.cache_tag,
-                          zlib.crc32(absolute(__file__).encode("utf-8", "surrogateescape") + source),
-                          len(source))
-    code_dir = path_join(spool_root, CODE_DIR) if spool_root else None
-    code = None
-    if code_dir and private_directory(code_dir):
-        try:
-            with open(path_join(code_dir, tag), "rb") as cached:
-                if posix.fstat(cached.fileno()).st_uid == posix.getuid():
-                    code = marshal.loads(cached.read())
-        except (IOError, OSError, EOFError, ValueError, TypeError):
-            code = None
-    if code is None:
-        # Blank lines first: tracebacks name this file's own line numbers.
-        with open(__file__, "rb") as whole:
-            before = whole.read().split(b"\nREST = r'''\n", 1)[0].count(b"\n") + 1
-        code = compile("\n" * before + REST, __file__, "exec")
-        if code_dir:
-            keep_code(code_dir, tag, marshal.dumps(code))
-    exec(code, globals())
-
-
-def private_directory(path):
-    """True if path is a directory of this user that no one else may write to."""
-    try:
-        info = posix.lstat(path)
-    except OSError:
-        return False
-    return info.st_uid == posix.getuid() and not info.st_mode & 0o022 and (info.st_mode & 0o170000) == 0o040000
-
-
-def keep_code(code_dir, tag, data):
-    """Store data as code_dir/tag (atomically), removing older versions; quietly
-    nothing when the directory cannot be made private."""
-    try:
-        if not is_directory(code_dir):
-            make_directories(code_dir, 0o700)      # spool_root too: prefetch = 0 makes no spool
-        if not private_directory(code_dir):
-            return
-        for old in posix.listdir(code_dir):
-            if old != tag:
-                posix.unlink(path_join(code_dir, old))
-        temp = path_join(code_dir, ".%s.%d.tmp" % (tag, posix.getpid()))
-        with open(temp, "wb") as out:
-            out.write(data)
-        posix.rename(temp, path_join(code_dir, tag))
-    except (IOError, OSError):
-        pass
 
 
 def add_fetch_outcome(stats, outcome, seconds, now):
@@ -829,7 +868,7 @@ def main(argv=None):
         # Its notes are for the debug log, and a delivery from the spool is never -v.
         count_fetch(spool_root, "delivered", time.monotonic() - started)
         return code
-    load_rest(spool_root)
+    load_part("REST", spool_root)
     call = {}
     code = globals()["full_main"](argv, call)     # in REST
     if call:
@@ -837,29 +876,7 @@ def main(argv=None):
         if note:
             globals()["log"].debug("%s", note)
     return code
-
-
-def quick_spool_root(argv):
-    """[archive] spool_dir of the config argv names, read the simple way (a hint for
-    the full run; the spool's config note proves it for a quick delivery); None when
-    the config cannot be read."""
-    try:
-        config_path = config_path_of(argv)
-        if config_path:
-            return quick_config_value(config_path, "archive", "spool_dir") or DEFAULT_SPOOL
-    except (IOError, OSError):
-        pass
-    return None
-
-
-def config_path_of(argv):
-    """The config file argv names (-c/--config, else $PG_ZFS_CONFIG, else the default)."""
-    for index, word in enumerate(argv):
-        if word in ("-c", "--config") and index + 1 < len(argv):
-            return argv[index + 1]
-        if word.startswith("--config="):
-            return word[len("--config="):]
-    return environment("PG_ZFS_CONFIG") or DEFAULT_CONFIG
+'''
 
 
 # The rest of pg_wal_fetch.py: see "How this file is laid out" at the top.
@@ -4090,6 +4107,8 @@ def run_command(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    load_part("QUICK", quick_spool_root(sys.argv[1:]))
+    sys.exit(globals()["main"]())       # in QUICK
 else:
-    load_rest()     # imported (the unit tests): every function of the file, as before
+    load_part("QUICK")      # imported (the unit tests): every function of the file, as before
+    load_part("REST")

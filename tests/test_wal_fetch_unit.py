@@ -271,13 +271,41 @@ def test_the_compiled_rest_is_kept_below_a_spool_dir_not_made_yet(tmp_path):
     # prefetch = 0 makes no spool: without the directory the rest was compiled at
     # every call (about 50 ms), not loaded from spool_dir/.code.
     code_dir = str(tmp_path / "spool" / "root" / ".code")
-    fetch.keep_code(code_dir, "tag-1", b"compiled")
-    assert open(os.path.join(code_dir, "tag-1"), "rb").read() == b"compiled"
+    fetch.keep_code(code_dir, "rest-1", b"compiled")
+    assert open(os.path.join(code_dir, "rest-1"), "rb").read() == b"compiled"
     for path in (code_dir, os.path.dirname(code_dir)):
         assert os.stat(path).st_mode & 0o777 == 0o700
     assert fetch.private_directory(code_dir)
-    fetch.keep_code(code_dir, "tag-2", b"newer")          # another version replaces it
-    assert os.listdir(code_dir) == ["tag-2"]
+    fetch.keep_code(code_dir, "quick-1", b"the other part")
+    fetch.keep_code(code_dir, "rest-2", b"newer")          # another version replaces it, not the other part
+    assert sorted(os.listdir(code_dir)) == ["quick-1", "rest-2"]
+
+
+def test_a_call_loads_both_parts_compiled_from_the_spool_dir_and_compiles_again_when_the_file_changes(tmp_path):
+    # Each part is kept with its text: a file written since (even in place: same
+    # inode, same size) is compiled again, never run from the old code.
+    script = tmp_path / "pg_wal_fetch.py"
+    script.write_bytes(open(fetch.__file__, "rb").read())
+    spool_root = tmp_path / "spool"
+    config = tmp_path / "fetch.conf"
+    config.write_text("[archive]\nspool_dir = %s\n" % spool_root)
+
+    def version():
+        return subprocess.run([sys.executable, "-S", str(script), "-c", str(config), "--version"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                              check=True).stdout.strip()
+    assert version().endswith(fetch.VERSION)
+    code_dir = str(spool_root / ".code")
+    kept = sorted(os.listdir(code_dir))
+    assert [name.split("-")[0] for name in kept] == ["quick", "rest"], kept
+    stamps = [os.stat(os.path.join(code_dir, name)).st_mtime_ns for name in kept]
+    assert version().endswith(fetch.VERSION)
+    assert [os.stat(os.path.join(code_dir, name)).st_mtime_ns for name in kept] == stamps    # loaded, not kept again
+    text = script.read_text()
+    with open(str(script), "r+") as same_inode:       # the same size: VERSION 0.1.0 -> 9.1.0
+        same_inode.write(text.replace('VERSION = "%s"' % fetch.VERSION, 'VERSION = "9%s"' % fetch.VERSION[1:]))
+    assert version().endswith("9" + fetch.VERSION[1:])
+    assert sorted(os.listdir(code_dir)) == kept
 
 
 def test_the_quick_path_imports_no_os():
@@ -285,16 +313,16 @@ def test_the_quick_path_imports_no_os():
     import ast
     with open(fetch.__file__) as script:
         text = script.read()
-    first_part = text[:text.index("\nREST = r\'\'\'\n")]
+    first_part = text[:text.index("\nQUICK = r\'\'\'\n")] + "\n" + fetch.QUICK
     names = {node.id for node in ast.walk(ast.parse(first_part)) if isinstance(node, ast.Name)}
     assert "os" not in names
-    probe = ("import sys; f = sys.argv[1]; t = open(f).read()\n"
-             "exec(compile(t[:t.index(\"\\nREST = r\'\'\'\\n\")], f, 'exec'), {'__name__': 'probe'})\n"
+    probe = ("import sys; f = sys.argv[1]; t = open(f).read(); g = {'__name__': 'probe', '__file__': f}\n"
+             "exec(compile(t[:t.index(\"\\nREST = r\'\'\'\\n\")], f, 'exec'), g)\n"
+             "g['load_part']('QUICK')\n"
              "print(sorted(m for m in ('os', 'posixpath', 'stat', 'posix') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-S", "-c", probe, fetch.__file__], stdout=subprocess.PIPE,
                          universal_newlines=True, check=True).stdout
     assert out.split() == ["['posix']"]
-
 
 def test_prefetch_refills_only_when_half_the_window_or_less_is_spooled():
     assert fetch.should_start_prefetch(0, 8) and fetch.should_start_prefetch(4, 8)
@@ -786,21 +814,25 @@ def test_gzip_streams_back_to_back_of_a_mostly_zero_segment_are_decompressed_onc
 # ---------------------------------------------------------------------------
 
 def plain_text():
-    """pg_wal_fetch.py as if REST were plain code: the file without the two lines
-    that open and close the REST string (for pyflakes and the name checks)."""
+    """pg_wal_fetch.py as if QUICK and REST were plain code: the file without the
+    lines that open and close those strings (for pyflakes and the name checks)."""
     with open(fetch.__file__) as script:
         text = script.read()
-    head, rest = text.split("\nREST = r'''\n", 1)
-    body, tail = rest.split("\n'''\n", 1)
-    return head + "\n" + body + "\n" + tail
+    for name in ("QUICK", "REST"):
+        head, rest = text.split("\n%s = r'''\n" % name, 1)
+        body, tail = rest.split("\n'''\n", 1)
+        text = head + "\n" + body + "\n" + tail
+    return text
 
 
-def test_rest_is_the_files_own_text_and_runs_with_the_files_line_numbers():
+def test_quick_and_rest_are_the_files_own_text_and_run_with_the_files_line_numbers():
     with open(fetch.__file__) as script:
         text = script.read()
-    assert "\n" + fetch.REST.lstrip("\n") in text          # a raw string: nothing escaped
+    for part in (fetch.QUICK, fetch.REST):
+        assert "\n" + part.lstrip("\n") in text            # a raw string: nothing escaped
     lines = text.splitlines()
-    for function in (fetch.full_main, fetch.check_pages, fetch.store):
+    for function in (fetch.full_main, fetch.check_pages, fetch.store, fetch.quick_delivery, fetch.count_fetch,
+                     fetch.load_part):
         assert lines[function.__code__.co_firstlineno - 1].startswith("def %s(" % function.__name__)
 
 
@@ -810,8 +842,9 @@ def test_the_file_read_as_plain_code_passes_pyflakes(tmp_path):
     plain.write_text(plain_text())
     proc = subprocess.run(["python3", "-m", "pyflakes", str(plain)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, universal_newlines=True)
-    # REST itself is the one name the plain reading no longer defines.
-    problems = [line for line in proc.stdout.splitlines() if "undefined name 'REST'" not in line]
+    # QUICK and REST themselves are the names the plain reading no longer defines.
+    problems = [line for line in proc.stdout.splitlines()
+                if "undefined name 'REST'" not in line and "undefined name 'QUICK'" not in line]
     assert problems == []
 
 
@@ -891,14 +924,14 @@ def test_a_spooled_copy_of_another_cluster_is_left_to_the_rest(spooled):
 
 def test_compiled_rest_is_kept_only_in_a_private_directory(tmp_path):
     code_dir = str(tmp_path / ".code")
-    fetch.keep_code(code_dir, "tag1", b"one")
-    fetch.keep_code(code_dir, "tag2", b"two")
-    assert os.listdir(code_dir) == ["tag2"]                # older versions removed
+    fetch.keep_code(code_dir, "rest-1", b"one")
+    fetch.keep_code(code_dir, "rest-2", b"two")
+    assert os.listdir(code_dir) == ["rest-2"]              # older versions removed
     assert fetch.private_directory(code_dir)
     os.chmod(code_dir, 0o777)
     assert not fetch.private_directory(code_dir)
-    fetch.keep_code(code_dir, "tag3", b"three")
-    assert sorted(os.listdir(code_dir)) == ["tag2"]        # never written where others may write
+    fetch.keep_code(code_dir, "rest-3", b"three")
+    assert sorted(os.listdir(code_dir)) == ["rest-2"]      # never written where others may write
 
 
 def test_aes_gcm_goes_first_only_on_a_cpu_with_aes_instructions():

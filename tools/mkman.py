@@ -519,13 +519,13 @@ def config_reads(path, module):
         tree = ast.parse(source.read(), path)
     visitor = ConfigReads(module, module.CONFIG_SCHEMA)
     visitor.visit(tree)
-    # pg_wal_fetch.py keeps most of its code in the text REST, compiled only when
-    # a call needs it: its config reads are in there.
+    # pg_wal_fetch.py keeps most of its code in the texts QUICK and REST, compiled
+    # when a call needs them: its config reads are in there.
     for node in tree.body:
         text = getattr(node.value, "s", getattr(node.value, "value", None)) if isinstance(node, ast.Assign) else None
-        if [getattr(target, "id", None) for target in getattr(node, "targets", [])] == ["REST"] \
-                and isinstance(text, str):        # ast.Str up to 3.7, ast.Constant from 3.8
-            visitor.visit(ast.parse(text, path + ":REST"))
+        names = [getattr(target, "id", None) for target in getattr(node, "targets", [])]
+        if names in (["QUICK"], ["REST"]) and isinstance(text, str):    # ast.Str up to 3.7, ast.Constant from 3.8
+            visitor.visit(ast.parse(text, "%s:%s" % (path, names[0])))
     return visitor.reads, visitor.problems
 
 
