@@ -2040,7 +2040,10 @@ REQUEST_MARK = "pg_wal_fetch-request"
 #       any command), CLIENT the address the host sees the guest at.
 # Every NAME must be a WAL file name (case patterns); the glob is expanded with
 # IFS empty, so it is matched but never split or otherwise evaluated. No single
-# quote in here: the script travels inside one (shlex.quote).
+# quote in here: the script travels inside one (shlex.quote), and no comment
+# (one_line). A file goes out as exactly the bytes its frame announces; a
+# segment (whole MiBs) in 1 MiB blocks by dd: head -c reads 8 KiB and writes
+# 4 KiB at a time (12.5 ms of the host's CPU a 16 MiB segment here, dd 8.5).
 SERVE_FUNCTIONS = r"""h=[0123456789ABCDEF]
 h8=$h$h$h$h$h$h$h$h
 refuse() {
@@ -2076,7 +2079,14 @@ serve_fetch() {
 		b=$(wc -c < "$f") || exit 3
 		b=$((b+0))
 		printf "FILE %s %s %s %s %s %s\n" "$w" "$x" "$b" "$k" "$c" "$f"
-		head -c "$b" "$f" || exit 3
+		if [ $((b % 1048576)) -eq 0 ] && [ $b -gt 0 ]; then
+			dd if="$f" bs=1048576 count=$((b / 1048576)) 2>/dev/null || {
+				echo "pg_wal_serve: cannot read $f" >&2
+				exit 3
+			}
+		else
+			head -c "$b" "$f" || exit 3
+		fi
 	done
 }
 serve_list() {

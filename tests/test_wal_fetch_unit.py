@@ -950,3 +950,19 @@ def test_a_second_patient_probe_only_when_every_source_failed_its_probe():
     assert not fetch.all_probes_failed([("h1",) + probe_failed, ("h2", fetch.ABSENT, "")])
     # ssh itself gave up after the probe answered: asking again with patience would not help
     assert not fetch.all_probes_failed([("h1",) + probe_failed, ("h2", fetch.UNREACHABLE, "ssh h2: timed out")])
+
+
+@pytest.mark.parametrize("way", SERVER_WAYS)
+def test_remote_script_streams_whole_mib_files_and_odd_sizes_exactly(tmp_path, way):
+    # A segment (whole MiBs) goes out by dd in 1 MiB blocks, any other size by head -c:
+    # either way exactly the bytes the frame announces, and the next frame after them.
+    archive = tmp_path / "arch" / "primary"
+    archive.mkdir(parents=True)
+    sizes = {NAMES[0]: 2 << 20, NAMES[1]: (1 << 20) + 1}
+    contents = {name: os.urandom(size) for name, size in sizes.items()}
+    for name, content in contents.items():
+        (archive / name).write_bytes(content)
+    out = run_remote(tmp_path, str(tmp_path / "arch") + "/*", NAMES, way=way)
+    directories, found, last = frames(out, NAMES)
+    assert directories == 1 and last == ("MISSING",)
+    assert [(frame[0], frame[5]) for frame in found] == [(name, contents[name]) for name in NAMES[:2]]
