@@ -386,11 +386,23 @@ class ZfsPool(object):
 
     def teardown(self):
         with self._daemon_lock():
-            for _ in range(50):
+            for attempt in range(100):
                 proc = sh(["zpool", "destroy", "-f", self.name], check=False, timeout=60)
                 if proc.returncode == 0 or "no such pool" in proc.stderr:
                     break
+                if attempt == 50:
+                    # Still there after 10 s (seen once, under load): say why, and
+                    # end whatever holds a file system of the pool.
+                    holders = holders_of(self.mountroot)
+                    print("testbed: zpool destroy %s: %s; held by %s" % (
+                        self.name, proc.stderr.strip(), holders or "nothing visible"), file=sys.stderr)
+                    for pid, _what in holders:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, 9)
                 time.sleep(0.2)
+            else:
+                raise RuntimeError("cannot destroy pool %s: %s (held by %s)"
+                                   % (self.name, proc.stderr.strip(), holders_of(self.mountroot)))
             if self.started_daemon:
                 # Only a clean, empty answer means no other session has a pool: a
                 # busy daemon's failed `zpool list` must not stop it under their feet.
