@@ -127,6 +127,7 @@ def test_ctrl_c_that_kills_the_zfs_clone_too_ends_as_stopped_by_sigint(story, co
     assert nothing_left(story) == [] and our_clones(story.tb) == []
 
 
+@pytest.mark.recovery_side("a signal after the outcome is settled: pg_zfs_restore's own handling, not ZFS's")
 @pytest.mark.parametrize("command", ["restore", "drill"])
 def test_a_signal_once_the_command_reported_changes_nothing(story, command):
     """SIGTERM the moment the report starts: the restore is done (its copy stays up,
