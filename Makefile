@@ -18,7 +18,7 @@ PG ?= 15
 PYTEST_ARGS ?=
 TESTS ?= tests
 # The modules that use the ZFS pool (tests/test_testbed.py keeps this list whole).
-GUEST_TESTS ?= tests/test_testbed.py tests/test_snap.py tests/test_snap_signals.py tests/test_snap_unit.py tests/test_openzfs.py tests/test_restore.py tests/test_restore_edges.py tests/test_restore_faults.py tests/test_restore_concurrent.py tests/test_restore_mountpoints.py tests/test_restore_rollback.py tests/test_restore_rollback_edges.py tests/test_restore_signal_steps.py tests/test_replicate.py tests/test_replicate_delegated.py tests/test_setup_guest.py
+GUEST_TESTS ?= tests/test_testbed.py tests/test_snap.py tests/test_snap_signals.py tests/test_openzfs.py tests/test_restore.py tests/test_restore_edges.py tests/test_restore_faults.py tests/test_restore_concurrent.py tests/test_restore_mountpoints.py tests/test_restore_rollback.py tests/test_restore_rollback_edges.py tests/test_restore_signal_steps.py tests/test_replicate.py tests/test_replicate_delegated.py tests/test_setup_guest.py
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin

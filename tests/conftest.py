@@ -16,13 +16,14 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(config, items):
     # make test-guest runs the ZFS modules on kernel OpenZFS; a test marked
-    # recovery_side proves the recovery's side (targets, the archive, fetch) on a
-    # set as every other restore test makes it, and runs on the host only.
+    # host_only proves something that is not ZFS's (a recovery target, the
+    # archive, fetch, our own signal handling, virsh) on a set as every other
+    # test makes it, and runs on the host only.
     if not testbed.kernel_zfs():
         return
-    skip = pytest.mark.skip(reason="recovery's side, not ZFS's: on the host only (make test-guest: CI's 90 minutes)")
+    skip = pytest.mark.skip(reason="not ZFS's subject: on the host only (make test-guest: CI's 90 minutes)")
     for item in items:
-        if item.get_closest_marker("recovery_side"):
+        if item.get_closest_marker("host_only"):
             item.add_marker(skip)
 
 

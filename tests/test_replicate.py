@@ -217,6 +217,7 @@ def test_a_restore_on_the_replica_to_a_time_between_two_sets_has_the_primarys_ro
         assert cleanup.returncode == 0, cleanup.stderr
 
 
+@pytest.mark.host_only("snapshot --replicate's wiring; the incremental send is the first test's")
 def test_snapshot_replicate_sends_the_new_set_from_the_one_before(rep):
     before = set(set_names(rep.tb))
     rep.tb.primary.psql("INSERT INTO smoke(note) SELECT md5(g::text) FROM generate_series(1, 2000) g")
@@ -230,6 +231,7 @@ def test_snapshot_replicate_sends_the_new_set_from_the_one_before(rep):
     rep.sets.append(c)
 
 
+@pytest.mark.host_only("oldest-wal's counting of the replica's sets (the replica's listing is pg_zfs_receive's)")
 def test_oldest_wal_counts_the_sets_a_replica_holds_and_stops_when_one_cannot_be_listed(rep):
     """A replica may keep sets the guest has pruned: the archive must keep their
     WAL. A set made on the replica alone, older than every set here, with an
@@ -388,6 +390,7 @@ def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and
 # -- what each side keeps --------------------------------------------------------------
 
 
+@pytest.mark.host_only("the progress line of our pump")
 def test_on_a_terminal_a_long_send_shows_its_progress(rep):
     tb = rep.tb
     d, slow = bulk_set_and_slow_config(rep, "bulk2", 30000, "replicate_progress.conf")
@@ -404,6 +407,7 @@ def test_on_a_terminal_a_long_send_shows_its_progress(rep):
     assert complete_there(rep) == rep.sets
 
 
+@pytest.mark.host_only("the replica's retention is our decision; zfs destroy of a set is test_snap's prune")
 def test_the_replica_keeps_by_its_own_policy_and_never_a_snapshot_the_tool_did_not_send(rep):
     data02 = "%s/data02" % rep.parent
     decoys = ["%s@%s_20000101T000000Z" % (data02, PREFIX), "%s@manual" % data02]
@@ -428,6 +432,7 @@ def test_the_replica_keeps_by_its_own_policy_and_never_a_snapshot_the_tool_did_n
             rep.host.pool.destroy(decoy)
 
 
+@pytest.mark.host_only("which set the guest keeps is our decision; the incremental send is the first test's")
 def test_the_guest_keeps_the_set_the_next_send_builds_on_and_the_send_uses_it(rep):
     e = take_set(rep)
     # The guest's keep_* all 0: it keeps its newest set (e) and nothing else but the
@@ -482,6 +487,7 @@ def test_the_key_line_is_restricted_to_the_receiver_below_the_parent_from_the_gu
     "cat /etc/shadow",
     "scp -t /tmp",
 ])
+@pytest.mark.host_only("the forced command's refusals are pg_zfs_receive's (sh), not ZFS's")
 def test_the_forced_command_refuses_anything_but_its_verbs_below_the_parent(rep, command):
     before = sh(["zfs", "list", "-H", "-t", "all", "-o", "name,mountpoint", "-r", rep.host.pool.name]).stdout
     done = rep.host.ssh(command.format(parent=rep.parent, pool=rep.host.pool.name, set=rep.sets[-1]))
@@ -491,6 +497,7 @@ def test_the_forced_command_refuses_anything_but_its_verbs_below_the_parent(rep,
     assert sh(["zfs", "list", "-H", "-t", "all", "-o", "name,mountpoint", "-r", rep.host.pool.name]).stdout == before
 
 
+@pytest.mark.host_only("sshd's from=")
 def test_the_key_is_refused_from_any_other_address(rep):
     done = rep.host.ssh("zfs get -rHp -o name,property,value guid %s" % rep.parent, bind=False)
     assert done.returncode == 255 and "Permission denied" in done.stderr
@@ -507,6 +514,7 @@ def setup_guest(*args):
     return run_script("setup_guest", *args)
 
 
+@pytest.mark.host_only("the key line setup_guest writes and sshd enforces; a non-root receive on OpenZFS is test_replicate_delegated's")
 def test_the_line_setup_guest_prints_and_installs_lets_replicate_send_and_the_key_do_nothing_else(rep):
     """On the guest, setup_guest.py --install (into a tree) makes the replica's key and
     prints its line; on the replica, --role replica --install writes pg_zfs_receive and

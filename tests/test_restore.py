@@ -251,7 +251,7 @@ def test_pitr_restore_to_a_time_between_two_sets_has_exactly_the_rows_committed_
         assert not [name for name in os.listdir(story.tb.standby_wal) if name.startswith("00000002")]
 
 
-@pytest.mark.recovery_side("recovery_target = immediate")
+@pytest.mark.host_only("recovery_target = immediate")
 def test_immediate_pauses_at_the_end_of_the_backup(story):
     with restored(story, "--immediate", "--set", story.sets[0]) as copy:
         assert ": paused" in copy.out
@@ -261,13 +261,14 @@ def test_immediate_pauses_at_the_end_of_the_backup(story):
         assert rows == story.rows[:len(rows)] and 0 < len(rows) < len(story.rows)
 
 
+@pytest.mark.host_only("recovery_target = latest; the clones are the PITR test's")
 def test_latest_replays_the_whole_archive_and_opens(story):
     with restored(story, "--latest") as copy:
         assert "restored set %s to end of archive: promoted" % story.sets[1] in copy.out
         assert copy.rows() == story.rows
 
 
-@pytest.mark.recovery_side("recovery_target_lsn")
+@pytest.mark.host_only("recovery_target_lsn")
 def test_target_lsn_stops_at_that_wal_location(story):
     with restored(story, "--target-lsn", story.target_lsn, "--action", "promote") as copy:
         assert "restored set %s" % story.sets[0] in copy.out
@@ -275,14 +276,14 @@ def test_target_lsn_stops_at_that_wal_location(story):
         assert_rows_up_to(story, copy.rows(), story.target_time, story.target_committed)
 
 
-@pytest.mark.recovery_side("recovery_target_name")
+@pytest.mark.host_only("recovery_target_name")
 def test_target_name_stops_at_the_restore_point(story):
     with restored(story, "--target-name", story.point_name, "--action", "promote") as copy:
         assert "recovery stopping at restore point \"%s\"" % story.point_name in copy.out
         assert_rows_up_to(story, copy.rows(), story.point_time, story.point_committed)
 
 
-@pytest.mark.recovery_side("recovery_target_action")
+@pytest.mark.host_only("recovery_target_action")
 def test_action_shutdown_leaves_the_copy_stopped_at_the_target(story):
     target = story.target_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     with restored(story, "--target-time", target, "--action", "shutdown") as copy:
@@ -290,6 +291,7 @@ def test_action_shutdown_leaves_the_copy_stopped_at_the_target(story):
         assert "recovery stopping before commit" in copy.out
 
 
+@pytest.mark.host_only("which set serves a target: refused before anything is made")
 def test_target_before_every_set_is_refused_naming_the_earliest_possible(story):
     first = props_of(story.tb, story.tb.datasets[1] + "@" + story.sets[0])
     proc = restore_script(story.config, "restore", "--target-time", "2000-01-01T00:00:00Z")
@@ -301,7 +303,7 @@ def test_target_before_every_set_is_refused_naming_the_earliest_possible(story):
     assert our_clones(story.tb) == []
 
 
-@pytest.mark.recovery_side("the archive's end")
+@pytest.mark.host_only("the archive's end")
 def test_archive_that_ends_before_the_target_fails_plainly_and_cleans_up(story):
     later = (utc_now() + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     proc = restore_script(story.config, "restore", "--target-time", later, "--action", "promote")
@@ -409,6 +411,7 @@ def test_rollback_lists_later_snapshots_and_refuses_while_the_standby_runs(story
     assert set_names(tb)[-2:] == story.sets
 
 
+@pytest.mark.host_only("the drill's Nagios line; a drill's ZFS steps run in the cron drill test")
 def test_drill_passes_with_a_nagios_line(story):
     proc = restore_script(story.config, "drill", "--query", "SELECT count(*) FROM pitr")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -420,7 +423,7 @@ def test_drill_passes_with_a_nagios_line(story):
     assert our_clones(story.tb) == []
 
 
-@pytest.mark.recovery_side("the drill's query")
+@pytest.mark.host_only("the drill's query")
 def test_drill_fails_with_exit_2_when_the_query_fails(story):
     proc = restore_script(story.config, "drill", "--query", "SELECT * FROM no_such_table")
     assert proc.returncode == 2
@@ -429,6 +432,7 @@ def test_drill_fails_with_exit_2_when_the_query_fails(story):
     assert our_clones(story.tb) == []
 
 
+@pytest.mark.host_only("the set's backup label, refused before anything is made")
 def test_drill_fails_with_exit_2_when_the_set_has_lost_its_backup_label(story):
     tb = story.tb
     snapshot = tb.datasets[1] + "@" + story.sets[1]
@@ -469,6 +473,7 @@ def other_cluster(story):
         other.remove()
 
 
+@pytest.mark.host_only("which sets are this config's is our decision (test_restore_unit); the clones are every other test's")
 def test_another_configs_newer_sets_are_never_listed_chosen_drilled_or_cleaned_up(story, other_cluster):
     tb = story.tb
     names = [s["name"] for s in json.loads(restore_script(story.config, "list", "--json").stdout)]
@@ -537,7 +542,7 @@ def assert_failed_in_one_line_leaving_nothing(story, proc):
     return errors[1]
 
 
-@pytest.mark.recovery_side("a hole in the archive")
+@pytest.mark.host_only("a hole in the archive")
 def test_latest_at_a_hole_in_every_archive_fails_naming_the_missing_segment(story, three_more_segments):
     hole = three_more_segments[1]
     with archive_changed(story, hole, story.tb.hosts):
@@ -548,7 +553,7 @@ def test_latest_at_a_hole_in_every_archive_fails_naming_the_missing_segment(stor
                      % (three_more_segments[0], three_more_segments[2], hole), error), error
 
 
-@pytest.mark.recovery_side("check's WAL continuity")
+@pytest.mark.host_only("check's WAL continuity")
 def test_check_names_a_segment_missing_in_every_archive_and_not_one_missing_in_one(story, three_more_segments):
     # pg_zfs_snap.py check: every segment from the oldest set's start to the newest
     # archived one must be on some source (Barman's check does as much).
@@ -566,7 +571,7 @@ def test_check_names_a_segment_missing_in_every_archive_and_not_one_missing_in_o
     assert "; WAL %s is in no archive: no set restores past it" % hole in proc.stdout, proc.stdout
 
 
-@pytest.mark.recovery_side("a damaged archived copy")
+@pytest.mark.host_only("a damaged archived copy")
 def test_latest_with_a_damaged_copy_in_one_archive_restores_from_the_other(story, three_more_segments):
     with archive_changed(story, three_more_segments[1], story.tb.hosts[:1], damage=True):
         with restored(story, "--latest") as copy:
@@ -574,7 +579,7 @@ def test_latest_with_a_damaged_copy_in_one_archive_restores_from_the_other(story
             assert copy.rows() == story.rows
 
 
-@pytest.mark.recovery_side("the archive's clean-up")
+@pytest.mark.host_only("the archive's clean-up")
 def test_an_archive_cleaned_by_oldest_wal_still_restores_the_oldest_set_whole(story, three_more_segments):
     # oldest-wal --commands' pg_archivecleanup lines run on copies of both archives
     # (hard links: the testbed's own stay whole), then the oldest complete set is
@@ -622,7 +627,7 @@ def test_an_archive_cleaned_by_oldest_wal_still_restores_the_oldest_set_whole(st
         shutil.rmtree(cleaned, ignore_errors=True)
 
 
-@pytest.mark.recovery_side("pg_wal_fetch stopping recovery")
+@pytest.mark.host_only("pg_wal_fetch stopping recovery")
 def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached(story, three_more_segments):
     tb = story.tb
     hole = three_more_segments[1]
@@ -653,7 +658,7 @@ def set_waiting_for_wal(story):
     return [name for name in set_names(tb) if name not in before][0], note, switched
 
 
-@pytest.mark.recovery_side("a stop segment not archived yet")
+@pytest.mark.host_only("a stop segment not archived yet")
 def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(story):
     tb = story.tb
     newest, _, switched = set_waiting_for_wal(story)
@@ -693,7 +698,7 @@ def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(s
 
 # -- the stop time to the microsecond ---------------------------------------------
 
-@pytest.mark.recovery_side("which set serves a target time")
+@pytest.mark.host_only("which set serves a target time")
 def test_a_target_a_moment_after_a_sets_stop_uses_that_set(story):
     tb = story.tb
     before = set(set_names(tb))
@@ -726,7 +731,7 @@ def test_drill_runs_from_cron_with_only_usr_bin_and_bin_on_path(story):
 
 # -- a guest clock that is wrong --------------------------------------------------
 
-@pytest.mark.recovery_side("a wrong clock")
+@pytest.mark.host_only("a wrong clock")
 def test_a_set_taken_under_a_clock_an_hour_behind_serves_no_target_before_its_real_stop(story):
     tb = story.tb
     note = "before the set %s" % utc_now().isoformat()

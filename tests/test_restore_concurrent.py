@@ -10,13 +10,15 @@ import os
 import re
 import subprocess
 
-from testbed import BIN, PY36
+from testbed import BIN, PY36, kernel_zfs
 from test_restore import our_clones, restore_script, story  # noqa: F401
 from test_restore_faults import nothing_left
 
 
 def test_two_drills_of_the_same_set_started_together_one_passes_and_nothing_of_it_is_destroyed(story):
-    for attempt in range(3):
+    # Three tries on the host; one in make test-guest, where a pair of drills
+    # takes 40 s under TCG (CI's 90 minutes).
+    for attempt in range(1 if kernel_zfs() else 3):
         procs = [subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config, "drill"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
                  for _ in range(2)]

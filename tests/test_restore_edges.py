@@ -43,7 +43,7 @@ def restore_to(story, moment):
 
 # -- a time target exactly at a set's last commit -----------------------------------
 
-@pytest.mark.recovery_side("recovery_target_inclusive")
+@pytest.mark.host_only("recovery_target_inclusive")
 def test_exclusive_target_at_a_sets_last_commit_leaves_that_commit_out(story):
     """pgzfs:db_time of a set taken while the primary is idle is the commit time of the
     last transaction the set holds. A restore to just before that transaction
@@ -87,7 +87,7 @@ def test_exclusive_target_at_a_sets_last_commit_leaves_that_commit_out(story):
 
 # -- Ctrl-C: SIGINT to the whole process group --------------------------------------
 
-@pytest.mark.parametrize("command", ["restore", "drill"])
+@pytest.mark.parametrize("command", ["restore", pytest.param("drill", marks=pytest.mark.host_only("the drill's steps are the restore's; the restore runs in the guest"))])
 def test_ctrl_c_at_the_terminal_while_the_copy_starts_stops_it_and_removes_the_clones(story, command):
     tb = story.tb
     args = ["restore", "--latest"] if command == "restore" else ["drill"]
@@ -133,7 +133,7 @@ def server_of(pgdata):
 
 # -- a set taken on a standby that replayed no commit since it started ---------------
 
-@pytest.mark.recovery_side("a wrong clock")
+@pytest.mark.host_only("a wrong clock")
 def test_a_set_on_a_restarted_idle_standby_under_a_wrong_clock_serves_no_target_before_its_rows(story):
     """pg_last_xact_replay_timestamp() is NULL on a standby that replayed no commit since
     it started (a reboot at night, no writes since). The set must still carry the
@@ -169,6 +169,7 @@ def test_a_set_on_a_restarted_idle_standby_under_a_wrong_clock_serves_no_target_
 
 # -- a tablespace created through a symlink to its dataset ----------------------------
 
+@pytest.mark.host_only("the symlink's path is ours; tablespaces in clones are test_restore_mountpoints'")
 def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
     """CREATE TABLESPACE ... LOCATION '/srv/ts1' where /srv/ts1 links into a dataset:
     pg_zfs_snap.py accepts the set (it resolves the link), so the restore must map it."""
@@ -194,7 +195,7 @@ def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
 
 # -- a set waiting for WAL, then archived -----------------------------------------------
 
-@pytest.mark.recovery_side("a stop segment archived later")
+@pytest.mark.host_only("a stop segment archived later")
 def test_a_set_waiting_for_wal_is_chosen_once_its_stop_segment_is_archived(story):
     tb = story.tb
     waiting, note, switched = set_waiting_for_wal(story)

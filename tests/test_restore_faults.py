@@ -65,8 +65,10 @@ def error_lines(proc):
 
 # -- signals ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("command,signum", [("restore", signal.SIGTERM), ("restore", signal.SIGINT),
-                                            ("drill", signal.SIGTERM)])
+@pytest.mark.parametrize("command,signum", [
+    ("restore", signal.SIGTERM),
+    pytest.param("restore", signal.SIGINT, marks=pytest.mark.host_only("SIGINT's path is SIGTERM's; SIGTERM runs in the guest")),
+    pytest.param("drill", signal.SIGTERM, marks=pytest.mark.host_only("the drill's steps are the restore's; the restore runs in the guest"))])
 def test_a_signal_while_the_copy_recovers_stops_it_and_removes_the_clones(story, command, signum):
     tb = story.tb
     args = ["restore", "--latest"] if command == "restore" else ["drill"]
@@ -99,6 +101,7 @@ def test_a_signal_while_the_copy_recovers_stops_it_and_removes_the_clones(story,
 
 # -- OS errors, times and arguments ---------------------------------------------
 
+@pytest.mark.host_only("refused before anything is made")
 def test_to_a_file_is_one_line_exit_1_and_leaves_nothing(story):
     a_file = os.path.join(story.tb.run_dir, "not_a_directory")
     open(a_file, "w").close()
@@ -112,6 +115,7 @@ def test_to_a_file_is_one_line_exit_1_and_leaves_nothing(story):
     assert nothing_left(story) == [] and our_clones(story.tb) == []
 
 
+@pytest.mark.host_only("refused before anything is made")
 def test_a_wal_root_that_cannot_be_made_is_one_line_exit_1_and_leaves_nothing(story):
     tb = story.tb
     config = tb.write_config(os.path.join(tb.run_dir, "bad_wal_root.conf"), {"restore": {
@@ -154,6 +158,7 @@ def test_a_drill_that_runs_out_of_space_is_critical_and_leaves_nothing(story):
     (["--immediate", "--timeline", ""], "argument --timeline"),
     (["--target-xid", str(2 ** 64)], "is not a transaction id"),
 ])
+@pytest.mark.host_only("refused before anything is made")
 def test_an_out_of_range_target_or_argument_is_refused_before_anything_is_made(story, args, message):
     proc = restore_script(story.config, "restore", "--dry-run", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -189,7 +194,7 @@ def test_a_clone_zfs_made_but_could_not_mount_is_destroyed(story):
 
 # -- two restores started together --------------------------------------------------
 
-@pytest.mark.recovery_side("ports of two restores at once")
+@pytest.mark.host_only("ports of two restores at once")
 def test_two_restores_started_together_run_on_different_ports(story):
     procs = [subprocess.Popen([PY36, os.path.join(BIN, "pg_zfs_restore.py"), "-c", story.config, "restore",
                                "--immediate", "--set", name],

@@ -18,7 +18,7 @@ from test_restore import our_clones, restore_script, story  # noqa: F401
 from test_restore_faults import descendants, nothing_left, stalled
 
 
-@pytest.mark.parametrize("command", ["restore", "drill"])
+@pytest.mark.parametrize("command", ["restore", pytest.param("drill", marks=pytest.mark.host_only("the drill's steps are the restore's; the restore runs in the guest"))])
 def test_sigterm_at_any_step_leaves_nothing(story, command):
     args = ["restore", "--immediate", "--set", story.sets[0], "--action", "promote"] \
         if command == "restore" else ["drill"]
@@ -57,6 +57,7 @@ def cmdline(pid):
         return []
 
 
+@pytest.mark.host_only("a signal before anything is made")
 @pytest.mark.parametrize("command", ["restore", "drill"])
 def test_sigterm_while_the_archive_is_listed_ends_the_command_before_anything_is_made(story, command):
     """pg_wal_fetch.py --check (is each set's WAL archived?) answering slowly: a SIGTERM
@@ -85,7 +86,7 @@ def test_sigterm_while_the_archive_is_listed_ends_the_command_before_anything_is
     assert nothing_left(story) == [] and our_clones(story.tb) == []
 
 
-@pytest.mark.parametrize("command", ["restore", "drill"])
+@pytest.mark.parametrize("command", ["restore", pytest.param("drill", marks=pytest.mark.host_only("the drill's steps are the restore's; the restore runs in the guest"))])
 def test_ctrl_c_that_kills_the_zfs_clone_too_ends_as_stopped_by_sigint(story, command):
     """Ctrl-C at a terminal reaches the whole process group: the zfs clone the
     command waits on dies of the same SIGINT. The command must say it was stopped,
@@ -127,7 +128,7 @@ def test_ctrl_c_that_kills_the_zfs_clone_too_ends_as_stopped_by_sigint(story, co
     assert nothing_left(story) == [] and our_clones(story.tb) == []
 
 
-@pytest.mark.recovery_side("a signal after the outcome is settled: pg_zfs_restore's own handling, not ZFS's")
+@pytest.mark.host_only("a signal after the outcome is settled: pg_zfs_restore's own handling, not ZFS's")
 @pytest.mark.parametrize("command", ["restore", "drill"])
 def test_a_signal_once_the_command_reported_changes_nothing(story, command):
     """SIGTERM the moment the report starts: the restore is done (its copy stays up,

@@ -81,6 +81,7 @@ def run_script_copy(path, *args, **kwargs):
 # Host role: libvirt's test driver
 # ---------------------------------------------------------------------------
 
+@pytest.mark.host_only("virsh (libvirt's test driver), no ZFS")
 def test_host_start_leaves_a_running_domain_alone(tmp_path):
     config = host_config(tmp_path, node_xml(tmp_path / "node.xml", "running"))
     proc = setup_guest("-c", config, "--start")
@@ -89,6 +90,7 @@ def test_host_start_leaves_a_running_domain_alone(tmp_path):
     assert "issued" not in proc.stderr
 
 
+@pytest.mark.host_only("virsh (libvirt's test driver), no ZFS")
 def test_host_start_starts_a_shut_off_domain_and_waits_until_it_runs(tmp_path):
     node = node_xml(tmp_path / "node.xml", "shut off")
     config = host_config(tmp_path, node)
@@ -109,6 +111,7 @@ def test_host_start_starts_a_shut_off_domain_and_waits_until_it_runs(tmp_path):
     assert "domain centos6_6_x64 is running" in log[-1]
 
 
+@pytest.mark.host_only("virsh (libvirt's test driver), no ZFS")
 def test_host_start_gives_up_after_start_timeout_when_the_domain_never_runs(tmp_path):
     config = host_config(tmp_path, node_xml(tmp_path / "node.xml", "shut off"), start_timeout="2")
     began = time.time()
@@ -118,6 +121,7 @@ def test_host_start_gives_up_after_start_timeout_when_the_domain_never_runs(tmp_
     assert 2 <= time.time() - began < 30
 
 
+@pytest.mark.host_only("virsh (libvirt's test driver), no ZFS")
 def test_host_start_resumes_a_paused_domain(tmp_path):
     node = node_xml(tmp_path / "node.xml", "paused")
     proc = setup_guest("-c", host_config(tmp_path, node, start_timeout="2"), "--start")
@@ -126,6 +130,7 @@ def test_host_start_resumes_a_paused_domain(tmp_path):
     assert proc.returncode == 1
 
 
+@pytest.mark.host_only("virsh (libvirt's test driver), no ZFS")
 def test_host_start_on_a_missing_domain_is_a_clear_error(tmp_path):
     config = host_config(tmp_path, node_xml(tmp_path / "node.xml", "running", name="other"))
     proc = setup_guest("-c", config, "--start")
@@ -136,6 +141,7 @@ def test_host_start_on_a_missing_domain_is_a_clear_error(tmp_path):
     assert "failed to get domain" in lines[0]
 
 
+@pytest.mark.host_only("virsh (libvirt's test driver), no ZFS")
 def test_host_start_waits_for_the_guest_postgresql_port(tmp_path):
     node = node_xml(tmp_path / "node.xml", "running")
     with contextlib.closing(socket.socket()) as listener:
@@ -153,6 +159,7 @@ def test_host_start_waits_for_the_guest_postgresql_port(tmp_path):
     assert "did not answer within 2 s" in proc.stderr
 
 
+@pytest.mark.host_only("the config's roles, no ZFS")
 def test_a_config_with_both_roles_needs_role(tmp_path):
     config = tmp_path / "both.conf"
     config.write_text("[host]\ndomain = d\n[guest]\nwaldir = /w\n")
@@ -161,6 +168,7 @@ def test_a_config_with_both_roles_needs_role(tmp_path):
     assert "both [host] and [guest]: pass --role" in proc.stderr
 
 
+@pytest.mark.host_only("rc.local on the host, no ZFS")
 def test_host_install_writes_the_rc_local_line_once_and_executable(tmp_path):
     config = host_config(tmp_path, node_xml(tmp_path / "node.xml", "running"))
     root = tmp_path / "root"
@@ -175,6 +183,7 @@ def test_host_install_writes_the_rc_local_line_once_and_executable(tmp_path):
     assert "nothing to change" in proc.stderr
 
 
+@pytest.mark.host_only("virsh (libvirt's test driver), no ZFS")
 def test_host_check_reports_the_domain_state(tmp_path):
     root = tmp_path / "root"
     config = host_config(tmp_path, node_xml(tmp_path / "node.xml", "running"))
@@ -321,6 +330,7 @@ def test_init_a_second_time_changes_nothing_and_says_so(own):
     assert (open(auto).read(), os.stat(auto).st_mtime_ns, sorted(os.listdir(own.pgdata))) == before
 
 
+@pytest.mark.host_only("pg_ctl and streaming; the standby's datasets are init's")
 def test_start_starts_a_stopped_standby_which_then_streams(own):
     assert not own.is_running()
     proc = setup_guest("-c", own.config, "--start")
@@ -330,6 +340,7 @@ def test_start_starts_a_stopped_standby_which_then_streams(own):
     wait_for(lambda: own.receiver_status() == "streaming", 60, "the WAL receiver to stream")
 
 
+@pytest.mark.host_only("pg_ctl; the standby's datasets are init's")
 def test_start_leaves_a_running_standby_alone(own):
     pid_file = os.path.join(own.pgdata, "postmaster.pid")
     before = open(pid_file).readline()
@@ -352,6 +363,7 @@ def test_init_refuses_a_non_empty_data_directory_without_force(own):
     shutil.rmtree(other)
 
 
+@pytest.mark.host_only("pg_basebackup's error")
 def test_init_whose_pg_basebackup_fails_names_its_error_in_one_line(own):
     """Its messages reach the log as they come; the last line names the error, not the
     continuation ("\tIs the server running...") after it."""
@@ -374,6 +386,7 @@ def test_init_whose_pg_basebackup_fails_names_its_error_in_one_line(own):
         shutil.rmtree(waldir, ignore_errors=True)
 
 
+@pytest.mark.host_only("pg_basebackup's progress line")
 def test_init_on_a_terminal_leaves_pg_basebackups_progress_line_to_redraw_itself(own, tb):
     pgdata = os.path.join(own.mountpoint(own.datasets[1]), "on_tty")
     ts1 = os.path.join(own.mountpoint(own.datasets[0]), "ts1_on_tty")
@@ -418,6 +431,7 @@ def test_a_refused_init_creates_no_dataset(own, tb):
             tb.zfs.destroy(extra, recursive=True)
 
 
+@pytest.mark.host_only("crontab and rc.local, no ZFS")
 def test_install_writes_the_crontab_and_rc_local_lines_once(own, tmp_path):
     root = tmp_path / "root"
     outputs = []
@@ -441,6 +455,7 @@ def test_install_writes_the_crontab_and_rc_local_lines_once(own, tmp_path):
     assert len(lines) == len(own.tb.hosts) and all(" ssh-ed25519 " in line for line in lines)
 
 
+@pytest.mark.host_only("crontab and rc.local, no ZFS")
 def test_install_print_writes_nothing(own, tmp_path):
     root = tmp_path / "root"
     proc = setup_guest("-c", own.config, "--install", "--print", "--root", root)
@@ -449,6 +464,7 @@ def test_install_print_writes_nothing(own, tmp_path):
     assert not root.exists()
 
 
+@pytest.mark.host_only("systemd units, no ZFS")
 def test_install_where_systemd_runs_writes_the_units_once_and_enables_them(own, tmp_path):
     root = tmp_path / "root"
     (root / "run" / "systemd" / "system").mkdir(parents=True)
@@ -465,6 +481,7 @@ def test_install_where_systemd_runs_writes_the_units_once_and_enables_them(own, 
     assert "nothing to change" in proc.stderr
 
 
+@pytest.mark.host_only("systemd units, no ZFS")
 def test_install_from_a_package_finds_the_units_the_package_installed(own, tmp_path):
     """Installed by rpm/deb: setup_guest.py in PREFIX/bin, the units in
     PREFIX/lib/systemd/system (make install), no etc/systemd of a pg_zfs tree."""
@@ -481,6 +498,7 @@ def test_install_from_a_package_finds_the_units_the_package_installed(own, tmp_p
         in (root / "etc" / "systemd" / "system" / "pg-zfs-guest.service").read_text()
 
 
+@pytest.mark.host_only("ssh's known_hosts, no ZFS")
 def test_install_known_hosts_records_keys_under_the_alias_ssh_checks(own, tmp_path):
     tb = own.tb
     host1 = tb.hosts[0]
@@ -510,6 +528,7 @@ def checks_of(proc):
     return report, {check["name"]: check for check in report["checks"]}
 
 
+@pytest.mark.host_only("every check line; the ZFS ones (PGDATA on ZFS, pg_wal off it) are the next test's")
 def test_check_reports_ok_on_the_healthy_testbed(tb, tmp_path):
     config = tb.write_config(os.path.join(tb.run_dir, "sg_healthy.conf"), {
         "guest": {"primary_conninfo": tb.primary.conninfo(), "waldir": tb.standby_wal, "check_clock": "no"},
@@ -560,6 +579,7 @@ def test_check_names_pg_wal_moved_onto_zfs(own):
     assert checks_of(proc)[1]["pg_wal"]["status"] == "OK"
 
 
+@pytest.mark.host_only("pg_ctl status")
 def test_check_names_a_stopped_standby(own):
     own.stop()
     try:
@@ -572,6 +592,7 @@ def test_check_names_a_stopped_standby(own):
         assert setup_guest("-c", own.config, "--start").returncode == 0
 
 
+@pytest.mark.host_only("a dead archive host (nftables)")
 def test_check_names_a_dead_archive_host(own):
     dead = own.tb.hosts[1]
     with dead.dead():
@@ -582,6 +603,7 @@ def test_check_names_a_dead_archive_host(own):
     assert "archive: source host2 fails" in report["summary"]
 
 
+@pytest.mark.host_only("the clock tools")
 def test_check_without_a_clock_tool_says_it_cannot_tell(own):
     config = own.write_config("clock.conf", {"guest": {"check_clock": "yes"}})
     proc = setup_guest("-c", config, "--check", "--json")

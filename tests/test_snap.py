@@ -189,6 +189,7 @@ def test_list_rebuilds_the_sets_from_the_pool(tb, tmp_path, cleanup):
     assert table[1].startswith(name + "\t") and table[1].endswith("\tcomplete")
 
 
+@pytest.mark.host_only("the metrics file")
 def test_metrics_textfile_is_written_whole_and_parses_as_prometheus_text(tb, tmp_path, cleanup):
     from prometheus_client.parser import text_string_to_metric_families
     cleanup("metered")
@@ -231,6 +232,7 @@ def test_metrics_textfile_is_written_whole_and_parses_as_prometheus_text(tb, tmp
     assert 'pg_zfs_last_run_success{job="snapshot"} 0' in after.splitlines(), after
 
 
+@pytest.mark.host_only("the set's facts from pg_controldata; the snapshot is every other test's")
 def test_stopped_postgres_gives_a_shutdown_set(tb, tmp_path, cleanup):
     cleanup("stopped")
     cfg = config(tb, tmp_path, "stopped")
@@ -250,6 +252,7 @@ def test_stopped_postgres_gives_a_shutdown_set(tb, tmp_path, cleanup):
         assert len(snapshots_named(tb, name)) == 4
 
 
+@pytest.mark.host_only("refused before any snapshot")
 def test_postmaster_pid_without_a_server_is_refused(tb, tmp_path, cleanup):
     cleanup("ambiguous")
     cfg = config(tb, tmp_path, "ambiguous")
@@ -318,7 +321,8 @@ def test_pgdata_on_a_dataset_nested_below_a_configured_one_is_refused(tb, tmp_pa
         tb.zfs.destroy(nested, recursive=True)
 
 
-@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl_c"])
+@pytest.mark.parametrize("ctrl_c", [False, pytest.param(True, marks=pytest.mark.host_only(
+    "Ctrl-C reaches the snapshot as SIGINT; SIGTERM runs in the guest"))], ids=["sigterm", "ctrl_c"])
 def test_sigterm_while_a_snapshot_is_made_leaves_no_snapshot_and_no_backup(tb, tmp_path, cleanup, ctrl_c):
     # The zfs call that SIGTERM interrupts finishes anyway: the run must wait for
     # it, destroy what it made, and end backup mode. Ctrl-C at a terminal reaches
@@ -355,6 +359,7 @@ def test_sigterm_while_a_snapshot_is_made_leaves_no_snapshot_and_no_backup(tb, t
 
 # -- the lock -------------------------------------------------------------------
 
+@pytest.mark.host_only("our lock")
 def test_two_concurrent_runs_make_one_set(tb, tmp_path, cleanup):
     cleanup("twice")
     cfg = config(tb, tmp_path, "twice")
@@ -369,6 +374,7 @@ def test_two_concurrent_runs_make_one_set(tb, tmp_path, cleanup):
                for _, err, _ in results) == 1
 
 
+@pytest.mark.host_only("our lock")
 def test_a_held_lock_exits_0_or_waits_with_wait(tb, tmp_path, cleanup):
     cleanup("locked")
     cfg = config(tb, tmp_path, "locked")
@@ -447,6 +453,7 @@ def test_cron_run_takes_a_set_then_prunes(tb, tmp_path, cleanup):
     assert "pruned set cron_20250101T040100Z" in proc.stderr
 
 
+@pytest.mark.host_only("no set, no ZFS call")
 def test_oldest_wal_without_a_set_fails(tb, tmp_path):
     proc = snap(config(tb, tmp_path, "nothing"), "oldest-wal")
     assert proc.returncode == 1 and proc.stdout == ""
@@ -454,6 +461,7 @@ def test_oldest_wal_without_a_set_fails(tb, tmp_path):
 
 # -- check ------------------------------------------------------------------------
 
+@pytest.mark.host_only("check's states (test_snap_unit); its zfs list is every other test's")
 def test_check_gives_each_of_its_four_states(tb, tmp_path, cleanup):
     cleanup("check")
     cfg = config(tb, tmp_path, "check", warn_age=3600, crit_age=7200)

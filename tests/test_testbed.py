@@ -31,6 +31,7 @@ def test_standby_pgdata_is_on_zfs_and_pg_wal_is_not(tb):
     assert target.startswith(tb.zfs.mountpoint(tb.zfs.name + "/data01"))
 
 
+@pytest.mark.host_only("scp, no ZFS")
 def test_archived_wal_can_be_copied_by_scp_from_the_first_host(tb, tmp_path):
     name = tb.switch_wal()
     host = tb.hosts[0]
@@ -43,6 +44,7 @@ def test_archived_wal_can_be_copied_by_scp_from_the_first_host(tb, tmp_path):
         assert copy.read() == original.read()
 
 
+@pytest.mark.host_only("nftables, no ZFS")
 def test_dead_host_fails_within_2_seconds_and_answers_after_revival(tb):
     host = tb.hosts[0]
     with host.dead():
@@ -91,6 +93,7 @@ def test_btrfs_subvolume_snapshot_is_read_only(tb):
 @pytest.mark.parametrize("python", [python for python in (PY36, PY313) if python])
 @pytest.mark.parametrize("script", ["pg_wal_fetch", "pg_zfs_snap", "pg_zfs_restore",
                                     "setup_guest"])
+@pytest.mark.host_only("--help, no ZFS")
 def test_each_script_copied_alone_runs_help(tmp_path, python, script):
     lonely = tmp_path / (script + ".py")
     lonely.write_bytes(open(os.path.join(BIN, script + ".py"), "rb").read())
@@ -103,6 +106,7 @@ def test_each_script_copied_alone_runs_help(tmp_path, python, script):
 
 @pytest.mark.parametrize("script", ["pg_wal_fetch", "pg_zfs_snap", "pg_zfs_restore",
                                     "setup_guest"])
+@pytest.mark.host_only("a missing config, no ZFS")
 def test_missing_config_file_is_a_one_line_error_with_exit_2(run_script, tmp_path, script):
     args = {"pg_wal_fetch": ["000000010000000000000001", "pg_wal/x"], "pg_zfs_snap": ["list"],
             "pg_zfs_restore": ["list"], "setup_guest": ["--start"]}[script]
@@ -112,6 +116,7 @@ def test_missing_config_file_is_a_one_line_error_with_exit_2(run_script, tmp_pat
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.host_only("vermin, no ZFS")
 def test_scripts_use_nothing_newer_than_python_3_6():
     proc = subprocess.run(["vermin", "--target=3.6-", "--violations", "--no-tips", "-q", BIN],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -119,6 +124,7 @@ def test_scripts_use_nothing_newer_than_python_3_6():
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.host_only("the testbed's clean-up of servers and nft; its pools are the dead-session test's")
 def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_server():
     import testbed
     bed = testbed.Testbed(os.environ.get("PG_ZFS_TEST_PG", "15"))
@@ -140,6 +146,7 @@ def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_serve
     assert run_dir not in open("/proc/mounts").read()
 
 
+@pytest.mark.host_only("install-deps' choice, both ways on any machine")
 @pytest.mark.parametrize("kernel_zfs", [True, False])
 def test_install_deps_never_installs_zfs_fuse_where_kernel_zfs_runs(tmp_path, kernel_zfs):
     # zfsutils-linux declares Conflicts: zfs-fuse: installing it would remove OpenZFS.
