@@ -390,7 +390,6 @@ def test_a_receive_killed_mid_stream_leaves_the_last_complete_set_restorable_and
 # -- what each side keeps --------------------------------------------------------------
 
 
-@pytest.mark.host_only("the progress line of our pump")
 def test_on_a_terminal_a_long_send_shows_its_progress(rep):
     tb = rep.tb
     d, slow = bulk_set_and_slow_config(rep, "bulk2", 30000, "replicate_progress.conf")
