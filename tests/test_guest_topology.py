@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PG_USER, REPO, free_port, sh, wait_for
+from testbed import BIN, PG_USER, REPO, free_port, holders_of, namespace_holders, sh, wait_for
 
 pytestmark = pytest.mark.skipif(not os.environ.get("PG_ZFS_TEST_GUEST"),
                                 reason="the KVM guest test: make test-guest (PG_ZFS_TEST_GUEST=1)")
@@ -147,6 +147,11 @@ def topo(tb):
     topo.pg_port = free_port()
     topo.guest = tool.Guest(image, forwards=forwards, host_forwards=[(topo.pg_port, GUEST_PG_PORT)],
                             zfs_disk_size="4G")
+    # A dataset mounted before the guest boots, as the testbed's are: QEMU must
+    # not keep it (test_no_host_dataset_is_held_by_the_guests_qemu).
+    topo.before_guest = tb.zfs.create("before_guest", mountpoint=os.path.join(tb.run_dir, "before_guest"))
+    with open(os.path.join(tb.zfs.mountpoint(topo.before_guest), "x"), "w") as handle:
+        handle.write("x")
     try:
         topo.guest.define()
         topo.host_config = os.path.join(tb.run_dir, "host.conf")
@@ -188,6 +193,27 @@ def replayed(topo, count):
     """Wait until the guest's standby has count rows in topo."""
     wait_for(lambda: guest_psql(topo, "SELECT count(*) FROM topo", check=False) == str(count), 120,
              "the guest's standby to replay %d rows" % count)
+
+
+def test_no_host_dataset_is_held_by_the_guests_qemu(topo):
+    """libvirt starts QEMU in a mount namespace of its own, a copy of libvirtd's
+    mounts; where / is private, a zfs-fuse dataset in that copy stays busy until
+    QEMU exits (DEVELOPERS.md, "CI"). tools/guest.py starts libvirtd in a
+    namespace without zfs-fuse's mounts: a dataset mounted before the guest
+    booted is destroyed while it runs."""
+    if not topo.guest.libvirtd.started:
+        pytest.skip("libvirtd ran before this run: its namespace is not tools/guest.py's to shape")
+    with open("/run/libvirt/qemu/%s.pid" % topo.guest.name) as handle:
+        qemu = int(handle.read().strip())
+    with open("/proc/%d/mountinfo" % qemu) as handle:
+        assert "fuse.zfs" not in handle.read()
+    assert not [pid for pid, _what in namespace_holders(topo.tb.zfs.mountroot) if pid == qemu]
+    deadline = time.time() + 10          # any dataset written a moment ago is busy for about 0.5 s
+    while sh(["zfs", "destroy", topo.before_guest], check=False).returncode != 0:
+        assert time.time() < deadline, "still busy after 10 s: %s" % holders_of(
+            topo.tb.zfs.mountpoint(topo.before_guest))
+        time.sleep(0.5)
+    assert not topo.tb.zfs.exists(topo.before_guest)
 
 
 def test_the_guest_started_through_libvirt_runs_kernel_openzfs_and_streams_from_the_primary(topo):

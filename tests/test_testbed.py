@@ -124,6 +124,37 @@ def test_scripts_use_nothing_newer_than_python_3_6():
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.host_only("the testbed's own message")
+def test_a_dataset_a_mount_namespace_holds_is_busy_and_the_testbed_names_that_namespace(tb):
+    # What left zfs-fuse's datasets "busy" beside the guest (DEVELOPERS.md, "CI"):
+    # a mount namespace made while the dataset was mounted, as libvirt makes one
+    # for QEMU, where / is private, keeps it. The testbed names it.
+    dataset = tb.zfs.create("held", mountpoint=os.path.join(tb.run_dir, "held"))
+    path = tb.zfs.mountpoint(dataset)
+    with open(os.path.join(path, "x"), "w") as handle:
+        handle.write("x")
+    # Its namespace keeps only this mount: another session's datasets stay free.
+    keep_only = ("awk -v p=\"$1\" '($3 == \"fuse.zfs\" || $3 == \"zfs\") && $2 != p && index($2, p \"/\") != 1 "
+                 "{print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l \"$m\"; done; exec sleep 60")
+    held = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", keep_only, "sh", path])
+    try:
+        wait_for(lambda: "sleep: " in str(testbed.namespace_holders(path)), 10, "the namespace's sleep")
+        assert [pid for pid, _what in testbed.namespace_holders(path)] == [held.pid]
+        assert "sleep: its own mount namespace holds %s" % path in dict(testbed.holders_of(path))[held.pid]
+        assert testbed.open_holders_of(path) == []
+        if os.path.realpath("/") == "/" and "private" in sh(["findmnt", "-n", "-o", "PROPAGATION", "/"]).stdout:
+            # Retried for 3 s (any dataset written a moment ago is busy for about 0.5 s).
+            deadline = time.time() + 3
+            while time.time() < deadline:
+                assert sh(["zfs", "destroy", dataset], check=False).returncode != 0, "destroyed while held"
+                time.sleep(0.5)
+    finally:
+        held.kill()
+        held.wait()
+    tb.zfs.destroy(dataset)
+    assert not tb.zfs.exists(dataset)
+
+
 @pytest.mark.host_only("the testbed's clean-up of servers and nft; its pools are the dead-session test's")
 def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_server():
     import testbed

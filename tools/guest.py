@@ -291,6 +291,19 @@ def virsh(*words, check=True, timeout=120):
     return result
 
 
+# libvirt starts each QEMU in a mount namespace of its own, a copy of
+# libvirtd's mounts at that moment; where / is a private mount (this
+# machine kind), an unmount on the host never reaches that copy, and zfs-fuse
+# calls a dataset mounted when the guest booted "busy" until QEMU exits
+# (DEVELOPERS.md, "CI"). libvirtd therefore runs in a private namespace of
+# its own without zfs-fuse's mounts: the host's later mounts and unmounts do
+# not reach it, and no QEMU holds the testbed's datasets.
+WITHOUT_ZFS_FUSE_MOUNTS = [
+    "unshare", "--mount", "--propagation", "private", "sh", "-c",
+    "awk '$3 == \"fuse.zfs\" {print $2}' /proc/self/mounts | sort -r | "
+    "while read -r mount; do umount -l \"$mount\"; done; exec \"$@\"", "sh"]
+
+
 class Libvirtd(object):
     """libvirtd (and virtlogd, which its qemu driver logs through) for the run:
     the running one if it answers, else started here and stopped by stop()."""
@@ -307,7 +320,8 @@ class Libvirtd(object):
             return self
         for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
             if subprocess.run(["pgrep", "-x", daemon], stdout=subprocess.DEVNULL).returncode != 0:
-                sh([daemon, "--daemon", "--pid-file", pidfile])
+                argv = [daemon, "--daemon", "--pid-file", pidfile]
+                sh(WITHOUT_ZFS_FUSE_MOUNTS + argv if daemon == "libvirtd" else argv)
                 self.started.append(pidfile)
         deadline = time.time() + 30
         while not self.answers():
