@@ -142,7 +142,7 @@ def test_a_dataset_a_mount_namespace_holds_is_busy_and_the_testbed_names_that_na
         assert [pid for pid, _what in testbed.namespace_holders(path)] == [held.pid]
         assert "sleep: its own mount namespace holds %s" % path in dict(testbed.holders_of(path))[held.pid]
         assert testbed.open_holders_of(path) == []
-        if os.path.realpath("/") == "/" and "private" in sh(["findmnt", "-n", "-o", "PROPAGATION", "/"]).stdout:
+        if "private" in sh(["findmnt", "-n", "-o", "PROPAGATION", "/"]).stdout:
             # Retried for 3 s (any dataset written a moment ago is busy for about 0.5 s).
             deadline = time.time() + 3
             while time.time() < deadline:

@@ -441,13 +441,13 @@ def namespace_holders(path):
             namespace = os.readlink("/proc/%s/ns/mnt" % entry)
             if namespace in seen:
                 continue
-            seen.add(namespace)
             with open("/proc/%s/mountinfo" % entry) as mountinfo:
                 points = [line.split()[4] for line in mountinfo if len(line.split()) > 4]
             with open("/proc/%s/comm" % entry) as comm:
                 command = comm.read().strip()
         except OSError:
-            continue
+            continue                     # gone meanwhile: another process of its namespace may tell
+        seen.add(namespace)
         held = [point for point in points if point == path or point.startswith(prefix)]
         if held:
             found.append((int(entry), "%s: its own mount namespace holds %s" % (command, held[0])))
