@@ -2291,8 +2291,6 @@ class Server(object):
         """parse_status of the recovery status row, or None if it does not answer yet."""
         try:
             code, out, _ = self._psql(status_sql(major), check=False)
-        except Stopped:
-            raise
         except Failure:
             return None
         return parse_status(out) if code == 0 and out.strip() else None
@@ -2372,8 +2370,6 @@ def archive_listing(fetch_script, config_file, user):
     try:
         code, out, err = run(as_user(user, [fetch_script, "-c", config_file, "--check"]),
                              timeout=CHECK_TIMEOUT, check=False)
-    except Stopped:
-        raise
     except Failure as failure:
         return [], str(failure)
     return newest_in_check(out), ((err + out).strip().splitlines() or ["exit code %d" % code])[-1]
@@ -2537,20 +2533,25 @@ _signals_pending = []
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP", signal.SIGINT: "SIGINT"}
 
 
-class Stopped(Failure):
-    """The Failure a signal ends the command with: never taken for a command that failed
-    (archive_listing, Server.status turn those into "unknown" and go on)."""
+class Stopped(BaseException):
+    """A signal ends the command (exit code 1). Not an Exception, as KeyboardInterrupt
+    is not, so that no `except Exception` or `except Failure` takes it for an error
+    and goes on: not ours, and not logging's, which prints a signal that lands while
+    a line is written as a "Logging error" and carries on."""
+    code = 1
 
 
 def signal_failure(signum):
-    return Stopped("stopped by %s" % SIGNAL_NAMES.get(signum, "signal %d" % signum), 1)
+    return Stopped("stopped by %s" % SIGNAL_NAMES.get(signum, "signal %d" % signum))
 
 
 def on_stop_signal(signum, frame):
-    """End the command as a Failure, or note the signal while signals are held."""
+    """End the command with Stopped, or note the signal while signals are held. Once
+    raised, the end has begun: a second signal is only noted, never cuts the undo short."""
     if _signals_held:
         _signals_pending.append(signum)
         return
+    signals_settled()
     raise signal_failure(signum)
 
 
@@ -2571,6 +2572,7 @@ def signals_held():
     finally:
         _signals_held.pop()
     if _signals_pending and not _signals_held:
+        signals_settled()
         raise signal_failure(_signals_pending.pop(0))
 
 
@@ -3306,8 +3308,9 @@ def drill(config, args):
             for step, action in steps:
                 with restorer.step(step):
                     action()
-        except (Failure, EnvironmentError) as error:
-            raise Failure("%s: %s" % (step, error if isinstance(error, Failure) else unexpected_failure(error)), 2)
+        except (Failure, Stopped, EnvironmentError) as error:
+            raise Failure("%s: %s" % (step, error if isinstance(error, (Failure, Stopped))
+                                      else unexpected_failure(error)), 2)
         finally:
             release_port(restorer.port_claim)
             signals_settled()       # the drill ends here, whatever comes
@@ -3318,8 +3321,8 @@ def drill(config, args):
                 destroyed = restorer.destroy()
         if not destroyed:
             raise Failure("destroy: clones left behind: %s" % " ".join(restorer.made_clones), 2)
-    except Exception as error:      # Failure (a signal's Stopped too), and any other error as one line
-        failure = error if isinstance(error, Failure) else unexpected_failure(error)
+    except (Exception, Stopped) as error:       # Failure, a signal, and any other error as one line
+        failure = error if isinstance(error, (Failure, Stopped)) else unexpected_failure(error)
         return 2, set_name, "CRITICAL: drill of set %s failed: %s; %s" % (
             set_name or "?", failure, format_timings(restorer.timings if restorer else []))
     return 0, set_name, "OK: drill of set %s restored, promoted and queried; %s%s" % (
@@ -3567,9 +3570,9 @@ def main(argv=None):
     try:
         config = Config.load(config_path(args.config))
         return COMMANDS[args.command](config, args)
-    except Exception as error:      # Failure, and any other error as one line
+    except (Exception, Stopped) as error:       # Failure, a signal, and any other error as one line
         signals_settled()           # the failure is the outcome
-        failure = error if isinstance(error, Failure) else unexpected_failure(error)
+        failure = error if isinstance(error, (Failure, Stopped)) else unexpected_failure(error)
         if args.command == "drill":
             log.error("drill failed: %s", failure)        # stderr and syslog; stdout is Nagios'
             print("CRITICAL: drill failed: %s" % failure)

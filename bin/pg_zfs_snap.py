@@ -3173,9 +3173,15 @@ def take_backup_mode_set(job, session, version_num, name, label, base_properties
     try:
         stop_line = session.query(stop_sql, timeout=BACKUP_CALL_TIMEOUT)[0]
         return (made,) + parse_stop_row(stop_line)
-    except (Failure, ValueError, IndexError) as error:
+    except (Failure, Stopped, ValueError, IndexError) as error:
         destroy_made(job, made)
-        raise Failure("set %s not taken: ending backup mode: %s" % (name, error), 1)
+        raise ended_as(error, "set %s not taken: ending backup mode: %s" % (name, error))
+
+
+def ended_as(error, message):
+    """The exception a clean-up ends with: a Stopped stays a signal's end (never a
+    Failure that a loop over replicas would log and go on from), the rest a Failure."""
+    return Stopped(message) if isinstance(error, Stopped) else Failure(message, 1)
 
 
 def destroy_made(job, made):
@@ -3272,9 +3278,9 @@ def cmd_snapshot(job, label_text):
         order = [key for key in ("start_wal", "timeline", "stop_time", "backup_label",
                                  "tablespace_map", "db_time", "db_time_lsn", "stop_lsn") if final[key]]
         job.backend.set_properties(made, final, order)
-    except (ValueError, Failure) as error:
+    except (ValueError, Failure, Stopped) as error:
         destroy_made(job, made)
-        raise Failure("set %s: %s" % (name, error), 1)
+        raise ended_as(error, "set %s: %s" % (name, error))
     log.info("took set %s (backup from %s, start %s %s, stop %s, %d datasets)", name,
              facts.get("backup_from", "primary"), facts["start_lsn"], facts["start_wal"],
              stop_lsn, len(made))
@@ -3509,8 +3515,6 @@ def cmd_replicate(job, name=None, dry_run=False, prune=True):
     for replica in replicas_of(job, name):
         try:
             replicate_to(job, replica, dry_run, prune)
-        except SignalFailure:
-            raise
         except Failure as failure:
             log.error("%s", failure)
             failed += 1
@@ -3567,8 +3571,6 @@ def resume_receives(job, link, tokens):
             sent, seconds = link.receive(job.backend.send_argv(None, token=token), True)
             log.info("%s: resumed the cut receive of %s: %s more in %.1f s", link.replica, dataset,
                      human_size(sent), seconds)
-        except SignalFailure:
-            raise
         except Failure as failure:
             log.warning("%s: cannot resume the receive of %s (%s): dropping it, the set goes again",
                         link.replica, dataset, failure)
@@ -3715,8 +3717,8 @@ def prune_replica(job, link, replica, common, dry_run):
             else:
                 log.info("pruned set %s on %s", name, replica)
         if pending_signal():
-            raise SignalFailure("stopped by signal %d after set %s: the remaining sets are kept"
-                                % (pending_signal(), name))
+            raise Stopped("stopped by signal %d after set %s: the remaining sets are kept"
+                          % (pending_signal(), name))
 
 
 def replica_listing(replica):
@@ -3947,8 +3949,8 @@ def snapshot_and_record(job, label_text):
     name = failure = None
     try:
         name = cmd_snapshot(job, label_text)
-    except Exception as error:
-        failure = error if isinstance(error, Failure) else unexpected_failure(error)
+    except (Exception, Stopped) as error:
+        failure = error if isinstance(error, (Failure, Stopped)) else unexpected_failure(error)
         raise
     finally:
         record = snapshot_run_record(started, time.time(), name, failure)
@@ -4035,20 +4037,22 @@ _signals_pending = []
 
 
 def defer_or_fail_on_signal(signum, frame):
-    """SIGTERM, SIGHUP, SIGINT: end the run as a Failure (backup mode ends, made
+    """SIGTERM, SIGHUP, SIGINT: end the run with Stopped (backup mode ends, made
     snapshots go). While signals are held, note the signal and let the zfs or
     btrfs call finish: one cut short would leave snapshots nobody records."""
     if _signals_held:
         _signals_pending.append(signum)
         return
-    raise SignalFailure("stopped by signal %d" % signum)
+    signals_settled()       # the end has begun: a second signal never cuts the clean-up short
+    raise Stopped("stopped by signal %d" % signum)
 
 
-class SignalFailure(Failure):
-    """The run was ended by a signal: exit 1, and no further replica is tried."""
-
-    def __init__(self, message):
-        Failure.__init__(self, message, 1)
+class Stopped(BaseException):
+    """A signal ends the command (exit code 1). Not an Exception, as KeyboardInterrupt
+    is not, so that no `except Exception` or `except Failure` takes it for an error
+    and goes on: not ours, and not logging's, which prints a signal that lands while
+    a line is written as a "Logging error" and carries on."""
+    code = 1
 
 
 @contextlib.contextmanager
@@ -4132,9 +4136,9 @@ def main(argv=None):
                                          (failed_replicas, "%d replica(s) not brought up to date"
                                           % failed_replicas)) if count), 1)
         return 0
-    except Exception as error:      # Failure, and any other error as one line
+    except (Exception, Stopped) as error:       # Failure, a signal, and any other error as one line
         signals_settled()           # the failure is the outcome
-        failure = error if isinstance(error, Failure) else unexpected_failure(error)
+        failure = error if isinstance(error, (Failure, Stopped)) else unexpected_failure(error)
         log.error("%s", failure)
         return failure.code
     finally:

@@ -3,6 +3,7 @@
 import ast
 import os
 import re
+import signal
 import sys
 
 import pytest
@@ -299,3 +300,34 @@ def test_an_unexpected_error_is_one_line_and_an_exit_code_never_a_traceback(scri
     assert len(lines) == 1, err
     assert ("Permission denied: /etc/pg_zfs/x" if isinstance(error, PermissionError)
             else "internal error: ZeroDivisionError: division by zero") in lines[0]
+
+
+@pytest.mark.parametrize("script_name,args,said", [
+    ("pg_zfs_restore", ["cleanup", "--all"], "pg_zfs_restore: ERROR: stopped by SIGTERM"),
+    ("pg_zfs_snap", ["list"], "pg_zfs_snap: ERROR: stopped by signal 15")])
+def test_a_signal_that_lands_while_a_line_is_logged_ends_the_command(script_name, args, said, monkeypatch,
+                                                                     capsys):
+    """CI, stop 26: a SIGTERM that came while the restore wrote a log line was taken by
+    logging's `except Exception` for a failed line ("--- Logging error ---") and the
+    restore went on. A real signal, sent from inside a real handler's format()."""
+    script = load_script(script_name)
+
+    class Signalled(object):
+        def __str__(self):
+            os.kill(os.getpid(), signal.SIGTERM)    # the handler runs as kill returns: inside emit()
+            return "a line"
+
+    def load(*_args, **_kwargs):
+        script.log.warning("%s", Signalled())
+        raise AssertionError("the signal was swallowed")
+    monkeypatch.setattr(script.Config, "load", load)
+    before = dict((signum, signal.getsignal(signum)) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT))
+    try:
+        code = script.main(["-c", "/nonexistent.conf"] + args)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Logging error" not in err and "swallowed" not in err, err
+    assert err.strip().splitlines()[-1] == said, err

@@ -857,7 +857,7 @@ def test_a_signal_while_the_archive_is_listed_or_the_copy_is_asked_ends_the_comm
     monkeypatch.setattr(restore, "run", stopped)
     for ask in (lambda: restore.archive_listing("/x/pg_wal_fetch.py", "/x/pg_zfs.conf", "postgres"),
                 lambda: server.status((15, 0))):
-        with pytest.raises(restore.Failure) as error:
+        with pytest.raises(restore.Stopped) as error:
             ask()
         assert str(error.value) == "stopped by SIGTERM"
 
