@@ -3252,6 +3252,7 @@ def restore_with(restorer, args):
             outcome = restorer.wait_for_target()
         signals_settled()       # restored: a signal from now on undoes nothing
     except BaseException:
+        signals_settled()       # the end has begun: a signal in the line below must not skip the undo
         log.error("restore of set %s failed after: %s", plan.snapshot_set.name,
                   format_timings(restorer.timings))
         if not args.dry_run:
@@ -3312,8 +3313,8 @@ def drill(config, args):
             raise Failure("%s: %s" % (step, error if isinstance(error, (Failure, Stopped))
                                       else unexpected_failure(error)), 2)
         finally:
-            release_port(restorer.port_claim)
             signals_settled()       # the drill ends here, whatever comes
+            release_port(restorer.port_claim)
             with restorer.step("stop"):
                 with contextlib.suppress(Failure):
                     restorer.stop()
@@ -3322,6 +3323,7 @@ def drill(config, args):
         if not destroyed:
             raise Failure("destroy: clones left behind: %s" % " ".join(restorer.made_clones), 2)
     except (Exception, Stopped) as error:       # Failure, a signal, and any other error as one line
+        signals_settled()       # the outcome: cmd_drill reports and records it, whatever comes
         failure = error if isinstance(error, (Failure, Stopped)) else unexpected_failure(error)
         return 2, set_name, "CRITICAL: drill of set %s failed: %s; %s" % (
             set_name or "?", failure, format_timings(restorer.timings if restorer else []))

@@ -3954,13 +3954,16 @@ def snapshot_and_record(job, label_text):
         raise
     finally:
         record = snapshot_run_record(started, time.time(), name, failure)
-        try:
-            if not os.path.isdir(os.path.dirname(job.state_file)):
-                os.makedirs(os.path.dirname(job.state_file), 0o755)     # /var/lib/pg_zfs: others' too
-            write_atomically(job.state_file, json.dumps(record, sort_keys=True) + "\n")
-            os.chmod(job.state_file, 0o644)
-        except (Failure, OSError) as error:
-            log.warning("the run's record for metrics: %s", error)
+        with signals_deferred():        # the record is written whatever comes
+            try:
+                if not os.path.isdir(os.path.dirname(job.state_file)):
+                    os.makedirs(os.path.dirname(job.state_file), 0o755)     # /var/lib/pg_zfs: others' too
+                write_atomically(job.state_file, json.dumps(record, sort_keys=True) + "\n")
+                os.chmod(job.state_file, 0o644)
+            except (Failure, OSError) as error:
+                log.warning("the run's record for metrics: %s", error)
+    if pending_signal():
+        raise Stopped("stopped by signal %d after set %s was taken and recorded" % (pending_signal(), name))
     return name
 
 

@@ -2,12 +2,15 @@
 set, recovery settings per version, configuration rewriting, ports, the log."""
 
 import datetime
+import logging
 import os
+import signal
 import subprocess
+import types
 
 import pytest
 
-from testbed import load_script, run_script
+from testbed import load_script, run_script, stop_signal_handlers_kept
 
 restore = load_script("pg_zfs_restore")
 UTC = datetime.timezone.utc
@@ -921,3 +924,40 @@ def test_the_processes_that_keep_a_clone_busy_are_named(tmp_path):
         for proc in (in_dir, with_file):
             proc.kill()
             proc.wait()
+
+
+def test_a_signal_while_a_failed_restore_says_so_still_undoes_it():
+    """Review of stop 26's fix: a restore failed, and a SIGTERM came while its
+    "failed after" line was logged, before the undo: the undo (stop the server,
+    destroy the clones) must still run, and the failure is what is reported."""
+    fresh = load_script("pg_zfs_restore")      # signals not settled by an earlier test's main()
+
+    class FailingClone(object):
+        plan = types.SimpleNamespace(snapshot_set=types.SimpleNamespace(name="pgzfs_20261201T000000Z"))
+        timings = []
+        undone = None
+        step = fresh.Restorer.step
+
+        def clone(self):
+            raise fresh.Failure("zfs clone failed: out of space", 1)
+
+        def undo(self, keep):
+            self.undone = keep
+
+    class SignalWhileLogging(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("restore of set"):
+                os.kill(os.getpid(), signal.SIGTERM)    # the handler runs as kill returns
+
+    restorer, handler = FailingClone(), SignalWhileLogging()
+    fresh.log.addHandler(handler)
+    try:
+        with stop_signal_handlers_kept():
+            fresh.catch_signals()
+            with pytest.raises(fresh.Failure) as error:
+                fresh.restore_with(restorer, types.SimpleNamespace(dry_run=False, keep_on_failure=False,
+                                                                   no_start=False))
+    finally:
+        fresh.log.removeHandler(handler)
+    assert str(error.value) == "zfs clone failed: out of space"
+    assert restorer.undone is False and fresh._signals_pending == [signal.SIGTERM]

@@ -6,11 +6,14 @@ No database, no zfs: the script is imported by path.
 import base64
 import calendar
 import json
+import os
+import signal
 import time
+import types
 
 import pytest
 
-from testbed import load_script
+from testbed import load_script, stop_signal_handlers_kept
 
 snap = load_script("pg_zfs_snap")
 
@@ -555,7 +558,6 @@ def test_cleanup_lines_run_pg_archivecleanup_for_every_copy_in_each_directory_of
     """The printed line, run by sh with the real pg_archivecleanup, removes every
     copy (plain, .gz, .bz2, .xz) of the segments before the named one in each
     directory the glob matches, and nothing else."""
-    import os
     import subprocess
     from testbed import pg_bindir
     first = "000000010000000000000005"
@@ -727,3 +729,26 @@ def test_a_segment_on_no_source_is_named_on_its_timeline_critical_after_the_newe
 def test_no_listing_or_no_set_is_no_hole():
     assert snap.wal_holes([], segments(1, 0, 3, 5)) == []
     assert snap.wal_holes(two_sets("000000010000000000000003", "000000010000000000000004"), []) == []
+
+
+def test_a_signal_while_the_run_is_recorded_lets_the_record_be_written_then_ends_the_run(monkeypatch, tmp_path):
+    """Review of stop 26's fix: a SIGTERM while the snapshot run's record is written
+    (for metrics) must not leave the record unwritten; the run then ends (no prune,
+    no replicas) with the signal, saying the set was taken."""
+    fresh = load_script("pg_zfs_snap")
+    job = types.SimpleNamespace(state_file=str(tmp_path / "state" / "last-snapshot.json"))
+    monkeypatch.setattr(fresh, "cmd_snapshot", lambda job, label: "pgzfs_20261201T000000Z")
+    write = fresh.write_atomically
+
+    def signalled_write(path, text):
+        os.kill(os.getpid(), signal.SIGTERM)        # the handler runs as kill returns
+        write(path, text)
+    monkeypatch.setattr(fresh, "write_atomically", signalled_write)
+    with stop_signal_handlers_kept():
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signum, fresh.defer_or_fail_on_signal)
+        with pytest.raises(fresh.Stopped) as error:
+            fresh.snapshot_and_record(job, "")
+    assert str(error.value) == "stopped by signal 15 after set pgzfs_20261201T000000Z was taken and recorded"
+    with open(job.state_file) as record:
+        assert json.load(record)["status"] == "ok"

@@ -18,6 +18,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +87,18 @@ def free_port(address="127.0.0.1"):
     with contextlib.closing(socket.socket()) as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def stop_signal_handlers_kept():
+    """Put back SIGTERM's, SIGHUP's and SIGINT's handlers after a test that runs a
+    script's main() (or catch_signals) in pytest's own process."""
+    before = dict((signum, signal.getsignal(signum)) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT))
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def wait_for(predicate, timeout, what, interval=0.1):
