@@ -33,6 +33,15 @@ def pytest_addoption(parser):
                           "or set PG_ZFS_TEST_PG")
 
 
+@pytest.fixture(autouse=True)
+def stop_signal_handlers():
+    """A test that runs a script's main() in pytest's process installs its SIGTERM,
+    SIGHUP and SIGINT handlers, settled once main() returns: Ctrl-C (or CI's
+    SIGTERM) would then be noted and ignored for the rest of the run. Put back."""
+    with testbed.stop_signal_handlers_kept():
+        yield
+
+
 @pytest.fixture(scope="session")
 def pg_version(request):
     return request.config.getoption("--pg") or os.environ.get("PG_ZFS_TEST_PG") or "15"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from testbed import BIN, load_script, stop_signal_handlers_kept
+from testbed import BIN, load_script
 
 SCRIPTS = ["pg_wal_fetch", "pg_zfs_snap", "pg_zfs_restore", "setup_guest"]
 EXAMPLE = os.path.join(os.path.dirname(BIN), "etc", "pg_zfs.conf.example")
@@ -321,8 +321,7 @@ def test_a_signal_that_lands_while_a_line_is_logged_ends_the_command(script_name
         script.log.warning("%s", Signalled())
         raise AssertionError("the signal was swallowed")
     monkeypatch.setattr(script.Config, "load", load)
-    with stop_signal_handlers_kept():
-        code = script.main(["-c", "/nonexistent.conf"] + args)
+    code = script.main(["-c", "/nonexistent.conf"] + args)
     err = capsys.readouterr().err
     assert code == 1, err
     assert "Logging error" not in err and "swallowed" not in err, err

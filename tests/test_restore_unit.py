@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from testbed import load_script, run_script, stop_signal_handlers_kept
+from testbed import load_script, run_script
 
 restore = load_script("pg_zfs_restore")
 UTC = datetime.timezone.utc
@@ -952,11 +952,10 @@ def test_a_signal_while_a_failed_restore_says_so_still_undoes_it():
     restorer, handler = FailingClone(), SignalWhileLogging()
     fresh.log.addHandler(handler)
     try:
-        with stop_signal_handlers_kept():
-            fresh.catch_signals()
-            with pytest.raises(fresh.Failure) as error:
-                fresh.restore_with(restorer, types.SimpleNamespace(dry_run=False, keep_on_failure=False,
-                                                                   no_start=False))
+        fresh.catch_signals()
+        with pytest.raises(fresh.Failure) as error:
+            fresh.restore_with(restorer, types.SimpleNamespace(dry_run=False, keep_on_failure=False,
+                                                               no_start=False))
     finally:
         fresh.log.removeHandler(handler)
     assert str(error.value) == "zfs clone failed: out of space"

@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from testbed import load_script, stop_signal_handlers_kept
+from testbed import load_script
 
 snap = load_script("pg_zfs_snap")
 
@@ -744,11 +744,10 @@ def test_a_signal_while_the_run_is_recorded_lets_the_record_be_written_then_ends
         os.kill(os.getpid(), signal.SIGTERM)        # the handler runs as kill returns
         write(path, text)
     monkeypatch.setattr(fresh, "write_atomically", signalled_write)
-    with stop_signal_handlers_kept():
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(signum, fresh.defer_or_fail_on_signal)
-        with pytest.raises(fresh.Stopped) as error:
-            fresh.snapshot_and_record(job, "")
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, fresh.defer_or_fail_on_signal)
+    with pytest.raises(fresh.Stopped) as error:
+        fresh.snapshot_and_record(job, "")
     assert str(error.value) == "stopped by signal 15 after set pgzfs_20261201T000000Z was taken and recorded"
     with open(job.state_file) as record:
         assert json.load(record)["status"] == "ok"
