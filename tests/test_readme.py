@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from testbed import PY36, REPO
+from testbed import PY36, REPO, unused_daemons
 
 README = os.path.join(REPO, "README.md")
 SCRIPTS = ("pg_wal_fetch.py", "pg_zfs_snap.py", "pg_zfs_restore.py", "setup_guest.py")
@@ -134,3 +134,6 @@ def test_demo_keep_leaves_it_running_and_its_remove_line_removes_everything():
     pools = subprocess.run(["zpool", "list", "-H", "-o", "name"], stdout=subprocess.PIPE,
                            universal_newlines=True, timeout=60).stdout.split()
     assert [pool for pool in pools if pool in ("pgzfs_t%d" % net, "pgzfs_r%d" % net)] == []   # the replica's too
+    # zfs-fuse, started by the kept demo (whose process is gone) when none ran:
+    # stopped by --remove once no pool is left in it (it was left running).
+    assert unused_daemons() == []

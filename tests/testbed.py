@@ -416,16 +416,45 @@ class ZfsPool(object):
             else:
                 raise RuntimeError("cannot destroy pool %s: %s (held by %s)"
                                    % (self.name, proc.stderr.strip(), holders_of(self.mountroot)))
-            if self.started_daemon:
-                # Only a clean, empty answer means no other session has a pool: a
-                # busy daemon's failed `zpool list` must not stop it under their feet.
-                others = sh(["zpool", "list", "-H", "-o", "name"], check=False, timeout=60)
-                if others.returncode == 0 and not others.stdout.split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(self.daemon_pid, 15)
-                    wait_for(lambda: not _pid_alive(self.daemon_pid), 30, "zfs-fuse to stop")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.daemon_pidfile)
+            ZfsPool.stop_unused_daemon(os.getpid() if self.started_daemon else None)
+
+    @staticmethod
+    def stop_unused_daemon(own_starter=None):
+        """Stop the zfs-fuse daemon of unused_daemons(own_starter), and forget the
+        pidfiles of daemons that are gone. Call with the daemon lock held."""
+        for pidfile, daemon_pid in unused_daemons(own_starter):
+            if daemon_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(daemon_pid, 15)
+                wait_for(lambda: not _pid_alive(daemon_pid), 30, "zfs-fuse to stop")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pidfile)
+
+
+def unused_daemons(own_starter=None):
+    """[(pidfile, daemon pid or None if it is gone)] of the testbed's zfs-fuse daemons
+    to stop: no pool left in it, and started by own_starter (this process) or by
+    a process that is gone (a kept demo's daemon, whose `--remove` runs in
+    another process; a killed session's). Only a clean, empty answer means no
+    other session has a pool: a busy daemon's failed `zpool list` must not stop
+    it under their feet."""
+    unused = []
+    for pidfile in glob.glob(ZFS_PIDFILE.replace("%d", "*")):
+        starter = int(re.findall(r"[0-9]+", os.path.basename(pidfile))[-1])
+        if starter != own_starter and _pid_alive(starter):
+            continue
+        try:
+            with open(pidfile) as handle:
+                daemon_pid = int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            daemon_pid = None
+        if daemon_pid is None or not _pid_alive(daemon_pid) or _comm(daemon_pid) != "zfs-fuse":
+            unused.append((pidfile, None))
+            continue
+        pools = sh(["zpool", "list", "-H", "-o", "name"], check=False, timeout=60)
+        if pools.returncode == 0 and not pools.stdout.split():
+            unused.append((pidfile, daemon_pid))
+    return unused
 
 
 def holders_of(path):
@@ -497,6 +526,15 @@ def open_holders_of(path):
 def _size_bytes(size):
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def _comm(pid):
+    """The command name of pid ("" if it is gone)."""
+    try:
+        with open("/proc/%d/comm" % pid) as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
 
 
 def _pid_alive(pid):
@@ -1055,6 +1093,9 @@ def remove_run_dir(run_dir):
         for mountpoint in sorted((line.split()[1] for line in mounts
                                   if line.split()[1].startswith(bed.run_dir)), reverse=True):
             sh(["umount", "-l", mountpoint], check=False)
+    if not kernel_zfs():
+        with ZfsPool._daemon_lock():
+            ZfsPool.stop_unused_daemon()    # the kept demo started it, and is gone
     bed._zfs = object()
     left = bed.leftovers()
     if not left:
