@@ -1,6 +1,7 @@
 """pytest wiring for the testbed (see DEVELOPERS.md and tests/testbed.py)."""
 
 import os
+import signal
 import sys
 
 import pytest
@@ -38,8 +39,11 @@ def stop_signal_handlers():
     """A test that runs a script's main() in pytest's process installs its SIGTERM,
     SIGHUP and SIGINT handlers, settled once main() returns: Ctrl-C (or CI's
     SIGTERM) would then be noted and ignored for the rest of the run. Put back."""
-    with testbed.stop_signal_handlers_kept():
-        yield
+    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    before = [signal.getsignal(signum) for signum in stops]
+    yield
+    for signum, handler in zip(stops, before):
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

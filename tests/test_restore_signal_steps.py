@@ -10,12 +10,21 @@ import os
 import signal
 import subprocess
 import time
+import types
 
 import pytest
 
 from testbed import BIN, PY36, wait_for
-from test_restore import our_clones, restore_script, story  # noqa: F401
+from test_restore import Restored, our_clones, restore_script, story  # noqa: F401
 from test_restore_faults import descendants, nothing_left, stalled
+
+
+def assert_the_copy_is_whole(story, out):
+    """A restore that finished although a signal came (too late to stop it): its
+    copy, promoted at the end of the set's backup, holds a non-empty prefix of
+    the primary's rows, row for row."""
+    rows = Restored(types.SimpleNamespace(stdout=out), story.tb).rows()
+    assert rows and rows == story.rows[:len(rows)], (out, rows[-3:], story.rows[:len(rows)][-3:])
 
 
 @pytest.mark.parametrize("command", ["restore", pytest.param("drill", marks=pytest.mark.host_only("the drill's steps are the restore's; the restore runs in the guest"))])
@@ -35,6 +44,7 @@ def test_sigterm_at_any_step_leaves_nothing(story, command):
             pass        # before the handler was set: nothing was made yet (checked below)
         elif proc.returncode == 0:
             if command == "restore":
+                assert_the_copy_is_whole(story, out)
                 assert restore_script(story.config, "cleanup", "--all").returncode == 0
             if delay > 2:
                 break

@@ -18,7 +18,6 @@ import pwd
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -87,18 +86,6 @@ def free_port(address="127.0.0.1"):
     with contextlib.closing(socket.socket()) as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def stop_signal_handlers_kept():
-    """Put back SIGTERM's, SIGHUP's and SIGINT's handlers after a test that runs a
-    script's main() (or catch_signals) in pytest's own process."""
-    before = dict((signum, signal.getsignal(signum)) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT))
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
 
 
 def wait_for(predicate, timeout, what, interval=0.1):
@@ -1093,9 +1080,8 @@ def remove_run_dir(run_dir):
         for mountpoint in sorted((line.split()[1] for line in mounts
                                   if line.split()[1].startswith(bed.run_dir)), reverse=True):
             sh(["umount", "-l", mountpoint], check=False)
-    if not kernel_zfs():
-        with ZfsPool._daemon_lock():
-            ZfsPool.stop_unused_daemon()    # the kept demo started it, and is gone
+    with ZfsPool._daemon_lock():
+        ZfsPool.stop_unused_daemon()        # the kept demo started it, and is gone
     bed._zfs = object()
     left = bed.leftovers()
     if not left:
