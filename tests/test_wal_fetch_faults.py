@@ -435,10 +435,25 @@ def test_crawling_host_leaves_host2_its_share_of_the_timeout(full, tb):
     assert ssh_hosts(full, tb)[:2] == ["host1", "host2"]
 
 
+def ssh_commands_naming(word):
+    """The command lines of running ssh processes with word among their arguments."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
+                argv = cmdline.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]) == "ssh" and word in argv:
+            found.append(argv)
+    return found
+
+
 @contextlib.contextmanager
-def silent_listener(address):
-    """A TCP listener that accepts every connection and never sends a byte. Yields
-    (port, held): held gets, per connection, how long the peer kept it open."""
+def silent_listener(address, says=None):
+    """A TCP listener that accepts every connection and never sends a byte (or only
+    `says`, at once). Yields (port, held, connections): held gets, per
+    connection, how long the peer kept it open."""
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((address, 0))
@@ -464,6 +479,8 @@ def silent_listener(address):
             except OSError:
                 return
             connections.append(connection)
+            if says is not None:
+                connection.sendall(says)
             threading.Thread(target=watch, args=(connection, time.monotonic()), daemon=True).start()
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -558,6 +575,38 @@ def test_every_host_slow_to_speak_is_probed_again_with_patience_and_delivers(ful
     assert lines_with(proc.stderr, "no source answered its probe in time: probing each once more"), proc.stderr
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_the_tcp_probe_takes_a_host_that_sends_an_ssh_banner(host):
+    with silent_listener("127.0.0.1", b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n") as (port, _held, connections):
+        assert FETCH.speaks_ssh(host, port, 1.0, 1.0) is True
+        assert len(connections) == 1
+
+
+def test_the_tcp_probe_refuses_a_host_that_speaks_something_else_or_nothing_in_time():
+    with silent_listener("127.0.0.1", b"HTTP/1.0 400 Bad Request\r\n") as (port, _held, _connections):
+        assert FETCH.speaks_ssh("127.0.0.1", port, 1.0, 1.0) is False
+    with silent_listener("127.0.0.1") as (port, _held, _connections):
+        started = time.monotonic()
+        assert FETCH.speaks_ssh("127.0.0.1", port, 1.0, 0.3) is False
+        assert time.monotonic() - started < 2.0       # its patience, not forever
+    # The listener is closed now: its port refuses.
+    assert FETCH.speaks_ssh("127.0.0.1", port, 1.0, 1.0) is False
+
+
+def test_a_private_temporary_directory_for_pg_waldump_without_tempfile(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    made = FETCH.private_temp_directory()
+    assert os.path.dirname(made) == str(tmp_path)
+    assert os.stat(made).st_mode & 0o777 == 0o700
+    assert made != FETCH.private_temp_directory()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "gone"))      # as tempfile does: the next place
+    elsewhere = FETCH.private_temp_directory()
+    try:
+        assert os.path.dirname(elsewhere) == "/tmp"
+    finally:
+        os.rmdir(elsewhere)
+
+
 def test_listener_that_never_speaks_is_down_within_a_second_and_asked_last(full, tb):
     name, later = full.segments[0], full.segments[1]
     address = tb.address(9)
@@ -568,16 +617,19 @@ def test_listener_that_never_speaks_is_down_within_a_second_and_asked_last(full,
         assert_delivered(proc.returncode, proc.stderr)
         assert "delivered from [source host2]" in proc.stderr
         assert full.delivered() == full.original(name)
-        assert len(connections) == 1                   # the probe, and no ssh
+        # The probe, and ssh started beside it (fetch_remote), stopped with the probe.
+        assert 1 <= len(connections) <= 2
         assert [line for line in lines_with(proc.stderr, "WARNING: [source host1]") if "does not answer" in line]
-        wait_for(lambda: held, 5, "the probe to close its connection")
-        assert held[0] < 1.5, "the probe waited %.1f s for a banner" % held[0]
+        wait_for(lambda: len(held) == len(connections), 5, "the probe and ssh to close their connections")
+        assert max(held) < 1.5, "a connection was held %.1f s: the probe waits a second for a banner" % max(held)
+        assert not ssh_commands_naming(address)
         assert os.path.exists(os.path.join(full.control, "down-host1"))
         # Next call: host2 first, and it has the file: the silent host is not even probed.
         reset(full)
+        before = len(connections)
         proc = full.run(later, "pg_wal/RECOVERYXLOG")
         assert_delivered(proc.returncode, proc.stderr)
-        assert len(connections) == 1
+        assert len(connections) == before
 
 
 # ---------------------------------------------------------------------------
