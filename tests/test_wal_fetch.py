@@ -414,10 +414,13 @@ def test_invalid_spool_file_is_removed_and_the_segment_fetched_again(wal):
     wal.configure(archive={"prefetch": "2"})
     name = wal.segments[6]
     os.makedirs(wal.spool)
-    chown_pg(wal.spool)
+    with open(os.path.join(wal.spool, FETCH.SPOOL_BOOT), "w") as mark:
+        mark.write(FETCH.this_boot() + "\n")        # a spool of this boot: its files are read
     with open(os.path.join(wal.spool, name), "wb") as torn:
         torn.write(wal.original(name)[:SEGMENT_HALF])
-    chown_pg(os.path.join(wal.spool, name))
+    chown_pg(wal.spool)
+    for entry in os.listdir(wal.spool):
+        chown_pg(os.path.join(wal.spool, entry))
     proc = wal.run(name, "pg_wal/RECOVERYXLOG")
     assert proc.returncode == 0, proc.stderr
     assert "spooled %s is not valid" % name in proc.stderr
@@ -425,6 +428,43 @@ def test_invalid_spool_file_is_removed_and_the_segment_fetched_again(wal):
 
 
 SEGMENT_HALF = 8 * 1024 * 1024
+
+
+def test_a_spool_of_an_earlier_boot_is_never_delivered_from(wal):
+    # The prefetcher spools without fsync; a crash may leave a segment torn (its
+    # first page whole, whatever the disk held after it: what a delivery from the
+    # spool checks looks right). After the reboot nothing in that spool
+    # is delivered: the segment comes from a host, whole, and the next
+    # prefetcher empties the spool before it claims it for this boot.
+    wal.configure(archive={"prefetch": "2"})
+    first, torn_one, after = wal.segments[0], wal.segments[1], wal.segments[2]
+    proc = wal.run(first, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: os.path.exists(os.path.join(wal.spool, torn_one)), 60, "the prefetcher to spool %s" % torn_one)
+    wal.wait_for_prefetcher()
+    mark = os.path.join(wal.spool, FETCH.SPOOL_BOOT)
+    with open(mark) as mark_file:
+        assert mark_file.read().strip() == FETCH.this_boot()
+    os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+    # "The crash": the spooled copy torn, the mark of the boot before.
+    torn = wal.original(torn_one)[:8192] + b"\xa5" * (2 * SEGMENT_HALF - 8192)
+    assert torn != wal.original(torn_one)
+    with open(os.path.join(wal.spool, torn_one), "wb") as spooled:
+        spooled.write(torn)
+    with open(mark, "w") as mark_file:
+        mark_file.write("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n")
+    proc = wal.run(torn_one, "pg_wal/RECOVERYXLOG")          # as PostgreSQL asks: the quick path's arguments
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered() == wal.original(torn_one)
+    # The prefetcher that call started made the spool this boot's, with whole copies.
+    wait_for(lambda: os.path.exists(os.path.join(wal.spool, after)), 60, "the prefetcher to spool %s" % after)
+    wal.wait_for_prefetcher()
+    with open(mark) as mark_file:
+        assert mark_file.read().strip() == FETCH.this_boot()
+    for name in os.listdir(wal.spool):
+        if FETCH.wal_kind(name):
+            with open(os.path.join(wal.spool, name), "rb") as spooled:
+                assert spooled.read() == wal.original(name), name
 
 
 def test_check_reports_each_source_and_fails_only_when_none_works(wal, tb):

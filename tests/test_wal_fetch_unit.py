@@ -876,6 +876,8 @@ def spooled(tmp_path, monkeypatch):
     settings.spool_dir = fetch.spool_for(settings.spool_root, str(pgdata))
     os.makedirs(settings.spool_dir)
     fetch.note_config(settings)
+    with open(os.path.join(settings.spool_dir, fetch.SPOOL_BOOT), "w") as mark:
+        mark.write(fetch.this_boot() + "\n")       # a prefetcher of this boot filled it
     name = "000000010000000000000000"
     (tmp_path / "segment").write_bytes(segment_like(1 << 20, 1000))
     os.rename(str(tmp_path / "segment"), os.path.join(settings.spool_dir, name))
@@ -914,6 +916,42 @@ def test_anything_but_a_segment_asked_the_restore_command_way_is_left_to_the_res
     argv = [spooled["config"] if word == "C" else word for word in argv]
     assert fetch.quick_delivery(argv) is None
     assert os.path.exists(os.path.join(spooled["spool"], spooled["name"]))
+
+
+@pytest.mark.parametrize("mark", [None, "", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n"])
+def test_a_spool_of_another_boot_or_none_is_left_to_the_rest(spooled, mark):
+    path = os.path.join(spooled["spool"], fetch.SPOOL_BOOT)
+    os.unlink(path)
+    if mark is not None:
+        with open(path, "w") as mark_file:
+            mark_file.write(mark)
+    assert fetch.quick_delivery(["-c", spooled["config"], spooled["name"], "pg_wal/RECOVERYXLOG"]) is None
+    assert os.listdir(str(spooled["pgdata"] / "pg_wal")) == []
+    assert fetch.spooled_in_window(spooled["spool"], ("000000010000000000000000", 1 << 20), 8) == 0
+
+
+def test_the_boot_id_is_the_kernels_and_unknown_without_one(monkeypatch, tmp_path):
+    with open("/proc/sys/kernel/random/boot_id") as boot_file:
+        assert fetch.this_boot() == boot_file.read().strip()
+    monkeypatch.setattr(fetch, "BOOT_ID", str(tmp_path / "none"))
+    assert fetch.this_boot() == "unknown"
+
+
+def test_claiming_a_spool_empties_one_of_another_boot_and_marks_it_durably(tmp_path, monkeypatch):
+    spool = str(tmp_path)
+    for name in ("000000010000000000000003", "000000010000000000000004", ".pgdata", ".config-ok"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / fetch.SPOOL_BOOT).write_text("another\n")
+    assert fetch.claim_spool_boot(spool) is True          # this boot is known: no fsync per segment
+    assert sorted(os.listdir(spool)) == sorted([".pgdata", ".config-ok", fetch.SPOOL_BOOT])
+    assert fetch.spool_of_this_boot(spool)
+    (tmp_path / "000000010000000000000005").write_bytes(b"x")
+    assert fetch.claim_spool_boot(spool) is True          # already this boot's: nothing removed
+    assert "000000010000000000000005" in os.listdir(spool)
+    monkeypatch.setattr(fetch, "BOOT_ID", str(tmp_path / "none"))
+    assert fetch.claim_spool_boot(spool) is False         # unknown: each segment fsynced
+    assert "000000010000000000000005" not in os.listdir(spool)
+    assert fetch.spool_of_this_boot(spool)
 
 
 def test_a_spooled_copy_of_another_cluster_is_left_to_the_rest(spooled):
