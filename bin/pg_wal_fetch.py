@@ -384,6 +384,7 @@ SPOOL_WANT = ".prefetch.want"
 SPOOL_LOG = ".prefetch.log"
 SPOOL_MISSED = ".prefetch.missed"   # segments the prefetcher's last pass asked every source for, in vain
 SPOOL_BOOT = ".prefetch.boot"   # the boot its segments were spooled in (spool_of_this_boot)
+SPOOL_SUFFIX = ".boot"   # of a spool's name (spool_for)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 PREFETCH_LINGER = 2.0    # seconds an idle prefetcher waits for the next request
 STREAM_AHEAD = 120       # segments after the window one prefetch session asks for
@@ -556,7 +557,9 @@ def spool_for(spool_root, data_directory):
         from hashlib import sha1
     name = data_directory.rstrip("/").rpartition("/")[2] or "root"
     digest = sha1(data_directory.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-    return path_join(spool_root, "%s-%s" % (name, digest))
+    # ".boot": a spool of one boot (spool_of_this_boot). Versions before it read
+    # NAME-DIGEST, and never this one, whose segments they could not tell torn.
+    return path_join(spool_root, "%s-%s%s" % (name, digest, SPOOL_SUFFIX))
 
 
 def config_identity(path):
@@ -2997,24 +3000,30 @@ def speaks_ssh(host, port, wait, patience):
     try:
         name = host.encode("ascii")
     except UnicodeEncodeError:
-        name = host.encode("idna")
+        try:
+            name = host.encode("idna")
+        except UnicodeError:
+            return False
     try:
         addresses = _socket.getaddrinfo(name, port, 0, _socket.SOCK_STREAM)
     except (OSError, IOError):
         return False
     for family, kind, proto, _canonical, address in addresses:
-        connection = _socket.socket(family, kind, proto)
         try:
-            connection.settimeout(wait)
-            connection.connect(address)
+            connection = _socket.socket(family, kind, proto)    # EAFNOSUPPORT without IPv6
         except (OSError, IOError):
-            connection.close()
             continue
         try:
-            connection.settimeout(patience)
-            return connection.recv(64).startswith(b"SSH-")
-        except (OSError, IOError):
-            return False
+            try:
+                connection.settimeout(wait)
+                connection.connect(address)
+            except (OSError, IOError):
+                continue
+            try:
+                connection.settimeout(patience)
+                return connection.recv(64).startswith(b"SSH-")
+            except (OSError, IOError):
+                return False
         finally:
             connection.close()
     return False
@@ -3730,8 +3739,9 @@ def spool_owner(spool):
 
 def remove_orphan_spools(spool_root, own):
     """Remove the spools of data directories that are gone (restored copies cleaned
-    up), never one a prefetcher holds. Each names its data directory in SPOOL_OWNER;
-    a spool without that file is left alone."""
+    up) and those an older version named (without SPOOL_SUFFIX: this version
+    never reads them), never one a prefetcher holds. Each names its data
+    directory in SPOOL_OWNER; a spool without that file is left alone."""
     try:
         entries = os.listdir(spool_root)
     except OSError:
@@ -3741,7 +3751,7 @@ def remove_orphan_spools(spool_root, own):
         if spool == own:
             continue
         owner = spool_owner(spool)
-        if not owner or os.path.exists(os.path.join(owner, "PG_VERSION")):
+        if not owner or (entry.endswith(SPOOL_SUFFIX) and os.path.exists(os.path.join(owner, "PG_VERSION"))):
             continue
         try:
             lock_fd = os.open(os.path.join(spool, SPOOL_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
@@ -3751,7 +3761,8 @@ def remove_orphan_spools(spool_root, own):
             if try_lock(lock_fd):
                 import shutil           # here: every fetch calls this, and shutil costs 6 ms
                 shutil.rmtree(spool, ignore_errors=True)
-                log.info("removed the spool of %s (no longer a data directory)", owner)
+                log.info("removed the spool of %s (%s)", owner, "an older version's"
+                         if not entry.endswith(SPOOL_SUFFIX) else "no longer a data directory")
         finally:
             os.close(lock_fd)
 

@@ -9,14 +9,17 @@ and the worst faults end in a real PostgreSQL 15 recovery whose rows are counted
 
 import bz2
 import contextlib
+import errno
 import gzip
 import os
 import re
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -591,6 +594,36 @@ def test_the_tcp_probe_refuses_a_host_that_speaks_something_else_or_nothing_in_t
         assert time.monotonic() - started < 2.0       # its patience, not forever
     # The listener is closed now: its port refuses.
     assert FETCH.speaks_ssh("127.0.0.1", port, 1.0, 1.0) is False
+
+
+def test_the_tcp_probe_skips_an_address_family_the_kernel_lacks(monkeypatch):
+    # A kernel booted with ipv6.disable=1: socket(AF_INET6) fails. A host name
+    # with an IPv6 address first: the probe goes on to the IPv4 one, as
+    # socket.create_connection did.
+    # The C module as speaks_ssh imports it, with socket() failing for AF_INET6
+    # (socket.py, which the listener uses, keeps the real one).
+    import _socket
+    tried = []
+
+    def no_ipv6(family, *args):
+        tried.append(family)
+        if family == _socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return _socket.socket(family, *args)
+    def and_ipv6_first(host, port, *args):          # the name has an IPv6 address too
+        return _socket.getaddrinfo(b"::1", port, *args) + _socket.getaddrinfo(host, port, *args)
+    kernel = types.ModuleType("_socket")
+    kernel.__dict__.update(_socket.__dict__)
+    kernel.socket, kernel.getaddrinfo = no_ipv6, and_ipv6_first
+    with silent_listener("127.0.0.1", b"SSH-2.0-OpenSSH_9.2p1\r\n") as (port, _held, _connections):
+        monkeypatch.setitem(sys.modules, "_socket", kernel)
+        assert FETCH.speaks_ssh("127.0.0.1", port, 1.0, 1.0) is True
+        monkeypatch.undo()
+    assert tried == [socket.AF_INET6, socket.AF_INET]
+
+
+def test_the_tcp_probe_takes_a_name_idna_cannot_encode_for_down():
+    assert FETCH.speaks_ssh("\u00fc" + "a" * 70 + ".invalid", 22, 1.0, 1.0) is False
 
 
 def test_a_private_temporary_directory_for_pg_waldump_without_tempfile(tmp_path, monkeypatch):

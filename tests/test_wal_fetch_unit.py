@@ -4,6 +4,7 @@ No network here; the segments come from the testbed primary's archive.
 """
 
 import bz2
+import fcntl
 import gzip
 import lzma
 import os
@@ -691,6 +692,26 @@ def test_each_data_directory_has_its_own_spool_below_spool_dir():
     assert clone.startswith("/var/lib/pg_zfs/spool/pgdata-")
     assert standby != clone
     assert fetch.spool_for("/s", "/zp1/data02/pgdata") == fetch.spool_for("/s", "/zp1/data02/pgdata")
+    # Versions before the spool served one boot named it without ".boot": they never
+    # read a spool whose segments were not fsynced.
+    assert standby.endswith(".boot") and clone.endswith(".boot")
+
+
+def test_a_spool_an_older_version_named_is_removed_and_one_a_prefetcher_holds_is_not(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    (pgdata / "PG_VERSION").write_text("15\n")
+    root = tmp_path / "spool"
+    own = fetch.spool_for(str(root), str(pgdata))
+    old, held, gone = root / "pgdata-0123456789", root / "held-0123456789", root / "gone-0123456789.boot"
+    for spool, owner in ((own, pgdata), (old, pgdata), (held, pgdata), (gone, tmp_path / "gone")):
+        os.makedirs(str(spool))
+        with open(os.path.join(str(spool), fetch.SPOOL_OWNER), "w") as owner_file:
+            owner_file.write("%s\n" % owner)
+    with open(str(held / fetch.SPOOL_LOCK), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)             # an older version's prefetcher at work
+        fetch.remove_orphan_spools(str(root), own)
+    assert sorted(os.listdir(str(root))) == sorted([os.path.basename(own), "held-0123456789"])
 
 
 @pytest.mark.parametrize("suffix, compress", [
