@@ -2674,6 +2674,16 @@ class StagedFile(object):
             self.temp_path = None
 
 
+def put_file(path, data, durable=False):
+    """Write data as the file at path, whole or not at all (StagedFile)."""
+    staged = StagedFile(os.path.dirname(path), durable)
+    try:
+        staged.write(data)
+        staged.commit(path)
+    finally:
+        staged.discard()
+
+
 def remove_quietly(path):
     try:
         os.unlink(path)
@@ -3389,12 +3399,8 @@ def start_prefetch(settings, wal_name, dest, cluster, waldump, verbose):
         os.makedirs(settings.spool_dir, 0o700)      # the root too, when missing
         # Which data directory this spool serves: a later call removes the
         # spool once that directory is gone (a restored copy cleaned up).
-        owner = StagedFile(settings.spool_dir, durable=True)
-        try:
-            owner.write((os.getcwd() + "\n").encode("utf-8", "surrogateescape"))
-            owner.commit(spool_file(settings, SPOOL_OWNER))
-        finally:
-            owner.discard()
+        put_file(spool_file(settings, SPOOL_OWNER), (os.getcwd() + "\n").encode("utf-8", "surrogateescape"),
+                 durable=True)
     note_config(settings)
     write_want(settings.spool_dir, wal_name, seg_size)
     if not needs_refill(settings, (wal_name, seg_size)):
@@ -3692,12 +3698,7 @@ def note_config(settings):
                 return
     except (IOError, OSError):
         pass
-    staged = StagedFile(settings.spool_dir)
-    try:
-        staged.write(note.encode("utf-8", "surrogateescape"))
-        staged.commit(path)
-    finally:
-        staged.discard()
+    put_file(path, note.encode("utf-8", "surrogateescape"))
 
 
 def refill_after_quick_delivery(config_path, spool, wal_name, dest):
@@ -3828,12 +3829,8 @@ def claim_spool_boot(spool):
         for name in os.listdir(spool):
             if wal_kind(name) is not None:
                 remove_quietly(os.path.join(spool, name))
-        mark = StagedFile(spool, durable=True)
-        try:
-            mark.write((boot + "\n").encode("ascii"))
-            mark.commit(os.path.join(spool, SPOOL_BOOT))        # also makes the removals durable
-        finally:
-            mark.discard()
+        # Fsynced with its directory: that makes the removals durable too.
+        put_file(os.path.join(spool, SPOOL_BOOT), (boot + "\n").encode("ascii"), durable=True)
         log.info("the spool is this boot's now (%s)", boot)
     return boot != "unknown"
 
