@@ -51,11 +51,17 @@ machine is shared) and print medians; the load average is printed with them.
    pg_wal_serve), one bare; delivery of every segment, one process per file,
    prefetch = 0 and 8, through each. Target: restricted within 1.1x of bare.
    `--only-keys` runs this part alone (after building the archive).
+6. With --peers: the peers, in the same run, once this bench's hosts are
+   gone: ../shared/bench/wal_restore_bench.py through bench/peers.py (cp,
+   the article's command, scp over a shared connection, barman-wal-restore
+   -p 8, pgBackRest async, and this pg_wal_fetch.py with prefetch 8 and 0 as
+   its extras), so the README's table of issue 17 comes from one run.
 """
 
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -495,6 +501,7 @@ def main():
     parser.add_argument("--baseline-rev", help="also run bin/pg_wal_fetch.py of this git revision")
     parser.add_argument("--only-keys", action="store_true", help="run part 5 alone (the restricted key)")
     parser.add_argument("--skip-keys", action="store_true", help="leave part 5 out")
+    parser.add_argument("--peers", action="store_true", help="then part 6: the peers' bench (bench/peers.py)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (sshd, runuser)")
@@ -618,6 +625,14 @@ def main():
     finally:
         bench.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)
+    if args.peers and not args.only_keys:
+        print("\n6. the peers: ../shared/bench/wal_restore_bench.py, through bench/peers.py (load average %s)"
+              % load_average(), flush=True)
+        code = subprocess.call([sys.executable, os.path.join(REPO, "bench", "peers.py"), "--script", SCRIPT,
+                                "--python", bench.python])
+        if code:
+            sys.exit("the peers' bench failed: exit code %d" % code)
+
 
 if __name__ == "__main__":
     main()

@@ -2916,19 +2916,57 @@ def waldump_verdict(returncode, message, covered_by_one_record):
 def run_waldump(waldump, staged, wal_name, timeout):
     """(exit code, last stderr line) of pg_waldump -z on the staged file, read under
     the segment's own name (pg_waldump takes the timeline and position from it)."""
+    return finish_waldump(start_waldump(waldump, staged, wal_name), timeout)
+
+
+def start_waldump(waldump, staged, wal_name):
+    """run_waldump in two halves: pg_waldump started on the staged file, to be read
+    by finish_waldump (or stopped by stop_waldump), so the page headers are checked
+    while it runs (issue 17). Returns what those two take."""
     need_subprocess()
     directory = private_temp_directory()
     link = os.path.join(directory, wal_name)
+    argv = [waldump, "-z", link]
+    log.debug("run: %s", " ".join(argv))
     try:
         os.symlink(staged.path_for_readers(), link)
-        code, _out, err = run([waldump, "-z", link], timeout=timeout, check=False)
-        return code, (err.strip().splitlines() or [""])[-1]
-    finally:
-        remove_quietly(link)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+    except BaseException:
+        remove_link_directory(directory, link)
+        raise
+    return proc, directory, link
+
+
+def finish_waldump(started, timeout):
+    """(exit code, last stderr line) of a start_waldump; a Failure if it does not end
+    within timeout seconds. The process and its link are gone afterwards."""
+    proc = started[0]
+    try:
         try:
-            os.rmdir(directory)
-        except OSError:
-            pass
+            _out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Failure("%s did not finish within %s s" % (" ".join(proc.args), timeout), 1)
+        return proc.returncode, (err.strip().splitlines() or [""])[-1]
+    finally:
+        stop_waldump(started)
+
+
+def stop_waldump(started):
+    """Stop a start_waldump's process if it runs, and remove its link."""
+    proc, directory, link = started
+    if proc.returncode is None:
+        proc.kill()
+        proc.communicate()
+    remove_link_directory(directory, link)
+
+
+def remove_link_directory(directory, link):
+    remove_quietly(link)
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
 
 
 def private_temp_directory():
@@ -2956,23 +2994,35 @@ def make_verifier(cluster, waldump, timeout):
     def verify(staged, wal_name):
         import mmap
         staged.file.flush()
-        with mmap.mmap(staged.file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            problem = check_pages(data, wal_name, cluster.magics)
-            if problem:
-                return problem
-            if waldump:
-                try:
-                    code, message = run_waldump(waldump, staged, wal_name, timeout)
-                except (Failure, OSError) as error:
-                    code, message = -1, str(error)
-                seg_size = len(data)
-                rem_len = LONG_HEADER.unpack_from(data)[4]
-                verdict = waldump_verdict(code, message, rem_len >= seg_size - LONG_HEADER.size)
-                if verdict is not False:
-                    return verdict
-                log.warning("%s could not check %s (%s): checking its records here, slowly",
-                            waldump, wal_name, message)
-            return walk_records(data, wal_name, "segment", crc32c_engine())
+        started, code, message = None, -1, ""
+        if waldump:
+            try:
+                started = start_waldump(waldump, staged, wal_name)     # runs beside check_pages
+            except (Failure, OSError) as error:
+                message = str(error)
+        try:
+            with mmap.mmap(staged.file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                problem = check_pages(data, wal_name, cluster.magics)
+                if problem:
+                    return problem
+                if waldump:
+                    if started is not None:
+                        try:
+                            code, message = finish_waldump(started, timeout)
+                        except (Failure, OSError) as error:
+                            code, message = -1, str(error)
+                        started = None
+                    seg_size = len(data)
+                    rem_len = LONG_HEADER.unpack_from(data)[4]
+                    verdict = waldump_verdict(code, message, rem_len >= seg_size - LONG_HEADER.size)
+                    if verdict is not False:
+                        return verdict
+                    log.warning("%s could not check %s (%s): checking its records here, slowly",
+                                waldump, wal_name, message)
+                return walk_records(data, wal_name, "segment", crc32c_engine())
+        finally:
+            if started is not None:
+                stop_waldump(started)        # the pages were bad, or we were interrupted
     return verify
 
 

@@ -640,6 +640,43 @@ def test_a_private_temporary_directory_for_pg_waldump_without_tempfile(tmp_path,
         os.rmdir(elsewhere)
 
 
+def test_pg_waldump_runs_beside_the_page_checks_and_never_outlives_them(full, tb, tmp_path, monkeypatch):
+    # verify() starts pg_waldump, checks every page header while it runs (issue
+    # 17), then takes its verdict; a bad page header ends it at once. Either way
+    # neither its process nor its private directory outlives the check.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    started = []
+    real_start = FETCH.start_waldump
+
+    def start(*args):
+        started.append(real_start(*args))
+        return started[-1]
+    monkeypatch.setattr(FETCH, "start_waldump", start)
+    name = full.segments[0]
+    copy = bytearray(full.original(name))
+    records = bytearray(copy)
+    records[4 * PAGE + 100:4 * PAGE + 164] = b"\xa5" * 64     # inside a record: only pg_waldump sees it
+    pages = bytearray(copy)
+    pages[SEG - PAGE:SEG - PAGE + 2] = b"\x00\x00"              # the last page's magic
+    verify = FETCH.make_verifier(FETCH.Cluster(None, tb.pg_version), os.path.join(tb.pg_bindir, "pg_waldump"), 60)
+    verdicts = []
+    for data in (copy, records, pages):
+        staged = FETCH.StagedFile(str(tmp_path))
+        try:
+            staged.write(bytes(data))
+            verdicts.append(verify(staged, name))
+        finally:
+            staged.discard()
+    assert verdicts[0] is None
+    assert verdicts[1] and verdicts[1].startswith("pg_waldump: "), verdicts[1]
+    assert verdicts[2] and "magic" in verdicts[2], verdicts[2]
+    assert len(started) == 3
+    for proc, directory, _link in started:
+        assert proc.returncode is not None
+        assert not os.path.exists(directory)
+    assert os.listdir(str(tmp_path)) == []
+
+
 def test_listener_that_never_speaks_is_down_within_a_second_and_asked_last(full, tb):
     name, later = full.segments[0], full.segments[1]
     address = tb.address(9)
