@@ -2960,8 +2960,12 @@ class Restorer(object):
         lsn_reached = None
         first_sample = None
         while True:
-            events = read_recovery_log(read_text_file(plan.log_file))
+            # Whether it runs first, then its log: a server that has exited wrote
+            # its last line before it did. The other way round, a server that logs
+            # "shutdown at recovery target" and exits between the two reads was
+            # taken for one that failed without a word (seen with PostgreSQL 14).
             running = self.server.running()
+            events = read_recovery_log(read_text_file(plan.log_file))
             status = self.server.status(plan.major) if running else None
             if status and status[2]:
                 lsn_reached = status[2]

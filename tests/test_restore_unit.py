@@ -451,6 +451,44 @@ def test_recovery_outcomes():
     assert restore.recovery_outcome("time", None, quiet) == "failed"
 
 
+class ServerExitingWhenAsked(object):
+    """A recovering server that, at the moment it is asked whether it runs, writes
+    its last lines ("shutdown at recovery target", --action shutdown) and exits:
+    the window between two reads that no real PostgreSQL can be made to hit at
+    will (CI saw it once with PostgreSQL 14)."""
+
+    def __init__(self, log_file):
+        self.log_file = log_file
+        self.asked = 0
+
+    def running(self):
+        self.asked += 1
+        with open(self.log_file, "a") as log_file:
+            log_file.write("2026-12-02 02:27:27.5 UTC [9] LOG:  shutdown at recovery target\n"
+                           "2026-12-02 02:27:27.6 UTC [9] LOG:  database system is shut down\n")
+        return False
+
+    def control_value(self, _name):
+        return "0/48250A8"
+
+
+def test_a_server_that_shuts_down_at_the_target_between_two_reads_is_taken_as_shut_down(tmp_path):
+    # wait_for_target asks whether the server runs, then reads its log: a server
+    # that has exited wrote its last line before. The other way round this was
+    # "stopped before the target ... no FATAL line", and the restore failed.
+    log_file = tmp_path / "server.log"
+    log_file.write_text("2026-12-02 02:27:26.0 UTC [9] LOG:  starting point-in-time recovery to "
+                        "2026-12-02 02:27:25.221286+00\n")
+    snapshot_set = restore.SnapshotSet("pgzfs_20261202T022722Z", None, [], [], {}, 0, True)
+    plan = restore.Plan(timeout=30, log_file=str(log_file), inclusive=True, snapshot_set=snapshot_set,
+                        target=restore.Target("time", datetime.datetime(2026, 12, 2, 2, 27, 25, 221286, UTC)))
+    server = ServerExitingWhenAsked(str(log_file))
+    outcome = restore.Restorer(plan, None, server, None).wait_for_target()
+    assert outcome["outcome"] == "shut down"
+    assert outcome["lsn"] == "0/48250A8"
+    assert server.asked == 1
+
+
 def test_status_query_uses_each_versions_functions():
     assert "pg_get_wal_replay_pause_state" in restore.status_sql((14, 0))
     assert "pg_is_wal_replay_paused" in restore.status_sql((13, 0))
