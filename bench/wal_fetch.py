@@ -4,6 +4,7 @@
 Run as root, from the repository:
 
     python3 bench/wal_fetch.py [--segments 64] [--reps 3] [--pg 15] [--baseline-rev REV]
+                               [--floor] [--skip-validation] [--skip-keys] [--peers]
 
 Builds everything under a fresh /tmp directory and removes it at the end: a
 PostgreSQL primary archiving into ARCH/primary/, a base backup taken before
@@ -51,6 +52,19 @@ machine is shared) and print medians; the load average is printed with them.
    pg_wal_serve), one bare; delivery of every segment, one process per file,
    prefetch = 0 and 8, through each. Target: restricted within 1.1x of bare.
    `--only-keys` runs this part alone (after building the archive).
+With --floor, parts 1 and 2 also run the floors: what pg_wal_fetch.py must do,
+done by /bin/sh and the standard tools without a line of Python (and without
+the page checks), so a target below its floor is out of reach on this machine:
+   (f0) each call: ssh over a shared connection into a scratch file,
+   `pg_waldump -z` on it, the rename (the floor under (d));
+   (f8) the first call starts one ssh stream (AES-GCM first) of every
+   segment into a spool by tar, each segment checked by pg_waldump once the
+   next has begun and renamed into place; each call waits for its segment
+   and renames it (the floor under (e));
+   (g) a recovery through (f8); (h) a recovery through cp while the same
+   stream and checks run beside it, timed until both end: no call waits
+   for anything (the floor under part 2's (e)).
+--skip-validation leaves parts 3, 4 and 5 out.
 6. With --peers: the peers, in the same run, once this bench's hosts are
    gone: ../shared/bench/wal_restore_bench.py through bench/peers.py (cp,
    the article's command, scp over a shared connection, barman-wal-restore
@@ -119,6 +133,11 @@ class Bench(object):
         self.expected = self.psql("SELECT count(*) FROM bench")
         sh([self.pg("pg_ctl"), "stop", "-m", "fast", "-D", self.pgdata], user=PG_USER)
         self.names = self.archived()
+
+    def backup_start_segment(self):
+        """The segment the base backup's recovery starts in (backup_label's START WAL LOCATION)."""
+        with open(os.path.join(self.backup, "backup_label")) as label:
+            return label.read().split("(file ", 1)[1].split(")", 1)[0]
 
     def psql(self, sql):
         return sh([self.pg("psql"), "-X", "-q", "-A", "-t", "-h", self.sock, "-p", str(self.port),
@@ -268,10 +287,55 @@ class Bench(object):
             raise RuntimeError("streamed %d bytes" % size)
         return elapsed
 
+    # -- the floors: the same work without Python (--floor) --------------------
+
+    def floor_commands(self, tag):
+        """(prefetch 0, prefetch 8) restore_commands that do what pg_wal_fetch.py must
+        (fetch over ssh, pg_waldump -z on the whole segment, rename into place)
+        in /bin/sh, without a line of Python and without the page checks: the
+        floor under each target (README, "Why the targets are out of reach")."""
+        home = os.path.join(self.run_dir, "floor_" + tag)
+        spool = os.path.join(home, "spool")
+        for sub in ("cm", "scratch", "spool/in", "spool/ready"):
+            os.makedirs(os.path.join(home, sub))
+        ssh = "ssh %s -p %d -l %s" % (self.ssh_opts, self.ssh_port, self.user)
+        waldump = self.pg("pg_waldump")
+        scripts = {
+            # One call, one segment: ssh over a shared connection into a scratch
+            # file, pg_waldump on it (its verdict is not judged: only its cost
+            # counts here), then the rename.
+            "deliver0.sh": FLOOR0 % {"ssh": ssh, "cm": os.path.join(home, "cm"), "host": HOSTS[0],
+                                     "wal_dir": self.wal_dir, "scratch": os.path.join(home, "scratch"),
+                                     "waldump": waldump},
+            # The first call starts feed.sh (one ssh stream of every segment from
+            # the one asked, AES-GCM first, into spool/in by tar; each segment
+            # checked by pg_waldump once the next one has begun, then renamed into
+            # spool/ready); every call waits for its segment there and renames it.
+            "deliver8.sh": FLOOR8 % {"spool": spool, "feed": os.path.join(home, "feed.sh"),
+                                     "names": " ".join(self.names)},
+            "feed.sh": FEED % {"spool": spool, "names": " ".join(self.names), "waldump": waldump,
+                               "stream": "%s -o Ciphers=%s %s" % (ssh, FETCH.AES_FIRST_CIPHERS, HOSTS[0]),
+                               "wal_dir": self.wal_dir},
+        }
+        for name, text in scripts.items():
+            with open(os.path.join(home, name), "w") as out:
+                out.write(text)
+        sh(["chown", "-R", PG_USER, home])
+        return ("sh %s/deliver0.sh %%f %%p" % home, "sh %s/deliver8.sh %%f %%p" % home)
+
+    def floor_done(self, tag):
+        """Wait for a floor's feeder to end (it streams every segment) and close its master."""
+        home = os.path.join(self.run_dir, "floor_" + tag)
+        if os.path.exists(os.path.join(home, "spool", "started")):
+            wait_for(lambda: os.path.exists(os.path.join(home, "spool", "checked")), 120, "the floor's feeder")
+        self.close_masters(os.path.join(home, "cm"))
+
     # -- recovery ------------------------------------------------------------
 
-    def recover(self, restore_command):
-        """Seconds from pg_ctl start to the end of recovery of a copy of the base backup."""
+    def recover(self, restore_command, beside=None):
+        """Seconds from pg_ctl start to the end of recovery of a copy of the base backup.
+        beside: a command run as postgres from pg_ctl start on; then the seconds
+        until both have ended."""
         data = os.path.join(self.run_dir, "recovery")
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(self.backup, data, symlinks=True)
@@ -285,6 +349,8 @@ class Bench(object):
         if os.path.exists(logfile):
             os.unlink(logfile)
         started = time.monotonic()
+        if beside:
+            beside = subprocess.Popen(["runuser", "-u", PG_USER, "--"] + beside, stdin=subprocess.DEVNULL)
         # pg_ctl -w counts a server in recovery as started: watch the log for the end,
         # reading only what was added (rereading all of it 50 times a second took
         # a tenth of the CPU a recovery through ssh has on 2 cores).
@@ -299,6 +365,8 @@ class Bench(object):
             seen[1] = seen[1][-64:] + added
             return b"ready to accept connections" in seen[1]
         wait_for(lambda: os.path.exists(logfile) and ready(), 1200, "the end of recovery", 0.02)
+        if beside and beside.wait(600):
+            raise RuntimeError("the command beside the recovery failed: exit code %d" % beside.returncode)
         elapsed = time.monotonic() - started
         count = sh([self.pg("psql"), "-X", "-q", "-A", "-t", "-h", self.sock, "-p", str(port), "-U",
                     PG_USER, "-d", "postgres", "-c", "SELECT count(*) FROM bench"], user=PG_USER).stdout
@@ -448,6 +516,50 @@ print(median(cp), median(spool_times))
 """
 
 
+FLOOR0 = r"""#!/bin/sh
+%(ssh)s -o ControlMaster=auto -o ControlPath=%(cm)s/%%C -o ControlPersist=60 %(host)s \
+    "cat %(wal_dir)s/$1" > %(scratch)s/$1 || exit 1
+%(waldump)s -z %(scratch)s/$1 > /dev/null 2>&1
+mv %(scratch)s/$1 "$2"
+"""
+
+FLOOR8 = r"""#!/bin/sh
+case " %(names)s " in *" $1 "*) ;; *) exit 1;; esac
+if [ ! -e %(spool)s/started ] && mkdir %(spool)s/started 2> /dev/null; then
+    sh %(feed)s "$1" < /dev/null > /dev/null 2>&1 &
+fi
+while [ ! -e %(spool)s/ready/$1 ]; do
+    if [ -e %(spool)s/checked ]; then
+        [ -e %(spool)s/ready/$1 ] || exit 1
+        break
+    fi
+    sleep 0.002
+done
+mv %(spool)s/ready/$1 "$2"
+"""
+
+FEED = r"""#!/bin/sh
+list="" on=""
+for n in %(names)s; do
+    [ "$n" = "$1" ] && on=1
+    [ -n "$on" ] && list="$list $n"
+done
+cd %(spool)s/in || exit 1
+{ %(stream)s "cd %(wal_dir)s && tar -b 2048 -cf - $list" | tar -b 2048 -B -xf -; : > %(spool)s/streamed; } &
+set -- $list
+while [ $# -gt 0 ]; do
+    n=$1
+    shift
+    while ! { [ $# -gt 0 ] && [ -e "$1" ]; } && [ ! -e %(spool)s/streamed ]; do
+        sleep 0.002
+    done
+    %(waldump)s -z $n > /dev/null 2>&1
+    mv $n %(spool)s/ready/$n
+done
+: > %(spool)s/checked
+"""
+
+
 def restricted_key_part(bench, old_script=None, baseline_rev=None):
     """5: delivery through the key restricted to pg_wal_serve against the same user's
     bare key (and, with --baseline-rev, that revision's script through the bare key)."""
@@ -502,6 +614,9 @@ def main():
     parser.add_argument("--only-keys", action="store_true", help="run part 5 alone (the restricted key)")
     parser.add_argument("--skip-keys", action="store_true", help="leave part 5 out")
     parser.add_argument("--peers", action="store_true", help="then part 6: the peers' bench (bench/peers.py)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also the floors: each target's work in /bin/sh, without Python (parts 1 and 2)")
+    parser.add_argument("--skip-validation", action="store_true", help="leave parts 3, 4 and 5 out")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (sshd, runuser)")
@@ -556,15 +671,25 @@ def main():
                     results.setdefault(key, []).append(bench.deliver_all(fetch))
                 finally:
                     bench.close_masters(control)
+            if args.floor:
+                floor0, floor8 = bench.floor_commands("d%d" % rep)
+                for key, command in (("f0", floor0), ("f8", floor8)):
+                    try:
+                        results.setdefault(key, []).append(bench.deliver_all(command))
+                    finally:
+                        bench.floor_done("d%d" % rep)
             loads.append(load_average())
         result = dict((key, median(values)) for key, values in results.items())
         labels = {"a": "cp from a local directory", "b": "article's command, both hosts up",
                   "c": "one ssh cat of every segment", "c2": "the same, AES-GCM first",
                   "s": "scp, shared connection", "d": "pg_wal_fetch.py, prefetch = 0",
-                  "e": "pg_wal_fetch.py, prefetch = 8"}
+                  "e": "pg_wal_fetch.py, prefetch = 8", "f0": "floor: sh, ssh, pg_waldump, prefetch 0",
+                  "f8": "floor: sh, ssh stream, pg_waldump, prefetch"}
         print("\n1. delivery of %d segments, one process per file (median of %d; load %s)"
               % (n, args.reps, "; ".join(loads)))
-        for key in ("a", "b", "c", "c2", "s", "d", "e"):
+        for key in ("a", "b", "c", "c2", "s", "d", "e", "f0", "f8"):
+            if key not in result:
+                continue
             print("  (%-2s) %-36s %7.2f s  %6.1f ms/segment  (%s)" % (
                 key, labels[key], result[key], result[key] * 1000 / n,
                 " ".join("%.2f" % value for value in results[key])))
@@ -572,6 +697,9 @@ def main():
               "(b)/(e) = %.1f   (s)/(e) = %.1f" % (result["e"] / result["c"], result["e"] / result["c2"],
                                                    result["d"] / result["s"], result["b"] / result["e"],
                                                    result["s"] / result["e"]))
+        if args.floor:
+            print("  floors: (f8)/(c) = %.2f (the target for (e): <= 1.3)   (f0)/(s) = %.2f (the target for (d): "
+                  "<= 1.0)" % (result["f8"] / result["c"], result["f0"] / result["s"]))
         if old_script:
             for key in ("d", "e"):
                 print("  (%s) at %-12s %24s %7.2f s  %6.1f ms/segment; now/then = %.2f"
@@ -595,18 +723,40 @@ def main():
                         bench.recover("%s -S %s -c %s %%f %%p" % (bench.python, old_script, config)))
                 finally:
                     bench.close_masters(control)
+            if args.floor:
+                try:
+                    recovery.setdefault("g", []).append(bench.recover(bench.floor_commands("r%d" % rep)[1]))
+                finally:
+                    bench.floor_done("r%d" % rep)
+                # (h): no call waits for anything: cp serves the replay while the
+                # stream and pg_waldump do the same work beside it, until both end.
+                bench.floor_commands("h%d" % rep)
+                first = bench.backup_start_segment()
+                try:
+                    recovery.setdefault("h", []).append(bench.recover(
+                        "cp %s/primary/%%f %%p" % bench.arch,
+                        beside=["sh", os.path.join(run_dir, "floor_h%d" % rep, "feed.sh"), first]))
+                finally:
+                    bench.floor_done("h%d" % rep)
         print("\n2. recovery of the base backup (pg_ctl start to end of recovery; median of %d; load %s)"
               % (args.reps, load_average()))
         seconds = dict((key, median([elapsed for elapsed, _restored in values])) for key, values in recovery.items())
         labels["f"] = "pg_wal_fetch.py at %s" % (args.baseline_rev or "")[:12]
+        labels["g"] = "floor: sh, ssh stream, pg_waldump"
+        labels["h"] = "floor: cp, the stream and checks beside"
         for key in sorted(recovery):
             print("  (%s) %-36s %7.2f s  (%d files restored; %s)" % (
                 key, labels[key], seconds[key], recovery[key][0][1],
                 " ".join("%.2f" % elapsed for elapsed, _restored in recovery[key])))
         print("  (e)/(a) = %.2f (target <= 1.5)" % (seconds["e"] / seconds["a"]))
+        if args.floor:
+            print("  floors: (g)/(a) = %.2f   (h)/(a) = %.2f (the target for (e): <= 1.5)"
+                  % (seconds["g"] / seconds["a"], seconds["h"] / seconds["a"]))
         if old_script:
             print("  (e)/(f) = %.2f" % (seconds["e"] / seconds["f"]))
 
+        if args.skip_validation:
+            return
         print("\n3. whole-segment validation, per 16 MiB segment (median; client Python)")
         for label, value in bench.validation_costs():
             print("  %-44s %8.1f ms" % (label, value * 1000))
