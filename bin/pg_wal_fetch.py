@@ -23,12 +23,13 @@ What it does, in order:
   2. Deliver from the prefetch spool if a valid copy is there (no network).
   3. Otherwise try each source in order (one that failed in the last 60 s,
      by its probe, a stall or no answer, goes last, never skipped): a quick
-     probe (ping; tcp waits for sshd's banner; or none), then ONE ssh command
-     over a shared connection (ControlMaster) that streams the first copy
-     of the name under the source's directory glob. Every copy is tried, in
-     order, until one is valid: each directory the glob matches, and in each
-     NAME, NAME.gz, NAME.bz2, NAME.xz. A local source (empty host) reads the
-     glob directly.
+     probe (ping; tcp waits for sshd's banner; or none; none within 2 s
+     of the source's last answer: a burst of calls probes once), then ONE
+     ssh command over a shared connection (ControlMaster) that streams the
+     first copy of the name under the source's directory glob. Every copy is
+     tried, in order, until one is valid: each directory the glob matches,
+     and in each NAME, NAME.gz, NAME.bz2, NAME.xz. A local source (empty
+     host) reads the glob directly.
   4. Limits per source: no byte for [archive] stall_timeout seconds, or its
      share of [archive] timeout used up (the time left divided by the sources
      left), and the source is given up for the next one.
@@ -389,6 +390,9 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 PREFETCH_LINGER = 2.0    # seconds an idle prefetcher waits for the next request
 STREAM_AHEAD = 120       # segments after the window one prefetch session asks for
 DOWN_MEMO = 60.0         # seconds a source whose probe failed is tried last
+UP_MEMO = 2.0            # seconds a source that answered is not probed again (probe_needed)
+# What a source that answered says: it is up, whatever it had.
+ANSWERED = (FOUND, ABSENT, INVALID, NO_MORE, NO_DIRECTORY)
 SPOOL_OWNER = ".pgdata"  # in each spool: the data directory it serves
 STOP_MARK = "stopping recovery at"
 CONFIG_NOTE = ".config-ok"   # in each spool: the config file the last full run validated
@@ -1195,6 +1199,19 @@ def source_order(sources, down_since, now, memo=DOWN_MEMO):
         return since is not None and 0 <= now - since < memo
     return ([source for source in sources if not recently_down(source)]
             + [source for source in sources if recently_down(source)])
+
+
+def probe_needed(answered_at, now, memo=UP_MEMO):
+    """False while a source that answered at answered_at (None: not lately) did so
+    less than memo seconds ago. A recovery's calls come many a second, and
+    each probe costs: with probe = tcp a connection that ends before it
+    authenticates, which OpenSSH 9.8 and later (PerSourcePenalties, on by
+    default) count as a second of penalty each, refusing the guest's
+    address once 15 s have accrued, and an sshd process on the archive
+    host, often the primary's; with ping a process here. So only the first
+    call of a burst probes. A host that dies within memo of answering is
+    given up by ssh's own limits instead (ServerAliveInterval, stall_timeout)."""
+    return answered_at is None or not 0 <= now - answered_at < memo
 
 
 def check_text_file(kind, content, size, timeline=None):
@@ -3089,46 +3106,60 @@ def speaks_ssh(host, port, wait, patience):
     return False
 
 
-def down_memo(settings, source):
+def memo_file(settings, source, kind):
     """The file in the private control dir whose mtime says when source last failed
-    (probe, stall, or no answer); None without a usable control dir or for an odd
-    source name."""
+    (kind "down": probe, stall, or no answer) or last answered (kind "up"); None
+    without a usable control dir or for an odd source name."""
     if not settings.control_dir or not all(c.isalnum() or c in "._-" for c in source.name):
         return None
-    return os.path.join(settings.control_dir, "down-" + source.name)
+    return os.path.join(settings.control_dir, kind + "-" + source.name)
+
+
+def memo_time(settings, source, kind):
+    """The time of source's memo of kind, or None."""
+    path = memo_file(settings, source, kind)
+    if path:
+        try:
+            return os.stat(path).st_mtime
+        except OSError:
+            pass
+    return None
 
 
 def down_since(settings):
     """{source name: time it last failed} for the sources with a memo."""
     result = {}
     for source in settings.sources:
-        path = down_memo(settings, source)
-        if path:
-            try:
-                result[source.name] = os.stat(path).st_mtime
-            except OSError:
-                pass
+        since = memo_time(settings, source, "down")
+        if since is not None:
+            result[source.name] = since
     return result
 
 
-def remember(settings, source, down):
+def remember(settings, source, down, answered=False):
     """Note that source failed now (source_order then asks it last for a while), or
-    forget it once it answered. Only a hint: never fails a fetch."""
-    path = down_memo(settings, source)
-    if not path:
-        return
-    try:
-        if down:
-            with open(path, "a"):
-                os.utime(path, None)
-        elif os.path.exists(path):
-            os.unlink(path)
-    except OSError:
-        pass
+    forget it once it answered; answered (it sent an answer just now): note the
+    time too (probe_needed). Only a hint: never fails a fetch."""
+    for kind, now in (("down", down), ("up", answered and not down)):
+        path = memo_file(settings, source, kind)
+        if not path:
+            continue
+        try:
+            if now:
+                with open(path, "a"):
+                    os.utime(path, None)
+            elif os.path.exists(path):
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def reachable(source, settings, deadline, patience=1.0):
-    """probe(source); a failure is remembered (source_order puts the source last)."""
+    """probe(source), unless it answered a moment ago (probe_needed); a failure
+    is remembered (source_order puts the source last)."""
+    if not probe_needed(memo_time(settings, source, "up"), time.time()):
+        log.debug("[source %s] answered less than %s s ago: not probed", source.name, UP_MEMO)
+        return True
     up = probe(source, deadline, patience)
     if not up:
         remember(settings, source, True)
@@ -3528,7 +3559,8 @@ def ask_sources(settings, want, window, missing, cluster, verify):
         for name, outcome in checked.items():
             if name in results:
                 results[name] = outcome + results[name][2:]
-        remember(settings, source, any(result[0] in (STALLED, UNREACHABLE) for result in results.values()))
+        remember(settings, source, any(result[0] in (STALLED, UNREACHABLE) for result in results.values()),
+                 any(result[0] in ANSWERED for result in results.values()))
         log.info("[source %s] %s", source.name, " ".join(
             "%s:%s%s" % (name, results[name][0], " (%s)" % results[name][1] if results[name][1] else "")
             for name in names if name in results))
@@ -3724,7 +3756,7 @@ def fetch_from(source, settings, args, cluster, deadline, verify, patience=1.0):
             if index < count:
                 candidate = index + 1
                 continue
-        remember(settings, source, outcome in (STALLED, UNREACHABLE))
+        remember(settings, source, outcome in (STALLED, UNREACHABLE), outcome in ANSWERED)
         if outcome in (STALLED, UNREACHABLE, FAILED, NO_DIRECTORY):
             log.warning("[source %s] %s: %s%s", source.name, args.wal_name, outcome,
                         ": " + detail if detail else "")

@@ -666,6 +666,14 @@ def segment_like(size, random_bytes):
     return header + os.urandom(random_bytes) + bytes(size - len(header) - random_bytes)
 
 
+def test_a_source_that_answered_a_moment_ago_is_not_probed():
+    assert fetch.probe_needed(None, 1000.0) is True
+    assert fetch.probe_needed(999.0, 1000.0) is False
+    assert fetch.probe_needed(1000.0 - fetch.UP_MEMO, 1000.0) is True
+    # "In the future" after a clock change: probed.
+    assert fetch.probe_needed(1001.0, 1000.0) is True
+
+
 @pytest.mark.parametrize("suffix, compress", [
     (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)])
 def test_compressed_copies_are_decompressed_and_broken_ones_refused(tmp_path, suffix, compress):
