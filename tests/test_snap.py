@@ -401,9 +401,14 @@ def test_prune_with_a_fixed_now_destroys_exactly_the_expected_sets(tb, tmp_path,
     cfg = config(tb, tmp_path, "prune", keep_daily=2, keep_weekly=1, keep_monthly=0)
     stamps = ["20260301T040100Z", "20260302T040100Z", "20260303T040100Z",
               "20260303T120000Z", "20260304T040100Z"]
+    made = []       # a set is named when its snapshot is taken: --now's clock runs on
     for stamp in stamps:
+        before = set(set_names(tb, "prune"))
         proc = snap(cfg, "--now", stamp, "snapshot", "--no-prune")
         assert proc.returncode == 0, proc.stderr
+        (name,) = set(set_names(tb, "prune")) - before
+        assert name.startswith("prune_" + stamp[:13]), name      # the same minute
+        made.append(name)
     # Another tool's snapshots, and an incomplete set of ours (a run that died).
     tb.zfs.run("snapshot", "%s/data02@other_20260101T000000Z" % tb.zfs.name)
     tb.zfs.run("snapshot", "%s/data02@prune_20260101T000000Z" % tb.zfs.name)
@@ -412,31 +417,30 @@ def test_prune_with_a_fixed_now_destroys_exactly_the_expected_sets(tb, tmp_path,
                "-o", "pgzfs:datasets=" + " ".join(tb.datasets),
                "%s/data01@%s" % (tb.zfs.name, broken))
     # A drill clone depends on the oldest set.
-    clone = "%s/data02_drill_prune_20260301T040100Z" % tb.zfs.name
+    clone = "%s/data02_drill_%s" % (tb.zfs.name, made[0])
     tb.zfs.run("clone", "-o", "mountpoint=%s" % os.path.join(tb.run_dir, "drill_prune"),
-               "%s/data02@prune_20260301T040100Z" % tb.zfs.name, clone)
+               "%s/data02@%s" % (tb.zfs.name, made[0]), clone)
     try:
         now = ["--now", "20260305T000000Z"]
         dry = snap(cfg, *(now + ["prune", "--dry-run"]))
         assert dry.returncode == 0, dry.stderr
         assert dry.stdout.split() == ["would", "destroy", broken,
-                                      "would", "destroy", "prune_20260302T040100Z",
-                                      "would", "destroy", "prune_20260303T040100Z"]
-        assert "prune_20260301T040100Z has clones (%s)" % clone in dry.stderr
+                                      "would", "destroy", made[1],
+                                      "would", "destroy", made[2]]
+        assert "%s has clones (%s)" % (made[0], clone) in dry.stderr
         assert len(set_names(tb, "prune")) == 7
 
         proc = snap(cfg, *(now + ["prune"]))
         assert proc.returncode == 0, proc.stderr
         # daily=2 keeps 03-04 and 03-03 12:00; weekly=1 keeps the newest of this
         # week (03-04); 03-01 has a clone; other tools' snapshots are untouched.
-        assert set_names(tb, "prune") == ["prune_20260101T000000Z", "prune_20260301T040100Z",
-                                          "prune_20260303T120000Z", "prune_20260304T040100Z"]
+        assert set_names(tb, "prune") == ["prune_20260101T000000Z", made[0], made[3], made[4]]
         assert snapshots_named(tb, "other_20260101T000000Z")
         assert proc.stderr.count("pruned set") == 3
 
         oldest = snap(cfg, "oldest-wal")
         assert oldest.returncode == 0, oldest.stderr
-        first = properties(tb, "%s/data02@prune_20260301T040100Z" % tb.zfs.name)
+        first = properties(tb, "%s/data02@%s" % (tb.zfs.name, made[0]))
         assert oldest.stdout.strip() == first["pgzfs:start_wal"]
     finally:
         tb.zfs.destroy(clone)
