@@ -294,7 +294,7 @@ class Bench(object):
         (fetch over ssh, pg_waldump -z on the whole segment, rename into place)
         in /bin/sh, without a line of Python and without the page checks: the
         floor under each target (README, "Why the targets are out of reach")."""
-        home = os.path.join(self.run_dir, "floor_" + tag)
+        home = self.floor_home(tag)
         spool = os.path.join(home, "spool")
         for sub in ("cm", "scratch", "spool/in", "spool/ready"):
             os.makedirs(os.path.join(home, sub))
@@ -323,9 +323,13 @@ class Bench(object):
         sh(["chown", "-R", PG_USER, home])
         return ("sh %s/deliver0.sh %%f %%p" % home, "sh %s/deliver8.sh %%f %%p" % home)
 
+    def floor_home(self, tag):
+        """The directory of one floor run's scripts, spool and control sockets."""
+        return os.path.join(self.run_dir, "floor_" + tag)
+
     def floor_done(self, tag):
         """Wait for a floor's feeder to end (it streams every segment) and close its master."""
-        home = os.path.join(self.run_dir, "floor_" + tag)
+        home = self.floor_home(tag)
         if os.path.exists(os.path.join(home, "spool", "started")):
             wait_for(lambda: os.path.exists(os.path.join(home, "spool", "checked")), 120, "the floor's feeder")
         self.close_masters(os.path.join(home, "cm"))
@@ -591,6 +595,25 @@ def restricted_key_part(bench, old_script=None, baseline_rev=None):
                   "now/bare then = %.2f" % (prefetch, baseline_rev[:12], then, then * 1000 / n, restricted / then))
 
 
+def validation_parts(bench, args, old_script, n):
+    """Parts 3, 4 and (without --skip-keys) 5."""
+    print("\n3. whole-segment validation, per 16 MiB segment (median; client Python)")
+    for label, value in bench.validation_costs():
+        print("  %-44s %8.1f ms" % (label, value * 1000))
+
+    spool_runs = [bench.spool_deliveries(rep) for rep in range(args.reps)]
+    cp_ms, spool_ms = median([run[0] for run in spool_runs]), median([run[1] for run in spool_runs])
+    print("\n4. delivery from a warm spool, one process per file (median of %d x %d; load %s)"
+          % (args.reps, n, load_average()))
+    print("  cp of the same file (runuser)              %8.1f ms  (%s)"
+          % (cp_ms, " ".join("%.1f" % run[0] for run in spool_runs)))
+    print("  pg_wal_fetch.py from the spool (runuser)   %8.1f ms  (%s)"
+          % (spool_ms, " ".join("%.1f" % run[1] for run in spool_runs)))
+    print("  spool/cp = %.2f (target <= 2.5)" % (spool_ms / cp_ms))
+    if not args.skip_keys:
+        restricted_key_part(bench, old_script, args.baseline_rev)
+
+
 def shell_quote(text):
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
@@ -616,7 +639,7 @@ def main():
     parser.add_argument("--peers", action="store_true", help="then part 6: the peers' bench (bench/peers.py)")
     parser.add_argument("--floor", action="store_true",
                         help="also the floors: each target's work in /bin/sh, without Python (parts 1 and 2)")
-    parser.add_argument("--skip-validation", action="store_true", help="leave parts 3, 4 and 5 out")
+    parser.add_argument("--skip-validation", action="store_true", help="leave parts 3, 4 and 5 out (not 6)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (sshd, runuser)")
@@ -735,7 +758,7 @@ def main():
                 try:
                     recovery.setdefault("h", []).append(bench.recover(
                         "cp %s/primary/%%f %%p" % bench.arch,
-                        beside=["sh", os.path.join(run_dir, "floor_h%d" % rep, "feed.sh"), first]))
+                        beside=["sh", os.path.join(bench.floor_home("h%d" % rep), "feed.sh"), first]))
                 finally:
                     bench.floor_done("h%d" % rep)
         print("\n2. recovery of the base backup (pg_ctl start to end of recovery; median of %d; load %s)"
@@ -755,23 +778,8 @@ def main():
         if old_script:
             print("  (e)/(f) = %.2f" % (seconds["e"] / seconds["f"]))
 
-        if args.skip_validation:
-            return
-        print("\n3. whole-segment validation, per 16 MiB segment (median; client Python)")
-        for label, value in bench.validation_costs():
-            print("  %-44s %8.1f ms" % (label, value * 1000))
-
-        spool_runs = [bench.spool_deliveries(rep) for rep in range(args.reps)]
-        cp_ms, spool_ms = median([run[0] for run in spool_runs]), median([run[1] for run in spool_runs])
-        print("\n4. delivery from a warm spool, one process per file (median of %d x %d; load %s)"
-              % (args.reps, n, load_average()))
-        print("  cp of the same file (runuser)              %8.1f ms  (%s)"
-              % (cp_ms, " ".join("%.1f" % run[0] for run in spool_runs)))
-        print("  pg_wal_fetch.py from the spool (runuser)   %8.1f ms  (%s)"
-              % (spool_ms, " ".join("%.1f" % run[1] for run in spool_runs)))
-        print("  spool/cp = %.2f (target <= 2.5)" % (spool_ms / cp_ms))
-        if not args.skip_keys:
-            restricted_key_part(bench, old_script, args.baseline_rev)
+        if not args.skip_validation:
+            validation_parts(bench, args, old_script, n)
     finally:
         bench.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)
