@@ -29,7 +29,10 @@ What it does, in order:
      first copy of the name under the source's directory glob. Every copy is
      tried, in order, until one is valid: each directory the glob matches,
      and in each NAME, NAME.gz, NAME.bz2, NAME.xz. A local source (empty
-     host) reads the glob directly.
+     host) reads the glob directly. Without prefetch, the first source's ssh
+     starts before the rest of this file loads (the command an earlier call
+     noted in spool_dir/.code, for this very config file); the rest reads it
+     only if it is exactly the command it would start, and stops it otherwise.
   4. Limits per source: no byte for [archive] stall_timeout seconds, or its
      share of [archive] timeout used up (the time left divided by the sources
      left), and the source is given up for the next one.
@@ -159,9 +162,12 @@ with -v; counting never changes what the call did or how it exits.
 #      call under Python 3.6, so the few path helpers it needs are its own
 #      (path_join, is_directory, ...).
 #   2. QUICK: what a delivery from the spool needs, loaded on every call:
-#      quick_delivery() and the few pure functions it uses. It imports only
-#      errno, fcntl, struct and time besides (and json only to read or write a
-#      counters file other than its own, count_fetch), and no os either.
+#      quick_delivery() and the few pure functions it uses; and, for a call
+#      without prefetch, start_early_fetch(), which starts the call's ssh
+#      before the rest loads, so the loading overlaps ssh's start and the
+#      first megabytes. It imports only errno, fcntl, struct and time besides
+#      (and json only to read or write a counters file other than its own,
+#      count_fetch), and no os either.
 #   3. REST: everything else (the config, the sources and ssh, the
 #      whole-segment checks, the prefetcher, --check, the archive hosts'
 #      program), loaded only when a call needs more than the spool. It
@@ -305,6 +311,23 @@ def load_part(name, spool_root=None):
             keep_code(code_dir, tag, marshal.dumps((text, code)))
     exec(code, globals())
     LOADED.add(name)
+
+
+def exit_at_once(code):
+    """End this process with code without the interpreter's tear-down (about 5 ms
+    of every call, issue 17) when nothing needs it: output flushed, logging shut
+    down, no other thread (the prefetcher's checks). Else return (sys.exit then)."""
+    if not isinstance(code, int) or not 0 <= code <= 255 or (
+            "threading" in sys.modules and sys.modules["threading"].active_count() > 1):
+        return
+    try:
+        if "logging" in sys.modules:
+            sys.modules["logging"].shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        return
+    posix._exit(code)
 
 
 def private_directory(path):
@@ -705,6 +728,180 @@ def prefetcher_running(spool):
         posix.close(fd)       # closing drops the lock we may have taken
 
 
+# A call without prefetch starts its ssh before the rest of this file loads
+# (start_early_fetch): importing the rest (os, subprocess, logging, configparser)
+# takes about 25 ms, which ssh's start and the first megabytes overlap.
+EARLY_NOTE = "early-fetch"      # in [archive] spool_dir/.code: note_early_fetch
+EARLY_PLACEHOLDER = "F" * SEGMENT_NAME_LEN   # the WAL name in the note's ssh command
+EARLY = []                      # the EarlyProcess start_early_fetch started, until fetch_remote adopts it
+
+
+def early_fetch_argv(note, config_id, wal_name, down_at, now):
+    """The ssh command that asks the first source for copy 1 of wal_name, from the
+    text of the note a call without prefetch left (note_early_fetch: fields
+    separated by NUL, the config file's identity, the source's down memo, then
+    the command for EARLY_PLACEHOLDER); None when the note is for another config
+    (or version of it), is not one, or the source failed less than DOWN_MEMO ago
+    (down_at: its memo's time, or None): the rest asks it last then."""
+    fields = note.split("\0")
+    if len(fields) < 4 or fields[0] != config_id or wal_kind(wal_name) != "segment":
+        return None
+    if down_at is not None and 0 <= now - down_at < DOWN_MEMO:
+        return None
+    argv = fields[2:]
+    if not argv[-1].endswith(" fetch 1 " + EARLY_PLACEHOLDER):
+        return None
+    return argv[:-1] + [argv[-1][:-len(EARLY_PLACEHOLDER)] + wal_name]
+
+
+def early_note_memo(note):
+    """The down memo's path the note names (early_fetch_argv), or None."""
+    fields = note.split("\0")
+    return fields[1] if len(fields) >= 4 and fields[1].startswith("/") else None
+
+
+def restore_words(argv, verbose_too=False):
+    """(config option or None, WALNAME, DEST) of a restore_command call given in the
+    form the README wires (WALNAME DEST, -c CONFIG first or not), else None;
+    verbose_too: with -v or --verbose before WALNAME as well."""
+    if verbose_too:
+        argv = [word for word in argv[:-2] if word not in ("-v", "--verbose")] + argv[-2:]
+    if len(argv) == 2:
+        config_option, wal_name, dest = None, argv[0], argv[1]
+    elif len(argv) == 4 and argv[0] in ("-c", "--config"):
+        config_option, wal_name, dest = argv[1:]
+    else:
+        return None
+    if wal_name.startswith("-") or dest.startswith("-"):
+        return None
+    return config_option, wal_name, dest
+
+
+def program_on_path(name):
+    """The file that execvp would run for name, from $PATH; None if none or no $PATH."""
+    for directory in (environment("PATH") or "").split(":"):
+        candidate = path_join(directory or ".", name)
+        try:
+            if posix.stat(candidate).st_mode & 0o170000 == 0o100000 and posix.access(candidate, posix.X_OK):
+                return candidate
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+class EarlyProcess(object):
+    """The ssh start_early_fetch started: what fetch_remote and stop_children use of
+    a subprocess.Popen (args, stdout, poll, wait, kill), and its stderr file."""
+
+    def __init__(self, argv, pid, stdout_fd, stderr_fd):
+        self.args, self.pid, self.returncode = argv, pid, None
+        self.stdout = open(stdout_fd, "rb", buffering=0)
+        self.errors = open(stderr_fd, "w+b")
+
+    def _reap(self, options):
+        try:
+            pid, status = posix.waitpid(self.pid, options)
+        except ChildProcessError:       # as subprocess: SIGCHLD ignored, reaped already
+            pid, status = self.pid, 0
+        if pid:
+            self.returncode = -posix.WTERMSIG(status) if posix.WIFSIGNALED(status) else posix.WEXITSTATUS(status)
+        return self.returncode
+
+    def poll(self):
+        return self.returncode if self.returncode is not None else self._reap(posix.WNOHANG)
+
+    def wait(self):
+        return self.returncode if self.returncode is not None else self._reap(0)
+
+    def kill(self):
+        if self.returncode is None:
+            posix.kill(self.pid, 9)
+
+
+def run_in_child(program, argv, stdout_fd, stderr_fd):
+    """In the child of a fork: what subprocess.Popen(argv, stdin=DEVNULL, stdout=,
+    stderr=, cwd="/") does before it runs program (SIGPIPE and SIGXFSZ back to
+    their defaults, every other descriptor closed). Never returns: exit 127 if
+    program cannot run."""
+    try:
+        import _signal
+        for name in ("SIGPIPE", "SIGXFSZ"):
+            if hasattr(_signal, name):
+                _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
+        posix.dup2(posix.open("/dev/null", posix.O_RDONLY), 0)
+        posix.dup2(stdout_fd, 1)
+        posix.dup2(stderr_fd, 2)
+        posix.chdir("/")
+        try:
+            descriptors = [int(name) for name in posix.listdir("/proc/self/fd")]
+        except OSError:
+            descriptors = []            # the rest are close-on-exec (Python opens them so)
+        for fd in descriptors:
+            if fd > 2:
+                try:
+                    posix.close(fd)
+                except OSError:
+                    pass
+        posix.execv(program, argv)
+    except BaseException as error:
+        try:
+            posix.write(2, ("cannot run %s: %s\n" % (program, error)).encode("utf-8", "replace"))
+        except BaseException:
+            pass
+    finally:
+        posix._exit(127)
+
+
+def start_early_fetch(argv, spool_root):
+    """Start the ssh this call would run first, before the rest of this file loads,
+    when the note of an earlier call without prefetch says which (early_fetch_argv).
+    fetch_remote adopts it if it is exactly the command it runs, and stop_children
+    stops it otherwise: the rest decides everything as before, only sooner.
+    Quietly nothing when anything is not as expected."""
+    words = restore_words(argv, verbose_too=True)
+    if words is None or not spool_root or wal_kind(words[1]) != "segment":
+        return
+    config_option, wal_name, dest = words
+    code_dir = path_join(spool_root, CODE_DIR)
+    if is_directory(dest) or not is_directory(path_dirname(dest) or ".") or not private_directory(code_dir):
+        return
+    fds = []
+    try:
+        with open(path_join(code_dir, EARLY_NOTE), "rb") as note_file:
+            if posix.fstat(note_file.fileno()).st_uid != posix.getuid():
+                return
+            note = note_file.read(MAX_TEXT_FILE).decode("utf-8", "surrogateescape")
+        memo = early_note_memo(note)
+        if memo is None or not private_directory(path_dirname(memo)):   # the control dir
+            return
+        try:
+            down_at = posix.stat(memo).st_mtime
+        except OSError:
+            down_at = None
+        config_id = config_identity(config_option or environment("PG_ZFS_CONFIG") or DEFAULT_CONFIG)
+        ssh = early_fetch_argv(note, config_id, wal_name, down_at, time.time())
+        program = program_on_path(ssh[0]) if ssh else None
+        if program is None:
+            return
+        fds.append(posix.open(environment("TMPDIR") or "/tmp", posix.O_TMPFILE | posix.O_RDWR, 0o600))
+        fds.extend(posix.pipe())
+        pid = posix.fork()
+        if pid == 0:
+            run_in_child(program, ssh, fds[2], fds[0])
+        posix.close(fds.pop())
+        try:
+            fcntl.fcntl(fds[1], 1031, CHUNK)      # F_SETPIPE_SZ, as fetch_remote
+        except (IOError, OSError):
+            pass
+        EARLY.append(EarlyProcess(ssh, pid, fds[1], fds[0]))
+        del fds[:]
+    except (IOError, OSError, ValueError, AttributeError):      # AttributeError: no O_TMPFILE
+        pass
+    finally:
+        for fd in fds:
+            posix.close(fd)
+
+
 def quick_delivery(argv):
     """DELIVERED if this call only had to move a spooled segment into place, and did;
     None when it needs anything else (the rest of this file then does all of it).
@@ -717,14 +914,10 @@ def quick_delivery(argv):
     prefetcher is asked for the next segments; only when none runs and the
     spool needs more is the rest loaded to start one.
     """
-    if len(argv) == 2:
-        config_option, wal_name, dest = None, argv[0], argv[1]
-    elif len(argv) == 4 and argv[0] in ("-c", "--config"):
-        config_option, wal_name, dest = argv[1:]
-    else:
+    words = restore_words(argv)
+    if words is None or wal_kind(words[1]) != "segment":
         return None
-    if wal_name.startswith("-") or dest.startswith("-") or wal_kind(wal_name) != "segment":
-        return None
+    config_option, wal_name, dest = words
     config_path = config_option or environment("PG_ZFS_CONFIG") or DEFAULT_CONFIG
     try:
         spool_root = quick_config_value(config_path, "archive", "spool_dir") or DEFAULT_SPOOL
@@ -905,6 +1098,7 @@ def main(argv=None):
         # Its notes are for the debug log, and a delivery from the spool is never -v.
         count_fetch(spool_root, "delivered", time.monotonic() - started)
         return code
+    start_early_fetch(argv, spool_root)
     load_part("REST", spool_root)
     call = {}
     code = globals()["full_main"](argv, call)     # in REST
@@ -2592,6 +2786,8 @@ def install_signal_handlers(timeout):
 
 
 def stop_children():
+    RUNNING.extend(EARLY)       # an early ssh no fetch_remote adopted
+    del EARLY[:]
     while RUNNING:
         proc = RUNNING.pop()
         if proc.poll() is None:
@@ -2605,6 +2801,18 @@ def end_by_signal(signum):
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     return UNAVAILABLE   # not reached unless the signal is blocked
+
+
+def adopt_early(argv):
+    """The ssh start_early_fetch started, if it runs exactly argv (else it is stopped):
+    fetch_remote reads it as the process it would have started itself."""
+    while EARLY:
+        proc = EARLY.pop()
+        if proc.args == argv:
+            return proc
+        RUNNING.append(proc)
+        stop_children()
+    return None
 
 
 def need_subprocess():
@@ -3312,14 +3520,16 @@ def fetch_remote(source, settings, wal_names, deliver, deadline, candidate, rene
     """
     need_subprocess()
     argv = ssh_argv(source, settings, remote_command(source.path, fetch_request(wal_names, candidate)))
-    log.debug("run: %s", " ".join(argv))
-    errors = scratch_file()
+    proc = adopt_early(argv)
+    log.debug("run%s: %s", " (started before the rest of %s loaded)" % PROG if proc else "", " ".join(argv))
+    errors = proc.errors if proc else scratch_file()
     try:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=errors, cwd="/")
-        except OSError as error:
-            return {wal_names[0]: (UNREACHABLE, "cannot run ssh: %s" % (error.strerror or error), 0, 0)}
+        if proc is None:
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=errors, cwd="/")
+            except OSError as error:
+                return {wal_names[0]: (UNREACHABLE, "cannot run ssh: %s" % (error.strerror or error), 0, 0)}
         RUNNING.append(proc)
         try:
             # A 1 MiB pipe (F_SETPIPE_SZ): fewer, larger reads while ssh streams.
@@ -3676,6 +3886,8 @@ def fetch_command(args, config):
     waldump = find_waldump(settings.bindir, cluster.pg_major) if kind == "segment" else None
     verify = make_verifier(cluster, waldump, settings.timeout)
     results = []
+    if kind == "segment" and not prefetching:
+        note_early_fetch(settings, spool_root)
     order = source_order(settings.sources, down_since(settings), time.time())
     for index, source in enumerate(order):
         share = source_deadline(time.time(), deadline, len(order) - index)
@@ -3781,6 +3993,27 @@ def note_config(settings):
     except (IOError, OSError):
         pass
     put_file(path, note.encode("utf-8", "surrogateescape"))
+
+
+def note_early_fetch(settings, spool_root):
+    """Leave the next call without prefetch the ssh command it will run first
+    (start_early_fetch), in the private spool_root/.code: the first source's, for
+    copy 1 of EARLY_PLACEHOLDER. Written only when it changed; quietly nothing
+    for a local first source, or without a private control dir for its memo."""
+    source = settings.sources[0] if settings.sources else None
+    memo = memo_file(settings, source, "down") if source and not source.is_local else None
+    if not memo or not spool_root or not os.path.isabs(memo):
+        return
+    argv = ssh_argv(source, settings, remote_command(source.path, fetch_request([EARLY_PLACEHOLDER])))
+    note = "\0".join([config_identity(settings.config_path), memo] + argv)
+    code_dir = os.path.join(spool_root, CODE_DIR)
+    try:
+        with open(os.path.join(code_dir, EARLY_NOTE), "rb") as current:
+            if current.read().decode("utf-8", "surrogateescape") == note:
+                return
+    except (IOError, OSError):
+        pass
+    keep_code(code_dir, EARLY_NOTE, note.encode("utf-8", "surrogateescape"))
 
 
 def refill_after_quick_delivery(config_path, spool, wal_name, dest):
@@ -4326,7 +4559,9 @@ def run_command(args):
 
 if __name__ == "__main__":
     load_part("QUICK", quick_spool_root(sys.argv[1:]))
-    sys.exit(globals()["main"]())       # in QUICK
+    exit_code = globals()["main"]()       # in QUICK
+    exit_at_once(exit_code)
+    sys.exit(exit_code)
 else:
     load_part("QUICK")      # imported (the unit tests): every function of the file, as before
     load_part("REST")

@@ -168,16 +168,19 @@ def wal(tb, segments, py36):
         env.teardown()
 
 
-def python_child(runuser_pid):
-    """The pid of the python process runuser started."""
-    def child():
-        try:
-            with open("/proc/%d/task/%d/children" % (runuser_pid, runuser_pid)) as children:
-                pids = children.read().split()
-        except OSError:
-            return None
-        return int(pids[0]) if pids else None
-    return wait_for(child, 10, "the python child of runuser")
+def python_child(runuser_pid, interval=0.1):
+    """The pid of the python process runuser started (looked for every interval s)."""
+    return wait_for(lambda: first_child(runuser_pid), 10, "the python child of runuser", interval)
+
+
+def first_child(pid):
+    """The first child of pid, or None."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as children:
+            pids = children.read().split()
+    except OSError:
+        return None
+    return int(pids[0]) if pids else None
 
 
 # ---------------------------------------------------------------------------
@@ -293,6 +296,96 @@ def test_a_host_that_dies_right_after_it_answered_is_given_up_and_the_other_serv
     assert elapsed < 15, "the dead host held the call %.1f s" % elapsed     # a bound, not a benchmark
     assert os.path.exists(os.path.join(wal.control, "down-host1"))
     assert not os.path.exists(os.path.join(wal.control, "up-host1"))
+
+
+EARLY = "run (started before the rest of pg_wal_fetch loaded): ssh"
+
+
+def test_a_call_without_prefetch_starts_its_ssh_before_loading_the_rest(wal, tb):
+    # The first call notes its ssh command (.code/early-fetch); the next starts it
+    # before the rest of the script loads, and the rest adopts it: one ssh a call.
+    first, second, third = wal.segments[0], wal.segments[1], wal.segments[2]
+    proc = wal.run("-v", first, "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert EARLY not in proc.stderr
+    assert os.path.exists(os.path.join(wal.spool_root, ".code", "early-fetch"))
+    for name, verbose in ((second, ["-v"]), (third, [])):
+        next_call(wal)
+        proc = wal.run(*(verbose + [name, "pg_wal/RECOVERYXLOG"]))
+        assert proc.returncode == 0, proc.stderr
+        assert wal.delivered() == wal.original(name)
+        assert asked(wal, "ssh") == [tb.hosts[0].address]
+        assert os.listdir(wal.pg_wal) == ["RECOVERYXLOG"]
+        if verbose:
+            assert EARLY in proc.stderr and "delivered from [source host1]" in proc.stderr
+
+
+def test_an_edited_config_never_runs_the_early_ssh_of_the_old_one(wal, tb):
+    # The note names the config as it was (path, inode, size, times): once it is
+    # edited (here the order of the sources), no ssh starts before the rest has
+    # read it, and host1, now second and not needed, is not asked at all.
+    assert wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG").returncode == 0
+    next_call(wal)
+    wal.configure(archive={"sources": "host2 host1"})
+    proc = wal.run("-v", wal.segments[1], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert wal.delivered() == wal.original(wal.segments[1])
+    assert EARLY not in proc.stderr and "delivered from [source host2]" in proc.stderr
+    assert asked(wal, "ssh") == [tb.hosts[1].address]
+    # Noted anew: the next call starts host2's ssh early.
+    next_call(wal)
+    proc = wal.run("-v", wal.segments[2], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0 and EARLY in proc.stderr, proc.stderr
+    assert asked(wal, "ssh") == [tb.hosts[1].address]
+
+
+def test_sigterm_at_any_moment_of_a_call_with_an_early_ssh_leaves_nothing(wal):
+    # From the fork of the early ssh to the rest's signal handlers, a SIGTERM ends
+    # Python by its default action: ssh, writing to a pipe nobody reads, ends by
+    # SIGPIPE. Later, the rest stops it. Swept over the first 80 ms of a call
+    # until a SIGTERM lands in that window (an ssh ran, and no "stopped by signal").
+    name = wal.segments[3]
+    assert wal.run(name, "pg_wal/RECOVERYXLOG").returncode == 0
+    os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+    in_the_window = []
+    for delay in [0.002 * step for step in range(40)] * 3:
+        if os.path.exists(wal.shim_log):
+            os.unlink(wal.shim_log)
+        proc = wal.popen(name, "pg_wal/RECOVERYXLOG")
+        python = python_child(proc.pid, 0.0005)
+        time.sleep(delay)
+        try:
+            os.kill(python, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM), (delay, proc.returncode, err)
+        if proc.returncode == 0:
+            assert wal.delivered() == wal.original(name)
+            os.unlink(os.path.join(wal.pg_wal, "RECOVERYXLOG"))
+        elif "stopped by signal" not in err and wal.commands():
+            in_the_window.append(delay)
+        assert os.listdir(wal.pg_wal) == [], delay
+
+        def ssh_gone():
+            return not any(name in command for command in running_commands())
+        wait_for(ssh_gone, 10, "the ssh of the call stopped at %.3f s" % delay)
+        if len(in_the_window) >= 3:
+            break
+    assert in_the_window, "no SIGTERM landed between the early ssh and the signal handlers"
+
+
+def running_commands():
+    """The command lines of every process, as text."""
+    commands = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
+                    commands.append(cmdline.read().replace(b"\0", b" ").decode("utf-8", "replace"))
+            except OSError:
+                pass
+    return commands
 
 
 def test_second_host_serves_what_the_first_lacks(wal):

@@ -1033,3 +1033,138 @@ def test_remote_script_streams_whole_mib_files_and_odd_sizes_exactly(tmp_path, w
     directories, found, last = frames(out, NAMES)
     assert directories == 1 and last == ("MISSING",)
     assert [(frame[0], frame[5]) for frame in found] == [(name, contents[name]) for name in NAMES[:2]]
+
+
+# ---------------------------------------------------------------------------
+# The early ssh of a call without prefetch (start_early_fetch, issue 17)
+# ---------------------------------------------------------------------------
+
+NAME = "000000010000000000000007"
+
+
+def early_note(config_id, memo, argv):
+    return "\0".join([config_id, memo] + argv)
+
+
+def test_the_early_command_is_the_noted_one_for_this_config_and_name_only():
+    ssh = ["ssh", "-p", "22", "--", "host", "sh -c 'serve' pg_wal_fetch-request fetch 1 " + fetch.EARLY_PLACEHOLDER]
+    note = early_note("/etc/pg_zfs.conf 1 2 3 4 5", "/c/down-h1", ssh)
+    argv = fetch.early_fetch_argv(note, "/etc/pg_zfs.conf 1 2 3 4 5", NAME, None, 1000.0)
+    assert argv == ssh[:-1] + ["sh -c 'serve' pg_wal_fetch-request fetch 1 " + NAME]
+    assert fetch.early_note_memo(note) == "/c/down-h1"
+    # The config written since (another identity), a name that is not a segment.
+    assert fetch.early_fetch_argv(note, "/etc/pg_zfs.conf 1 2 3 4 6", NAME, None, 1000.0) is None
+    for name in ("00000002.history", NAME + ".partial", "../" + NAME[3:]):
+        assert fetch.early_fetch_argv(note, "/etc/pg_zfs.conf 1 2 3 4 5", name, None, 1000.0) is None
+    # The source failed a moment ago: the rest asks it last, so nothing starts early.
+    assert fetch.early_fetch_argv(note, "/etc/pg_zfs.conf 1 2 3 4 5", NAME, 990.0, 1000.0) is None
+    assert fetch.early_fetch_argv(note, "/etc/pg_zfs.conf 1 2 3 4 5", NAME, 1000.0 - fetch.DOWN_MEMO,
+                                  1000.0) == argv
+    # Not a note this version writes.
+    for bad in ("", "/etc/pg_zfs.conf 1 2 3 4 5", early_note("/etc/pg_zfs.conf 1 2 3 4 5", "/c/down-h1",
+                                                                ["ssh", "host", "fetch 2 " + fetch.EARLY_PLACEHOLDER])):
+        assert fetch.early_fetch_argv(bad, "/etc/pg_zfs.conf 1 2 3 4 5", NAME, None, 1000.0) is None
+    assert fetch.early_note_memo(early_note("x", "relative/down-h1", ssh)) is None
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([NAME, "pg_wal/RECOVERYXLOG"], (None, NAME, "pg_wal/RECOVERYXLOG")),
+    (["-c", "/etc/x.conf", NAME, "pg_wal/X"], ("/etc/x.conf", NAME, "pg_wal/X")),
+    (["--config", "/etc/x.conf", NAME, "pg_wal/X"], ("/etc/x.conf", NAME, "pg_wal/X")),
+    ([NAME, "-v", "pg_wal/X"], None),
+    (["--check"], None),
+    (["-c", "/etc/x.conf", "-" + NAME, "pg_wal/X"], None),
+])
+def test_the_forms_of_a_restore_command_call(argv, words):
+    assert fetch.restore_words(argv) == words
+    assert fetch.restore_words(["-v"] + argv, verbose_too=True) == words
+    if words:
+        assert fetch.restore_words(argv[:-2] + ["--verbose", argv[-2], argv[-1]], verbose_too=True) == words
+
+
+class EarlyPlace(object):
+    """What start_early_fetch reads: a config, a private spool_root/.code with a
+    note, a private control dir for the memo, a data directory (the cwd)."""
+
+    def __init__(self, tmp_path, argv):
+        self.config = str(tmp_path / "pg_zfs.conf")
+        with open(self.config, "w") as out:
+            out.write("[archive]\nprefetch = 0\n")
+        self.spool_root = str(tmp_path / "spool")
+        self.code = os.path.join(self.spool_root, fetch.CODE_DIR)
+        os.makedirs(self.code, 0o700)
+        self.control = str(tmp_path / "c")
+        os.mkdir(self.control, 0o700)
+        self.memo = os.path.join(self.control, "down-h1")
+        self.data = tmp_path / "data"
+        (self.data / "pg_wal").mkdir(parents=True)
+        self.write(argv)
+
+    def write(self, argv):
+        with open(os.path.join(self.code, fetch.EARLY_NOTE), "w") as out:
+            out.write(early_note(fetch.config_identity(self.config), self.memo, argv))
+
+    def start(self):
+        fetch.start_early_fetch(["-c", self.config, NAME, "pg_wal/RECOVERYXLOG"], self.spool_root)
+        return fetch.EARLY.pop() if fetch.EARLY else None
+
+
+def test_the_early_process_runs_the_noted_command_as_subprocess_would(tmp_path, monkeypatch):
+    # A real fork and exec: stdout a pipe, stderr an unnamed file, stdin /dev/null,
+    # cwd /, SIGPIPE back to its default, no descriptor of ours inherited.
+    script = ('printf "%s|\\n" "$0" "$@"; pwd; cat; grep SigIgn /proc/$$/status; ls /proc/$$/fd; '
+              'echo complaint >&2; exit 3')
+    place = EarlyPlace(tmp_path, ["sh", "-c", script, "x fetch 1 " + fetch.EARLY_PLACEHOLDER])
+    monkeypatch.chdir(place.data)
+    kept_open = open(place.config)
+    os.set_inheritable(kept_open.fileno(), True)     # as a descriptor PostgreSQL let us inherit
+    try:
+        proc = place.start()
+        assert proc is not None
+        out = proc.stdout.read().decode()
+        assert proc.wait() == 3 and proc.poll() == 3
+    finally:
+        kept_open.close()
+    words, cwd, ignored, descriptors = out.split("\n", 3)
+    assert words == "x fetch 1 %s|" % NAME and cwd == "/"
+    assert int(ignored.split()[1], 16) & (1 << 12) == 0          # SIGPIPE (13) not ignored
+    assert sorted(descriptors.split()) == ["0", "1", "2"]
+    proc.errors.seek(0)
+    assert proc.errors.read() == b"complaint\n"
+
+
+def test_no_early_process_from_a_note_others_could_have_written_or_for_a_failing_source(tmp_path, monkeypatch):
+    place = EarlyPlace(tmp_path, ["sh", "-c", "exit 0 # fetch 1 " + fetch.EARLY_PLACEHOLDER])
+    monkeypatch.chdir(place.data)
+    os.chmod(place.code, 0o770)                   # the note's directory writable by a group
+    assert place.start() is None
+    os.chmod(place.code, 0o700)
+    os.chmod(place.control, 0o777)                # the memo's (the control dir) by anyone
+    assert place.start() is None
+    os.chmod(place.control, 0o700)
+    open(place.memo, "w").close()                 # the source failed a moment ago
+    assert place.start() is None
+    os.utime(place.memo, (0, 0))                  # long ago
+    proc = place.start()
+    assert proc is not None and proc.wait() == 0
+    with open(place.config, "a") as out:          # the config changed since the note
+        out.write("# edited\n")
+    assert place.start() is None
+
+
+def test_an_early_process_the_rest_does_not_adopt_is_stopped(tmp_path, monkeypatch):
+    place = EarlyPlace(tmp_path, ["sleep", "30 # fetch 1 " + fetch.EARLY_PLACEHOLDER])
+    place.write(["sh", "-c", "exec sleep 30 # fetch 1 " + fetch.EARLY_PLACEHOLDER])
+    monkeypatch.chdir(place.data)
+    fetch.start_early_fetch(["-c", place.config, NAME, "pg_wal/RECOVERYXLOG"], place.spool_root)
+    assert len(fetch.EARLY) == 1
+    proc = fetch.EARLY[0]
+    assert fetch.adopt_early(["ssh", "another", "command"]) is None
+    assert fetch.EARLY == [] and proc.poll() == -9
+    # Adopted when it is the very command; stop_children stops what was not adopted.
+    fetch.start_early_fetch(["-c", place.config, NAME, "pg_wal/RECOVERYXLOG"], place.spool_root)
+    same = fetch.EARLY[0]
+    assert fetch.adopt_early(list(same.args)) is same and fetch.EARLY == []
+    fetch.EARLY.append(same)
+    fetch.stop_children()
+    assert same.poll() == -9 and fetch.EARLY == [] and fetch.RUNNING == []
