@@ -648,7 +648,10 @@ def test_check_reports_each_source_and_fails_only_when_none_works(wal, tb):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.timeout(600)
-def test_real_recovery_replays_30_segments_with_host1_dead_for_a_while(tb, wal):
+@pytest.mark.parametrize("prefetch", ["8", "0"])
+def test_real_recovery_replays_30_segments_with_host1_dead_for_a_while(tb, wal, prefetch):
+    # prefetch 0: every call after the first starts its ssh before the rest loads
+    # (start_early_fetch), to host1 until it is found dead, and again once back.
     primary = tb.primary
     primary.psql("CREATE TABLE IF NOT EXISTS wf_recovery (id int, note text)")
     backup = os.path.join(wal.root, "restored")
@@ -663,21 +666,27 @@ def test_real_recovery_replays_30_segments_with_host1_dead_for_a_while(tb, wal):
     expected = primary.psql("SELECT count(*), sum(id), md5(string_agg(note, ',' ORDER BY id)) "
                             "FROM wf_recovery")
 
-    restored = tb.new_cluster("wf_restored", pgdata=backup)
-    wal.configure(archive={"prefetch": "8"},
+    restored = tb.new_cluster("wf_restored%s" % prefetch, pgdata=backup)
+    wal.configure(archive={"prefetch": prefetch},
                   host1={"path": tb.hosts[0].glob}, host2={"path": tb.hosts[1].glob})
+    verbose = "-v " if prefetch == "0" else ""      # the calls' debug lines, in the server's log
     restored.configure(port=restored.port, unix_socket_directories="'%s'" % restored.socket_dir,
                        archive_mode="off", hot_standby="off",
-                       restore_command="'%s %s -c %s %%f %%p'" % (wal.python, SCRIPT, wal.config),
+                       restore_command="'%s %s -c %s %s%%f %%p'" % (wal.python, SCRIPT, wal.config, verbose),
                        recovery_target_timeline="'current'")
     open(os.path.join(backup, "recovery.signal"), "w").close()
     chown_pg(os.path.join(backup, "recovery.signal"))
-    sh([restored.tool("pg_ctl"), "start", "-D", backup, "-l", restored.logfile], user=PG_USER)
+    # -W: pg_ctl -w would wait for most of the recovery (no hot standby).
+    sh([restored.tool("pg_ctl"), "start", "-W", "-D", backup, "-l", restored.logfile], user=PG_USER)
     try:
         def restored_count():
+            if not os.path.exists(restored.logfile):
+                return 0
             with open(restored.logfile) as log_file:
                 return log_file.read().count("restored log file")
-        wait_for(lambda: restored_count() >= 10, 240, "10 segments restored")
+        # Without prefetch, from the third call on the early ssh goes to host1.
+        before = 10 if prefetch != "0" else 3
+        wait_for(lambda: restored_count() >= before, 240, "%d segments restored" % before, 0.02)
         with tb.hosts[0].dead():
             assert restored_count() < 22, "recovery was nearly over before host1 died"
             wait_for(lambda: restored_count() >= 22, 240, "22 segments restored with host1 dead")
@@ -693,6 +702,10 @@ def test_real_recovery_replays_30_segments_with_host1_dead_for_a_while(tb, wal):
         assert "could not restore file" not in log_text
         assert restored.psql("SELECT count(*), sum(id), md5(string_agg(note, ',' ORDER BY id)) "
                              "FROM wf_recovery") == expected
+        if prefetch == "0":
+            assert "run (started before the rest of pg_wal_fetch loaded): ssh" in log_text
+            assert "delivered from [source host2]" in log_text
+            return
         # It ended through the prefetcher's note: its last pass found the segments
         # after the archive's last on no host, and the call for the next one did
         # not wait for it (test_at_the_end_of_the_archive_...).
