@@ -3999,13 +3999,18 @@ def note_early_fetch(settings, spool_root):
     """Leave the next call without prefetch the ssh command it will run first
     (start_early_fetch), in the private spool_root/.code: the first source's, for
     copy 1 of EARLY_PLACEHOLDER. Written only when it changed; quietly nothing
-    for a local first source, or without a private control dir for its memo."""
+    for a local first source, or without a private control dir for its memo.
+    Only a hint: never fails a fetch (a bad ssh_options of a source asked last
+    fails only if it is asked)."""
     source = settings.sources[0] if settings.sources else None
     memo = memo_file(settings, source, "down") if source and not source.is_local else None
     if not memo or not spool_root or not os.path.isabs(memo):
         return
-    argv = ssh_argv(source, settings, remote_command(source.path, fetch_request([EARLY_PLACEHOLDER])))
-    note = "\0".join([config_identity(settings.config_path), memo] + argv)
+    try:
+        argv = ssh_argv(source, settings, remote_command(source.path, fetch_request([EARLY_PLACEHOLDER])))
+        note = "\0".join([config_identity(settings.config_path), memo] + argv)
+    except (Failure, OSError):
+        return
     code_dir = os.path.join(spool_root, CODE_DIR)
     try:
         with open(os.path.join(code_dir, EARLY_NOTE), "rb") as current:

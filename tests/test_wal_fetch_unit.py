@@ -1168,3 +1168,23 @@ def test_an_early_process_the_rest_does_not_adopt_is_stopped(tmp_path, monkeypat
     fetch.EARLY.append(same)
     fetch.stop_children()
     assert same.poll() == -9 and fetch.EARLY == [] and fetch.RUNNING == []
+
+
+def test_the_noted_command_is_the_one_fetch_remote_runs_and_a_bad_one_is_never_noted(tmp_path):
+    # What the rest adopts is compared word for word (adopt_early): the note must
+    # give, for any name, exactly fetch_remote's command for copy 1 of it.
+    settings = settings_for(tmp_path)
+    spool_root = str(tmp_path / "spool")
+    fetch.note_early_fetch(settings, spool_root)
+    with open(os.path.join(spool_root, fetch.CODE_DIR, fetch.EARLY_NOTE), "rb") as note_file:
+        note = note_file.read().decode()
+    source = settings.sources[0]
+    expected = fetch.ssh_argv(source, settings, fetch.remote_command(source.path, fetch.fetch_request([NAME])))
+    assert fetch.early_fetch_argv(note, fetch.config_identity(settings.config_path), NAME, None,
+                                  1000.0) == expected
+    assert fetch.early_note_memo(note) == "/tmp/ctl/down-a"
+    # ssh_options that do not parse: no note, and no error (the source may be asked last).
+    bad = settings_for(tmp_path, ssh_options="-o 'oops")
+    other_root = str(tmp_path / "other")
+    assert fetch.note_early_fetch(bad, other_root) is None
+    assert not os.path.exists(os.path.join(other_root, fetch.CODE_DIR, fetch.EARLY_NOTE))
