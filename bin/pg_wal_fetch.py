@@ -2789,10 +2789,14 @@ def stop_children():
     RUNNING.extend(EARLY)       # an early ssh no fetch_remote adopted
     del EARLY[:]
     while RUNNING:
-        proc = RUNNING.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(RUNNING.pop())
+
+
+def stop_process(proc):
+    """Kill proc if it still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def end_by_signal(signum):
@@ -2810,8 +2814,7 @@ def adopt_early(argv):
         proc = EARLY.pop()
         if proc.args == argv:
             return proc
-        RUNNING.append(proc)
-        stop_children()
+        stop_process(proc)
     return None
 
 

@@ -1153,8 +1153,7 @@ def test_no_early_process_from_a_note_others_could_have_written_or_for_a_failing
 
 
 def test_an_early_process_the_rest_does_not_adopt_is_stopped(tmp_path, monkeypatch):
-    place = EarlyPlace(tmp_path, ["sleep", "30 # fetch 1 " + fetch.EARLY_PLACEHOLDER])
-    place.write(["sh", "-c", "exec sleep 30 # fetch 1 " + fetch.EARLY_PLACEHOLDER])
+    place = EarlyPlace(tmp_path, ["sh", "-c", "exec sleep 30 # fetch 1 " + fetch.EARLY_PLACEHOLDER])
     monkeypatch.chdir(place.data)
     fetch.start_early_fetch(["-c", place.config, NAME, "pg_wal/RECOVERYXLOG"], place.spool_root)
     assert len(fetch.EARLY) == 1
