@@ -777,16 +777,16 @@ def restore_words(argv, verbose_too=False):
     return config_option, wal_name, dest
 
 
-def program_on_path(name):
-    """The file that execvp would run for name, from $PATH; None if none or no $PATH."""
-    for directory in (environment("PATH") or "").split(":"):
-        candidate = path_join(directory or ".", name)
-        try:
-            if posix.stat(candidate).st_mode & 0o170000 == 0o100000 and posix.access(candidate, posix.X_OK):
-                return candidate
-        except (OSError, ValueError):
-            pass
-    return None
+def path_candidates(name):
+    """The files execvp would try for name, in $PATH's order (none without $PATH)."""
+    return [path_join(directory or ".", name) for directory in (environment("PATH") or "").split(":")]
+
+
+def is_program(path):
+    try:
+        return posix.stat(path).st_mode & 0o170000 == 0o100000 and posix.access(path, posix.X_OK)
+    except (OSError, ValueError):
+        return False
 
 
 class EarlyProcess(object):
@@ -818,11 +818,12 @@ class EarlyProcess(object):
             posix.kill(self.pid, 9)
 
 
-def run_in_child(program, argv, stdout_fd, stderr_fd):
+def run_in_child(programs, argv, stdout_fd, stderr_fd):
     """In the child of a fork: what subprocess.Popen(argv, stdin=DEVNULL, stdout=,
-    stderr=, cwd="/") does before it runs program (SIGPIPE and SIGXFSZ back to
-    their defaults, every other descriptor closed). Never returns: exit 127 if
-    program cannot run."""
+    stderr=, cwd="/") does before it runs argv[0] (SIGPIPE and SIGXFSZ back to
+    their defaults, every other descriptor closed), then each of programs in
+    turn, as execvp tries each directory of $PATH. Never returns: exit 127 if
+    none can run."""
     try:
         import _signal
         for name in ("SIGPIPE", "SIGXFSZ"):
@@ -842,10 +843,17 @@ def run_in_child(program, argv, stdout_fd, stderr_fd):
                     posix.close(fd)
                 except OSError:
                     pass
-        posix.execv(program, argv)
+        failed = None
+        for program in programs:
+            try:
+                posix.execv(program, argv)
+            except OSError as error:
+                if failed is None or failed.errno in (errno.ENOENT, errno.ENOTDIR):
+                    failed = error      # as subprocess: the first error that is not "no such file"
+        raise failed or OSError(errno.ENOENT, "not on $PATH")
     except BaseException as error:
         try:
-            posix.write(2, ("cannot run %s: %s\n" % (program, error)).encode("utf-8", "replace"))
+            posix.write(2, ("cannot run %s: %s\n" % (argv[0], error)).encode("utf-8", "replace"))
         except BaseException:
             pass
     finally:
@@ -880,14 +888,14 @@ def start_early_fetch(argv, spool_root):
             down_at = None
         config_id = config_identity(config_option or environment("PG_ZFS_CONFIG") or DEFAULT_CONFIG)
         ssh = early_fetch_argv(note, config_id, wal_name, down_at, time.time())
-        program = program_on_path(ssh[0]) if ssh else None
-        if program is None:
+        programs = path_candidates(ssh[0]) if ssh else []
+        if not any(is_program(path) for path in programs):
             return
         fds.append(posix.open(environment("TMPDIR") or "/tmp", posix.O_TMPFILE | posix.O_RDWR, 0o600))
         fds.extend(posix.pipe())
         pid = posix.fork()
         if pid == 0:
-            run_in_child(program, ssh, fds[2], fds[0])
+            run_in_child(programs, ssh, fds[2], fds[0])
         posix.close(fds.pop())
         try:
             fcntl.fcntl(fds[1], 1031, CHUNK)      # F_SETPIPE_SZ, as fetch_remote

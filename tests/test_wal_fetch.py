@@ -339,6 +339,42 @@ def test_an_edited_config_never_runs_the_early_ssh_of_the_old_one(wal, tb):
     assert asked(wal, "ssh") == [tb.hosts[1].address]
 
 
+def test_an_early_ssh_tries_each_ssh_on_the_path_as_execvp_does(wal):
+    # An ssh first on $PATH that cannot run (a missing interpreter): execvp, and
+    # so subprocess, go on to the next one; the early start must too, or host1
+    # would count as failed where the rest's own ssh would have run.
+    assert wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG").returncode == 0
+    next_call(wal)
+    with open(os.path.join(wal.shim, "ssh"), "w") as out:
+        out.write("#!/nonexistent/interpreter\n")
+    proc = wal.run("-v", wal.segments[1], "pg_wal/RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert EARLY in proc.stderr and "delivered from [source host1]" in proc.stderr
+    assert wal.delivered() == wal.original(wal.segments[1])
+
+
+def test_an_early_ssh_that_cannot_run_stops_an_archive_recovery_with_a_reason(wal):
+    # No ssh on $PATH can run: the early child exits 127 with its line, the rest's
+    # own ssh for host2 cannot start either, and in archive recovery that is
+    # doubt: exit 200 and why, nothing at DEST.
+    assert wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG").returncode == 0
+    next_call(wal)
+    with open(os.path.join(wal.shim, "ssh"), "w") as out:
+        out.write("#!/nonexistent/interpreter\n")
+    open(os.path.join(wal.pgdata, "recovery.signal"), "w").close()
+    env = dict(wal.env(), PATH=wal.shim)
+    argv = wal.argv("-v", wal.segments[1], "pg_wal/RECOVERYXLOG")
+    argv[0] = shutil.which(argv[0])                   # runuser, found on the test's own $PATH
+    proc = subprocess.run(argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, cwd=wal.pgdata, env=env, timeout=120)
+    assert proc.returncode == FETCH.STOP_RECOVERY, proc.stderr
+    assert EARLY in proc.stderr
+    assert "[source host1] %s: failed: ssh %s: cannot run ssh" % (wal.segments[1], wal.tb.hosts[0].address) \
+        in proc.stderr
+    assert "stopping recovery at %s" % wal.segments[1] in proc.stderr
+    assert os.listdir(wal.pg_wal) == []
+
+
 def test_sigterm_at_any_moment_of_a_call_with_an_early_ssh_leaves_nothing(wal):
     # From the fork of the early ssh to the rest's signal handlers, a SIGTERM ends
     # Python by its default action: ssh, writing to a pipe nobody reads, ends by
