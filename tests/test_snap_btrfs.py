@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from testbed import BIN, PG_USER, PY36, chown_pg, run_script, sh
+from testbed import BIN, PG_USER, PY36, chown_pg, lsn, run_script, sh
 from test_snap import (NAGIOS_LINE, assert_standby_backup_label, assert_started_at_its_name,
                        insert_load, no_snap_session_left, standby_stopped)
 
@@ -113,11 +113,6 @@ def cleanup(bt):
 
 def snap(cfg, *args, **kwargs):
     return run_script(SCRIPT, *args, config=cfg, **kwargs)
-
-
-def lsn(text):
-    high, low = text.split("/")
-    return int(high, 16) << 32 | int(low, 16)
 
 
 # -- taking a set ---------------------------------------------------------------

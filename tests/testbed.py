@@ -88,6 +88,12 @@ def free_port(address="127.0.0.1"):
         return sock.getsockname()[1]
 
 
+def lsn(text):
+    """The number of a WAL location written X/Y (either case, padded or not)."""
+    high, low = text.split("/")
+    return int(high, 16) << 32 | int(low, 16)
+
+
 def wait_for(predicate, timeout, what, interval=0.1):
     deadline = time.time() + timeout
     while True:
