@@ -295,10 +295,17 @@ def test_target_lsn_at_a_page_boundary_stops_at_the_first_record_after_it(story)
     # Every WAL page starts with its header, so a page boundary is never where a
     # record starts: PostgreSQL replays up to the page's first record and stops there.
     # (The test above meets this case only when pg_current_wal_lsn() was one.)
+    # The newest boundary whose first record lies before T (the target may itself be
+    # a page's first record), and after set A's stop, so that A serves it.
+    stop_a = lsn(props_of(story.tb, story.tb.datasets[1] + "@" + story.sets[0])["pgzfs:stop_lsn"])
     boundary = (lsn(story.target_lsn) - 1) & ~(8192 - 1)
-    text = "%X/%X" % (boundary >> 32, boundary & 0xFFFFFFFF)
-    first = first_record_at_or_after(story.tb, text)
-    assert lsn(text) < lsn(first) < lsn(story.target_lsn)
+    while True:
+        text = "%X/%X" % (boundary >> 32, boundary & 0xFFFFFFFF)
+        first = first_record_at_or_after(story.tb, text)
+        if lsn(first) < lsn(story.target_lsn):
+            break
+        boundary -= 8192
+    assert stop_a < boundary < lsn(first) < lsn(story.target_lsn)
     with restored(story, "--target-lsn", text, "--action", "promote") as copy:
         assert "restored set %s to LSN %s: promoted" % (story.sets[0], text) in copy.out
         stop = re.search(r'recovery stopping after WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"', copy.out)
@@ -675,40 +682,52 @@ def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached
 
 # -- a set whose stop segment is not archived yet --------------------------------
 
+@contextlib.contextmanager
+def archive_timeout_off(tb):
+    """No segment is archived in the block but by a switch: a slow machine's test
+    outlasted ARCHIVE_TIMEOUT s, and the segment it kept unarchived was archived."""
+    tb.primary.psql("ALTER SYSTEM SET archive_timeout = 0")
+    tb.primary.psql("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        tb.primary.psql("ALTER SYSTEM SET archive_timeout = %d" % ARCHIVE_TIMEOUT)
+        tb.primary.psql("SELECT pg_reload_conf()")
+
+
 def set_waiting_for_wal(story):
-    """(set name, a row only it holds, when the WAL was switched): a set whose stop
-    segment is not archived yet, for ARCHIVE_TIMEOUT s after that."""
+    """(set name, a row only it holds): a set whose stop segment is not archived yet,
+    until the next switch (inside archive_timeout_off)."""
     tb = story.tb
-    tb.switch_wal()     # archive_timeout counts from here: the next segment stays unarchived
-    switched = time.monotonic()
+    assert tb.primary.psql("SHOW archive_timeout") == "0", "not inside archive_timeout_off"
+    tb.switch_wal()     # the next segment stays unarchived
     note = "unarchived %s" % utc_now().isoformat()
     tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
     wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
              30, "the standby to replay the row")
     before = set(set_names(tb))
     snap(tb, story.config)
-    return [name for name in set_names(tb) if name not in before][0], note, switched
+    return [name for name in set_names(tb) if name not in before][0], note
 
 
 @pytest.mark.host_only("a stop segment not archived yet")
 def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(story):
     tb = story.tb
-    newest, _, switched = set_waiting_for_wal(story)
-    try:
-        listing = dict((s["name"], s) for s in json.loads(restore_script(story.config, "list", "--json").stdout))
-        table = restore_script(story.config, "list").stdout
-        drill = restore_script(story.config, "drill")
-        refused = restore_script(story.config, "restore", "--immediate", "--set", newest)
-        checked = run_script("pg_zfs_snap", "check", config=story.tb.write_config(
-            os.path.join(tb.run_dir, "wal_wait.conf"), {"snapshot": {"wal_wait": "0"}}))
-        snap_listing = dict((s["name"], s) for s in json.loads(
-            run_script("pg_zfs_snap", "list", "--json", config=story.config).stdout))
-        snap_table = run_script("pg_zfs_snap", "list", config=story.config).stdout
-        assert time.monotonic() - switched < ARCHIVE_TIMEOUT - 5, \
-            "archive_timeout may have archived the segment meanwhile"
-    finally:
-        for dataset in tb.datasets:
-            tb.zfs.destroy("%s@%s" % (dataset, newest))
+    with archive_timeout_off(tb):
+        newest, _ = set_waiting_for_wal(story)
+        try:
+            listing = dict((s["name"], s) for s in json.loads(restore_script(story.config, "list", "--json").stdout))
+            table = restore_script(story.config, "list").stdout
+            drill = restore_script(story.config, "drill")
+            refused = restore_script(story.config, "restore", "--immediate", "--set", newest)
+            checked = run_script("pg_zfs_snap", "check", config=story.tb.write_config(
+                os.path.join(tb.run_dir, "wal_wait.conf"), {"snapshot": {"wal_wait": "0"}}))
+            snap_listing = dict((s["name"], s) for s in json.loads(
+                run_script("pg_zfs_snap", "list", "--json", config=story.config).stdout))
+            snap_table = run_script("pg_zfs_snap", "list", config=story.config).stdout
+        finally:
+            for dataset in tb.datasets:
+                tb.zfs.destroy("%s@%s" % (dataset, newest))
     assert re.match(r"^[0-9A-F]{24}$", listing[newest]["waiting_for_wal"] or "")
     assert listing[story.sets[1]]["waiting_for_wal"] is None
     assert re.search(r"^%s .* WAITING " % newest, table, re.M), table

@@ -12,13 +12,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
-from testbed import ARCHIVE_TIMEOUT, BIN, PY36, chown_pg, run_script, wait_for
-from test_restore import (our_clones, parse_iso, props_of, restore_script, restored, set_names,  # noqa: F401
-                          set_waiting_for_wal, snap, story, utc_now)
+from testbed import BIN, PY36, chown_pg, run_script, wait_for
+from test_restore import (archive_timeout_off, our_clones, parse_iso, props_of, restore_script,  # noqa: F401
+                          restored, set_names, set_waiting_for_wal, snap, story, utc_now)
 from test_restore_faults import nothing_left, stalled
 from test_restore_mountpoints import assert_restores_with_tablespaces_in_the_clones, own_standby_config
 
@@ -51,7 +50,7 @@ def test_exclusive_target_at_a_sets_last_commit_leaves_that_commit_out(story):
     transaction it was asked to leave out."""
     tb = story.tb
     note = "committed at the target %s" % utc_now().isoformat()
-    tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+    note_xid = int(tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s') RETURNING txid_current()" % note))
     wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
              30, "the standby to replay the row")
     # A restartpoint after the commit: the set's backup starts after it, so no replay
@@ -66,6 +65,10 @@ def test_exclusive_target_at_a_sets_last_commit_leaves_that_commit_out(story):
     idle = [name for name in set_names(tb) if name not in before][0]
     try:
         db_time = props_of(tb, tb.datasets[1] + "@" + idle)["pgzfs:db_time"]
+        # A commit record belongs to an xid: the next xid is the note's + 1 only if the
+        # note's commit is the set's last (the testbed's primary runs no autovacuum).
+        assert int(tb.primary.psql("SELECT txid_current()")) == note_xid + 1, \
+            "another transaction committed after the note: the set's db_time is not the note's"
         tb.primary.psql("INSERT INTO smoke (note) VALUES ('after the target')")
         tb.switch_wal()
         with restored(story, "--target-time", db_time, "--action", "promote") as copy:
@@ -198,16 +201,15 @@ def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
 @pytest.mark.host_only("a stop segment archived later")
 def test_a_set_waiting_for_wal_is_chosen_once_its_stop_segment_is_archived(story):
     tb = story.tb
-    waiting, note, switched = set_waiting_for_wal(story)
-    try:
-        with restored(story, "--immediate") as copy:
-            assert time.monotonic() - switched < ARCHIVE_TIMEOUT - 5, \
-                "archive_timeout may have archived the segment meanwhile"
-            assert "restored set %s" % story.sets[1] in copy.out
-        tb.switch_wal()
-        with restored(story, "--immediate") as copy:
-            assert "restored set %s" % waiting in copy.out
-            assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1"
-    finally:
-        for dataset in tb.datasets:
-            tb.zfs.destroy("%s@%s" % (dataset, waiting))
+    with archive_timeout_off(tb):
+        waiting, note = set_waiting_for_wal(story)
+        try:
+            with restored(story, "--immediate") as copy:
+                assert "restored set %s" % story.sets[1] in copy.out
+            tb.switch_wal()
+            with restored(story, "--immediate") as copy:
+                assert "restored set %s" % waiting in copy.out
+                assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1"
+        finally:
+            for dataset in tb.datasets:
+                tb.zfs.destroy("%s@%s" % (dataset, waiting))

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from testbed import BIN, PY36, run_script
+from testbed import BIN, PY36, names_from, run_script
 
 SCRIPT = "pg_zfs_snap"
 NAGIOS_LINE = re.compile(r"^PG_ZFS_SNAP (OK|WARNING|CRITICAL|UNKNOWN) - .+ \| (age=\d+s )?sets=\d+"
@@ -272,14 +272,19 @@ def test_postmaster_pid_without_a_server_is_refused(tb, tmp_path, cleanup):
 def test_failure_on_the_second_dataset_leaves_no_set_and_no_backup(tb, tmp_path, cleanup):
     cleanup("fail")
     cfg = config(tb, tmp_path, "fail")
-    name = "fail_20260101T040100Z"
     # zfs-fuse takes one name per call: data01, data03, data04, then data02.
-    # A snapshot of that name already on data03 makes the second call fail.
-    in_the_way = "%s/data03@%s" % (tb.zfs.name, name)
-    tb.zfs.run("snapshot", in_the_way)
+    # A snapshot of the set's name already on data03 makes the second call fail.
+    # --now's clock runs on until the set is named, so the names of the first
+    # testbed.SECONDS_OF_DRIFT seconds are all taken there.
+    blockers = names_from("fail", "20260101T040100Z")
+    for blocker in blockers:
+        tb.zfs.run("snapshot", "%s/data03@%s" % (tb.zfs.name, blocker))
     proc = snap(cfg, "--now", "20260101T040100Z", "snapshot")
     assert proc.returncode == 1
     assert "dataset already exists" in proc.stderr
+    (name,) = set(re.findall(r"fail_\w+Z", proc.stderr))
+    assert name in blockers, proc.stderr
+    in_the_way = "%s/data03@%s" % (tb.zfs.name, name)
     assert snapshots_named(tb, name) == [in_the_way]        # ours destroyed, theirs kept
     assert properties(tb, in_the_way) == {}
     assert no_snap_session_left(tb)
@@ -450,11 +455,13 @@ def test_cron_run_takes_a_set_then_prunes(tb, tmp_path, cleanup):
     cleanup("cron")
     cfg = config(tb, tmp_path, "cron", keep_daily=0, keep_weekly=0, keep_monthly=0)
     assert snap(cfg, "--now", "20250101T040100Z", "snapshot", "--no-prune").returncode == 0
+    (old,) = set_names(tb, "cron")      # named when taken: --now's clock runs on
+    assert old in names_from("cron", "20250101T040100Z"), old
     proc = snap(cfg)
     assert proc.returncode == 0, proc.stderr
     names = set_names(tb, "cron")
-    assert len(names) == 1 and names[0] != "cron_20250101T040100Z"
-    assert "pruned set cron_20250101T040100Z" in proc.stderr
+    assert len(names) == 1 and names[0] != old
+    assert "pruned set %s" % old in proc.stderr
 
 
 @pytest.mark.host_only("no set, no ZFS call")

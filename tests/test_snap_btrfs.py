@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from testbed import BIN, PG_USER, PY36, chown_pg, lsn, run_script, sh
+from testbed import BIN, PG_USER, PY36, chown_pg, lsn, names_from, run_script, sh
 from test_snap import (NAGIOS_LINE, assert_standby_backup_label, assert_started_at_its_name,
                        insert_load, no_snap_session_left, standby_stopped)
 
@@ -202,14 +202,19 @@ def test_btrfs_stopped_postgres_gives_a_shutdown_set(tb, bt, tmp_path, cleanup):
 def test_btrfs_failure_on_the_second_subvolume_leaves_no_set_and_no_backup(tb, bt, tmp_path, cleanup):
     cleanup("fail")
     cfg = bt.config(tmp_path, "fail")
-    name = "fail_20260101T040100Z"
     # One by one: bt_data01, bt_data03, bt_data04, then bt_data02 (pg_control).
-    # Something of that name already in bt_data03's place makes the second fail.
-    theirs = bt.subvolumes[2] + "@" + name
+    # Something of the set's name already in bt_data03's place makes the second
+    # fail. --now's clock runs on until the set is named, so the names of the
+    # first testbed.SECONDS_OF_DRIFT seconds are all taken there.
+    blockers = names_from("fail", "20260101T040100Z")
     os.makedirs(bt.snapshot_dir, exist_ok=True)
-    sh(["btrfs", "subvolume", "snapshot", "-r", bt.subvolumes[2], bt.path(theirs)])
+    for blocker in blockers:
+        sh(["btrfs", "subvolume", "snapshot", "-r", bt.subvolumes[2], bt.path(bt.subvolumes[2] + "@" + blocker)])
     proc = snap(cfg, "--now", "20260101T040100Z", "snapshot")
     assert proc.returncode == 1
+    (name,) = set(re.findall(r"fail_\w+Z", proc.stderr))
+    assert name in blockers, proc.stderr
+    theirs = bt.subvolumes[2] + "@" + name
     assert "%s already exists" % bt.path(theirs) in proc.stderr
     assert "destroyed %s@%s (its set failed)" % (bt.subvolumes[0], name) in proc.stderr
     assert bt.snapshots_named(name) == [theirs]                 # ours deleted, theirs kept
@@ -262,10 +267,15 @@ def test_btrfs_prune_with_a_fixed_now_destroys_exactly_the_expected_sets(bt, tmp
     cleanup("prune")
     cleanup("other")
     cfg = bt.config(tmp_path, "prune", keep_daily=2, keep_weekly=1, keep_monthly=0)
+    made = []       # a set is named when its snapshots are taken: --now's clock runs on
     for stamp in ["20260301T040100Z", "20260302T040100Z", "20260303T040100Z",
                   "20260303T120000Z", "20260304T040100Z"]:
+        before = set(bt.set_names("prune"))
         proc = snap(cfg, "--now", stamp, "snapshot", "--no-prune")
         assert proc.returncode == 0, proc.stderr
+        (name,) = set(bt.set_names("prune")) - before
+        assert name in names_from("prune", stamp), name
+        made.append(name)
     data01, data02 = bt.subvolumes[0], bt.subvolumes[1]
     # Another tool's snapshot; one of ours without metadata; one with unreadable
     # metadata; and an incomplete set (a run that died after its first snapshot).
@@ -279,42 +289,39 @@ def test_btrfs_prune_with_a_fixed_now_destroys_exactly_the_expected_sets(bt, tmp
                {"set": broken, "datasets": " ".join(bt.subvolumes)})
     # A drill clone (writable snapshot + marker) depends on the oldest set; a
     # stale marker names a clone that is gone.
-    oldest = data02 + "@prune_20260301T040100Z"
-    clone = data02 + "_drill_prune_20260301T040100Z"
+    oldest = data02 + "@" + made[0]
+    clone = data02 + "_drill_" + made[0]
     markers = os.path.join(bt.snapshot_dir, "clones")
     os.makedirs(markers, exist_ok=True)
     sh(["btrfs", "subvolume", "snapshot", bt.path(oldest), clone])
     write_json(os.path.join(markers, os.path.basename(clone) + ".json"),
-               {"clone_of": "prune_20260301T040100Z", "snapshot": oldest, "path": clone,
+               {"clone_of": made[0], "snapshot": oldest, "path": clone,
                 "kind": "drill", "created": "2026-03-05T00:00:00Z"})
-    stale = os.path.join(markers, "bt_data02_restore_prune_20260302T040100Z.json")
-    write_json(stale, {"clone_of": "prune_20260302T040100Z", "snapshot": data02 + "@prune_20260302T040100Z",
-                       "path": data02 + "_restore_prune_20260302T040100Z", "kind": "restore",
+    stale = os.path.join(markers, "bt_data02_restore_%s.json" % made[1])
+    write_json(stale, {"clone_of": made[1], "snapshot": data02 + "@" + made[1],
+                       "path": data02 + "_restore_" + made[1], "kind": "restore",
                        "created": "2026-03-04T00:00:00Z"})
     try:
         now = ["--now", "20260305T000000Z"]
         dry = snap(cfg, *(now + ["prune", "--dry-run"]))
         assert dry.returncode == 0, dry.stderr
         assert dry.stdout.split() == ["would", "destroy", broken,
-                                      "would", "destroy", "prune_20260302T040100Z",
-                                      "would", "destroy", "prune_20260303T040100Z"]
-        assert "prune_20260301T040100Z has clones (%s)" % clone in dry.stderr
+                                      "would", "destroy", made[1],
+                                      "would", "destroy", made[2]]
+        assert "%s has clones (%s)" % (made[0], clone) in dry.stderr
         assert "%s@prune_20260101T000000Z has no readable metadata" % data02 in dry.stderr
         assert "%s@prune_20260102T000000Z has no readable metadata" % data02 in dry.stderr
         assert "clone marker %s: its clone" % stale in dry.stderr
         table = snap(cfg, *(now + ["list"]))
         assert "\tNO-METADATA %s@prune_20260101T000000Z" % data02 in table.stdout
         listed = json.loads(snap(cfg, *(now + ["list", "--json"])).stdout)
-        assert [entry["name"] for entry in listed] == [
-            broken, "prune_20260301T040100Z", "prune_20260302T040100Z", "prune_20260303T040100Z",
-            "prune_20260303T120000Z", "prune_20260304T040100Z"]
+        assert [entry["name"] for entry in listed] == [broken] + made
         assert listed[1]["clones"] == [clone] and listed[0]["complete"] is False
 
         proc = snap(cfg, *(now + ["prune"]))
         assert proc.returncode == 0, proc.stderr
         assert bt.set_names("prune") == ["prune_20260101T000000Z", "prune_20260102T000000Z",
-                                         "prune_20260301T040100Z", "prune_20260303T120000Z",
-                                         "prune_20260304T040100Z"]
+                                         made[0], made[3], made[4]]
         assert proc.stderr.count("pruned set") == 3
         assert not [e for e in bt.entries() if e.endswith(".json") and
                     ("20260302T" in e or "20260303T04" in e or broken in e)]
@@ -334,12 +341,14 @@ def test_btrfs_cron_run_takes_a_set_then_prunes(bt, tmp_path, cleanup):
     cleanup("cron")
     cfg = bt.config(tmp_path, "cron", keep_daily=0, keep_weekly=0, keep_monthly=0)
     assert snap(cfg, "--now", "20250101T040100Z", "snapshot", "--no-prune").returncode == 0
+    (old,) = bt.set_names("cron")       # named when taken: --now's clock runs on
+    assert old in names_from("cron", "20250101T040100Z"), old
     proc = snap(cfg)
     assert proc.returncode == 0, proc.stderr
     names = bt.set_names("cron")
-    assert len(names) == 1 and names[0] != "cron_20250101T040100Z"
-    assert "pruned set cron_20250101T040100Z" in proc.stderr
-    assert not [e for e in bt.entries() if "cron_20250101T040100Z" in e]
+    assert len(names) == 1 and names[0] != old
+    assert "pruned set %s" % old in proc.stderr
+    assert not [e for e in bt.entries() if old in e]
 
 
 # -- check ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ name, ports and nft table. See DEVELOPERS.md for the API and
 Network rule: nothing here sends traffic anywhere but 127.0.0.0/8.
 """
 
+import calendar
 import contextlib
 import fcntl
 import glob
@@ -86,6 +87,17 @@ def free_port(address="127.0.0.1"):
     with contextlib.closing(socket.socket()) as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
+
+
+# pg_zfs_snap.py names a set when its snapshots are taken: --now's clock runs on
+# from the script's start, seconds later under load (2 s seen in the guest's suite).
+SECONDS_OF_DRIFT = 10
+
+
+def names_from(prefix, stamp, count=SECONDS_OF_DRIFT):
+    """The set names of count seconds from stamp (YYYYmmddTHHMMSSZ) on."""
+    start = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    return [time.strftime(prefix + "_%Y%m%dT%H%M%SZ", time.gmtime(start + n)) for n in range(count)]
 
 
 def lsn(text):
@@ -864,7 +876,10 @@ class Testbed(object):
                               archive_command="'%s %%p %%f'" % script,
                               archive_timeout=str(ARCHIVE_TIMEOUT), wal_keep_size="256MB"
                               if int(self.pg_version) >= 13 else "'64MB'",
-                              max_replication_slots=10, hot_standby="on")
+                              max_replication_slots=10, hot_standby="on",
+                              # No commit but the tests': a set's last commit (db_time)
+                              # is then the one a test made, not an autoanalyze's.
+                              autovacuum="off")
             primary.start()
             ts_dir = os.path.join(self.run_dir, "primary_ts1")
             os.makedirs(ts_dir)
