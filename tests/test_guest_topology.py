@@ -49,6 +49,14 @@ def load_guest_tool():
     return module
 
 
+def test_kvm_is_chosen_only_when_its_probe_is_quick_next_to_tcgs():
+    guest = load_guest_tool()
+    assert not guest.kvm_fast_enough(1.37, 0.06)    # 2026-12-02: its guest never answered ssh
+    assert not guest.kvm_fast_enough(4.0, 0.3)
+    assert guest.kvm_fast_enough(0.12, 0.06)
+    assert guest.kvm_fast_enough(0.9, 0.3)          # a loaded machine: both slow
+
+
 def config_text(sections):
     lines = []
     for section, keys in sections:
