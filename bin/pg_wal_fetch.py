@@ -783,6 +783,7 @@ def path_candidates(name):
 
 
 def is_program(path):
+    """True when path is a regular file this user may execute."""
     try:
         return posix.stat(path).st_mode & 0o170000 == 0o100000 and posix.access(path, posix.X_OK)
     except (OSError, ValueError):

@@ -162,6 +162,13 @@ def first_record_at_or_after(tb, location):
     return re.search(r"lsn: ([0-9A-F]+/[0-9A-F]+)", out).group(1)
 
 
+def stopped_after(out):
+    """The LSN of PostgreSQL's "recovery stopping after WAL location" line in out."""
+    stop = re.search(r'recovery stopping after WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"', out)
+    assert stop, out
+    return lsn(stop.group(1))
+
+
 def rows_of(cluster_or_args):
     if isinstance(cluster_or_args, tuple):
         socket_dir, port, bindir = cluster_or_args
@@ -283,10 +290,9 @@ def test_target_lsn_stops_at_that_wal_location(story):
         # PostgreSQL stops after the first record that starts at or after the target.
         # pg_current_wal_lsn() is where the WAL was written to, often a page boundary
         # inside a record (CI, 2026-12-02: 0/46BC000), so that record may start later.
-        stop = re.search(r'recovery stopping after WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"', copy.out)
-        assert stop, copy.out
-        assert lsn(stop.group(1)) == lsn(first_record_at_or_after(story.tb, story.target_lsn))
-        assert lsn(stop.group(1)) >= lsn(story.target_lsn)
+        stop = stopped_after(copy.out)
+        assert stop == lsn(first_record_at_or_after(story.tb, story.target_lsn))
+        assert stop >= lsn(story.target_lsn)
         assert_rows_up_to(story, copy.rows(), story.target_time, story.target_committed)
 
 
@@ -308,8 +314,7 @@ def test_target_lsn_at_a_page_boundary_stops_at_the_first_record_after_it(story)
     assert stop_a < boundary < lsn(first) < lsn(story.target_lsn)
     with restored(story, "--target-lsn", text, "--action", "promote") as copy:
         assert "restored set %s to LSN %s: promoted" % (story.sets[0], text) in copy.out
-        stop = re.search(r'recovery stopping after WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"', copy.out)
-        assert stop and lsn(stop.group(1)) == lsn(first), copy.out
+        assert stopped_after(copy.out) == lsn(first), copy.out
         rows = copy.rows()
         assert rows and rows == story.rows[:len(rows)], "not a prefix of the primary's rows"
         assert all(at <= story.target_time for _, at in rows), "a row stamped after the target is present"
@@ -683,51 +688,45 @@ def test_a_recovery_pg_wal_fetch_stops_fails_with_its_reason_and_the_lsn_reached
 # -- a set whose stop segment is not archived yet --------------------------------
 
 @contextlib.contextmanager
-def archive_timeout_off(tb):
-    """No segment is archived in the block but by a switch: a slow machine's test
-    outlasted ARCHIVE_TIMEOUT s, and the segment it kept unarchived was archived."""
+def set_waiting_for_wal(story):
+    """Yield (set name, a row only it holds): a set whose stop segment is archived
+    only when the block switches the WAL. archive_timeout is 0 meanwhile, so a
+    slow machine cannot outlast it; the set is destroyed after."""
+    tb = story.tb
     tb.primary.psql("ALTER SYSTEM SET archive_timeout = 0")
     tb.primary.psql("SELECT pg_reload_conf()")
     try:
-        yield
+        tb.switch_wal()     # the next segment stays unarchived
+        note = "unarchived %s" % utc_now().isoformat()
+        tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
+        wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
+                 30, "the standby to replay the row")
+        before = set(set_names(tb))
+        snap(tb, story.config)
+        name = [name for name in set_names(tb) if name not in before][0]
+        try:
+            yield name, note
+        finally:
+            for dataset in tb.datasets:
+                tb.zfs.destroy("%s@%s" % (dataset, name))
     finally:
         tb.primary.psql("ALTER SYSTEM SET archive_timeout = %d" % ARCHIVE_TIMEOUT)
         tb.primary.psql("SELECT pg_reload_conf()")
 
 
-def set_waiting_for_wal(story):
-    """(set name, a row only it holds): a set whose stop segment is not archived yet,
-    until the next switch (inside archive_timeout_off)."""
-    tb = story.tb
-    assert tb.primary.psql("SHOW archive_timeout") == "0", "not inside archive_timeout_off"
-    tb.switch_wal()     # the next segment stays unarchived
-    note = "unarchived %s" % utc_now().isoformat()
-    tb.primary.psql("INSERT INTO smoke (note) VALUES ('%s')" % note)
-    wait_for(lambda: tb.standby.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1",
-             30, "the standby to replay the row")
-    before = set(set_names(tb))
-    snap(tb, story.config)
-    return [name for name in set_names(tb) if name not in before][0], note
-
-
 @pytest.mark.host_only("a stop segment not archived yet")
 def test_a_set_whose_stop_segment_is_not_archived_yet_waits_and_is_passed_over(story):
     tb = story.tb
-    with archive_timeout_off(tb):
-        newest, _ = set_waiting_for_wal(story)
-        try:
-            listing = dict((s["name"], s) for s in json.loads(restore_script(story.config, "list", "--json").stdout))
-            table = restore_script(story.config, "list").stdout
-            drill = restore_script(story.config, "drill")
-            refused = restore_script(story.config, "restore", "--immediate", "--set", newest)
-            checked = run_script("pg_zfs_snap", "check", config=story.tb.write_config(
-                os.path.join(tb.run_dir, "wal_wait.conf"), {"snapshot": {"wal_wait": "0"}}))
-            snap_listing = dict((s["name"], s) for s in json.loads(
-                run_script("pg_zfs_snap", "list", "--json", config=story.config).stdout))
-            snap_table = run_script("pg_zfs_snap", "list", config=story.config).stdout
-        finally:
-            for dataset in tb.datasets:
-                tb.zfs.destroy("%s@%s" % (dataset, newest))
+    with set_waiting_for_wal(story) as (newest, _):
+        listing = dict((s["name"], s) for s in json.loads(restore_script(story.config, "list", "--json").stdout))
+        table = restore_script(story.config, "list").stdout
+        drill = restore_script(story.config, "drill")
+        refused = restore_script(story.config, "restore", "--immediate", "--set", newest)
+        checked = run_script("pg_zfs_snap", "check", config=story.tb.write_config(
+            os.path.join(tb.run_dir, "wal_wait.conf"), {"snapshot": {"wal_wait": "0"}}))
+        snap_listing = dict((s["name"], s) for s in json.loads(
+            run_script("pg_zfs_snap", "list", "--json", config=story.config).stdout))
+        snap_table = run_script("pg_zfs_snap", "list", config=story.config).stdout
     assert re.match(r"^[0-9A-F]{24}$", listing[newest]["waiting_for_wal"] or "")
     assert listing[story.sets[1]]["waiting_for_wal"] is None
     assert re.search(r"^%s .* WAITING " % newest, table, re.M), table

@@ -16,8 +16,8 @@ import subprocess
 import pytest
 
 from testbed import BIN, PY36, chown_pg, run_script, wait_for
-from test_restore import (archive_timeout_off, our_clones, parse_iso, props_of, restore_script,  # noqa: F401
-                          restored, set_names, set_waiting_for_wal, snap, story, utc_now)
+from test_restore import (our_clones, parse_iso, props_of, restore_script, restored, set_names,  # noqa: F401
+                          set_waiting_for_wal, snap, story, utc_now)
 from test_restore_faults import nothing_left, stalled
 from test_restore_mountpoints import assert_restores_with_tablespaces_in_the_clones, own_standby_config
 
@@ -201,15 +201,10 @@ def test_a_tablespace_located_through_a_symlink_into_a_dataset_is_restored(tb):
 @pytest.mark.host_only("a stop segment archived later")
 def test_a_set_waiting_for_wal_is_chosen_once_its_stop_segment_is_archived(story):
     tb = story.tb
-    with archive_timeout_off(tb):
-        waiting, note = set_waiting_for_wal(story)
-        try:
-            with restored(story, "--immediate") as copy:
-                assert "restored set %s" % story.sets[1] in copy.out
-            tb.switch_wal()
-            with restored(story, "--immediate") as copy:
-                assert "restored set %s" % waiting in copy.out
-                assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1"
-        finally:
-            for dataset in tb.datasets:
-                tb.zfs.destroy("%s@%s" % (dataset, waiting))
+    with set_waiting_for_wal(story) as (waiting, note):
+        with restored(story, "--immediate") as copy:
+            assert "restored set %s" % story.sets[1] in copy.out
+        tb.switch_wal()
+        with restored(story, "--immediate") as copy:
+            assert "restored set %s" % waiting in copy.out
+            assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1"

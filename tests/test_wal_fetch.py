@@ -350,14 +350,20 @@ def test_an_edited_config_never_runs_the_early_ssh_of_the_old_one(wal, tb):
     assert asked(wal, "ssh") == [tb.hosts[1].address]
 
 
-def test_an_early_ssh_tries_each_ssh_on_the_path_as_execvp_does(wal):
-    # An ssh first on $PATH that cannot run (a missing interpreter): execvp, and
-    # so subprocess, go on to the next one; the early start must too, or host1
-    # would count as failed where the rest's own ssh would have run.
+def broken_ssh_first_after_a_call(wal):
+    """A call that writes the early note; then the shim's ssh, first on $PATH, is a
+    script whose interpreter is missing: it stats as a program but cannot run."""
     assert wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG").returncode == 0
     next_call(wal)
     with open(os.path.join(wal.shim, "ssh"), "w") as out:
         out.write("#!/nonexistent/interpreter\n")
+
+
+def test_an_early_ssh_tries_each_ssh_on_the_path_as_execvp_does(wal):
+    # An ssh first on $PATH that cannot run (a missing interpreter): execvp, and
+    # so subprocess, go on to the next one; the early start must too, or host1
+    # would count as failed where the rest's own ssh would have run.
+    broken_ssh_first_after_a_call(wal)
     proc = wal.run("-v", wal.segments[1], "pg_wal/RECOVERYXLOG")
     assert proc.returncode == 0, proc.stderr
     assert EARLY in proc.stderr and "delivered from [source host1]" in proc.stderr
@@ -368,10 +374,7 @@ def test_an_early_ssh_that_cannot_run_stops_an_archive_recovery_with_a_reason(wa
     # No ssh on $PATH can run: the early child exits 127 with its line, the rest's
     # own ssh for host2 cannot start either, and in archive recovery that is
     # doubt: exit 200 and why, nothing at DEST.
-    assert wal.run(wal.segments[0], "pg_wal/RECOVERYXLOG").returncode == 0
-    next_call(wal)
-    with open(os.path.join(wal.shim, "ssh"), "w") as out:
-        out.write("#!/nonexistent/interpreter\n")
+    broken_ssh_first_after_a_call(wal)
     open(os.path.join(wal.pgdata, "recovery.signal"), "w").close()
     env = dict(wal.env(), PATH=wal.shim)
     argv = wal.argv("-v", wal.segments[1], "pg_wal/RECOVERYXLOG")
