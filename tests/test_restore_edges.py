@@ -204,7 +204,10 @@ def test_a_set_waiting_for_wal_is_chosen_once_its_stop_segment_is_archived(story
     with set_waiting_for_wal(story) as (waiting, note):
         with restored(story, "--immediate") as copy:
             assert "restored set %s" % story.sets[1] in copy.out
+            rows = copy.rows()
+            assert rows == story.rows[:len(rows)], "not a prefix of the primary's rows"
         tb.switch_wal()
         with restored(story, "--immediate") as copy:
             assert "restored set %s" % waiting in copy.out
             assert copy.psql("SELECT count(*) FROM smoke WHERE note = '%s'" % note) == "1"
+            assert copy.rows() == story.rows        # taken after the story's last row
