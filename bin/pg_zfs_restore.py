@@ -3589,5 +3589,17 @@ def main(argv=None):
         signals_settled()
 
 
+def ignore_stop_signals():
+    """The command has reported its outcome: SIGTERM, SIGHUP and SIGINT are ignored
+    while the interpreter exits. Python's tear-down sets a handler of ours back to
+    SIG_DFL (it leaves SIG_IGN alone), and a signal that landed after that ended a
+    command that had finished, and said so, as killed by it (exit -15 after
+    "restored set ...")."""
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    ignore_stop_signals()       # main settled its signals: a late one is only noted until here
+    sys.exit(exit_code)

@@ -161,6 +161,14 @@ def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_serve
     bed = testbed.Testbed(os.environ.get("PG_ZFS_TEST_PG", "15"))
     try:
         bed.standby
+        # An ssh master pg_wal_fetch.py leaves for ControlPersist (60 s), its socket
+        # in /tmp (the default control_dir), and the sshd session it holds open.
+        config = bed.write_config(os.path.join(bed.run_dir, "fetch.conf"), sections=bed.archive_config(),
+                                  overrides={"postgres": {"system_identifier": "7000000000000000001"}})
+        testbed.run_script("pg_wal_fetch", "0000000100000000000000FE", os.path.join(bed.run_dir, "x"),
+                           config=config)
+        lingering = ssh_masters()
+        assert lingering, "no ssh master lingers: nothing to check"
         bed.hosts[1].kill()
         # A server a test forgot: a clone of the standby's dataset, running.
         clone = bed.zfs.name + "/stray"
@@ -175,6 +183,18 @@ def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_serve
     assert pool not in sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
     assert sh(["nft", "list", "table", "inet", table], check=False).returncode != 0
     assert run_dir not in open("/proc/mounts").read()
+    assert [pid for pid in lingering if testbed._pid_alive(pid)] == []
+
+
+def ssh_masters():
+    """PIDs of the ssh masters running (ssh titles one "ssh: CONTROLPATH [mux]")."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                if re.match(rb"ssh: \S+ \[mux\]", cmdline.read()):
+                    found.append(int(entry))
+    return found
 
 
 @pytest.mark.host_only("install-deps' choice, both ways on any machine")
@@ -233,6 +253,7 @@ GUEST_EXEMPT = {
                                "it passed in the guest once, 3.5 min under TCG, CI's budget is 90",
     "test_drill_state.py": "the drill's result file and its quiet under cron; the drill's ZFS steps "
                            "run in the guest with test_restore*",
+    "test_signal_at_exit.py": "our own signal handling as the interpreter exits; no ZFS step",
 }
 
 

@@ -1037,7 +1037,11 @@ class Testbed(object):
             raise RuntimeError("the testbed left behind: %s" % "; ".join(left))
 
     def _processes_in_run_dir(self):
-        """PIDs (not ours) whose command line or working directory is in run_dir."""
+        """PIDs (not ours) whose command line or working directory is in run_dir, or
+        that hold a TCP socket with an end in this session's 127.N.0.0/24: an ssh
+        master pg_wal_fetch.py leaves for ControlPersist (its socket is in /tmp,
+        the product's default control_dir) and the sshd session it keeps open."""
+        sockets = set("socket:[%s]" % inode for inode in tcp_socket_inodes(self.net))
         found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
@@ -1048,7 +1052,8 @@ class Testbed(object):
                 cwd = os.readlink("/proc/%s/cwd" % entry)
             except OSError:
                 continue
-            if self.run_dir in args or cwd.startswith(self.run_dir):
+            if self.run_dir in args or cwd.startswith(self.run_dir) or (
+                    sockets and sockets.intersection(open_files("/proc/%s/fd" % entry))):
                 found.append(int(entry))
         return found
 
@@ -1079,6 +1084,31 @@ class Testbed(object):
 
     def _nft_table_exists(self):
         return sh(["nft", "list", "table", "inet", self.nft_table], check=False).returncode == 0
+
+
+def tcp_socket_inodes(net):
+    """Inodes of the IPv4 TCP sockets with an end in 127.NET.0.0/24 (/proc/net/tcp
+    writes an address as the hex of its bytes in reverse: 127.N.0.X is XX00NN7F)."""
+    block = "00%02X7F" % net
+    try:
+        with open("/proc/net/tcp") as table:
+            rows = [line.split() for line in table.read().splitlines()[1:]]
+    except OSError:
+        return []
+    return [row[9] for row in rows if len(row) > 9 and any(end.split(":")[0][2:] == block for end in row[1:3])]
+
+
+def open_files(fd_dir):
+    """What the descriptors in /proc/PID/fd point to (socket:[INODE] for a socket)."""
+    found = []
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return found
+    for name in names:
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(os.path.join(fd_dir, name)))
+    return found
 
 
 def remove_run_dir(run_dir):
