@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    """Started in the background by a non-interactive shell (`make test &`, nohup),
+    pytest inherits SIGINT ignored, and so would every script a test starts: the
+    scripts leave an ignored SIGINT ignored, as a shell does, and each test of
+    Ctrl-C at a terminal then fails (seen here: 8 of them in one run). A
+    terminal's process has SIGINT at its default: give pytest's back."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_addoption(parser):
     parser.addoption("--pg", default=None,
                      help="PostgreSQL major version to test against: 14, 15 (default) or 18; "

@@ -23,7 +23,7 @@ RUNS = 10
 
 
 def signalled_at_exit(python, script, config, args):
-    """(exit code, stdout) of one run, SIGTERM sent again and again from its first output on."""
+    """(exit code, stdout, stderr) of one run, SIGTERM sent again and again from its first output on."""
     env = dict(os.environ)
     env.pop("PYTHONUNBUFFERED", None)       # stdout block-buffered: written as the interpreter exits
     proc = subprocess.Popen([python, os.path.join(BIN, script), "-c", config] + args,

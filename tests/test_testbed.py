@@ -167,7 +167,7 @@ def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_serve
                                   overrides={"postgres": {"system_identifier": "7000000000000000001"}})
         testbed.run_script("pg_wal_fetch", "0000000100000000000000FE", os.path.join(bed.run_dir, "x"),
                            config=config)
-        lingering = ssh_masters()
+        lingering = ssh_masters(bed.net)
         assert lingering, "no ssh master lingers: nothing to check"
         bed.hosts[1].kill()
         # A server a test forgot: a clone of the standby's dataset, running.
@@ -186,13 +186,16 @@ def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_serve
     assert [pid for pid in lingering if testbed._pid_alive(pid)] == []
 
 
-def ssh_masters():
-    """PIDs of the ssh masters running (ssh titles one "ssh: CONTROLPATH [mux]")."""
+def ssh_masters(net):
+    """PIDs of the ssh masters (ssh titles one "ssh: CONTROLPATH [mux]") connected to
+    127.NET.0.0/24: not another session's, such as this pytest session's testbed's."""
+    sockets = set("socket:[%s]" % inode for inode in testbed.tcp_socket_inodes(net))
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
             with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
-                if re.match(rb"ssh: \S+ \[mux\]", cmdline.read()):
+                if (re.match(rb"ssh: \S+ \[mux\]", cmdline.read())
+                        and sockets.intersection(testbed.open_files("/proc/%s/fd" % entry))):
                     found.append(int(entry))
     return found
 
