@@ -189,14 +189,12 @@ def test_a_testbed_leaves_nothing_behind_even_with_a_dead_host_and_a_stray_serve
 def ssh_masters(net):
     """PIDs of the ssh masters (ssh titles one "ssh: CONTROLPATH [mux]") connected to
     127.NET.0.0/24: not another session's, such as this pytest session's testbed's."""
-    sockets = set("socket:[%s]" % inode for inode in testbed.tcp_socket_inodes(net))
     found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
+    for pid in testbed.pids_connected_to(net):
         with contextlib.suppress(OSError):
-            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
-                if (re.match(rb"ssh: \S+ \[mux\]", cmdline.read())
-                        and sockets.intersection(testbed.open_files("/proc/%s/fd" % entry))):
-                    found.append(int(entry))
+            with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+                if re.match(rb"ssh: \S+ \[mux\]", cmdline.read()):
+                    found.append(pid)
     return found
 
 

@@ -1041,7 +1041,7 @@ class Testbed(object):
         that hold a TCP socket with an end in this session's 127.N.0.0/24: an ssh
         master pg_wal_fetch.py leaves for ControlPersist (its socket is in /tmp,
         the product's default control_dir) and the sshd session it keeps open."""
-        sockets = set("socket:[%s]" % inode for inode in tcp_socket_inodes(self.net))
+        connected = pids_connected_to(self.net)
         found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
@@ -1052,8 +1052,7 @@ class Testbed(object):
                 cwd = os.readlink("/proc/%s/cwd" % entry)
             except OSError:
                 continue
-            if self.run_dir in args or cwd.startswith(self.run_dir) or (
-                    sockets and sockets.intersection(open_files("/proc/%s/fd" % entry))):
+            if self.run_dir in args or cwd.startswith(self.run_dir) or int(entry) in connected:
                 found.append(int(entry))
         return found
 
@@ -1086,29 +1085,28 @@ class Testbed(object):
         return sh(["nft", "list", "table", "inet", self.nft_table], check=False).returncode == 0
 
 
-def tcp_socket_inodes(net):
-    """Inodes of the IPv4 TCP sockets with an end in 127.NET.0.0/24 (/proc/net/tcp
-    writes an address as the hex of its bytes in reverse: 127.N.0.X is XX00NN7F)."""
+def pids_connected_to(net):
+    """PIDs (not ours) holding an IPv4 TCP socket with an end in 127.NET.0.0/24
+    (/proc/net/tcp writes an address as the hex of its bytes in reverse: 127.N.0.X
+    is XX00NN7F; /proc/PID/fd links a socket as socket:[INODE])."""
     block = "00%02X7F" % net
     try:
         with open("/proc/net/tcp") as table:
             rows = [line.split() for line in table.read().splitlines()[1:]]
     except OSError:
         return []
-    return [row[9] for row in rows if len(row) > 9 and any(end.split(":")[0][2:] == block for end in row[1:3])]
-
-
-def open_files(fd_dir):
-    """What the descriptors in /proc/PID/fd point to (socket:[INODE] for a socket)."""
+    sockets = set("socket:[%s]" % row[9] for row in rows
+                  if len(row) > 9 and any(end.split(":")[0][2:] == block for end in row[1:3]))
     found = []
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return found
-    for name in names:
+    for entry in filter(str.isdigit, os.listdir("/proc") if sockets else []):
+        fd_dir = "/proc/%s/fd" % entry
         with contextlib.suppress(OSError):
-            found.append(os.readlink(os.path.join(fd_dir, name)))
-    return found
+            for name in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    if os.readlink(os.path.join(fd_dir, name)) in sockets:
+                        found.append(int(entry))
+                        break
+    return [pid for pid in found if pid != os.getpid()]
 
 
 def remove_run_dir(run_dir):
